@@ -1,0 +1,11 @@
+"""hrnet_fast: fast, exact HRNet inference on NVIDIA GPUs, with a faithful PyTorch reference."""
+from .checkpoints import CheckpointError, LoadReport, load_checkpoint
+from .config import PRESET_NAMES, HRNetConfig, StageConfig
+from .model import HRNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HRNet", "HRNetConfig", "StageConfig", "PRESET_NAMES", "load_checkpoint", "LoadReport",
+    "CheckpointError", "__version__",
+]

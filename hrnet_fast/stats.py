@@ -1,0 +1,42 @@
+"""Model size figures: parameter count and multiply-accumulates (MACs) of convolutions and linears.
+
+MACs follow the convention of hrnet-facts.md: one multiply-add per weight per output position of
+every conv and linear layer, nothing else (BatchNorm, ReLU, adds and resizes are not counted).
+Published HRNet tables quote about 0.93x of this figure as "GFLOPs".
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+from torch import nn
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: Tuple[int, int], batch: int = 1) -> int:
+    """MACs of one forward pass at ``input_size`` (H, W), computed on the meta device (no memory)."""
+    meta = copy.deepcopy(model).to("meta").eval()
+    total = 0
+
+    def conv_hook(mod: nn.Conv2d, _inp, out):
+        nonlocal total
+        k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+        total += out.numel() * k
+
+    def linear_hook(mod: nn.Linear, _inp, out):
+        nonlocal total
+        total += out.numel() * mod.in_features
+
+    for m in meta.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(conv_hook)
+        elif isinstance(m, nn.Linear):
+            m.register_forward_hook(linear_hook)
+    in_ch = getattr(getattr(model, "config", None), "in_channels", 3)
+    with torch.no_grad():
+        meta(torch.empty(batch, in_ch, *input_size, device="meta"))
+    return total
