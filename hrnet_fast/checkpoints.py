@@ -82,7 +82,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
                 "If you trust the file, load it yourself with torch.load(path, weights_only=False) "
                 "and pass the resulting dict to load_checkpoint.") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: {msg.splitlines()[0]}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # the unpickler raises many types on files that are not checkpoints
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: {first}") from None
     return obj

@@ -83,7 +83,8 @@ def cmd_info(args) -> int:
     size = args.size
     rows = []
     for name in PRESET_NAMES:
-        model = HRNet(HRNetConfig.preset(name, num_classes=args.num_classes, head=args.head))
+        with torch.device("meta"):  # shapes only: no memory, no weight initialisation
+            model = HRNet(HRNetConfig.preset(name, num_classes=args.num_classes, head=args.head))
         rows.append([name, f"{count_parameters(model) / 1e6:.2f}",
                      f"{count_macs(model, size) / 1e9:.1f}",
                      "/".join(map(str, model.config.branch_channels))])

@@ -1,0 +1,359 @@
+"""Triton implicit-GEMM convolution with a fused bias / residual / ReLU epilogue (channels_last).
+
+Public API
+----------
+``pack_weight(weight) -> Tensor``
+    ``[Cout, Cin, k, k]`` -> ``[k*k*Cin, Cout]`` (contiguous; row index ``(r*k + s)*Cin + c`` for kernel
+    row ``r``, kernel column ``s``, input channel ``c``). Call it once per layer (the inference plan does)
+    and hand the packed weight to ``conv2d_bias_act``; it must have the dtype of the activations.
+
+``conv2d_bias_act(x, weight, bias=None, *, stride=1, padding=None, residual=None, relu=True,
+relu_ranges=None) -> Tensor``
+    ``out = act(conv2d(x, weight, bias, stride, padding) + residual)``.
+
+``relu_mask(relu_ranges, cout, device) -> Tensor``
+    The per-channel ReLU mask (int8, ``[Cout]``, 1 = ReLU) that ``relu_ranges`` turns into; precompute it
+    once per layer when the call is to be captured in a CUDA graph.
+
+Registered op: ``torch.ops.hrnet_fast.conv2d_bias_act_triton(x, w_packed, bias, residual, relu_mask,
+ksize, stride, padding, relu) -> Tensor`` (``torch.library.triton_op``; works eagerly, under
+``torch.compile`` and inside CUDA graphs once autotuning has run for the shape).
+
+GEMM view: M = N*Ho*Wo output pixels (rows), N = Cout (columns), K = k*k*Cin (reduction, tap-major,
+channel-minor, matching ``pack_weight``). Each program computes a BLOCK_M x BLOCK_N output tile, gathering
+the A tile straight from the NHWC input (zero padding by masking: nothing is materialised).
+For Cin < 16 (the stem's 3 RGB channels) the K dimension is walked flat across taps, so the 27 real
+K values of a 3x3x3 kernel are not padded to 9*16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+import triton
+import triton.language as tl
+
+from . import interpreter_enabled
+
+__all__ = ["pack_weight", "conv2d_bias_act", "relu_mask", "conv_configs"]
+
+_INTERPRET = interpreter_enabled()
+
+# Test hook: when True, every output buffer the op allocates is filled with NaN before the kernel runs,
+# so a tile the kernel forgets to write shows up as NaN (tests set it; never needed in production).
+_debug_poison_outputs = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------------------
+
+def conv_configs():
+    """Config list: one small config under the interpreter, a short Hopper list on the GPU."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, w, s in [
+        (128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
+        (64, 32, 32, 4, 4), (256, 64, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 3), (256, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3),
+        (128, 32, 16, 4, 4), (256, 32, 16, 4, 4), (128, 16, 16, 4, 4), (256, 16, 16, 4, 3),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem: BLOCK_N > 2*pow2(Cout), BLOCK_K > pow2(K per tap)."""
+    args = {**named_args, **kwargs}
+    cout = args["Cout"]
+    cin = args["Cin"]
+    flat = cin < 16
+    kdim = cin * args["KSIZE"] * args["KSIZE"] if flat else cin
+    bn_cap = max(16, triton.next_power_of_2(cout))
+    bk_cap = max(16, triton.next_power_of_2(kdim))
+    kept = []
+    for c in configs:
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bn > bn_cap or bk > bk_cap:
+            continue
+        if cout <= 16 and bn > 16:
+            continue
+        kept.append(c)
+    if not kept:  # always keep at least the smallest tile
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]))]
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _conv2d_bias_act_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, mask_ptr, out_ptr,
+    M, H, W, Cin, Ho, Wo, Cout,
+    sxn, sxh, sxw, sxc,
+    srn, src_, srh, srw,
+    M_BUCKET,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU_MODE: tl.constexpr,
+    FLAT_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # output pixel index (n, oh, ow) flattened
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # output channel
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+    hw = Ho * Wo
+    img = offs_m // hw
+    rem = offs_m - img * hw
+    oh = rem // Wo
+    ow = rem - oh * Wo
+    ih0 = oh * STRIDE - PAD
+    iw0 = ow * STRIDE - PAD
+    x_img = x_ptr + img.to(tl.int64) * sxn                    # 64-bit image base
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    if FLAT_K:
+        # K walked flat over (tap, channel): for tiny Cin (RGB stem).
+        KTOT = KSIZE * KSIZE * Cin
+        for k0 in range(0, KTOT, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < KTOT
+            tap = kk // Cin
+            cc = kk - tap * Cin
+            rr = tap // KSIZE
+            ss = tap - rr * KSIZE
+            ih = ih0[:, None] + rr[None, :]
+            iw = iw0[:, None] + ss[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_img[:, None] + ih * sxh + iw * sxw + cc[None, :] * sxc, mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + kk[:, None] * Cout + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+    else:
+        for r in tl.static_range(KSIZE):
+            ih = ih0 + r
+            h_ok = m_ok & (ih >= 0) & (ih < H)
+            for s in tl.static_range(KSIZE):
+                iw = iw0 + s
+                p_ok = h_ok & (iw >= 0) & (iw < W)
+                a_base = x_img + ih * sxh + iw * sxw
+                w_tap = w_ptr + ((r * KSIZE + s) * Cin) * Cout
+                for c0 in range(0, Cin, BLOCK_K):
+                    cc = c0 + offs_k
+                    c_ok = cc < Cin
+                    a = tl.load(a_base[:, None] + cc[None, :] * sxc,
+                                mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_tap + cc[:, None] * Cout + offs_n[None, :],
+                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    if IEEE:
+                        acc = tl.dot(a, b, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, b, acc)
+
+    # Epilogue: bias, residual, ReLU (all / per-channel mask), one store.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        r_off = (img.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src_
+        res = tl.load(r_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
+        acc = acc + res
+    if RELU_MODE == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif RELU_MODE == 2:
+        rm = tl.load(mask_ptr + offs_n, mask=n_ok, other=0)
+        acc = tl.where(rm[None, :] != 0, tl.maximum(acc, 0.0), acc)
+    o_off = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+_conv_kernel_tuned = triton.autotune(
+    configs=conv_configs(),
+    key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_conv2d_bias_act_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Python side
+# ----------------------------------------------------------------------------------------------------
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Pack a conv weight ``[Cout, Cin, k, k]`` into the GEMM layout ``[k*k*Cin, Cout]`` (contiguous).
+
+    Row ``(r*k + s)*Cin + c``, column ``co`` holds ``weight[co, c, r, s]``. Same dtype and device as
+    ``weight``; convert to the activation dtype before or after packing (the kernel reads the packed
+    weight in the activation dtype). Packing is exact (a permutation)."""
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"pack_weight expects a square [Cout, Cin, k, k] weight, got {tuple(weight.shape)}")
+    cout, cin, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k * cin, cout).contiguous()
+
+
+def _out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+_MASK_CACHE: Dict[Tuple, torch.Tensor] = {}
+
+
+def relu_mask(relu_ranges, cout: int, device) -> torch.Tensor:
+    """Per-output-channel ReLU mask ``[Cout]`` int8 (1: ReLU, 0: identity) from ``relu_ranges``.
+
+    ``relu_ranges`` may be: a sequence of ``(start, end)`` pairs (half-open channel ranges), a flat int
+    sequence ``[start0, end0, start1, end1, ...]``, or a tensor of ``Cout`` values (bool or integer,
+    nonzero = ReLU), which is returned as an int8 tensor on ``device``. Results for range lists are
+    cached per (ranges, Cout, device), so after the first call no host-to-device copy happens."""
+    if isinstance(relu_ranges, torch.Tensor):
+        if relu_ranges.numel() != cout:
+            raise ValueError(f"relu mask has {relu_ranges.numel()} entries, expected Cout={cout}")
+        m = relu_ranges.reshape(-1)
+        if m.dtype != torch.int8:
+            m = (m != 0).to(torch.int8)
+        return m.to(device)
+    flat = []
+    for item in relu_ranges:
+        if isinstance(item, (tuple, list)):
+            flat.extend(int(v) for v in item)
+        else:
+            flat.append(int(item))
+    if len(flat) % 2:
+        raise ValueError(f"relu_ranges must hold (start, end) pairs, got {relu_ranges!r}")
+    key = (tuple(flat), int(cout), str(torch.device(device)))
+    m = _MASK_CACHE.get(key)
+    if m is None:
+        host = torch.zeros(cout, dtype=torch.int8)
+        for a, b in zip(flat[0::2], flat[1::2]):
+            if not (0 <= a <= b <= cout):
+                raise ValueError(f"relu range ({a}, {b}) outside [0, {cout}]")
+            host[a:b] = 1
+        m = host.to(device)
+        _MASK_CACHE[key] = m
+    return m
+
+
+@torch.library.triton_op("hrnet_fast::conv2d_bias_act_triton", mutates_args=())
+def conv2d_bias_act_triton(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    relu_mask: Optional[torch.Tensor],
+    ksize: int,
+    stride: int,
+    padding: int,
+    relu: bool,
+) -> torch.Tensor:
+    """Registered op. ``x`` [N,Cin,H,W] (made channels_last here), ``w_packed`` [k*k*Cin, Cout] from
+    ``pack_weight`` in x's dtype, ``bias`` [Cout] or None, ``residual`` [N,Cout,Ho,Wo] any layout or None,
+    ``relu_mask`` int8 [Cout] (nonzero = ReLU; overrides ``relu``) or None. Returns a new channels_last
+    tensor [N,Cout,Ho,Wo] in x's dtype. fp32 inputs accumulate exactly (IEEE fp32 dot, no TF32);
+    fp16/bf16 accumulate in fp32 and round once at the store."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, cin, h, w = x.shape
+    kdim, cout = w_packed.shape
+    ho = _out_size(h, ksize, stride, padding)
+    wo = _out_size(w, ksize, stride, padding)
+    out = torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if _debug_poison_outputs:
+        out.fill_(float("nan"))
+    m = n * ho * wo
+    if m == 0 or cout == 0:
+        return out
+    has_res = residual is not None
+    res = residual if has_res else out
+    has_bias = bias is not None
+    if relu_mask is not None:
+        relu_mode = 2
+        mask_t = relu_mask
+    else:
+        relu_mode = 1 if relu else 0
+        mask_t = out
+    srn, src_, srh, srw = res.stride()
+    sxn, sxc, sxh, sxw = x.stride()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
+
+    torch.library.wrap_triton(_conv_kernel_tuned)[grid](
+        x, w_packed, bias if has_bias else w_packed, res, mask_t, out,
+        m, h, w, cin, ho, wo, cout,
+        sxn, sxh, sxw, sxc,
+        srn, src_, srh, srw,
+        triton.next_power_of_2(m),
+        KSIZE=ksize, STRIDE=stride, PAD=padding,
+        HAS_BIAS=has_bias, HAS_RES=has_res, RELU_MODE=relu_mode,
+        FLAT_K=cin < 16, IEEE=x.dtype == torch.float32,
+    )
+    return out
+
+
+def conv2d_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride: int = 1,
+    padding: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = True,
+    relu_ranges: Union[None, Sequence, torch.Tensor] = None,
+) -> torch.Tensor:
+    """``out = act(conv2d(x, weight, bias, stride, padding) + residual)`` by a Triton implicit GEMM.
+
+    x:        [N, Cin, H, W], fp32 / fp16 / bf16, any memory format (made channels_last; NHWC is free).
+    weight:   raw ``[Cout, Cin, k, k]`` (packed on every call; slower), or packed ``[k*k*Cin, Cout]`` from
+              ``pack_weight`` (k inferred as sqrt(K / Cin), so square kernels only). Cast to x's dtype if
+              it differs. k = 1 or 3 are the tuned cases; any odd square k works.
+    bias:     [Cout] or None (any float dtype; added in fp32).
+    stride:   1 or 2. padding: default k // 2 (1 for 3x3, 0 for 1x1).
+    residual: [N, Cout, Ho, Wo] or None, any layout/strides, added in fp32 before the activation.
+    relu:     True: ReLU on every channel; False: none.
+    relu_ranges: overrides ``relu``: ReLU only on the given output channels, as ``[(start, end), ...]``
+              half-open ranges, a flat ``[start0, end0, ...]`` list, or a precomputed per-channel mask
+              tensor (``relu_mask(...)``; bool/int, nonzero = ReLU). An empty list means no ReLU.
+    Returns:  [N, Cout, Ho, Wo], channels_last, dtype of x, Ho = (H + 2p - k)//stride + 1.
+    Accumulation: fp32 (fp32 inputs: exact IEEE fp32 products, no TF32); one rounding at the store.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got {tuple(x.shape)}")
+    cin = x.shape[1]
+    if weight.dim() == 4:
+        if weight.shape[1] != cin:
+            raise ValueError(f"weight has Cin={weight.shape[1]}, x has {cin} channels")
+        k = weight.shape[2]
+        w_packed = pack_weight(weight)
+    elif weight.dim() == 2:
+        kk = weight.shape[0] // max(cin, 1)
+        k = int(round(math.sqrt(kk)))
+        if k * k * cin != weight.shape[0]:
+            raise ValueError(f"packed weight {tuple(weight.shape)} does not fit Cin={cin} and a square kernel")
+        w_packed = weight
+    else:
+        raise ValueError(f"weight must be [Cout, Cin, k, k] or packed [k*k*Cin, Cout], got {tuple(weight.shape)}")
+    if w_packed.dtype != x.dtype:
+        w_packed = w_packed.to(x.dtype)
+    if not w_packed.is_contiguous():
+        w_packed = w_packed.contiguous()
+    cout = w_packed.shape[1]
+    if padding is None:
+        padding = k // 2
+    if bias is not None and bias.numel() != cout:
+        raise ValueError(f"bias has {bias.numel()} entries, expected Cout={cout}")
+    mask = relu_mask(relu_ranges, cout, x.device) if relu_ranges is not None else None
+    return torch.ops.hrnet_fast.conv2d_bias_act_triton(
+        x, w_packed, bias, residual, mask, int(k), int(stride), int(padding), bool(relu))

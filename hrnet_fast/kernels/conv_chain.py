@@ -1,0 +1,343 @@
+"""One-launch Triton kernel for an HRNet fuse-step chain of stride-2 3x3 convolutions (channels_last).
+
+``strided_chain(x, weights, biases, *, accumulate_into=None) -> Tensor``
+
+For a source branch j and a target i > j the fuse step applies ``S = i - j`` (here 2 or 3) stride-2 3x3
+convolutions with padding 1, each with a (BN-folded) bias, a ReLU between them and none after the last::
+
+    y1 = relu(conv2d(x,  W1, b1, stride=2, padding=1))          # C_j -> C_j
+    y2 = relu(conv2d(y1, W2, b2, stride=2, padding=1))          # C_j -> C_j   (3-step chains only)
+    out = conv2d(y_{S-1}, W_S, b_S, stride=2, padding=1) [+ accumulate_into]   # C_j -> C_i
+
+Spatial sizes follow ``(size + 1) // 2`` per step. The intermediates are rounded to x's dtype, as they
+would be when stored by an unfused run; the last conv, its bias and ``accumulate_into`` are summed in
+fp32 and rounded once.
+
+How it is fused (truly one launch): each program owns a T x T tile of the final output of one image.
+It computes the (2T+1)^2 pixels of the last intermediate (and, for 3 steps, the (4T+3)^2 pixels of the
+first one) that the tile depends on, as implicit GEMMs, into a private per-program scratch slice
+(global memory that the same SM writes and immediately reads back, so it stays in L1/L2), separated by
+a CTA barrier, then computes the output tile from the scratch. Intermediates never make a round trip
+through DRAM as full tensors; the halo costs about ((2T+1)/2T)^2 extra intermediate work.
+
+``accumulate_into`` is NOT modified: the result ``accumulate_into + chain(x)`` is written into a new
+tensor (this keeps the op functional, ``mutates_args=()``, and safe under autotuning re-runs).
+
+Registered op: ``torch.ops.hrnet_fast.strided_chain_triton(x, w1, b1, w2, b2, w3, b3, accumulate_into)``
+with packed weights (``conv.pack_weight``, [9*Cin, Cout], x's dtype), optional biases, ``w3``/``b3`` None
+for a 2-step chain.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+import triton
+import triton.language as tl
+
+from . import interpreter_enabled
+from .conv import pack_weight
+
+__all__ = ["strided_chain", "chain_configs", "chain_reference"]
+
+_INTERPRET = interpreter_enabled()
+
+# Test hook: fill every buffer the op allocates (output and scratch) with NaN before the kernel runs.
+_debug_poison_outputs = False
+# Override of the output tile edge T (None: heuristic). Tests use it to force several tiles per image.
+_tile_override: Optional[int] = None
+
+
+def chain_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bk, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2),
+                         (128, 16, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune_chain(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    bk_cap = max(16, triton.next_power_of_2(args["Cj"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= bk_cap]
+    return kept or [configs[0]]
+
+
+@triton.jit
+def _s2_conv_region(
+    src_ptr, s_sh, s_sw, s_sc, s_ay, s_ax, Hs, Ws, Cin,
+    w_ptr, b_ptr, Cout,
+    dst_ptr, d_sh, d_sw, d_sc, d_oy, d_ox, d_ay, d_ax, Hd, Wd,
+    acc_ptr, a_sh, a_sw, a_sc,
+    R: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ACC: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Stride-2 3x3 pad-1 conv over an R x R region of the destination level whose top-left pixel is
+    (d_oy, d_ox) in destination-image coordinates. Source pixel (y, x) lives at
+    src_ptr + (y - s_ay)*s_sh + (x - s_ax)*s_sw + c*s_sc and is valid iff 0 <= y < Hs, 0 <= x < Ws
+    (zero padding). Destination pixel (y, x) is stored at dst_ptr + (y - d_ay)*d_sh + (x - d_ax)*d_sw
+    + co*d_sc iff it lies inside the destination image (Hd x Wd)."""
+    NP: tl.constexpr = R * R
+    offs_k = tl.arange(0, BLOCK_K)
+    for p0 in range(0, NP, BLOCK_M):
+        p = p0 + tl.arange(0, BLOCK_M)
+        py = p // R
+        px = p - py * R
+        y = d_oy + py
+        x = d_ox + px
+        in_img = (p < NP) & (y >= 0) & (y < Hd) & (x >= 0) & (x < Wd)
+        for n0 in range(0, Cout, BLOCK_N):
+            co = n0 + tl.arange(0, BLOCK_N)
+            co_ok = co < Cout
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r in tl.static_range(3):
+                iy = 2 * y - 1 + r
+                h_ok = in_img & (iy >= 0) & (iy < Hs)
+                for s in tl.static_range(3):
+                    ix = 2 * x - 1 + s
+                    ok = h_ok & (ix >= 0) & (ix < Ws)
+                    a_base = src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw
+                    w_tap = w_ptr + ((r * 3 + s) * Cin) * Cout
+                    for c0 in range(0, Cin, BLOCK_K):
+                        cc = c0 + offs_k
+                        c_ok = cc < Cin
+                        a = tl.load(a_base[:, None] + cc[None, :] * s_sc,
+                                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+                        b = tl.load(w_tap + cc[:, None] * Cout + co[None, :],
+                                    mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+                        if IEEE:
+                            acc = tl.dot(a, b, acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(a, b, acc)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+                acc = acc + bias[None, :]
+            st_ok = in_img[:, None] & co_ok[None, :]
+            if HAS_ACC:
+                a_off = (y * a_sh + x * a_sw)[:, None] + co[None, :] * a_sc
+                acc = acc + tl.load(acc_ptr + a_off, mask=st_ok, other=0.0).to(tl.float32)
+            if RELU:
+                acc = tl.maximum(acc, 0.0)
+            d_off = ((y - d_ay) * d_sh + (x - d_ax) * d_sw)[:, None] + co[None, :] * d_sc
+            tl.store(dst_ptr + d_off, acc.to(dst_ptr.dtype.element_ty), mask=st_ok)
+
+
+@triton.jit
+def _strided_chain_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, acc_ptr, out_ptr, s1_ptr, s2_ptr,
+    H0, W0, H1, W1, H2, W2, H3, W3, Cj, Ci,
+    sxn, sxh, sxw, sxc,
+    san, sah, saw, sac,
+    TILES_Y, TILES_X, OUT_BUCKET,
+    STEPS: tl.constexpr, T: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_B3: tl.constexpr, HAS_ACC: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles = TILES_Y * TILES_X
+    n = pid // tiles
+    t = pid - n * tiles
+    ty = t // TILES_X
+    tx = t - ty * TILES_X
+    oy = ty * T
+    ox = tx * T
+    x_img = x_ptr + n.to(tl.int64) * sxn
+    acc_img = acc_ptr + n.to(tl.int64) * san
+    R1: tl.constexpr = 2 * T + 1          # last intermediate region edge
+    R2: tl.constexpr = 4 * T + 3          # first intermediate region edge (3-step chains)
+    if STEPS == 2:
+        HF = H2
+        WF = W2
+        out_img = out_ptr + n.to(tl.int64) * HF * WF * Ci
+        s1 = s1_ptr + pid.to(tl.int64) * (R1 * R1 * Cj)
+        oy1 = 2 * oy - 1
+        ox1 = 2 * ox - 1
+        # y1 region (R1 x R1 at (oy1, ox1)) from x
+        _s2_conv_region(x_img, sxh, sxw, sxc, 0, 0, H0, W0, Cj,
+                        w1_ptr, b1_ptr, Cj,
+                        s1, R1 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
+                        acc_img, 0, 0, 0,
+                        R1, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _s2_conv_region(s1, R1 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
+                        w2_ptr, b2_ptr, Ci,
+                        out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
+                        acc_img, sah, saw, sac,
+                        T, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        HF = H3
+        WF = W3
+        out_img = out_ptr + n.to(tl.int64) * HF * WF * Ci
+        s1 = s1_ptr + pid.to(tl.int64) * (R2 * R2 * Cj)
+        s2 = s2_ptr + pid.to(tl.int64) * (R1 * R1 * Cj)
+        oy2 = 2 * oy - 1
+        ox2 = 2 * ox - 1
+        oy1 = 2 * oy2 - 1
+        ox1 = 2 * ox2 - 1
+        _s2_conv_region(x_img, sxh, sxw, sxc, 0, 0, H0, W0, Cj,
+                        w1_ptr, b1_ptr, Cj,
+                        s1, R2 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
+                        acc_img, 0, 0, 0,
+                        R2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _s2_conv_region(s1, R2 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
+                        w2_ptr, b2_ptr, Cj,
+                        s2, R1 * Cj, Cj, 1, oy2, ox2, oy2, ox2, H2, W2,
+                        acc_img, 0, 0, 0,
+                        R1, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _s2_conv_region(s2, R1 * Cj, Cj, 1, oy2, ox2, H2, W2, Cj,
+                        w3_ptr, b3_ptr, Ci,
+                        out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
+                        acc_img, sah, saw, sac,
+                        T, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+_chain_kernel_tuned = triton.autotune(
+    configs=chain_configs(),
+    key=["Cj", "Ci", "STEPS", "T", "OUT_BUCKET", "HAS_ACC", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_chain},
+)(_strided_chain_kernel)
+
+
+def _half(s: int) -> int:
+    return (s + 1) // 2
+
+
+def _pick_tile(n: int, hf: int, wf: int) -> int:
+    if _tile_override is not None:
+        return int(_tile_override)
+    if _INTERPRET:
+        return 4
+    # Prefer big tiles (less halo) while keeping >= ~2 programs per SM of a 132-SM Hopper.
+    for t in (8, 4):
+        if n * triton.cdiv(hf, t) * triton.cdiv(wf, t) >= 264:
+            return t
+    return 2
+
+
+@torch.library.triton_op("hrnet_fast::strided_chain_triton", mutates_args=())
+def strided_chain_triton(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    w3: Optional[torch.Tensor],
+    b3: Optional[torch.Tensor],
+    accumulate_into: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Registered op: see the module docstring. Weights are packed ([9*Cin, Cout], x's dtype);
+    ``w3``/``b3`` None for a 2-step chain. Returns a new channels_last [N, Ci, Hf, Wf] tensor."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, cj, h0, w0 = x.shape
+    steps = 2 if w3 is None else 3
+    w_last = w2 if steps == 2 else w3
+    ci = w_last.shape[1]
+    h1, wd1 = _half(h0), _half(w0)
+    h2, wd2 = _half(h1), _half(wd1)
+    h3, wd3 = _half(h2), _half(wd2)
+    hf, wf = (h2, wd2) if steps == 2 else (h3, wd3)
+    out = torch.empty((n, ci, hf, wf), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    t = _pick_tile(n, hf, wf)
+    ty, tx = triton.cdiv(hf, t), triton.cdiv(wf, t)
+    grid_n = n * ty * tx
+    r1 = 2 * t + 1
+    r2 = 4 * t + 3
+    if steps == 2:
+        s1 = torch.empty((max(grid_n, 1) * r1 * r1 * cj,), device=x.device, dtype=x.dtype)
+        s2 = s1
+    else:
+        s1 = torch.empty((max(grid_n, 1) * r2 * r2 * cj,), device=x.device, dtype=x.dtype)
+        s2 = torch.empty((max(grid_n, 1) * r1 * r1 * cj,), device=x.device, dtype=x.dtype)
+    if _debug_poison_outputs:
+        out.fill_(float("nan"))
+        s1.fill_(float("nan"))
+        s2.fill_(float("nan"))
+    if grid_n == 0 or ci == 0:
+        if accumulate_into is not None:
+            out.copy_(accumulate_into)
+        return out
+    has_acc = accumulate_into is not None
+    acc = accumulate_into if has_acc else out
+    san, sac, sah, saw = acc.stride()
+    sxn, sxc, sxh, sxw = x.stride()
+    block_n = max(16, min(128, triton.next_power_of_2(max(cj, ci))))
+    if _INTERPRET:
+        block_n = max(16, min(64, triton.next_power_of_2(max(cj, ci))))
+    torch.library.wrap_triton(_chain_kernel_tuned)[(grid_n,)](
+        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,
+        w3 if w3 is not None else w2, b3 if b3 is not None else w2,
+        acc, out, s1, s2,
+        h0, w0, h1, wd1, h2, wd2, h3, wd3, cj, ci,
+        sxn, sxh, sxw, sxc,
+        san, sah, saw, sac,
+        ty, tx, triton.next_power_of_2(n * hf * wf),
+        STEPS=steps, T=t,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_B3=b3 is not None, HAS_ACC=has_acc,
+        IEEE=x.dtype == torch.float32, BLOCK_N=block_n,
+    )
+    return out
+
+
+def _prep_weight(w: torch.Tensor, cin: int, dtype: torch.dtype) -> torch.Tensor:
+    if w.dim() == 4:
+        if tuple(w.shape[1:]) != (cin, 3, 3):
+            raise ValueError(f"chain weight must be [Cout, {cin}, 3, 3], got {tuple(w.shape)}")
+        w = pack_weight(w)
+    elif w.dim() == 2:
+        if w.shape[0] != 9 * cin:
+            raise ValueError(f"packed chain weight must be [9*{cin}, Cout], got {tuple(w.shape)}")
+    else:
+        raise ValueError(f"chain weight must be [Cout, Cin, 3, 3] or packed [9*Cin, Cout], got {tuple(w.shape)}")
+    if w.dtype != dtype:
+        w = w.to(dtype)
+    return w.contiguous()
+
+
+def strided_chain(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[Optional[torch.Tensor]],
+    *,
+    accumulate_into: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Run a whole stride-2 fuse chain (2 or 3 convs) in one Triton launch; see the module docstring.
+
+    x:        [N, C_j, H, W] (any layout; made channels_last), fp32 / fp16 / bf16.
+    weights:  2 or 3 weights, raw [Cout, Cin, 3, 3] or packed ``pack_weight`` [9*Cin, Cout]; all but the
+              last map C_j -> C_j, the last C_j -> C_i.
+    biases:   same count, each [Cout] or None.
+    accumulate_into: optional [N, C_i, Hf, Wf] tensor (any layout); the result is accumulate_into +
+              chain(x), written to a NEW tensor (accumulate_into is left unchanged).
+    Returns:  [N, C_i, Hf, Wf] channels_last in x's dtype, Hf = ceil(H / 2^S), Wf = ceil(W / 2^S).
+    """
+    if len(weights) not in (2, 3) or len(biases) != len(weights):
+        raise ValueError("strided_chain needs 2 or 3 weights and as many biases (None allowed)")
+    cj = x.shape[1]
+    ws = [_prep_weight(w, cj, x.dtype) for w in weights]
+    for w in ws[:-1]:
+        if w.shape[1] != cj:
+            raise ValueError(f"intermediate chain convs must keep C_j={cj} channels, got Cout={w.shape[1]}")
+    w3 = ws[2] if len(ws) == 3 else None
+    b3 = biases[2] if len(ws) == 3 else None
+    return torch.ops.hrnet_fast.strided_chain_triton(
+        x, ws[0], biases[0], ws[1], biases[1], w3, b3, accumulate_into)
+
+
+def chain_reference(x, weights, biases, accumulate_into=None):
+    """The unfused form (F.conv2d per step, ReLU between), in x's dtype: the oracle and the A/B baseline.
+    Weights must be raw [Cout, Cin, 3, 3]."""
+    import torch.nn.functional as F
+    y = x
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        y = F.conv2d(y, w, b, stride=2, padding=1)
+        if k < len(weights) - 1:
+            y = torch.relu(y)
+    if accumulate_into is not None:
+        y = y + accumulate_into
+    return y

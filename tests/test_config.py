@@ -1,0 +1,94 @@
+import pytest
+
+from hrnet_fast import PRESET_NAMES, HRNetConfig, StageConfig
+
+
+def test_presets_build_and_are_frozen():
+    for name in PRESET_NAMES:
+        cfg = HRNetConfig.preset(name)
+        assert cfg.name == name
+        assert cfg.num_classes == 19 and cfg.upsample == "bilinear" and cfg.align_corners is False
+        assert cfg.head == "seg" and cfg.final_conv_kernel == 1
+        with pytest.raises(Exception):
+            cfg.num_classes = 3
+
+
+def test_wide_preset_layout():
+    cfg = HRNetConfig.preset("w48")
+    assert cfg.stage4.num_channels == (48, 96, 192, 384)
+    assert [s.num_modules for s in cfg.stages] == [1, 1, 4, 3]
+    assert cfg.head_channels == 720
+    assert HRNetConfig.preset("w18").head_channels == 270
+    small = HRNetConfig.preset("w18_small_v1")
+    assert small.stage1.num_channels == (32,) and small.stage1.num_blocks == (1,)
+    assert [s.num_modules for s in HRNetConfig.preset("w18_small_v2").stages] == [1, 1, 3, 2]
+
+
+def test_overrides_and_aliases():
+    cfg = HRNetConfig.preset("hrnet-w32", num_classes=150, upsample="nearest", head="features")
+    assert cfg.name == "w32" and cfg.num_classes == 150 and cfg.upsample == "nearest"
+    assert cfg.replace(num_classes=2).num_classes == 2
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"upsample": "bicubic"}, "upsample"),
+    ({"head": "pose"}, "head"),
+    ({"final_conv_kernel": 5}, "final_conv_kernel"),
+    ({"num_classes": 0}, "num_classes"),
+    ({"num_clases": 3}, "num_clases"),
+    ({"upsample": "nearest", "align_corners": True}, "align_corners"),
+])
+def test_invalid_fields_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        HRNetConfig.preset("w18", **kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'w19'"):
+        HRNetConfig.preset("w19")
+
+
+def _extra(c=18):
+    return {
+        "FINAL_CONV_KERNEL": 1,
+        "STAGE1": {"NUM_MODULES": 1, "NUM_RANCHES": 1, "BLOCK": "BOTTLENECK", "NUM_BLOCKS": [4],
+                   "NUM_CHANNELS": [64], "FUSE_METHOD": "SUM"},
+        "STAGE2": {"NUM_MODULES": 1, "NUM_BRANCHES": 2, "BLOCK": "BASIC", "NUM_BLOCKS": [4, 4],
+                   "NUM_CHANNELS": [c, 2 * c], "FUSE_METHOD": "SUM"},
+        "STAGE3": {"NUM_MODULES": 4, "NUM_BRANCHES": 3, "BLOCK": "BASIC", "NUM_BLOCKS": [4, 4, 4],
+                   "NUM_CHANNELS": [c, 2 * c, 4 * c], "FUSE_METHOD": "SUM"},
+        "STAGE4": {"NUM_MODULES": 3, "NUM_BRANCHES": 4, "BLOCK": "BASIC", "NUM_BLOCKS": [4, 4, 4, 4],
+                   "NUM_CHANNELS": [c, 2 * c, 4 * c, 8 * c], "FUSE_METHOD": "SUM"},
+    }
+
+
+def test_from_yaml_extra_matches_preset_and_round_trips():
+    cfg = HRNetConfig.from_yaml_extra(_extra(18))
+    assert cfg == HRNetConfig.preset("w18")
+    assert HRNetConfig.from_yaml_extra(cfg.to_yaml_extra()) == cfg
+    extra = _extra(48)
+    extra["FINAL_CONV_KERNEL"] = 3
+    assert HRNetConfig.from_yaml_extra(extra).final_conv_kernel == 3
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda e: e["STAGE3"].update(NUM_BLOCKS=[4, 4]), "num_blocks"),
+    (lambda e: e["STAGE4"].update(NUM_CHANNELS=[18, 36, 72]), "num_channels"),
+    (lambda e: e["STAGE2"].update(BLOCK="DENSE"), "block"),
+    (lambda e: e["STAGE2"].update(FUSE_METHOD="CAT"), "fuse_method"),
+    (lambda e: e.pop("STAGE4"), "STAGE4"),
+    (lambda e: e["STAGE3"].pop("NUM_MODULES"), "NUM_MODULES"),
+    (lambda e: e["STAGE3"].update(NUM_CHANNELS=[20, 36, 72]), "stage3.num_channels"),
+    (lambda e: e["STAGE3"].update(NUM_BRANCHES=2, NUM_BLOCKS=[4, 4], NUM_CHANNELS=[18, 36]),
+     "stage3.num_branches"),
+])
+def test_inconsistent_yaml_is_rejected(mutate, needle):
+    extra = _extra()
+    mutate(extra)
+    with pytest.raises(ValueError, match=needle):
+        HRNetConfig.from_yaml_extra(extra)
+
+
+def test_stage_config_validation():
+    with pytest.raises(ValueError, match="num_channels"):
+        StageConfig(1, 2, "BASIC", (4, 4), (18,))
