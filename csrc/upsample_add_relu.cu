@@ -62,21 +62,22 @@ struct KernelParams {
   ContribParams c[kMaxContributionsPerLaunch];
 };
 
+// __host__ __device__ so that the HRNET_FAST_HOST_EMULATION build (CPU tests) runs the same code.
+#define HF_HD __host__ __device__ __forceinline__
+
 // ---- scalar conversions (explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__) ----
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+HF_HD float to_float(float v) { return v; }
+HF_HD float to_float(__half v) { return __half2float(v); }
+HF_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+HF_HD T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+HF_HD float from_float<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+HF_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+HF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // ---- vector loads/stores of VEC consecutive elements (alignment checked on the host) ----
 template <typename T, int VEC>
@@ -95,9 +96,18 @@ struct RawWord<4> { using type = unsigned int; };
 template <>
 struct RawWord<2> { using type = unsigned short; };
 
-// Read-only-cache load for contributions (never written by the kernel).
+// Plain load: the base (it may alias the output when launches are chained).
 template <typename T, int VEC>
-__device__ __forceinline__ void load_ro(const T* p, float (&dst)[VEC]) {
+HF_HD void load_rw(const T* p, float (&dst)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dst[i] = to_float(pk.v[i]);
+}
+
+// Read-only-cache load (ld.global.nc): contributions, never written by the kernel.
+template <typename T, int VEC>
+HF_HD void load_ro(const T* p, float (&dst)[VEC]) {
+#if defined(__CUDA_ARCH__)
   using W = typename RawWord<sizeof(T) * VEC>::type;
   union {
     W w;
@@ -106,30 +116,34 @@ __device__ __forceinline__ void load_ro(const T* p, float (&dst)[VEC]) {
   u.w = __ldg(reinterpret_cast<const W*>(p));
 #pragma unroll
   for (int i = 0; i < VEC; ++i) dst[i] = to_float(u.pk.v[i]);
-}
-
-// Plain load for the base (may alias the output when launches are chained).
-template <typename T, int VEC>
-__device__ __forceinline__ void load_rw(const T* p, float (&dst)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) dst[i] = to_float(pk.v[i]);
+#else
+  load_rw<T, VEC>(p, dst);
+#endif
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const float (&src)[VEC]) {
+HF_HD void store(T* p, const float (&src)[VEC]) {
   Pack<T, VEC> pk;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(src[i]);
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
-// ---- PyTorch's source-index arithmetic ----
-__device__ __forceinline__ int nearest_src(float scale, int dst, int in_size) {
-  return min(static_cast<int>(floorf(dst * scale)), in_size - 1);
+HF_HD float load_bias(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
 }
 
-__device__ __forceinline__ float linear_src(float scale, int dst, bool align_corners) {
+// ---- PyTorch's source-index arithmetic ----
+HF_HD int nearest_src(float scale, int dst, int in_size) {
+  const int src = static_cast<int>(floorf(dst * scale));
+  return src < in_size - 1 ? src : in_size - 1;
+}
+
+HF_HD float linear_src(float scale, int dst, bool align_corners) {
   if (align_corners) return scale * dst;
   const float src = scale * (dst + 0.5f) - 0.5f;
   return src < 0.f ? 0.f : src;
@@ -140,7 +154,7 @@ struct Lerp {
   float l0, l1;
 };
 
-__device__ __forceinline__ Lerp linear_coeffs(float scale, int dst, int in_size, bool align_corners) {
+HF_HD Lerp linear_coeffs(float scale, int dst, int in_size, bool align_corners) {
   Lerp r;
   const float src = linear_src(scale, dst, align_corners);
   r.i0 = static_cast<int>(src);
@@ -152,8 +166,8 @@ __device__ __forceinline__ Lerp linear_coeffs(float scale, int dst, int in_size,
 
 // Adds contribution `cp` at output pixel (n, y, x), channels [c0, c0 + VEC), into acc.
 template <typename T, int VEC, ResizeMode MODE>
-__device__ __forceinline__ void add_contribution(const ContribParams& cp, bool align_corners, int n,
-                                                 int c0, int y, int x, float (&acc)[VEC]) {
+HF_HD void add_contribution(const ContribParams& cp, bool align_corners, int n, int c0, int y, int x,
+                            float (&acc)[VEC]) {
   const T* src = static_cast<const T*>(cp.data) + n * cp.sn + c0 * cp.sc;
   if (cp.same) {
     float v[VEC];
@@ -187,17 +201,12 @@ __device__ __forceinline__ void add_contribution(const ContribParams& cp, bool a
 }
 
 template <typename T, int VEC, ResizeMode MODE>
-__device__ __forceinline__ void compute_point(const KernelParams& p, int n, int c0, int y, int x) {
+HF_HD void compute_point(const KernelParams& p, int n, int c0, int y, int x) {
   float acc[VEC];
-  const T* b = static_cast<const T*>(p.base) + n * p.bsn + c0 * p.bsc + y * p.bsh + x * p.bsw;
-  if (VEC == 1) {
-    acc[0] = to_float(*b);
-  } else {
-    load_rw<T, VEC>(b, acc);
-  }
+  load_rw<T, VEC>(static_cast<const T*>(p.base) + n * p.bsn + c0 * p.bsc + y * p.bsh + x * p.bsw, acc);
   if (p.bias != nullptr) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] += __ldg(p.bias + c0 + i);
+    for (int i = 0; i < VEC; ++i) acc[i] += load_bias(p.bias + c0 + i);
   }
   const bool ac = p.align_corners != 0;
 #pragma unroll
@@ -208,49 +217,138 @@ __device__ __forceinline__ void compute_point(const KernelParams& p, int n, int 
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = acc[i] < 0.f ? 0.f : acc[i];
   }
-  T* o = static_cast<T*>(p.out) + n * p.osn + c0 * p.osc + y * p.osh + x * p.osw;
-  store<T, VEC>(o, acc);
+  store<T, VEC>(static_cast<T*>(p.out) + n * p.osn + c0 * p.osc + y * p.osh + x * p.osw, acc);
 }
 
-// channels-inner: flat index = ((n * H + y) * W + x) * (C / VEC) + cv. index_t is uint32_t when the
-// element count allows (cheaper divisions), else int64_t; offsets are always 64-bit (strides int64).
+// channels-inner work item i = ((n * H + y) * W + x) * (C / VEC) + cv: VEC channels of one pixel.
+template <typename T, int VEC, ResizeMode MODE, typename index_t>
+HF_HD void channels_inner_item(const KernelParams& p, index_t i) {
+  const index_t cvs = static_cast<index_t>(p.C / VEC);
+  index_t t = i;
+  const int cv = static_cast<int>(t % cvs);
+  t /= cvs;
+  const int x = static_cast<int>(t % static_cast<index_t>(p.W));
+  t /= static_cast<index_t>(p.W);
+  const int y = static_cast<int>(t % static_cast<index_t>(p.H));
+  const int n = static_cast<int>(t / static_cast<index_t>(p.H));
+  compute_point<T, VEC, MODE>(p, n, cv * VEC, y, x);
+}
+
+// spatial-inner work item i = ((n * C + c) * H + y) * W + x: one element.
+template <typename T, ResizeMode MODE, typename index_t>
+HF_HD void spatial_inner_item(const KernelParams& p, index_t i) {
+  index_t t = i;
+  const int x = static_cast<int>(t % static_cast<index_t>(p.W));
+  t /= static_cast<index_t>(p.W);
+  const int y = static_cast<int>(t % static_cast<index_t>(p.H));
+  t /= static_cast<index_t>(p.H);
+  const int c = static_cast<int>(t % static_cast<index_t>(p.C));
+  const int n = static_cast<int>(t / static_cast<index_t>(p.C));
+  compute_point<T, 1, MODE>(p, n, c, y, x);
+}
+
+#if !defined(HRNET_FAST_HOST_EMULATION)
+// index_t is uint32_t when the item count is below 2^31 (cheaper divisions), else int64_t; memory
+// offsets are always 64-bit (the strides are int64_t). Grid-stride loops; at most kMaxBlocks blocks.
 template <typename T, int VEC, ResizeMode MODE, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     uar_channels_inner_kernel(const KernelParams p, index_t total) {
-  const index_t cvs = static_cast<index_t>(p.C / VEC);
   const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
-    index_t t = i;
-    const int cv = static_cast<int>(t % cvs);
-    t /= cvs;
-    const int x = static_cast<int>(t % static_cast<index_t>(p.W));
-    t /= static_cast<index_t>(p.W);
-    const int y = static_cast<int>(t % static_cast<index_t>(p.H));
-    const int n = static_cast<int>(t / static_cast<index_t>(p.H));
-    compute_point<T, VEC, MODE>(p, n, cv * VEC, y, x);
+    channels_inner_item<T, VEC, MODE, index_t>(p, i);
   }
 }
 
-// spatial-inner: flat index = ((n * C + c) * H + y) * W + x, one element per thread.
 template <typename T, ResizeMode MODE, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     uar_spatial_inner_kernel(const KernelParams p, index_t total) {
   const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
-    index_t t = i;
-    const int x = static_cast<int>(t % static_cast<index_t>(p.W));
-    t /= static_cast<index_t>(p.W);
-    const int y = static_cast<int>(t % static_cast<index_t>(p.H));
-    t /= static_cast<index_t>(p.H);
-    const int c = static_cast<int>(t % static_cast<index_t>(p.C));
-    const int n = static_cast<int>(t / static_cast<index_t>(p.C));
-    compute_point<T, 1, MODE>(p, n, c, y, x);
+    spatial_inner_item<T, MODE, index_t>(p, i);
   }
 }
+
+#endif  // !HRNET_FAST_HOST_EMULATION
 
 // ---- host side ----
 Status ok() { return Status{0, "ok"}; }
 Status invalid(const char* msg) { return Status{1, msg}; }
+
+#if !defined(HRNET_FAST_HOST_EMULATION)
+unsigned grid_for(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+// Launches the kernels on a stream.
+struct DeviceExec {
+  cudaStream_t stream;
+
+  template <typename T, int VEC, ResizeMode MODE>
+  void channels_inner(const KernelParams& p, int64_t items) const {
+    if (items < (int64_t(1) << 31)) {
+      uar_channels_inner_kernel<T, VEC, MODE, uint32_t>
+          <<<grid_for(items), kThreads, 0, stream>>>(p, static_cast<uint32_t>(items));
+    } else {
+      uar_channels_inner_kernel<T, VEC, MODE, int64_t><<<grid_for(items), kThreads, 0, stream>>>(p, items);
+    }
+  }
+
+  template <typename T, ResizeMode MODE>
+  void spatial_inner(const KernelParams& p, int64_t items) const {
+    if (items < (int64_t(1) << 31)) {
+      uar_spatial_inner_kernel<T, MODE, uint32_t>
+          <<<grid_for(items), kThreads, 0, stream>>>(p, static_cast<uint32_t>(items));
+    } else {
+      uar_spatial_inner_kernel<T, MODE, int64_t><<<grid_for(items), kThreads, 0, stream>>>(p, items);
+    }
+  }
+
+  Status check() const {
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? ok() : Status{2, cudaGetErrorString(err)};
+  }
+};
+
+#endif  // !HRNET_FAST_HOST_EMULATION
+
+template <typename Exec, typename T, ResizeMode MODE>
+void run_launch(const Exec& exec, const KernelParams& p, bool channels_inner, int vec) {
+  const int64_t elems = int64_t(p.N) * p.C * p.H * p.W;
+  if (!channels_inner) {
+    exec.template spatial_inner<T, MODE>(p, elems);
+    return;
+  }
+  switch (vec) {
+    case 8:
+      if constexpr (sizeof(T) == 2) {
+        exec.template channels_inner<T, 8, MODE>(p, elems / 8);
+        return;
+      }
+      break;
+    case 4:
+      exec.template channels_inner<T, 4, MODE>(p, elems / 4);
+      return;
+    case 2:
+      exec.template channels_inner<T, 2, MODE>(p, elems / 2);
+      return;
+    default:
+      break;
+  }
+  exec.template channels_inner<T, 1, MODE>(p, elems);
+}
+
+template <typename Exec, typename T>
+void run_launch_mode(const Exec& exec, const KernelParams& p, ResizeMode mode, bool channels_inner,
+                     int vec) {
+  if (mode == ResizeMode::Nearest) {
+    run_launch<Exec, T, ResizeMode::Nearest>(exec, p, channels_inner, vec);
+  } else {
+    run_launch<Exec, T, ResizeMode::Bilinear>(exec, p, channels_inner, vec);
+  }
+}
+
+size_t dtype_size(DType d) { return d == DType::Float32 ? 4 : 2; }
 
 // Can a tensor be read/written VEC channels at a time with (VEC * elem)-byte aligned accesses?
 bool vec_ok(const void* ptr, const int64_t* sizes, const int64_t* strides, int vec, size_t elem) {
@@ -264,72 +362,11 @@ bool vec_ok(const void* ptr, const int64_t* sizes, const int64_t* strides, int v
   return true;
 }
 
-template <typename T, int VEC, ResizeMode MODE>
-void launch_channels_inner(const KernelParams& p, int64_t total, cudaStream_t stream) {
-  const int64_t blocks64 = (total + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(blocks64 < kMaxBlocks ? blocks64 : kMaxBlocks);
-  if (total < (int64_t(1) << 31)) {
-    uar_channels_inner_kernel<T, VEC, MODE, uint32_t>
-        <<<blocks, kThreads, 0, stream>>>(p, static_cast<uint32_t>(total));
-  } else {
-    uar_channels_inner_kernel<T, VEC, MODE, int64_t><<<blocks, kThreads, 0, stream>>>(p, total);
-  }
-}
-
-template <typename T, ResizeMode MODE>
-void launch_spatial_inner(const KernelParams& p, int64_t total, cudaStream_t stream) {
-  const int64_t blocks64 = (total + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(blocks64 < kMaxBlocks ? blocks64 : kMaxBlocks);
-  if (total < (int64_t(1) << 31)) {
-    uar_spatial_inner_kernel<T, MODE, uint32_t>
-        <<<blocks, kThreads, 0, stream>>>(p, static_cast<uint32_t>(total));
-  } else {
-    uar_spatial_inner_kernel<T, MODE, int64_t><<<blocks, kThreads, 0, stream>>>(p, total);
-  }
-}
-
-template <typename T, ResizeMode MODE>
-void launch_one(const KernelParams& p, bool channels_inner, int vec, cudaStream_t stream) {
-  const int64_t total_elems = int64_t(p.N) * p.C * p.H * p.W;
-  if (!channels_inner) {
-    launch_spatial_inner<T, MODE>(p, total_elems, stream);
-    return;
-  }
-  const int64_t total = total_elems / vec;
-  switch (vec) {
-    case 8:
-      if constexpr (sizeof(T) == 2) {
-        launch_channels_inner<T, 8, MODE>(p, total, stream);
-        return;
-      }
-      break;
-    case 4:
-      launch_channels_inner<T, 4, MODE>(p, total, stream);
-      return;
-    case 2:
-      launch_channels_inner<T, 2, MODE>(p, total, stream);
-      return;
-    default:
-      break;
-  }
-  launch_channels_inner<T, 1, MODE>(p, total_elems, stream);
-}
-
-template <typename T>
-void launch_dtype(const KernelParams& p, ResizeMode mode, bool channels_inner, int vec,
-                  cudaStream_t stream) {
-  if (mode == ResizeMode::Nearest) {
-    launch_one<T, ResizeMode::Nearest>(p, channels_inner, vec, stream);
-  } else {
-    launch_one<T, ResizeMode::Bilinear>(p, channels_inner, vec, stream);
-  }
-}
-
-size_t dtype_size(DType d) { return d == DType::Float32 ? 4 : 2; }
-
-}  // namespace
-
-Status upsample_add_relu(const UpsampleAddReluArgs& a, cudaStream_t stream) {
+// Validates, splits the contributions into launches of at most kMaxContributionsPerLaunch, picks the
+// kernel and vector width of each launch, and runs them with `exec`. vecs_used (optional, up to
+// max_vecs entries) receives each launch's vector width, 0 for the spatial-inner kernel.
+template <typename Exec>
+Status plan_and_run(const UpsampleAddReluArgs& a, const Exec& exec, int32_t* vecs_used, int max_vecs) {
   if (a.dtype != DType::Float32 && a.dtype != DType::Float16 && a.dtype != DType::BFloat16) {
     return invalid("unsupported dtype (expected float32, float16 or bfloat16)");
   }
@@ -339,23 +376,19 @@ Status upsample_add_relu(const UpsampleAddReluArgs& a, cudaStream_t stream) {
   const int64_t* bs = a.base.sizes;
   for (int d = 0; d < 4; ++d) {
     if (bs[d] < 0) return invalid("negative size");
-  }
-  if (bs[0] > INT32_MAX || bs[1] > INT32_MAX || bs[2] > INT32_MAX || bs[3] > INT32_MAX) {
-    return invalid("a dimension exceeds 2^31 - 1");
+    if (bs[d] > INT32_MAX) return invalid("a dimension exceeds 2^31 - 1");
   }
   if (a.num_contributions < 0) return invalid("negative number of contributions");
   if (a.num_contributions > 0 && a.contributions == nullptr) return invalid("contributions is null");
+  const int64_t total = bs[0] * bs[1] * bs[2] * bs[3];
   for (int k = 0; k < a.num_contributions; ++k) {
     const int64_t* cs = a.contributions[k].sizes;
     if (cs[0] != bs[0] || cs[1] != bs[1]) {
       return invalid("a contribution's batch or channel count differs from the base's");
     }
     if (cs[2] > bs[2] || cs[3] > bs[3]) return invalid("a contribution is larger than the base");
-    if (cs[2] < 1 || cs[3] < 1) {
-      if (bs[0] * bs[1] * bs[2] * bs[3] != 0) return invalid("a contribution is empty");
-    }
+    if ((cs[2] < 1 || cs[3] < 1) && total != 0) return invalid("a contribution is empty");
   }
-  const int64_t total = bs[0] * bs[1] * bs[2] * bs[3];
   if (total == 0) return ok();
   if (a.base.data == nullptr || a.out == nullptr) return invalid("null base or output pointer");
 
@@ -369,16 +402,15 @@ Status upsample_add_relu(const UpsampleAddReluArgs& a, cudaStream_t stream) {
                                 kMaxContributionsPerLaunch;
   for (int l = 0; l < nlaunch; ++l) {
     const int first = l * kMaxContributionsPerLaunch;
-    const int count = a.num_contributions - first < kMaxContributionsPerLaunch
-                          ? a.num_contributions - first
-                          : kMaxContributionsPerLaunch;
-    KernelParams p{};
+    const int rest = a.num_contributions - first;
+    const int count = rest < kMaxContributionsPerLaunch ? rest : kMaxContributionsPerLaunch;
     // The first launch reads the base (+ bias); the next ones read back the partial sum in `out`.
-    const ConstTensor4d in = l == 0 ? a.base
-                                    : ConstTensor4d{a.out,
-                                                    {bs[0], bs[1], bs[2], bs[3]},
-                                                    {a.out_strides[0], a.out_strides[1],
-                                                     a.out_strides[2], a.out_strides[3]}};
+    ConstTensor4d in = a.base;
+    if (l > 0) {
+      in.data = a.out;
+      for (int d = 0; d < 4; ++d) in.strides[d] = a.out_strides[d];
+    }
+    KernelParams p{};
     p.base = in.data;
     p.bsn = in.strides[0];
     p.bsc = in.strides[1];
@@ -420,8 +452,7 @@ Status upsample_add_relu(const UpsampleAddReluArgs& a, cudaStream_t stream) {
 
     int vec = 1;
     if (channels_inner) {
-      vec = static_cast<int>(16 / elem);  // 16-byte accesses: 8 x fp16/bf16 or 4 x fp32
-      for (; vec > 1; vec /= 2) {
+      for (vec = static_cast<int>(16 / elem); vec > 1; vec /= 2) {  // 16 bytes: 8 x 16-bit, 4 x fp32
         if (bs[1] % vec != 0) continue;
         bool good = vec_ok(in.data, bs, in.strides, vec, elem) &&
                     vec_ok(a.out, bs, a.out_strides, vec, elem);
@@ -432,22 +463,90 @@ Status upsample_add_relu(const UpsampleAddReluArgs& a, cudaStream_t stream) {
         if (good) break;
       }
     }
+    if (vecs_used != nullptr && l < max_vecs) vecs_used[l] = channels_inner ? vec : 0;
 
     switch (a.dtype) {
       case DType::Float32:
-        launch_dtype<float>(p, a.mode, channels_inner, vec, stream);
+        run_launch_mode<Exec, float>(exec, p, a.mode, channels_inner, vec);
         break;
       case DType::Float16:
-        launch_dtype<__half>(p, a.mode, channels_inner, vec, stream);
+        run_launch_mode<Exec, __half>(exec, p, a.mode, channels_inner, vec);
         break;
       case DType::BFloat16:
-        launch_dtype<__nv_bfloat16>(p, a.mode, channels_inner, vec, stream);
+        run_launch_mode<Exec, __nv_bfloat16>(exec, p, a.mode, channels_inner, vec);
         break;
     }
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return Status{2, cudaGetErrorString(err)};
+    const Status s = exec.check();
+    if (s.code != 0) return s;
   }
   return ok();
 }
 
+#if defined(HRNET_FAST_HOST_EMULATION)
+// Runs the kernels' per-item code on the CPU, item by item (tests only: nvcc -DHRNET_FAST_HOST_EMULATION).
+struct HostExec {
+  template <typename T, int VEC, ResizeMode MODE>
+  void channels_inner(const KernelParams& p, int64_t items) const {
+    for (int64_t i = 0; i < items; ++i) channels_inner_item<T, VEC, MODE, int64_t>(p, i);
+  }
+  template <typename T, ResizeMode MODE>
+  void spatial_inner(const KernelParams& p, int64_t items) const {
+    for (int64_t i = 0; i < items; ++i) spatial_inner_item<T, MODE, int64_t>(p, i);
+  }
+  Status check() const { return ok(); }
+};
+#endif
+
+}  // namespace
+
+#if !defined(HRNET_FAST_HOST_EMULATION)
+Status upsample_add_relu(const UpsampleAddReluArgs& args, cudaStream_t stream) {
+  return plan_and_run(args, DeviceExec{stream}, nullptr, 0);
+}
+#endif
+
 }  // namespace hrnet_fast
+
+#if defined(HRNET_FAST_HOST_EMULATION)
+// C entry point for the CPU tests (ctypes): the same planning and per-item code as the GPU path.
+// csizes/cstrides hold 4 values per contribution. Returns the status code; *message gets its text.
+extern "C" int hrnet_fast_uar_emulate(int dtype, int mode, int align_corners, int relu,
+                                      const void* base, const int64_t* base_sizes,
+                                      const int64_t* base_strides, void* out,
+                                      const int64_t* out_strides, const float* bias, int num,
+                                      const void* const* cdata, const int64_t* csizes,
+                                      const int64_t* cstrides, int32_t* vecs_used, int max_vecs,
+                                      const char** message) {
+  using namespace hrnet_fast;
+  ConstTensor4d contribs[64];
+  if (num > 64) {
+    *message = "too many contributions for the emulator";
+    return 1;
+  }
+  for (int k = 0; k < num; ++k) {
+    contribs[k].data = cdata[k];
+    for (int d = 0; d < 4; ++d) {
+      contribs[k].sizes[d] = csizes[4 * k + d];
+      contribs[k].strides[d] = cstrides[4 * k + d];
+    }
+  }
+  UpsampleAddReluArgs a{};
+  a.dtype = static_cast<DType>(dtype);
+  a.mode = static_cast<ResizeMode>(mode);
+  a.align_corners = align_corners != 0;
+  a.relu = relu != 0;
+  a.base.data = base;
+  for (int d = 0; d < 4; ++d) {
+    a.base.sizes[d] = base_sizes[d];
+    a.base.strides[d] = base_strides[d];
+    a.out_strides[d] = out_strides[d];
+  }
+  a.out = out;
+  a.bias = bias;
+  a.num_contributions = num;
+  a.contributions = contribs;
+  const Status s = plan_and_run(a, HostExec{}, vecs_used, max_vecs);
+  *message = s.message;
+  return s.code;
+}
+#endif

@@ -1,16 +1,21 @@
-"""The ``hrnet-fast`` command line: ``demo`` and ``info``."""
+"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check`` and ``info``."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .bench import PEERS, default_impls, default_peers, format_table, run_bench, stderr_progress
+from .check import clone_as, randomize_batchnorm, rel_err, run_check
 from .config import PRESET_NAMES, HRNetConfig
+from .engine import ENGINE_BACKENDS, optimize, parse_dtype
 from .model import HRNet
+from .reference import HighResolutionNet
 from .stats import count_macs, count_parameters
+from .timing import environment, measure
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -36,26 +41,22 @@ def pick_device(name: Optional[str]) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def time_call(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA synchronised)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.rstrip("x%"))
+        return True
+    except ValueError:
+        return False
 
 
 def print_table(headers: Sequence[str], rows: List[Sequence]) -> None:
+    """A plain-text table: numbers right-aligned, text left-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join((c.rjust(w) if n and _is_number(c) else c.ljust(w)).rstrip() if i == len(r) - 1
+                        else (c.rjust(w) if n and _is_number(c) else c.ljust(w))
+                        for i, (c, w) in enumerate(zip(r, widths))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -64,19 +65,72 @@ def cmd_demo(args) -> int:
     device = pick_device(args.device)
     size = args.size or ((1024, 2048) if device.type == "cuda" else (512, 1024))
     torch.manual_seed(0)
-    model = HRNet(HRNetConfig.preset(args.preset, num_classes=args.num_classes)).to(device).eval()
+    cfg = HRNetConfig.preset(args.preset, num_classes=args.num_classes)
+    ref = randomize_batchnorm(HighResolutionNet(cfg)).to(device).eval()
     x = torch.randn(args.batch, 3, *size, device=device)
-    print(f"hrnet-fast demo: {args.preset}, input {args.batch}x3x{size[0]}x{size[1]} fp32 on {device}")
+    print(f"hrnet-fast demo: {args.preset} ({count_parameters(ref) / 1e6:.2f} M parameters, "
+          f"{count_macs(ref, size, args.batch) / 1e9:.1f} G MACs), input {args.batch}x3x{size[0]}x{size[1]} "
+          f"on {environment(device)['device_name']}, random weights with random BatchNorm statistics")
+    dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+    rows = []
     with torch.inference_mode():
-        out = model(x)
-        ms = time_call(lambda: model(x), device, args.repeats)
-    print_table(["item", "value"], [
-        ["output shape", "x".join(map(str, out.shape))],
-        ["parameters", f"{count_parameters(model) / 1e6:.2f} M"],
-        ["MACs (conv+linear)", f"{count_macs(model, size, args.batch) / 1e9:.1f} G"],
-        ["reference forward", f"{ms:.1f} ms (median of {args.repeats})"],
-    ])
+        ref_out = ref(x)
+        t_ref = measure(lambda: ref(x), device, warmup=1, repeats=args.repeats)["median_ms"]
+        rows.append(["reference (eager)", "fp32", f"{t_ref:.1f}", "1.00", "-"])
+        for dtype in dtypes:
+            model = ref if dtype == torch.float32 else clone_as(ref, dtype)
+            fast = optimize(model, backend=args.backend, cuda_graphs=device.type == "cuda" or None)
+            xd = x.to(dtype)
+            out = fast(xd)
+            t = measure(lambda: fast(xd), device, warmup=1, repeats=args.repeats)["median_ms"]
+            rows.append([f"hrnet_fast ({fast.backend}{'+graphs' if fast.cuda_graphs else ''})",
+                         str(dtype).replace("torch.float", "fp"), f"{t:.1f}", f"{t_ref / t:.2f}",
+                         f"{rel_err(out.float(), ref_out):.2e}"])
+    print_table(["model", "dtype", "median ms", "speedup", "rel. error vs reference"], rows)
+    print(f"output: {args.batch}x{args.num_classes}x{ref_out.shape[-2]}x{ref_out.shape[-1]} logits "
+          "at 1/4 of the input size (median of "
+          f"{args.repeats} runs each)")
     return 0
+
+
+def cmd_bench(args) -> int:
+    device = pick_device(args.device)
+    impls = args.impls or default_impls(device)
+    peers = args.peers if args.peers is not None else default_peers(device)
+    result = run_bench(args.preset, args.size, args.batch, args.dtype, impls, peers, device,
+                       warmup=args.warmup, repeats=args.repeats,
+                       progress=None if args.quiet else stderr_progress)
+    env = result["environment"]
+    print(f"device: {env['device_name']}; torch {env['torch']}, triton {env['triton']}"
+          + (f", cuDNN {env['cudnn']}" if "cudnn" in env else f", {env['threads']} threads"))
+    table = format_table(result)
+    print_table(table[0], table[1:])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"saved {args.json}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    device = pick_device(args.device)
+    backends = args.backends or (["torch", "triton", "cuda", "compile"] if device.type == "cuda"
+                                 else ["torch", "triton", "cuda"])
+    failed = False
+    for mode in args.upsample:
+        rows = run_check(args.preset, args.size, args.batch, device, upsample=mode, backends=backends,
+                         dtypes=args.dtype)
+        print(f"{args.preset}, {args.batch}x3x{args.size[0]}x{args.size[1]}, upsample={mode}, on {device}")
+        table = []
+        for r in rows:
+            if r["status"] == "unavailable":
+                table.append([r["backend"], r["dtype"], "-", "-", "unavailable: " + r["note"]])
+                continue
+            failed |= r["status"] != "ok"
+            table.append([r["backend"], r["dtype"], f"{r['err']:.2e}", f"{r['bound']:.2e}", r["status"]])
+        print_table(["backend", "dtype", "rel. error", "bound", "status"], table)
+        print()
+    return 1 if failed else 0
 
 
 def cmd_info(args) -> int:
@@ -98,15 +152,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hrnet-fast", description="Fast, exact HRNet inference.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="build a model, run it on a random image, print a table")
+    d = sub.add_parser("demo", help="reference vs hrnet_fast on a random image: error, time, speedup")
     d.add_argument("--preset", default="w18", choices=PRESET_NAMES)
     d.add_argument("--size", type=parse_size, default=None,
                    help="input HxW (default 1024x2048 on a GPU, 512x1024 on the CPU)")
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--num-classes", type=int, default=19)
+    d.add_argument("--backend", default="auto", choices=ENGINE_BACKENDS)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--repeats", type=int, default=5)
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="presets x sizes x batch x dtype x backends, against peers")
+    b.add_argument("--preset", nargs="+", default=["w18"], choices=PRESET_NAMES)
+    b.add_argument("--size", nargs="+", type=parse_size, default=[(512, 1024)])
+    b.add_argument("--batch", nargs="+", type=int, default=[1])
+    b.add_argument("--dtype", nargs="+", type=parse_dtype, default=[torch.float32],
+                   help="fp32 fp16 bf16")
+    b.add_argument("--impls", nargs="+", default=None,
+                   help="engine backends, optionally BACKEND+graphs (default: torch on the CPU; "
+                        "torch, torch+graphs, triton, triton+graphs, compile on a GPU)")
+    b.add_argument("--peers", nargs="*", default=None, choices=PEERS,
+                   help="default: eager on the CPU; eager, compile, compile-ro on a GPU")
+    b.add_argument("--device", default=None)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--json", default=None, help="save all rows and the environment to this file")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("check", help="numerical report of every backend against the reference")
+    c.add_argument("--preset", default="w18_small_v2", choices=PRESET_NAMES)
+    c.add_argument("--size", type=parse_size, default=(257, 385))
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--upsample", nargs="+", default=["bilinear", "nearest"],
+                   choices=["bilinear", "nearest"])
+    c.add_argument("--backends", nargs="+", default=None, choices=[b for b in ENGINE_BACKENDS if b != "auto"])
+    c.add_argument("--dtype", nargs="+", type=parse_dtype, default=None)
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=cmd_check)
 
     i = sub.add_parser("info", help="presets with parameter counts and MACs")
     i.add_argument("--size", type=parse_size, default=(1024, 2048))

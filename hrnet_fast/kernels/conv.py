@@ -45,6 +45,10 @@ _INTERPRET = interpreter_enabled()
 # so a tile the kernel forgets to write shows up as NaN (tests set it; never needed in production).
 _debug_poison_outputs = False
 
+# Inputs with fewer channels than this walk K flat across the taps (FLAT_K): less padding of K for
+# tiny Cin (3 for the stem), more index math per element. A tuning knob (benchmarks A/B it).
+FLAT_K_MAX_CIN = 16
+
 
 # ----------------------------------------------------------------------------------------------------
 # Autotuning
@@ -58,30 +62,19 @@ def conv_configs():
     for bm, bn, bk, w, s in [
         (128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
         (64, 32, 32, 4, 4), (256, 64, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 3), (256, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3),
+        (64, 256, 32, 8, 3),
         (128, 32, 16, 4, 4), (256, 32, 16, 4, 4), (128, 16, 16, 4, 4), (256, 16, 16, 4, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     return cfgs
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem: BLOCK_N > 2*pow2(Cout), BLOCK_K > pow2(K per tap)."""
-    args = {**named_args, **kwargs}
-    cout = args["Cout"]
-    cin = args["Cin"]
-    flat = cin < 16
-    kdim = cin * args["KSIZE"] * args["KSIZE"] if flat else cin
+def _prune_configs(configs, cin: int, cout: int, ksize: int):
+    """Drop tiles far larger than the problem: BLOCK_N > pow2(Cout), BLOCK_K > pow2(K per step)."""
+    kdim = cin * ksize * ksize if cin < FLAT_K_MAX_CIN else cin
     bn_cap = max(16, triton.next_power_of_2(cout))
     bk_cap = max(16, triton.next_power_of_2(kdim))
-    kept = []
-    for c in configs:
-        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if bn > bn_cap or bk > bk_cap:
-            continue
-        if cout <= 16 and bn > 16:
-            continue
-        kept.append(c)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_cap and c.kwargs["BLOCK_K"] <= bk_cap]
     if not kept:  # always keep at least the smallest tile
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]))]
     return kept
@@ -181,11 +174,25 @@ def _conv2d_bias_act_kernel(
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-_conv_kernel_tuned = triton.autotune(
-    configs=conv_configs(),
-    key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_conv2d_bias_act_kernel)
+_TUNED: Dict[Tuple[int, ...], object] = {}
+
+
+def _tuned_kernel(cin: int, cout: int, ksize: int):
+    """The autotuned kernel for this problem class. Configs are pruned here, in Python, rather than
+    with ``prune_configs_by`` (one Autotuner per pruned list), which keeps ``wrap_triton`` simple."""
+    cfgs = _prune_configs(conv_configs(), cin, cout, ksize)
+    # The flat-K flag changes the kernel's specialisation, not the config list; the Autotuner keys on
+    # FLAT_K too (below), so flipping FLAT_K_MAX_CIN retunes instead of reusing a stale choice.
+    key = tuple(sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                        c.num_stages) for c in cfgs))
+    kern = _TUNED.get(key)
+    if kern is None:
+        kern = triton.autotune(
+            configs=cfgs,
+            key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "FLAT_K", "IEEE"],
+        )(_conv2d_bias_act_kernel)
+        _TUNED[key] = kern
+    return kern
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,7 +296,7 @@ def conv2d_bias_act_triton(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
 
-    torch.library.wrap_triton(_conv_kernel_tuned)[grid](
+    torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize))[grid](
         x, w_packed, bias if has_bias else w_packed, res, mask_t, out,
         m, h, w, cin, ho, wo, cout,
         sxn, sxh, sxw, sxc,
@@ -297,7 +304,7 @@ def conv2d_bias_act_triton(
         triton.next_power_of_2(m),
         KSIZE=ksize, STRIDE=stride, PAD=padding,
         HAS_BIAS=has_bias, HAS_RES=has_res, RELU_MODE=relu_mode,
-        FLAT_K=cin < 16, IEEE=x.dtype == torch.float32,
+        FLAT_K=cin < FLAT_K_MAX_CIN, IEEE=x.dtype == torch.float32,
     )
     return out
 

@@ -29,7 +29,7 @@ for a 2-step chain.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -59,9 +59,8 @@ def chain_configs():
     return cfgs
 
 
-def _prune_chain(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    bk_cap = max(16, triton.next_power_of_2(args["Cj"]))
+def _prune_chain(configs, cj: int):
+    bk_cap = max(16, triton.next_power_of_2(cj))
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= bk_cap]
     return kept or [configs[0]]
 
@@ -93,25 +92,27 @@ def _s2_conv_region(
             co = n0 + tl.arange(0, BLOCK_N)
             co_ok = co < Cout
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r in tl.static_range(3):
+            # Runtime tap loop (not static_range): unrolled taps would let the compiler hoist nine
+            # sets of gather addresses out of the channel-block loop and spill.
+            for tap in range(9):
+                r = tap // 3
+                s = tap - r * 3
                 iy = 2 * y - 1 + r
-                h_ok = in_img & (iy >= 0) & (iy < Hs)
-                for s in tl.static_range(3):
-                    ix = 2 * x - 1 + s
-                    ok = h_ok & (ix >= 0) & (ix < Ws)
-                    a_base = src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw
-                    w_tap = w_ptr + ((r * 3 + s) * Cin) * Cout
-                    for c0 in range(0, Cin, BLOCK_K):
-                        cc = c0 + offs_k
-                        c_ok = cc < Cin
-                        a = tl.load(a_base[:, None] + cc[None, :] * s_sc,
-                                    mask=ok[:, None] & c_ok[None, :], other=0.0)
-                        b = tl.load(w_tap + cc[:, None] * Cout + co[None, :],
-                                    mask=c_ok[:, None] & co_ok[None, :], other=0.0)
-                        if IEEE:
-                            acc = tl.dot(a, b, acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(a, b, acc)
+                ix = 2 * x - 1 + s
+                ok = in_img & (iy >= 0) & (iy < Hs) & (ix >= 0) & (ix < Ws)
+                a_base = src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw
+                w_tap = w_ptr + (tap * Cin) * Cout
+                for c0 in range(0, Cin, BLOCK_K):
+                    cc = c0 + offs_k
+                    c_ok = cc < Cin
+                    a = tl.load(a_base[:, None] + cc[None, :] * s_sc,
+                                mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_tap + cc[:, None] * Cout + co[None, :],
+                                mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+                    if IEEE:
+                        acc = tl.dot(a, b, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, b, acc)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
                 acc = acc + bias[None, :]
@@ -197,11 +198,20 @@ def _strided_chain_kernel(
                         T, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_chain_kernel_tuned = triton.autotune(
-    configs=chain_configs(),
-    key=["Cj", "Ci", "STEPS", "T", "OUT_BUCKET", "HAS_ACC", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune_chain},
-)(_strided_chain_kernel)
+_TUNED: Dict[int, object] = {}
+
+
+def _tuned_chain_kernel(cj: int):
+    """Autotuned kernel with configs pruned in Python for this C_j (no ``prune_configs_by``)."""
+    bk_cap = max(16, triton.next_power_of_2(cj))
+    kern = _TUNED.get(bk_cap)
+    if kern is None:
+        kern = triton.autotune(
+            configs=_prune_chain(chain_configs(), cj),
+            key=["Cj", "Ci", "STEPS", "T", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_N"],
+        )(_strided_chain_kernel)
+        _TUNED[bk_cap] = kern
+    return kern
 
 
 def _half(s: int) -> int:
@@ -269,7 +279,7 @@ def strided_chain_triton(
     block_n = max(16, min(128, triton.next_power_of_2(max(cj, ci))))
     if _INTERPRET:
         block_n = max(16, min(64, triton.next_power_of_2(max(cj, ci))))
-    torch.library.wrap_triton(_chain_kernel_tuned)[(grid_n,)](
+    torch.library.wrap_triton(_tuned_chain_kernel(cj))[(grid_n,)](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,
         w3 if w3 is not None else w2, b3 if b3 is not None else w2,
         acc, out, s1, s2,

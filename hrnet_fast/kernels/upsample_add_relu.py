@@ -48,7 +48,11 @@ def _linear_axis(dst, in_size, scale, ALIGN: tl.constexpr):
     if ALIGN:
         src = scale * d
     else:
-        src = scale * (d + 0.5) - 0.5
+        # PyTorch's kernels compute scale * (dst + 0.5) - 0.5 with one fused multiply-add (nvcc and
+        # the CPU build contract it). The product of two float32 values is exact in float64 and so
+        # is the subtraction here, so one rounding of the float64 result is that fma, bit for bit,
+        # on the GPU and under the CPU interpreter alike ([BLOCK_P] values only: cheap).
+        src = ((d + 0.5).to(tl.float64) * scale - 0.5).to(tl.float32)
         src = tl.maximum(src, 0.0)
     i0 = src.to(tl.int32)  # src >= 0: truncation is floor
     i0 = tl.minimum(i0, in_size - 1)
@@ -187,6 +191,7 @@ def resize_scales(in_h: int, in_w: int, out_h: int, out_w: int, mode: str,
                   align_corners: bool) -> Tuple[float, float]:
     """The float32 scales PyTorch's interpolate uses for a size-based resize (exact float32 values)."""
     def one(i: int, o: int) -> float:
+        i, o = int(i), int(o)  # concrete sizes (a SymInt under torch.compile specialises here)
         if mode == "bilinear" and align_corners:
             return _f32_div(i - 1, o - 1) if o > 1 else 0.0
         return _f32_div(i, o)

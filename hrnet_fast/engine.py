@@ -1,0 +1,312 @@
+"""The inference engine: runs an :class:`~hrnet_fast.plan.HRNetPlan` with one backend.
+
+Backends:
+* ``torch``: aten ops over folded weights (cuDNN's fused conv epilogues on CUDA for fp16/bf16);
+* ``compile``: ``torch.compile`` of the torch plan, compiled once per input shape;
+* ``triton``: the Triton fuse-step and head kernels, convolutions on cuDNN;
+* ``cuda``: the CUDA-extension fuse kernels, convolutions on cuDNN;
+* ``auto``: ``triton`` on a CUDA GPU when Triton works, else ``torch``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import triton_status
+from .ops import registry
+from .ops.conv import conv2d_bias_act_torch
+from .ops.fuse import seg_head_torch, upsample_add_relu_torch
+from .ops.registry import BackendUnavailable
+from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
+from .reference import HighResolutionNet
+
+logger = logging.getLogger(__name__)
+
+ENGINE_BACKENDS = ("auto", "torch", "compile", "triton", "cuda")
+DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    key = str(dtype).lower()
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    return DTYPES[key]
+
+
+def resolve_engine_backend(backend: Optional[str], device: torch.device) -> str:
+    """The concrete engine backend for ``backend`` on ``device``; BackendUnavailable says why not."""
+    name = (backend or registry.default_backend()).lower()
+    if name not in ENGINE_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {ENGINE_BACKENDS}")
+    if name == "auto":
+        if device.type == "cuda" and registry.status("upsample_add_relu", "triton", device)[0]:
+            return "triton"
+        return "torch"
+    if name in ("triton", "cuda"):
+        ok, why = registry.status("upsample_add_relu", name, device)
+        if not ok:
+            raise BackendUnavailable(f"backend {name!r} is not available on {device.type}: {why}")
+    return name
+
+
+@dataclass
+class OpSet:
+    """The implementations one engine calls, resolved once (no per-call dispatch or validation)."""
+
+    conv: Callable
+    fuse: Callable
+    head: Callable
+
+    @classmethod
+    def for_backend(cls, backend: str, device: torch.device) -> "OpSet":
+        if backend in ("torch", "compile"):
+            return cls(conv2d_bias_act_torch, upsample_add_relu_torch, seg_head_torch)
+        _, fuse = registry.resolve("upsample_add_relu", backend, device)
+        if backend == "triton":
+            _, head = registry.resolve("seg_head", "triton", device)
+        else:
+            def head(base, contributions, weight, bias, mode, align_corners):
+                act = fuse(base, contributions, mode, align_corners, True)
+                return F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
+        return cls(conv2d_bias_act_torch, fuse, head)
+
+
+def _conv(ops: OpSet, x: torch.Tensor, spec: ConvSpec, residual=None) -> torch.Tensor:
+    return ops.conv(x, spec.weight, spec.bias, spec.stride, spec.padding, residual, spec.relu,
+                    spec.relu_ranges)
+
+
+def _chain(ops: OpSet, x: torch.Tensor, specs: List[ConvSpec]) -> torch.Tensor:
+    for spec in specs:
+        x = _conv(ops, x, spec)
+    return x
+
+
+def _block(ops: OpSet, x: torch.Tensor, block: BlockPlan) -> torch.Tensor:
+    residual = x if block.downsample is None else _conv(ops, x, block.downsample)
+    h = x
+    for spec in block.convs[:-1]:
+        h = _conv(ops, h, spec)
+    return _conv(ops, h, block.convs[-1], residual)
+
+
+def _module(ops: OpSet, xs: List[torch.Tensor], m: ModulePlan, mode: str, align: bool):
+    xs = [_chain_blocks(ops, x, blocks) for x, blocks in zip(xs, m.branches)]
+    f = m.fuse
+    if f is None:
+        return xs
+    contributions: List[List[torch.Tensor]] = [[] for _ in range(f.num_outputs)]
+    for j, batched in sorted(f.down_first.items()):
+        y = _conv(ops, xs[j], batched.conv)
+        for s in batched.splits:
+            z = y[:, s.start:s.end]
+            rest = f.down_rest.get((j, s.target))
+            contributions[s.target].append(_chain(ops, z, rest) if rest else z)
+    for j, batched in sorted(f.up.items()):
+        y = _conv(ops, xs[j], batched.conv)
+        for s in batched.splits:
+            contributions[s.target].append(y[:, s.start:s.end])
+    return [ops.fuse(xs[i], contributions[i], mode, align, True) for i in range(f.num_outputs)]
+
+
+def _chain_blocks(ops: OpSet, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.Tensor:
+    for b in blocks:
+        x = _block(ops, x, b)
+    return x
+
+
+def run_plan(plan: HRNetPlan, ops: OpSet, x: torch.Tensor):
+    """The whole forward pass of ``plan`` on ``x`` (already of the plan's dtype and layout)."""
+    for spec in plan.stem:
+        x = _conv(ops, x, spec)
+    x = _chain_blocks(ops, x, plan.layer1)
+    xs = [x]
+    mode, align = plan.upsample, plan.align_corners
+    for transition, stage in zip(plan.transitions, plan.stages):
+        xs = [xs[src] if chain is None else _chain(ops, xs[src], chain)
+              for chain, src in zip(transition.branches, transition.sources)]
+        for m in stage:
+            xs = _module(ops, xs, m, mode, align)
+    if plan.head_kind == "features":
+        return xs
+    head = plan.head
+    if plan.head_kind == "seg":
+        p = [_conv(ops, xk, spec) for xk, spec in zip(xs, head.projections)]
+        c = head.classifier
+        return ops.head(p[0], p[1:], c.weight, c.bias, mode, align)
+    y = _chain_blocks(ops, xs[0], head.incre[0])
+    for i, spec in enumerate(head.downsamp):
+        y = _chain_blocks(ops, xs[i + 1], head.incre[i + 1]) + _conv(ops, y, spec)
+    y = _conv(ops, y, head.final)
+    return F.linear(y.flatten(2).mean(2), head.fc_weight, head.fc_bias)
+
+
+class WeightWatch:
+    """Notices in-place changes of a module's tensors (``load_state_dict``, optimizer steps, moves)
+    through each tensor's version counter and storage pointer. Edits through ``.data`` bypass the
+    version counter; call ``rebuild()`` after those."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.snapshot = self.take()
+
+    def take(self) -> Tuple:
+        out = []
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors have no version counter
+                version = -1
+            out.append((t.data_ptr(), version, t.dtype, t.device))
+        return tuple(out)
+
+    def changed(self) -> bool:
+        return self.take() != self.snapshot
+
+
+class _Graph:
+    def __init__(self, graph, static_in, static_out) -> None:
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+
+
+class HRNetEngine(nn.Module):
+    """Inference-only HRNet over a folded, rewritten plan. ``forward(x)`` equals ``source(x)``
+    (eval mode) within the numerics of the design. Rebuilt automatically when the source model's
+    weights change."""
+
+    def __init__(self, source: HighResolutionNet, *, backend: str = "auto",
+                 dtype: Optional[torch.dtype] = None, channels_last: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None, device=None) -> None:
+        super().__init__()
+        if not isinstance(source, HighResolutionNet):
+            raise TypeError(f"optimize() needs an hrnet_fast HRNet, got {type(source).__name__}")
+        if source.training:
+            raise ValueError("optimize() needs an eval-mode model (BatchNorm running statistics are "
+                             "folded into the convs); call model.eval() first")
+        first = next(source.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = parse_dtype(dtype) or first.dtype
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        self.channels_last = True if channels_last is None else bool(channels_last)
+        self.backend = resolve_engine_backend(backend, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise BackendUnavailable("cuda_graphs=True needs a CUDA device; the engine runs on "
+                                     f"{self.device}")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.config = source.config
+        # Not registered as a submodule: the engine must not show up in the source's state dict.
+        object.__setattr__(self, "source", source)
+        self._ops = OpSet.for_backend(self.backend, self.device)
+        self._graphs: Dict[Tuple, _Graph] = {}
+        self._compiled: Optional[Callable] = None
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Fold the source model's current weights again (drops captured CUDA graphs)."""
+        with torch.inference_mode(False), torch.no_grad():
+            plan = build_plan(self.source)
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+
+            def move(t: torch.Tensor) -> torch.Tensor:
+                t = t.to(device=self.device, dtype=self.dtype)
+                return t.contiguous(memory_format=fmt) if t.dim() == 4 else t.contiguous()
+
+            self.plan = plan.map_tensors(move)
+        self._watch = WeightWatch(self.source)
+        self._graphs.clear()
+        if self.backend == "compile":
+            self._compiled = torch.compile(self._run, dynamic=False)
+
+    def extra_repr(self) -> str:
+        return (f"preset={self.config.name}, backend={self.backend}, dtype={self.dtype}, "
+                f"device={self.device}, channels_last={self.channels_last}, "
+                f"cuda_graphs={self.cuda_graphs}")
+
+    def check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"input must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"input has {x.shape[1]} channels, the model expects "
+                             f"{self.config.in_channels} (shape {tuple(x.shape)})")
+        if x.dtype != self.dtype:
+            raise ValueError(f"input dtype {x.dtype} does not match the engine's {self.dtype}; "
+                             f"convert the input (x.to({self.dtype})) or build the engine with "
+                             f"dtype={x.dtype}")
+        if x.device != self.device and not (x.device.type == self.device.type == "cuda"
+                                            and self.device.index is None):
+            raise ValueError(f"input is on {x.device}, the engine on {self.device}")
+
+    def _run(self, x: torch.Tensor):
+        return run_plan(self.plan, self._ops, x)
+
+    def forward(self, x: torch.Tensor):
+        self.check_input(x)
+        if self._watch.changed():
+            logger.info("source weights changed since the plan was built: rebuilding")
+            self.rebuild()
+        keep_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            if self.cuda_graphs:
+                out = self._graph_forward(x)
+            else:
+                out = (self._compiled or self._run)(x)
+        return _restore_layout(out, keep_cl)
+
+    def _graph_forward(self, x: torch.Tensor):
+        key = (tuple(x.shape), x.dtype, x.device, x.stride())
+        entry = self._graphs.get(key)
+        run = self._compiled or self._run
+        if entry is None:
+            static_in = x.clone()
+            stream = torch.cuda.Stream(device=x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: lazy init, cuDNN/Triton autotuning, allocations
+                    run(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = run(static_in)
+            entry = self._graphs[key] = _Graph(graph, static_in, static_out)
+        entry.static_in.copy_(x)
+        entry.graph.replay()
+        out = entry.static_out  # a fresh tensor each call: the static buffer is overwritten next replay
+        return [t.clone() for t in out] if isinstance(out, list) else out.clone()
+
+
+def _restore_layout(out, keep_channels_last: bool):
+    if keep_channels_last:
+        return out
+    if isinstance(out, list):
+        return [t.contiguous() for t in out]
+    return out.contiguous()
+
+
+def optimize(model: HighResolutionNet, *, backend: str = "auto", dtype=None,
+             channels_last: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
+             device=None) -> HRNetEngine:
+    """An inference-only module whose ``forward(x)`` equals ``model(x)`` (eval mode) within the
+    design's numerics: BatchNorm folded, fuse steps and head fused, the chosen backend's kernels.
+
+    ``dtype`` fp32/fp16/bf16 (default: the model's); ``channels_last`` on by default; ``cuda_graphs``
+    captures one CUDA graph per input shape on CUDA (off by default). Asking for a backend that
+    cannot run here raises BackendUnavailable saying why.
+    """
+    return HRNetEngine(model, backend=backend, dtype=dtype, channels_last=channels_last,
+                       cuda_graphs=cuda_graphs, device=device)

@@ -1,0 +1,208 @@
+"""Fused segmentation head: ``out = conv2d(relu(base + sum_k resize(c_k, base size)), weight, bias)``.
+
+After the head rewrite (design.md), the official head's ``last_layer`` becomes: ``base = W0 x0 + b``
+at branch 0's size with Cs channels (270 for w18, 720 for w48), contributions ``W_k x_k`` at each
+branch's own size, then BN-folded ReLU and the 1x1 classifier (``weight`` [K, Cs, 1, 1], ``bias``
+[K]). This kernel does the resize + sum + ReLU + classifier in one pass: for a tile of pixels it loops
+over channel chunks, builds the ReLU'd activation chunk in registers (float32) and multiplies it
+with the weight chunk on the tensor cores (``tl.dot``); the Cs-channel activation never reaches
+memory. Resize semantics are those of :mod:`hrnet_fast.kernels.upsample_add_relu` (PyTorch's
+``interpolate`` index arithmetic).
+
+Registered as ``hrnet_fast::seg_head_triton``; :func:`seg_head` is the plain Python entry point.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .upsample_add_relu import (
+    _MODES, MAX_CONTRIBUTIONS_PER_LAUNCH, _flat, _launch, _load_term, check_inputs,
+    contribution_args, output_like,
+)
+
+__all__ = ["seg_head"]
+
+
+@triton.jit
+def _seg_head_kernel(
+    out_ptr, base_ptr,
+    c0_ptr, c1_ptr, c2_ptr, c3_ptr,
+    w_ptr, bias_ptr,
+    C, H, W, K,
+    o_sn, o_sk, o_sw,
+    b_sn, b_sc, b_sh, b_sw,
+    c0_h, c0_w, c0_sn, c0_sc, c0_sh, c0_sw, c0_scale_h, c0_scale_w,
+    c1_h, c1_w, c1_sn, c1_sc, c1_sh, c1_sw, c1_scale_h, c1_scale_w,
+    c2_h, c2_w, c2_sn, c2_sc, c2_sh, c2_sw, c2_scale_h, c2_scale_w,
+    c3_h, c3_w, c3_sn, c3_sc, c3_sh, c3_sw, c3_scale_h, c3_scale_w,
+    NUM: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+    BASE_FLAT: tl.constexpr,
+    MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n, k, y, x] = bias[k] + sum_c weight[k, c] * relu(base + sum_{j<NUM} resize(c_j))[n, c, y, x].
+
+    Math: the activation is built per channel chunk in float32 exactly as in
+    ``_upsample_add_relu_kernel`` (base first, then c_0, c_1, ...; ReLU in float32). It then enters
+    ``tl.dot`` in the weight's dtype: float32 with input_precision="ieee" (exact float32 products,
+    IEEE constexpr), or float16/bfloat16 (rounded once, as a stored activation would be) with
+    float32 accumulation. The bias is added in float32 and the result rounded once to out's dtype.
+
+    Layouts: every input through its own (n, c, h, w) strides (NCHW, channels_last, strided views);
+    weight is a dense [K, C] matrix; out [N, K, H, W] is dense per image with pixel offset
+    (y * W + x) * o_sw (NCHW or NHWC). dtypes: float32, float16, bfloat16.
+
+    Tiling: program (pid_p, pid_k, n) owns BLOCK_P consecutive pixels of image n and BLOCK_K classes
+    (K padded up to a power of two >= 16 by masking); it loops over C in chunks of BLOCK_C.
+    """
+    pid_p = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n64 = tl.program_id(2).to(tl.int64)
+
+    hw = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = hw < H * W
+    oh = hw // W
+    ow = hw - oh * W
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+
+    acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+    for c_start in range(0, C, BLOCK_C):
+        ch = c_start + tl.arange(0, BLOCK_C)
+        cmask = ch < C
+        ch64 = ch.to(tl.int64)
+        mask = pmask[:, None] & cmask[None, :]
+        a = _load_term(base_ptr, n64, oh, ow, hw, ch64 * b_sc, mask, H, W, b_sn, b_sh, b_sw, 1.0, 1.0,
+                       False, BASE_FLAT, MODE, ALIGN)
+        if NUM > 0:
+            a += _load_term(c0_ptr, n64, oh, ow, hw, ch64 * c0_sc, mask, c0_h, c0_w, c0_sn, c0_sh,
+                            c0_sw, c0_scale_h, c0_scale_w, R0, F0, MODE, ALIGN)
+        if NUM > 1:
+            a += _load_term(c1_ptr, n64, oh, ow, hw, ch64 * c1_sc, mask, c1_h, c1_w, c1_sn, c1_sh,
+                            c1_sw, c1_scale_h, c1_scale_w, R1, F1, MODE, ALIGN)
+        if NUM > 2:
+            a += _load_term(c2_ptr, n64, oh, ow, hw, ch64 * c2_sc, mask, c2_h, c2_w, c2_sn, c2_sh,
+                            c2_sw, c2_scale_h, c2_scale_w, R2, F2, MODE, ALIGN)
+        if NUM > 3:
+            a += _load_term(c3_ptr, n64, oh, ow, hw, ch64 * c3_sc, mask, c3_h, c3_w, c3_sn, c3_sh,
+                            c3_sw, c3_scale_h, c3_scale_w, R3, F3, MODE, ALIGN)
+        a = tl.maximum(a, 0.0)
+        # weight chunk, transposed to [BLOCK_C, BLOCK_K]; padded classes/channels read as 0.
+        wt = tl.load(w_ptr + (ks[None, :] * C + ch[:, None]),
+                     mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(wt.dtype), wt, acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
+
+    o_off = n64 * o_sn + hw.to(tl.int64) * o_sw
+    tl.store(out_ptr + (o_off[:, None] + (ks.to(tl.int64) * o_sk)[None, :]),
+             acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & kmask[None, :])
+
+
+def _blocks(C: int, K: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps) for the head kernel.
+
+    BLOCK_P = 64 pixels: tl.dot needs M >= 16 and wgmma works in 64-row steps; at 256x512 that is
+    2048 programs per image (enough to fill 132 SMs several times). BLOCK_C = next power of two of C,
+    capped at 64 (a 64x64 float32 activation chunk plus four bilinear taps fits the registers of
+    four warps). BLOCK_K = K rounded up to a power of two >= 16 (19 -> 32), capped at 64; more
+    classes are split over the grid's second axis (each K block recomputes the activation).
+    """
+    block_c = min(max(triton.next_power_of_2(max(int(C), 1)), 16), 64)
+    block_k = min(max(triton.next_power_of_2(max(int(K), 1)), 16), 64)
+    return 64, block_c, block_k, 4
+
+
+def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.Tensor],
+                 w2: torch.Tensor, bias: Optional[torch.Tensor], mode: str, align_corners: bool,
+                 ieee: bool) -> None:
+    """Run the head kernel into a preallocated ``out`` ([N, K, H, W], dense per image); at most
+    MAX_CONTRIBUTIONS_PER_LAUNCH contributions; ``w2`` a dense [K, C] matrix."""
+    N, C, H, W = cur.shape
+    K = w2.shape[0]
+    if N == 0 or H == 0 or W == 0 or K == 0:
+        return
+    if C == 0:
+        if bias is not None:
+            out.copy_(bias.to(out.dtype).view(1, K, 1, 1).expand_as(out))
+        else:
+            out.zero_()
+        return
+    ptrs, scal, res, flat = contribution_args(cur, contribs, mode, align_corners)
+    block_p, block_c, block_k, num_warps = _blocks(C, K)
+    grid = (triton.cdiv(H * W, block_p), triton.cdiv(K, block_k), N)
+    torch.library.wrap_triton(_seg_head_kernel)[grid](
+        out, cur, *ptrs, w2, bias if bias is not None else w2,
+        C, H, W, K,
+        out.stride(0), out.stride(1), out.stride(3),
+        cur.stride(0), cur.stride(1), cur.stride(2), cur.stride(3),
+        *scal,
+        NUM=len(contribs),
+        R0=res[0], R1=res[1], R2=res[2], R3=res[3],
+        F0=flat[0], F1=flat[1], F2=flat[2], F3=flat[3],
+        BASE_FLAT=_flat(cur),
+        MODE=_MODES[mode], ALIGN=bool(align_corners), HAS_BIAS=bias is not None, IEEE=bool(ieee),
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
+    )
+
+
+@torch.library.triton_op("hrnet_fast::seg_head_triton", mutates_args=())
+def seg_head_triton(base: torch.Tensor, contributions: List[torch.Tensor], weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], mode: str, align_corners: bool) -> torch.Tensor:
+    """Registered op behind :func:`seg_head` (same semantics, no validation)."""
+    N, C, H, W = base.shape
+    K = weight.shape[0]
+    w2 = weight.reshape(K, C).to(base.dtype).contiguous()
+    out = output_like(base, channels=K)
+    contribs = list(contributions)
+    cur = base
+    if len(contribs) > MAX_CONTRIBUTIONS_PER_LAUNCH:
+        # pre-sum the surplus (no ReLU) into a float32 buffer; the head kernel reads the last ones.
+        surplus = len(contribs) - MAX_CONTRIBUTIONS_PER_LAUNCH
+        tmp = output_like(base, dtype=torch.float32)
+        first = True
+        while surplus > 0:
+            take = min(surplus, MAX_CONTRIBUTIONS_PER_LAUNCH)
+            _launch(tmp, base if first else tmp, contribs[:take], mode, align_corners, False)
+            contribs, surplus, first = contribs[take:], surplus - take, False
+        cur = tmp
+    _launch_head(out, cur, contribs, w2, bias, mode, align_corners, base.dtype == torch.float32)
+    return out
+
+
+def seg_head(base: torch.Tensor, contributions: Sequence[torch.Tensor], weight: torch.Tensor,
+             bias: Optional[torch.Tensor] = None, *, mode: str = "bilinear",
+             align_corners: bool = False) -> torch.Tensor:
+    """``conv2d(relu(base + sum_k interpolate(c_k, size=base.shape[-2:])), weight, bias)``, fused.
+
+    base: [N, C, H, W]; contributions: [N, C, h_k, w_k] with h_k <= H, w_k <= W (any ratio, any
+    number); weight: [K, C, 1, 1] (or [K, C]), cast to base's dtype; bias: [K] or None (added in
+    float32). float32 (exact IEEE products), float16, bfloat16; NCHW or channels_last inputs.
+    Returns [N, K, H, W] in base's memory format and dtype.
+    """
+    contributions = list(contributions)
+    check_inputs(base, contributions, mode, align_corners, "seg_head")
+    C = base.shape[1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4) or weight.shape[1] != C \
+            or (weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1)):
+        raise ValueError(f"seg_head: weight must be [K, {C}, 1, 1] (a 1x1 classifier over base's "
+                         f"{C} channels), got {tuple(getattr(weight, 'shape', ()))}")
+    if weight.device != base.device:
+        raise ValueError(f"seg_head: weight is on {weight.device}, base on {base.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"seg_head: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.device != base.device:
+            raise ValueError(f"seg_head: bias is on {bias.device}, base on {base.device}")
+    return torch.ops.hrnet_fast.seg_head_triton(base, contributions, weight, bias, mode,
+                                                bool(align_corners))

@@ -1,0 +1,48 @@
+"""Argument checks shared by the ops: every message names the tensor and what is wrong."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MODES = ("bilinear", "nearest")
+
+
+def check_image(name: str, t, *, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D NCHW, got shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *,
+               channels: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.shape[0] != ref.shape[0]:
+        raise ValueError(f"{name} has batch {t.shape[0]} but {ref_name} has {ref.shape[0]}")
+    if channels and t.shape[1] != ref.shape[1]:
+        raise ValueError(f"{name} has {t.shape[1]} channels but {ref_name} has {ref.shape[1]}")
+
+
+def check_fuse_args(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
+                    align_corners: bool) -> None:
+    check_image("base", base)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if align_corners and mode != "bilinear":
+        raise ValueError("align_corners=True is only defined for mode='bilinear'")
+    if isinstance(contributions, torch.Tensor):
+        raise TypeError("contributions must be a list of tensors, not a tensor")
+    H, W = base.shape[-2:]
+    for k, c in enumerate(contributions):
+        name = f"contributions[{k}]"
+        check_image(name, c)
+        check_same(name, c, "base", base)
+        if c.shape[-2] > H or c.shape[-1] > W:
+            raise ValueError(f"{name} is {tuple(c.shape[-2:])}, larger than base {(H, W)}: "
+                             "contributions are resized up (or added as they are), never down")

@@ -1,0 +1,82 @@
+"""Fused multi-branch ops: ``upsample_add_relu`` (the fuse step) and ``seg_head`` (head after the
+rewrite). Each has a torch implementation that runs anywhere and is the oracle of the kernels."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import registry
+from ._validate import check_fuse_args, check_image
+
+
+def resize_to(c: torch.Tensor, size, mode: str, align_corners: bool) -> torch.Tensor:
+    if tuple(c.shape[-2:]) == tuple(size):
+        return c
+    if mode == "nearest":
+        return F.interpolate(c, size=tuple(size), mode="nearest")
+    return F.interpolate(c, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def upsample_add_relu_torch(base, contributions, mode="bilinear", align_corners=False, relu=True):
+    size = base.shape[-2:]
+    out = torch.empty_like(base)  # keeps base's memory format (channels_last stays channels_last)
+    if not contributions:
+        out.copy_(base)
+    for k, c in enumerate(contributions):
+        z = resize_to(c, size, mode, align_corners)
+        if k == 0:
+            torch.add(base, z, out=out)
+        else:
+            out.add_(z)
+    return out.relu_() if relu else out
+
+
+def seg_head_torch(base, contributions, weight, bias, mode="bilinear", align_corners=False):
+    act = upsample_add_relu_torch(base, contributions, mode, align_corners, relu=True)
+    k = weight.shape[-1]
+    return F.conv2d(act, weight, bias, 1, k // 2)
+
+
+def upsample_add_relu(base: torch.Tensor, contributions: Sequence[torch.Tensor], *,
+                      mode: str = "bilinear", align_corners: bool = False, relu: bool = True,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """``relu(base + sum(resize(c, base.shape[-2:]) for c in contributions))``.
+
+    A contribution already at the base size is added as it is; others are resized up (any ratio)
+    with ``F.interpolate`` semantics (legacy nearest, or bilinear with ``align_corners``). Batch,
+    channels, dtype and device must agree. The output keeps the base's memory format.
+    """
+    contributions = list(contributions)
+    check_fuse_args(base, contributions, mode, align_corners)
+    _, fn = registry.resolve("upsample_add_relu", backend, base.device)
+    return fn(base, contributions, mode, align_corners, relu)
+
+
+def seg_head(base: torch.Tensor, contributions: Sequence[torch.Tensor], weight: torch.Tensor,
+             bias: Optional[torch.Tensor], *, mode: str = "bilinear", align_corners: bool = False,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """``conv2d(relu(base + sum resize(c)), weight, bias)``: the segmentation head after the rewrite
+    (base = the branch-0 projection with the folded head bias, contributions = the projections of
+    branches 1-3, weight = the classifier, kernel 1 or 3 with "same" padding)."""
+    contributions = list(contributions)
+    check_fuse_args(base, contributions, mode, align_corners)
+    check_image("weight", weight)
+    if weight.shape[1] != base.shape[1]:
+        raise ValueError(f"weight expects {weight.shape[1]} input channels, base has {base.shape[1]}")
+    if weight.dtype != base.dtype or weight.device != base.device:
+        raise ValueError(f"weight is {weight.dtype} on {weight.device}, base is {base.dtype} on "
+                         f"{base.device}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != base.dtype):
+        raise ValueError(f"bias must be [{weight.shape[0]}] of {base.dtype}, got "
+                         f"{list(bias.shape)} of {bias.dtype}")
+    _, fn = registry.resolve("seg_head", backend, base.device)
+    if weight.shape[-1] != 1 and fn is not seg_head_torch:
+        fn = seg_head_torch  # the fused kernels take a 1x1 classifier only
+    return fn(base, contributions, weight, bias, mode, align_corners)
+
+
+registry.register("upsample_add_relu", "torch", upsample_add_relu_torch)
+registry.register("seg_head", "torch", seg_head_torch)
+__all__ = ["upsample_add_relu", "seg_head", "upsample_add_relu_torch", "seg_head_torch"]

@@ -1,0 +1,292 @@
+"""The inference plan: an eval-mode reference HRNet as a short list of fused ops over folded weights.
+
+The plan is pure data (dataclasses of tensors and ints); it knows nothing about backends. Rewrites,
+all exact in real arithmetic (only the order of fp additions changes):
+
+* every conv + BN folded (``fold.py``);
+* fuse step of every HighResolutionModule, output i:
+  ``y_i = relu(x_i + sum_{j>i} resize(conv1x1_ij(x_j)) + sum_{j<i} chain_ij(x_j))``, one
+  ``upsample_add_relu`` per target;
+* horizontal batching: the 1x1 convs that read the same source j (one per target i<j) are one conv
+  with stacked output channels; the first stride-2 convs of the chains leaving source j are one conv
+  with stacked output channels, ReLU only on the ranges of chains that continue;
+* head rewrite: ``conv1x1(concat[x0, up(x1), up(x2), up(x3)]) = W0 x0 + b + sum_k up(W_k x_k)``
+  (resizing is linear with weights summing to one), so the 1x1 conv runs at each branch's own
+  resolution and the concatenated tensor is never built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .fold import fold_conv_bn
+from .reference import BasicBlock, Bottleneck, HighResolutionModule, HighResolutionNet
+
+
+@dataclass
+class ConvSpec:
+    """``act(conv2d(x, weight, bias, stride, padding) [+ residual])`` with folded BN.
+
+    ``relu_ranges`` (output-channel [start, end) pairs) overrides ``relu`` when set: only those
+    channels take the ReLU (horizontally batched convs).
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    stride: int = 1
+    padding: int = 0
+    relu: bool = True
+    relu_ranges: Optional[Tuple[Tuple[int, int], ...]] = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class BlockPlan:
+    """A BasicBlock (convs [3x3, 3x3]) or Bottleneck (convs [1x1, 3x3, 1x1]); the last conv takes the
+    residual (``x`` or ``downsample(x)``) and the ReLU."""
+
+    convs: List[ConvSpec]
+    downsample: Optional[ConvSpec] = None
+
+
+@dataclass
+class Split:
+    """A target's channel range [start, end) inside a horizontally batched conv's output."""
+
+    target: int
+    start: int
+    end: int
+
+
+@dataclass
+class BatchedConv:
+    conv: ConvSpec
+    splits: List[Split]
+
+
+@dataclass
+class FusePlan:
+    """Fuse step of one module. ``up[j]`` batches the 1x1 convs from source j to every target i<j;
+    ``down_first[j]`` batches the first stride-2 convs from j to every target i>j; ``down_rest[(j, i)]``
+    holds the remaining convs of the chain j -> i."""
+
+    num_outputs: int
+    up: Dict[int, BatchedConv] = field(default_factory=dict)
+    down_first: Dict[int, BatchedConv] = field(default_factory=dict)
+    down_rest: Dict[Tuple[int, int], List[ConvSpec]] = field(default_factory=dict)
+
+
+@dataclass
+class ModulePlan:
+    branches: List[List[BlockPlan]]
+    fuse: Optional[FusePlan]
+
+
+@dataclass
+class TransitionPlan:
+    """``branches[i]`` is None (identity of branch i) or a conv chain reading ``sources[i]``."""
+
+    branches: List[Optional[List[ConvSpec]]]
+    sources: List[int]
+
+
+@dataclass
+class SegHeadPlan:
+    """``classifier(relu(proj[0](x0) + sum_k resize(proj[k](x_k))))``; proj[0] carries the bias."""
+
+    projections: List[ConvSpec]
+    classifier: ConvSpec
+
+
+@dataclass
+class ClassificationHeadPlan:
+    incre: List[List[BlockPlan]]
+    downsamp: List[ConvSpec]
+    final: ConvSpec
+    fc_weight: torch.Tensor
+    fc_bias: torch.Tensor
+
+
+@dataclass
+class HRNetPlan:
+    stem: List[ConvSpec]
+    layer1: List[BlockPlan]
+    transitions: List[TransitionPlan]
+    stages: List[List[ModulePlan]]
+    head_kind: str
+    head: object
+    upsample: str
+    align_corners: bool
+    in_channels: int
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "HRNetPlan":
+        """A copy with ``fn`` applied to every tensor (device / dtype / memory-format moves)."""
+        return _map(self, fn)
+
+    def to(self, device=None, dtype=None) -> "HRNetPlan":
+        return self.map_tensors(lambda t: t.to(device=device, dtype=dtype))
+
+    def tensors(self) -> List[torch.Tensor]:
+        out: List[torch.Tensor] = []
+        _map(self, lambda t: out.append(t) or t)
+        return out
+
+
+def _map(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, list):
+        return [_map(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map(v, fn) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------- building
+
+def _conv(seq_or_conv, bn=None, relu=True) -> ConvSpec:
+    """A ConvSpec from a conv (+ BN); ``seq_or_conv`` may be a Sequential(conv, bn[, relu])."""
+    if isinstance(seq_or_conv, nn.Sequential):
+        mods = list(seq_or_conv)
+        conv, bn = mods[0], (mods[1] if len(mods) > 1 else None)
+        relu = any(isinstance(m, nn.ReLU) for m in mods[2:])
+    else:
+        conv = seq_or_conv
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise ValueError(f"unsupported conv in plan: {conv}")
+    w, b = fold_conv_bn(conv, bn)
+    return ConvSpec(w, b, stride=conv.stride[0], padding=conv.padding[0], relu=relu)
+
+
+def _block(block: nn.Module) -> BlockPlan:
+    ds = _conv(block.downsample, relu=False) if block.downsample is not None else None
+    if isinstance(block, Bottleneck):
+        convs = [_conv(block.conv1, block.bn1), _conv(block.conv2, block.bn2),
+                 _conv(block.conv3, block.bn3)]
+    elif isinstance(block, BasicBlock):
+        convs = [_conv(block.conv1, block.bn1), _conv(block.conv2, block.bn2)]
+    else:
+        raise TypeError(f"unknown block type {type(block).__name__}")
+    return BlockPlan(convs, ds)
+
+
+def _stack(convs: List[ConvSpec], targets: List[int]) -> BatchedConv:
+    """Stack convs that read the same input (same kernel, stride, padding) along output channels."""
+    first = convs[0]
+    if any((c.stride, c.padding, c.weight.shape[1:]) != (first.stride, first.padding, first.weight.shape[1:])
+           for c in convs):
+        raise ValueError("only convs of the same geometry can be batched")
+    splits, ranges, start = [], [], 0
+    for c, t in zip(convs, targets):
+        end = start + c.out_channels
+        splits.append(Split(t, start, end))
+        if c.relu:
+            ranges.append((start, end))
+        start = end
+    weight = torch.cat([c.weight for c in convs], 0)
+    bias = torch.cat([c.bias for c in convs], 0)
+    all_relu = len(ranges) == len(convs)
+    relu_ranges = None if all_relu or not ranges else tuple(ranges)
+    return BatchedConv(ConvSpec(weight, bias, first.stride, first.padding, relu=all_relu,
+                                relu_ranges=relu_ranges), splits)
+
+
+def _fuse(module: HighResolutionModule) -> Optional[FusePlan]:
+    if module.fuse_layers is None:
+        return None
+    nb = module.num_branches
+    n_out = len(module.fuse_layers)
+    plan = FusePlan(num_outputs=n_out)
+    for j in range(nb):
+        up_targets = [i for i in range(n_out) if i < j]
+        if up_targets:
+            convs = [_conv(module.fuse_layers[i][j], relu=False) for i in up_targets]
+            plan.up[j] = _stack(convs, up_targets)
+        down_targets = [i for i in range(n_out) if i > j]
+        if down_targets:
+            firsts = []
+            for i in down_targets:
+                chain = [_conv(step) for step in module.fuse_layers[i][j]]
+                firsts.append(chain[0])
+                if len(chain) > 1:
+                    plan.down_rest[(j, i)] = chain[1:]
+            plan.down_first[j] = _stack(firsts, down_targets)
+    return plan
+
+
+def _transition(transition: nn.ModuleList, n_prev: int) -> TransitionPlan:
+    branches, sources = [], []
+    for i, t in enumerate(transition):
+        sources.append(i if i < n_prev else n_prev - 1)
+        if t is None:
+            branches.append(None)
+        elif isinstance(t[0], nn.Conv2d):  # same resolution, new width: Sequential(conv, BN, ReLU)
+            branches.append([_conv(t)])
+        else:  # a new branch: Sequential of stride-2 steps
+            branches.append([_conv(step) for step in t])
+    return TransitionPlan(branches, sources)
+
+
+def _seg_head(model: HighResolutionNet) -> SegHeadPlan:
+    ll = model.last_layer
+    w, b = fold_conv_bn(ll[0], ll[1])
+    projections, start = [], 0
+    for k, c in enumerate(model.pre_stage_channels):
+        wk = w[:, start:start + c]
+        bias = b if k == 0 else None
+        projections.append(ConvSpec(wk.contiguous(), bias, 1, 0, relu=False))
+        start += c
+    cw, cb = fold_conv_bn(ll[3], None)
+    classifier = ConvSpec(cw, cb, 1, ll[3].padding[0], relu=False)
+    return SegHeadPlan(projections, classifier)
+
+
+def _classification_head(model: HighResolutionNet) -> ClassificationHeadPlan:
+    return ClassificationHeadPlan(
+        incre=[[_block(b) for b in seq] for seq in model.incre_modules],
+        downsamp=[_conv(seq) for seq in model.downsamp_modules],
+        final=_conv(model.final_layer),
+        fc_weight=model.classifier.weight.detach().to(torch.float64),
+        fc_bias=model.classifier.bias.detach().to(torch.float64),
+    )
+
+
+def build_plan(model: HighResolutionNet) -> HRNetPlan:
+    """Fold and rewrite an eval-mode reference model into a plan (float64 tensors on its device)."""
+    if not isinstance(model, HighResolutionNet):
+        raise TypeError(f"build_plan needs a HighResolutionNet, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("build_plan needs an eval-mode model (BatchNorm running statistics are "
+                         "folded); call model.eval() first")
+    cfg = model.config
+    with torch.no_grad():
+        stem = [_conv(model.conv1, model.bn1), _conv(model.conv2, model.bn2)]
+        layer1 = [_block(b) for b in model.layer1]
+        transitions, stages = [], []
+        n_prev = 1
+        for idx in (1, 2, 3):
+            transitions.append(_transition(getattr(model, f"transition{idx}"), n_prev))
+            stage = getattr(model, f"stage{idx + 1}")
+            stages.append([ModulePlan([[_block(b) for b in branch] for branch in m.branches], _fuse(m))
+                           for m in stage])
+            n_prev = stage[-1].num_branches
+        if cfg.head == "seg":
+            head = _seg_head(model)
+        elif cfg.head == "classification":
+            head = _classification_head(model)
+        else:
+            head = None
+    return HRNetPlan(stem, layer1, transitions, stages, cfg.head, head, cfg.upsample,
+                     cfg.align_corners, cfg.in_channels)

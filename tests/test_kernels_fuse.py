@@ -1,0 +1,425 @@
+"""Triton fuse-step and segmentation-head kernels against a float64 torch oracle.
+
+On the CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
+the same file runs on a GPU, where the cases marked ``gpu`` (bf16, full sizes, torch.compile, CUDA
+graphs) run too.
+
+Oracle: ``F.interpolate`` of each contribution upcast to float32 (PyTorch computes the source
+indices in float32 for float32/float16/bfloat16 inputs, and in float64 for float64 inputs, which
+picks different nearest neighbours on about 1 in 30 size pairs; float32 keeps the index arithmetic
+the kernels must reproduce), then the adds, ReLU and the 1x1 conv in float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import DEVICE, rel_err
+
+triton_status = pytest.importorskip("hrnet_fast.kernels").triton_status
+_ok, _why = triton_status(DEVICE)
+if not _ok:
+    pytest.skip(f"Triton kernels cannot run here: {_why}", allow_module_level=True)
+
+from hrnet_fast.kernels.seg_head import _launch_head, seg_head  # noqa: E402
+from hrnet_fast.kernels.upsample_add_relu import (  # noqa: E402
+    _launch, output_like, upsample_add_relu,
+)
+
+# The interpreter (numpy < 2.3) warns on loops over a runtime bound; harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+FP32_TOL = 1e-6
+MODES = [("nearest", False), ("bilinear", False), ("bilinear", True)]
+MODE_IDS = ["nearest", "bilinear", "bilinear-ac"]
+
+# (base H, W), [contribution (h, w)], a few are the base size (added as is)
+SHAPES = {
+    "odd3": ((15, 17), [(8, 9), (4, 5), (2, 3)]),
+    "pow2+same": ((12, 12), [(6, 6), (3, 3), (12, 12)]),
+    "one": ((9, 7), [(5, 4)]),
+    "four": ((9, 11), [(5, 6), (3, 3), (9, 11), (2, 2)]),
+    "zero": ((6, 10), []),
+    "six": ((10, 9), [(5, 5), (3, 3), (10, 9), (2, 2), (7, 8), (1, 1)]),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape, dtype, channels_last=False, seed=0):
+    t = torch.randn(shape, generator=_gen(seed)).to(device=DEVICE, dtype=dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+def _make(n, c, base_hw, contrib_hw, dtype, channels_last, seed=0):
+    base = _rand((n, c) + tuple(base_hw), dtype, channels_last, seed)
+    contribs = [_rand((n, c) + tuple(hw), dtype, channels_last, seed + 1 + k)
+                for k, hw in enumerate(contrib_hw)]
+    return base, contribs
+
+
+def _resize32(c, size, mode, align_corners):
+    kw = {} if mode == "nearest" else {"align_corners": align_corners}
+    if tuple(c.shape[-2:]) == tuple(size):
+        return c.float()
+    return F.interpolate(c.float(), size=tuple(size), mode=mode, **kw)
+
+
+def oracle_fuse(base, contribs, mode, align_corners, relu=True):
+    out = base.double()
+    for c in contribs:
+        out = out + _resize32(c, base.shape[-2:], mode, align_corners).double()
+    return out.clamp_min(0) if relu else out
+
+
+def oracle_head(base, contribs, weight, bias, mode, align_corners):
+    act = oracle_fuse(base, contribs, mode, align_corners, relu=True)
+    return F.conv2d(act, weight.double().reshape(weight.shape[0], -1, 1, 1),
+                    None if bias is None else bias.double())
+
+
+def torch_fuse(base, contribs, mode, align_corners, relu=True):
+    """The plain composition in the input dtype (the fp16/bf16 error yardstick)."""
+    kw = {} if mode == "nearest" else {"align_corners": align_corners}
+    out = base
+    for c in contribs:
+        if tuple(c.shape[-2:]) != tuple(base.shape[-2:]):
+            c = F.interpolate(c, size=tuple(base.shape[-2:]), mode=mode, **kw)
+        out = out + c
+    return torch.relu(out) if relu else out
+
+
+def torch_head(base, contribs, weight, bias, mode, align_corners):
+    act = torch_fuse(base, contribs, mode, align_corners, relu=True)
+    return F.conv2d(act, weight.to(act.dtype), None if bias is None else bias.to(act.dtype))
+
+
+def _check_layout(out, base, channels):
+    n, _, h, w = base.shape
+    assert out.shape == (n, channels, h, w)
+    assert out.dtype == base.dtype and out.device == base.device
+    if base.is_contiguous(memory_format=torch.channels_last):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+
+
+def _check_low_precision(out, ref, torch_out, what):
+    err = rel_err(out, ref)
+    err_torch = rel_err(torch_out, ref)
+    # one rounding at the end (ours) vs a rounding per op (torch): ours should not be worse than 2x;
+    # the absolute floor covers cases where torch's composition happens to be exact.
+    bound = max(2.0 * err_torch, 4e-3 if out.dtype == torch.bfloat16 else 1e-3)
+    assert err <= bound, f"{what}: rel err {err:.3g} > {bound:.3g} (torch composition {err_torch:.3g})"
+
+
+# ------------------------------------------------------------------------------------------------
+# upsample_add_relu
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fuse_matches_oracle(dtype, shape, mode, align_corners, channels_last):
+    base_hw, contrib_hw = SHAPES[shape]
+    c = 36 if shape in ("pow2+same", "six") else 18
+    base, contribs = _make(2, c, base_hw, contrib_hw, dtype, channels_last, seed=len(contrib_hw))
+    out = upsample_add_relu(base, contribs, mode=mode, align_corners=align_corners)
+    _check_layout(out, base, c)
+    ref = oracle_fuse(base, contribs, mode, align_corners)
+    if dtype == torch.float32:
+        assert rel_err(out, ref) <= FP32_TOL
+    else:
+        _check_low_precision(out, ref, torch_fuse(base, contribs, mode, align_corners), shape)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("c", [5, 200], ids=["C5", "C200"])
+def test_fuse_relu_flag_and_channel_blocks(relu, channels_last, c):
+    # C=200: more than one channel block (128 for NHWC, 32 for NCHW) and a partial last block.
+    base, contribs = _make(2, c, (7, 9), [(4, 5), (7, 9), (3, 2)], torch.float32, channels_last, 3)
+    out = upsample_add_relu(base, contribs, mode="bilinear", relu=relu)
+    _check_layout(out, base, c)
+    assert rel_err(out, oracle_fuse(base, contribs, "bilinear", False, relu=relu)) <= FP32_TOL
+    if not relu:
+        assert (out < 0).any()
+
+
+def test_fuse_mixed_layouts_and_strided_views():
+    # base NCHW; one contribution channels_last, one a channel slice of a channels_last tensor
+    # (how a horizontally batched 1x1 conv output is consumed), one an NCHW channel slice.
+    g = 18
+    base = _rand((2, g, 11, 13), torch.float32, False, 10)
+    stacked_cl = _rand((2, 3 * g, 6, 7), torch.float32, True, 11)
+    stacked = _rand((2, 2 * g, 3, 4), torch.float32, False, 12)
+    same_cl = _rand((2, g, 11, 13), torch.float32, True, 13)
+    contribs = [stacked_cl[:, g:2 * g], stacked[:, g:], same_cl]
+    assert not contribs[0].is_contiguous() and not contribs[1].is_contiguous()
+    for mode, ac in MODES:
+        out = upsample_add_relu(base, contribs, mode=mode, align_corners=ac)
+        _check_layout(out, base, g)
+        assert rel_err(out, oracle_fuse(base, contribs, mode, ac)) <= FP32_TOL
+    # channels_last base given as a channel slice: output is channels_last
+    base_cl = _rand((2, 2 * g, 11, 13), torch.float32, True, 14)[:, :g]
+    out = upsample_add_relu(base_cl, contribs, mode="bilinear")
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out).all()
+    assert rel_err(out, oracle_fuse(base_cl, contribs, "bilinear", False)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("base_hw,contrib_hw", [((13, 5), (1, 1)), ((7, 7), (1, 7)), ((1, 1), (1, 1)),
+                                                 ((1, 9), (1, 4)), ((8, 1), (3, 1))],
+                         ids=["13x5<1x1", "7x7<1x7", "1x1<1x1", "1x9<1x4", "8x1<3x1"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fuse_degenerate_sizes(base_hw, contrib_hw, channels_last):
+    base, contribs = _make(1, 4, base_hw, [contrib_hw], torch.float32, channels_last, 20)
+    for mode, ac in MODES:
+        out = upsample_add_relu(base, contribs, mode=mode, align_corners=ac)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, oracle_fuse(base, contribs, mode, ac)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fuse_poisoned_preallocated_output(channels_last):
+    base, contribs = _make(2, 18, (15, 17), [(8, 9), (4, 5), (2, 3)], torch.float16, channels_last, 5)
+    out = output_like(base)
+    out.fill_(float("nan"))
+    _launch(out, base, contribs, "bilinear", False, True)
+    assert torch.isfinite(out).all()
+    ref = oracle_fuse(base, contribs, "bilinear", False)
+    _check_low_precision(out, ref, torch_fuse(base, contribs, "bilinear", False), "poisoned")
+
+
+def test_fuse_nearest_index_arithmetic_exact():
+    # Ratios where float32 and exact arithmetic disagree about floor(dst * in / out): the result
+    # must equal F.interpolate bit for bit (float32, no adds, no ReLU).
+    # (14 -> 46, 6 -> 74, 9 -> 111, 3 -> 123 are such ratios; the others are HRNet branch sizes)
+    for (h, H), (w, W) in [((14, 46), (6, 74)), ((9, 111), (3, 123)), ((60, 119), (30, 119)),
+                           ((33, 130), (17, 130)), ((5, 15), (10, 49))]:
+        c = _rand((1, 3, h, w), torch.float32, False, h * w)
+        base = torch.zeros((1, 3, H, W), device=DEVICE)
+        out = upsample_add_relu(base, [c], mode="nearest", relu=False)
+        assert torch.equal(out, F.interpolate(c, size=(H, W), mode="nearest")), (h, H, w, W)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_fuse_bilinear_close_to_interpolate_fp32(align_corners):
+    # Against F.interpolate itself in float32: same index arithmetic, so the difference is only
+    # float32 rounding of the interpolation (no neighbour or weight differs).
+    for (h, H), (w, W) in [((60, 119), (30, 119)), ((33, 130), (17, 130)), ((8, 15), (9, 17))]:
+        c = _rand((1, 3, h, w), torch.float32, False, h + w)
+        base = torch.zeros((1, 3, H, W), device=DEVICE)
+        out = upsample_add_relu(base, [c], mode="bilinear", align_corners=align_corners, relu=False)
+        ref = F.interpolate(c, size=(H, W), mode="bilinear", align_corners=align_corners)
+        assert (out - ref).abs().max().item() <= 4e-6 * ref.abs().max().item()
+
+
+def test_fuse_validation_errors():
+    base, contribs = _make(2, 8, (6, 6), [(3, 3)], torch.float32, False)
+    with pytest.raises(ValueError, match="channels"):
+        upsample_add_relu(base, [contribs[0][:, :4]])
+    with pytest.raises(ValueError, match="batch"):
+        upsample_add_relu(base, [contribs[0][:1]])
+    with pytest.raises(ValueError, match="larger than base"):
+        upsample_add_relu(base, [_rand((2, 8, 7, 6), torch.float32)])
+    with pytest.raises(ValueError, match="dtype"):
+        upsample_add_relu(base, [contribs[0].half()])
+    with pytest.raises(ValueError, match="mode"):
+        upsample_add_relu(base, contribs, mode="bicubic")
+    with pytest.raises(ValueError, match="align_corners"):
+        upsample_add_relu(base, contribs, mode="nearest", align_corners=True)
+    with pytest.raises(ValueError, match="4-D"):
+        upsample_add_relu(base[0], contribs)
+
+
+def test_ops_registered():
+    schema = str(torch.ops.hrnet_fast.upsample_add_relu_triton.default._schema)
+    assert "Tensor[] contributions" in schema and "str mode" in schema and "bool relu" in schema
+    schema = str(torch.ops.hrnet_fast.seg_head_triton.default._schema)
+    assert "Tensor[] contributions" in schema and "Tensor? bias" in schema
+
+
+# ------------------------------------------------------------------------------------------------
+# seg_head
+# ------------------------------------------------------------------------------------------------
+def _head_weights(k, c, dtype, seed=100, with_bias=True):
+    w = (torch.randn((k, c, 1, 1), generator=_gen(seed)) / c ** 0.5).to(DEVICE, dtype)
+    b = torch.randn((k,), generator=_gen(seed + 1)).to(DEVICE, dtype) if with_bias else None
+    return w, b
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_head_matches_oracle(dtype, mode, align_corners, channels_last):
+    c, k = 18 + 36, 19
+    base, contribs = _make(2, c, (15, 17), [(8, 9), (4, 5), (2, 3)], dtype, channels_last, 30)
+    w, b = _head_weights(k, c, dtype)
+    out = seg_head(base, contribs, w, b, mode=mode, align_corners=align_corners)
+    _check_layout(out, base, k)
+    ref = oracle_head(base, contribs, w, b, mode, align_corners)
+    if dtype == torch.float32:
+        assert rel_err(out, ref) <= FP32_TOL
+    else:
+        _check_low_precision(out, ref, torch_head(base, contribs, w, b, mode, align_corners), "head")
+
+
+@pytest.mark.parametrize("case", ["no-bias", "C150-K70", "zero", "six", "same-size"])
+def test_head_variants(case):
+    c, k, shapes, bias = 54, 19, [(6, 6), (3, 3)], True
+    if case == "no-bias":
+        bias = False
+    elif case == "C150-K70":
+        c, k = 150, 70  # three channel chunks (last partial) and two class blocks
+    elif case == "zero":
+        shapes = []
+    elif case == "six":
+        shapes = [(6, 6), (3, 3), (12, 12), (2, 2), (5, 7), (1, 1)]
+    elif case == "same-size":
+        shapes = [(12, 12)]
+    base, contribs = _make(2, c, (12, 12), shapes, torch.float32, True, 40)
+    w, b = _head_weights(k, c, torch.float32, with_bias=bias)
+    out = seg_head(base, contribs, w, b)
+    _check_layout(out, base, k)
+    assert rel_err(out, oracle_head(base, contribs, w, b, "bilinear", False)) <= FP32_TOL
+
+
+def test_head_poisoned_preallocated_output():
+    c, k = 54, 19
+    base, contribs = _make(2, c, (15, 17), [(8, 9), (4, 5), (2, 3)], torch.float32, True, 50)
+    w, b = _head_weights(k, c, torch.float32)
+    out = output_like(base, channels=k)
+    out.fill_(float("nan"))
+    _launch_head(out, base, contribs, w.reshape(k, c).contiguous(), b, "bilinear", False, True)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, oracle_head(base, contribs, w, b, "bilinear", False)) <= FP32_TOL
+
+
+def test_head_validation_errors():
+    base, contribs = _make(1, 8, (6, 6), [(3, 3)], torch.float32, False)
+    w, b = _head_weights(5, 8, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        seg_head(base, contribs, w[:, :4], b)
+    with pytest.raises(ValueError, match="weight"):
+        seg_head(base, contribs, torch.randn(5, 8, 3, 3, device=DEVICE), b)
+    with pytest.raises(ValueError, match="bias"):
+        seg_head(base, contribs, w, b[:3])
+    with pytest.raises(ValueError, match="channels"):
+        seg_head(base, [contribs[0][:, :4]], w, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_gpu_bf16(mode, align_corners):
+    base, contribs = _make(2, 36, (15, 17), [(8, 9), (4, 5), (15, 17)], torch.bfloat16, True, 60)
+    out = upsample_add_relu(base, contribs, mode=mode, align_corners=align_corners)
+    _check_layout(out, base, 36)
+    ref = oracle_fuse(base, contribs, mode, align_corners)
+    _check_low_precision(out, ref, torch_fuse(base, contribs, mode, align_corners), "bf16 fuse")
+    w, b = _head_weights(19, 36, torch.bfloat16)
+    out = seg_head(base, contribs, w, b, mode=mode, align_corners=align_corners)
+    ref = oracle_head(base, contribs, w, b, mode, align_corners)
+    _check_low_precision(out, ref, torch_head(base, contribs, w, b, mode, align_corners), "bf16 head")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_gpu_full_size(dtype, channels_last, mode, align_corners):
+    # w48 fuse step into branch 0 at 1024x2048 input, and the head on the same sizes (720 channels).
+    base, contribs = _make(1, 48, (256, 512), [(128, 256), (64, 128), (32, 64)], dtype,
+                           channels_last, 70)
+    out = upsample_add_relu(base, contribs, mode=mode, align_corners=align_corners)
+    _check_layout(out, base, 48)
+    ref = oracle_fuse(base, contribs, mode, align_corners)
+    if dtype == torch.float32:
+        assert rel_err(out, ref) <= FP32_TOL
+    else:
+        _check_low_precision(out, ref, torch_fuse(base, contribs, mode, align_corners), "full fuse")
+    base, contribs = _make(1, 720, (256, 512), [(128, 256), (64, 128), (32, 64)], dtype,
+                           channels_last, 71)
+    w, b = _head_weights(19, 720, dtype)
+    out = seg_head(base, contribs, w, b, mode=mode, align_corners=align_corners)
+    _check_layout(out, base, 19)
+    ref = oracle_head(base, contribs, w, b, mode, align_corners)
+    if dtype == torch.float32:
+        assert rel_err(out, ref) <= 2 * FP32_TOL
+    else:
+        _check_low_precision(out, ref, torch_head(base, contribs, w, b, mode, align_corners),
+                             "full head")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [473, 520])
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_gpu_odd_input_sizes(size, mode, align_corners):
+    # 473 -> 119/60/30/15 and 520 -> 130/65/33/17 at the four branches.
+    s = [(size + 3) // 4]
+    for _ in range(3):
+        s.append((s[-1] + 1) // 2)
+    for target in range(3):
+        hw = [(x, x) for x in s]
+        base, contribs = _make(1, 48, hw[target], hw[target + 1:], torch.float32, True, 80 + target)
+        # contributions from higher-resolution branches arrive at the base size already
+        contribs += [_rand((1, 48) + hw[target], torch.float32, True, 90 + j) for j in range(target)]
+        out = upsample_add_relu(base, contribs, mode=mode, align_corners=align_corners)
+        assert rel_err(out, oracle_fuse(base, contribs, mode, align_corners)) <= FP32_TOL
+    base, contribs = _make(1, 720, (s[0], s[0]), [(x, x) for x in s[1:]], torch.float16, True, 95)
+    w, b = _head_weights(19, 720, torch.float16)
+    out = seg_head(base, contribs, w, b, mode=mode, align_corners=align_corners)
+    ref = oracle_head(base, contribs, w, b, mode, align_corners)
+    _check_low_precision(out, ref, torch_head(base, contribs, w, b, mode, align_corners), "odd head")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_and_cuda_graph():
+    base, contribs = _make(2, 48, (64, 128), [(32, 64), (16, 32), (8, 16)], torch.float16, True, 99)
+    w, b = _head_weights(19, 48, torch.float16)
+
+    def fn(x, cs):
+        y = upsample_add_relu(x, cs, mode="bilinear")
+        return seg_head(y, cs, w, b, mode="bilinear")
+
+    eager = fn(base, contribs)
+    compiled = torch.compile(fn, fullgraph=True)(base, contribs)
+    assert torch.equal(compiled, eager)
+
+    static_in = [base.clone()] + [c.clone() for c in contribs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(static_in[0], static_in[1:])  # warm-up: compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in[0], static_in[1:])
+    new = _make(2, 48, (64, 128), [(32, 64), (16, 32), (8, 16)], torch.float16, True, 7)
+    for dst, src in zip(static_in, [new[0]] + new[1]):
+        dst.copy_(src)
+    static_out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, fn(new[0], new[1]))
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    base, contribs = _make(2, 18, (15, 17), [(8, 9), (4, 5)], torch.float16, True, 5)
+    w, b = _head_weights(19, 18, torch.float16)
+    torch.library.opcheck(torch.ops.hrnet_fast.upsample_add_relu_triton.default,
+                          (base, contribs, "bilinear", False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.hrnet_fast.seg_head_triton.default,
+                          (base, contribs, w, b, "bilinear", False),
+                          test_utils=("test_schema", "test_faketensor"))
