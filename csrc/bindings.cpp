@@ -11,9 +11,12 @@
 //     or "bilinear" (align_corners honoured); bias: optional [C], float32 or base's dtype.
 //     The output is a new tensor in base's layout: channels_last when base.stride(1) < base.stride(3),
 //     else contiguous (hrnet_fast/cuda_ext.py's fake kernel applies the same rule).
+// Narrow includes (not <torch/extension.h>) keep the compile short; no tensor crosses pybind11.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <string>
@@ -57,13 +60,13 @@ at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contribution
   TORCH_CHECK(base.dim() == 4, kOp, "base must be 4-d [N, C, H, W], got shape ", base.sizes());
   const hrnet_fast::DType dtype = to_dtype(base.scalar_type());
 
-  hrnet_fast::ResizeMode rmode;
-  if (mode == "nearest") {
+  // (c10::string_view is std::string_view in recent torch, c10's own class in older releases)
+  const std::string mode_s(mode.data(), mode.size());
+  hrnet_fast::ResizeMode rmode = hrnet_fast::ResizeMode::Bilinear;
+  if (mode_s == "nearest") {
     rmode = hrnet_fast::ResizeMode::Nearest;
-  } else if (mode == "bilinear") {
-    rmode = hrnet_fast::ResizeMode::Bilinear;
   } else {
-    TORCH_CHECK(false, kOp, "mode must be 'nearest' or 'bilinear', got '", std::string(mode), "'");
+    TORCH_CHECK(mode_s == "bilinear", kOp, "mode must be 'nearest' or 'bilinear', got '", mode_s, "'");
   }
 
   const int64_t N = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);

@@ -26,6 +26,12 @@
 //     and stores when C, every pointer and every non-channel stride allow it, else 4/2/1.
 //   * spatial-inner kernel (NCHW and anything else): a thread owns one element, x fastest.
 // dtypes: float, __half, __nv_bfloat16 (base, out and contributions share one dtype); bias is fp32.
+// Bit-compatibility of the bilinear term with F.interpolate also assumes nvcc contracts the
+// expressions into FMAs as it does for PyTorch's kernel (same expression, default -fmad=true).
+//
+// Built with -DHRNET_FAST_HOST_EMULATION (tests only) the file has no kernels and exports
+// hrnet_fast_uar_emulate(), which runs the same planning and the same per-item __host__ __device__
+// code on the CPU, so CPU-only CI checks the index arithmetic, strides, vector widths and chaining.
 #include "upsample_add_relu.h"
 
 #include <cuda_bf16.h>
@@ -37,9 +43,6 @@
 
 namespace hrnet_fast {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 
 struct ContribParams {
   const void* data;
@@ -248,6 +251,9 @@ HF_HD void spatial_inner_item(const KernelParams& p, index_t i) {
 }
 
 #if !defined(HRNET_FAST_HOST_EMULATION)
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
 // index_t is uint32_t when the item count is below 2^31 (cheaper divisions), else int64_t; memory
 // offsets are always 64-bit (the strides are int64_t). Grid-stride loops; at most kMaxBlocks blocks.
 template <typename T, int VEC, ResizeMode MODE, typename index_t>
@@ -484,14 +490,23 @@ Status plan_and_run(const UpsampleAddReluArgs& a, const Exec& exec, int32_t* vec
 
 #if defined(HRNET_FAST_HOST_EMULATION)
 // Runs the kernels' per-item code on the CPU, item by item (tests only: nvcc -DHRNET_FAST_HOST_EMULATION).
+// Same index type choice as DeviceExec.
 struct HostExec {
   template <typename T, int VEC, ResizeMode MODE>
   void channels_inner(const KernelParams& p, int64_t items) const {
-    for (int64_t i = 0; i < items; ++i) channels_inner_item<T, VEC, MODE, int64_t>(p, i);
+    if (items < (int64_t(1) << 31)) {
+      for (uint32_t i = 0; i < static_cast<uint32_t>(items); ++i) channels_inner_item<T, VEC, MODE, uint32_t>(p, i);
+    } else {
+      for (int64_t i = 0; i < items; ++i) channels_inner_item<T, VEC, MODE, int64_t>(p, i);
+    }
   }
   template <typename T, ResizeMode MODE>
   void spatial_inner(const KernelParams& p, int64_t items) const {
-    for (int64_t i = 0; i < items; ++i) spatial_inner_item<T, MODE, int64_t>(p, i);
+    if (items < (int64_t(1) << 31)) {
+      for (uint32_t i = 0; i < static_cast<uint32_t>(items); ++i) spatial_inner_item<T, MODE, uint32_t>(p, i);
+    } else {
+      for (int64_t i = 0; i < items; ++i) spatial_inner_item<T, MODE, int64_t>(p, i);
+    }
   }
   Status check() const { return ok(); }
 };

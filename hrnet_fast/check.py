@@ -36,13 +36,16 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def rel_err(a, b) -> float:
     if isinstance(a, (list, tuple)):
-        num = sum(float((x.double() - y.double()).norm() ** 2) for x, y in zip(a, b))
-        den = sum(float(y.double().norm() ** 2) for y in b)
+        if len(a) != len(b):
+            raise ValueError(f"cannot compare {len(a)} outputs with {len(b)}")
+        num = sum(float((x.detach().double() - y.detach().double()).norm() ** 2) for x, y in zip(a, b))
+        den = sum(float(y.detach().double().norm() ** 2) for y in b)
         bad = any(not torch.isfinite(x).all() for x in a)
         return float("inf") if bad else (num / max(den, 1e-60)) ** 0.5
+    a, b = a.detach().double(), b.detach().double()
     if not torch.isfinite(a).all():
         return float("inf")
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run_check(preset: str = "w18_small_v2", size: Tuple[int, int] = (257, 385), batch: int = 2,

@@ -54,9 +54,8 @@ def print_table(headers: Sequence[str], rows: List[Sequence]) -> None:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, r in enumerate(cells):
-        print("  ".join((c.rjust(w) if n and _is_number(c) else c.ljust(w)).rstrip() if i == len(r) - 1
-                        else (c.rjust(w) if n and _is_number(c) else c.ljust(w))
-                        for i, (c, w) in enumerate(zip(r, widths))))
+        line = "  ".join(c.rjust(w) if n and _is_number(c) else c.ljust(w) for c, w in zip(r, widths))
+        print(line.rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
 

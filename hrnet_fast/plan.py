@@ -193,11 +193,14 @@ def _stack(convs: List[ConvSpec], targets: List[int]) -> BatchedConv:
         end = start + c.out_channels
         splits.append(Split(t, start, end))
         if c.relu:
-            ranges.append((start, end))
+            if ranges and ranges[-1][1] == start:  # adjacent ranges merge: one ReLU launch
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
         start = end
     weight = torch.cat([c.weight for c in convs], 0)
     bias = torch.cat([c.bias for c in convs], 0)
-    all_relu = len(ranges) == len(convs)
+    all_relu = all(c.relu for c in convs)
     relu_ranges = None if all_relu or not ranges else tuple(ranges)
     return BatchedConv(ConvSpec(weight, bias, first.stride, first.padding, relu=all_relu,
                                 relu_ranges=relu_ranges), splits)

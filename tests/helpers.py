@@ -1,34 +1,36 @@
 """Helpers for tests: random non-trivial BatchNorm statistics, relative error, poisoned buffers."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torch import nn
+
+from hrnet_fast.check import randomize_batchnorm as randomize_bn  # noqa: F401
+from hrnet_fast.check import rel_err  # noqa: F401
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters (defaults hide folding bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                m.weight.copy_(torch.rand(c, generator=g) * 1.0 + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64; NaN anywhere gives inf."""
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor of NaNs shaped and laid out like ``t`` (catches outputs a kernel never writes)."""
     return torch.full_like(t, float("nan"))
+
+
+@contextlib.contextmanager
+def poisoned_allocations(monkeypatch):
+    """Within the block, ``torch.empty`` / ``torch.empty_like`` return NaN-filled memory, so an output
+    element that an implementation allocates but never writes shows up as NaN."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", empty)
+        m.setattr(torch, "empty_like", empty_like)
+        yield

@@ -339,6 +339,48 @@ def test_status_without_gpu_is_fast_and_compiles_nothing(fresh_loader, monkeypat
                                             align_corners=False, relu=True)
 
 
+def test_failed_jit_build_warns_once_and_is_cached(fresh_loader, monkeypatch, tmp_path):
+    """Simulated GPU machine without hrnet_fast._C whose JIT build fails: one warning, no retry."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("Error building extension 'hrnet_fast_C': nvcc fatal : simulated")
+
+    monkeypatch.setattr(fresh_loader, "_precheck", lambda: None)
+    monkeypatch.setattr(fresh_loader, "jit_build_directory", lambda: tmp_path / "build")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.delenv("HRNET_FAST_CUDA_EXT", raising=False)
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        assert fresh_loader.load_extension() is None
+    ok, reason = fresh_loader.cuda_ext_status()
+    assert not ok and "JIT build" in reason and "simulated" in reason
+    assert len(calls) == 1
+    kw = calls[0]
+    assert kw["name"] == fresh_loader.JIT_NAME and kw["build_directory"] == str(tmp_path / "build")
+    assert [Path(s).name for s in kw["sources"]] == list(fresh_loader.SOURCES)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert fresh_loader.load_extension() is None  # cached: no second build, no second warning
+    assert len(calls) == 1
+
+
+def test_prebuilt_only_mode_skips_jit(fresh_loader, monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(fresh_loader, "_precheck", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", lambda **k: pytest.fail("JIT build attempted"))
+    monkeypatch.setenv("HRNET_FAST_CUDA_EXT", "prebuilt")
+    ok, reason = fresh_loader.cuda_ext_status()
+    assert not ok and "prebuilt" in reason
+
+
 def test_status_disabled_by_env(fresh_loader, monkeypatch):
     monkeypatch.setenv("HRNET_FAST_CUDA_EXT", "0")
     ok, reason = fresh_loader.cuda_ext_status()

@@ -423,3 +423,116 @@ def test_gpu_opcheck():
     torch.library.opcheck(torch.ops.hrnet_fast.seg_head_triton.default,
                           (base, contribs, w, b, "bilinear", False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU-side check of the GPU build: compile for sm_90 without a GPU (ptxas ships with triton)
+# ------------------------------------------------------------------------------------------------
+_SM90_SCRIPT = r'''
+import json, os, re, subprocess, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton.backends.nvidia as nv
+from hrnet_fast.kernels import upsample_add_relu as fz, seg_head as hd
+
+cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+target = GPUTarget("cuda", 90, 32)
+TY = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
+launches = []
+
+
+class Capture:
+    # stands in for wrap_triton(kernel)[grid](...): records the launch instead of running it
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            launches.append((self.fn, args, kwargs))
+        return run
+
+
+torch.library.wrap_triton = Capture
+
+
+def compile_launch(fn, args, kwargs):
+    # specialise as Triton does at launch: ints equal to 1 become constants, ints and pointers
+    # divisible by 16 (elements / bytes) get the divisibility hint
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    sig, cx, attrs = {}, {}, {}
+    for i, (name, v) in enumerate(zip(fn.arg_names, list(args) + [None] * 99)):
+        if name in kwargs:
+            sig[name] = "constexpr"; cx[(i,)] = kwargs[name]
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + TY[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool) or isinstance(v, float):
+            sig[name] = "fp32"
+        elif v == 1:
+            sig[name] = "constexpr"; cx[(i,)] = 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), target=target,
+                       options=opts)
+    path = os.path.join(sys.argv[1], f"k{len(os.listdir(sys.argv[1]))}.cubin")
+    open(path, "wb").write(k.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
+                           text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage, re.S)
+    ptx = k.asm["ptx"]
+    return {"shared": k.metadata.shared, "regs": int(m.group(1)), "stack": int(m.group(2)),
+            "local": int(m.group(3)), "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v\d", ptx))}
+
+
+def branches(n, c, hw, dtype, cl):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return [torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=fmt) for h, w in hw]
+
+
+hw = [(64, 128), (32, 64), (16, 32), (8, 16)]
+out = {}
+for c, cl in ((18, True), (36, True), (48, True), (72, True), (48, False)):
+    b = branches(2, c, hw, torch.float16, cl)
+    fz.upsample_add_relu(b[0], b[1:], mode="bilinear")
+    out[f"fuse fp16 C{c} {'nhwc' if cl else 'nchw'}"] = compile_launch(*launches.pop())
+for c, dtype in ((270, torch.float16), (720, torch.float16), (720, torch.float32)):
+    b = branches(2, c, hw, dtype, True)
+    hd.seg_head(b[0], b[1:], torch.randn(19, c, 1, 1, dtype=dtype), torch.randn(19, dtype=dtype))
+    out[f"head {TY[dtype]} C{c}"] = compile_launch(*launches.pop())
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_sm90_build_fits_without_spills(tmp_path):
+    """Compile the default configurations for sm_90 (Hopper) on the CPU: shared memory within an
+    H100/H200 SM's 227 KB and no register spills. Catches configurations that would only fail at
+    launch on the GPU (OutOfResources) or run slowly."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("triton")
+    nvbin = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(nvbin, b)) for b in ("ptxas", "cuobjdump")):
+        pytest.skip("triton's bundled ptxas/cuobjdump not found")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(usage, indent=1))
+    assert usage["fuse fp16 C48 nhwc"]["vector_loads"] > 0
+    for name, u in usage.items():
+        assert u["shared"] <= 227 * 1024, (name, u)
+        assert u["stack"] == 0 and u["local"] == 0, (name, u)
+        assert u["regs"] <= 255, (name, u)

@@ -22,8 +22,16 @@ ksize, stride, padding, relu) -> Tensor`` (``torch.library.triton_op``; works ea
 GEMM view: M = N*Ho*Wo output pixels (rows), N = Cout (columns), K = k*k*Cin (reduction, tap-major,
 channel-minor, matching ``pack_weight``). Each program computes a BLOCK_M x BLOCK_N output tile, gathering
 the A tile straight from the NHWC input (zero padding by masking: nothing is materialised).
-For Cin < 16 (the stem's 3 RGB channels) the K dimension is walked flat across taps, so the 27 real
-K values of a 3x3x3 kernel are not padded to 9*16.
+For Cin < ``FLAT_K_MAX_CIN`` (16; the stem's 3 RGB channels) the K dimension is walked flat across
+taps, so the 27 real K values of a 3x3x3 kernel are not padded to 9*16.
+
+Numerics: products and sums in fp32 (fp32 inputs: ``input_precision="ieee"``, no TF32), bias and residual
+added in fp32, one rounding to x's dtype at the store. Offsets: image bases and the output offset are
+64-bit; offsets inside one image are 32-bit (an image of < 2^31 elements).
+
+Autotuning: per (Cin, Cout, k, stride, next_pow2(M), epilogue, dtype) on the first call of a shape;
+under ``TRITON_INTERPRET=1`` a single small config. Run every shape once eagerly before capturing a
+CUDA graph (autotuning launches the kernel many times and cannot run inside a capture).
 """
 from __future__ import annotations
 
@@ -74,6 +82,10 @@ def _prune_configs(configs, cin: int, cout: int, ksize: int):
     kdim = cin * ksize * ksize if cin < FLAT_K_MAX_CIN else cin
     bn_cap = max(16, triton.next_power_of_2(cout))
     bk_cap = max(16, triton.next_power_of_2(kdim))
+    if cin < FLAT_K_MAX_CIN:
+        # flat-K index math costs registers: big K/N tiles spill there (ptxas -v, sm_90a)
+        bk_cap = min(bk_cap, 32)
+        bn_cap = min(bn_cap, 128)
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_cap and c.kwargs["BLOCK_K"] <= bk_cap]
     if not kept:  # always keep at least the smallest tile
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]))]
@@ -361,6 +373,11 @@ def conv2d_bias_act(
         padding = k // 2
     if bias is not None and bias.numel() != cout:
         raise ValueError(f"bias has {bias.numel()} entries, expected Cout={cout}")
+    if residual is not None:
+        n, _, h, w = x.shape
+        exp = (n, cout, _out_size(h, k, stride, padding), _out_size(w, k, stride, padding))
+        if tuple(residual.shape) != exp:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {exp}")
     mask = relu_mask(relu_ranges, cout, x.device) if relu_ranges is not None else None
     return torch.ops.hrnet_fast.conv2d_bias_act_triton(
         x, w_packed, bias, residual, mask, int(k), int(stride), int(padding), bool(relu))

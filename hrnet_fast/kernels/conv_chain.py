@@ -23,6 +23,10 @@ through DRAM as full tensors; the halo costs about ((2T+1)/2T)^2 extra intermedi
 ``accumulate_into`` is NOT modified: the result ``accumulate_into + chain(x)`` is written into a new
 tensor (this keeps the op functional, ``mutates_args=()``, and safe under autotuning re-runs).
 
+Tiles: T = 8 or 4 (or 2 for tiny outputs), picked so that a 132-SM GPU gets >= 264 programs; block
+sizes autotuned per (C_j, C_i, S, T, next_pow2(output pixels), dtype). Run once eagerly before a CUDA
+graph capture (autotuning). Offsets inside one image are 32-bit; image and scratch bases 64-bit.
+
 Registered op: ``torch.ops.hrnet_fast.strided_chain_triton(x, w1, b1, w2, b2, w3, b3, accumulate_into)``
 with packed weights (``conv.pack_weight``, [9*Cin, Cout], x's dtype), optional biases, ``w3``/``b3`` None
 for a 2-step chain.
@@ -53,8 +57,9 @@ def chain_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     cfgs = []
-    for bm, bk, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2),
-                         (128, 16, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2)]:
+    # (ptxas -v for sm_90a with fp16, BLOCK_NF=128: none of these spill more than 8 bytes)
+    for bm, bk, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2),
+                         (64, 64, 8, 2), (32, 16, 4, 2)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     return cfgs
 
@@ -135,7 +140,7 @@ def _strided_chain_kernel(
     TILES_Y, TILES_X, OUT_BUCKET,
     STEPS: tl.constexpr, T: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_B3: tl.constexpr, HAS_ACC: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_NI: tl.constexpr, BLOCK_NF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -162,13 +167,13 @@ def _strided_chain_kernel(
                         w1_ptr, b1_ptr, Cj,
                         s1, R1 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
                         acc_img, 0, 0, 0,
-                        R1, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                        R1, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
         tl.debug_barrier()
         _s2_conv_region(s1, R1 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
                         w2_ptr, b2_ptr, Ci,
                         out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
                         acc_img, sah, saw, sac,
-                        T, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                        T, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
     else:
         HF = H3
         WF = W3
@@ -183,19 +188,19 @@ def _strided_chain_kernel(
                         w1_ptr, b1_ptr, Cj,
                         s1, R2 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
                         acc_img, 0, 0, 0,
-                        R2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                        R2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
         tl.debug_barrier()
         _s2_conv_region(s1, R2 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
                         w2_ptr, b2_ptr, Cj,
                         s2, R1 * Cj, Cj, 1, oy2, ox2, oy2, ox2, H2, W2,
                         acc_img, 0, 0, 0,
-                        R1, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                        R1, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
         tl.debug_barrier()
         _s2_conv_region(s2, R1 * Cj, Cj, 1, oy2, ox2, H2, W2, Cj,
                         w3_ptr, b3_ptr, Ci,
                         out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
                         acc_img, sah, saw, sac,
-                        T, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                        T, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
 
 
 _TUNED: Dict[int, object] = {}
@@ -208,7 +213,7 @@ def _tuned_chain_kernel(cj: int):
     if kern is None:
         kern = triton.autotune(
             configs=_prune_chain(chain_configs(), cj),
-            key=["Cj", "Ci", "STEPS", "T", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_N"],
+            key=["Cj", "Ci", "STEPS", "T", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_NI", "BLOCK_NF"],
         )(_strided_chain_kernel)
         _TUNED[bk_cap] = kern
     return kern
@@ -276,9 +281,9 @@ def strided_chain_triton(
     acc = accumulate_into if has_acc else out
     san, sac, sah, saw = acc.stride()
     sxn, sxc, sxh, sxw = x.stride()
-    block_n = max(16, min(128, triton.next_power_of_2(max(cj, ci))))
-    if _INTERPRET:
-        block_n = max(16, min(64, triton.next_power_of_2(max(cj, ci))))
+    cap = 64 if _INTERPRET else 128
+    block_ni = max(16, min(cap, triton.next_power_of_2(cj)))    # intermediate convs: C_j outputs
+    block_nf = max(16, min(cap, triton.next_power_of_2(ci)))    # last conv: C_i outputs
     torch.library.wrap_triton(_tuned_chain_kernel(cj))[(grid_n,)](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,
         w3 if w3 is not None else w2, b3 if b3 is not None else w2,
@@ -289,7 +294,7 @@ def strided_chain_triton(
         ty, tx, triton.next_power_of_2(n * hf * wf),
         STEPS=steps, T=t,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_B3=b3 is not None, HAS_ACC=has_acc,
-        IEEE=x.dtype == torch.float32, BLOCK_N=block_n,
+        IEEE=x.dtype == torch.float32, BLOCK_NI=block_ni, BLOCK_NF=block_nf,
     )
     return out
 
@@ -333,6 +338,13 @@ def strided_chain(
     for w in ws[:-1]:
         if w.shape[1] != cj:
             raise ValueError(f"intermediate chain convs must keep C_j={cj} channels, got Cout={w.shape[1]}")
+    if accumulate_into is not None:
+        h, w = x.shape[2], x.shape[3]
+        for _ in ws:
+            h, w = _half(h), _half(w)
+        exp = (x.shape[0], ws[-1].shape[1], h, w)
+        if tuple(accumulate_into.shape) != exp:
+            raise ValueError(f"accumulate_into has shape {tuple(accumulate_into.shape)}, expected {exp}")
     w3 = ws[2] if len(ws) == 3 else None
     b3 = biases[2] if len(ws) == 3 else None
     return torch.ops.hrnet_fast.strided_chain_triton(

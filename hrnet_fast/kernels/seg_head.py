@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .upsample_add_relu import (
-    _MODES, MAX_CONTRIBUTIONS_PER_LAUNCH, _flat, _launch, _load_term, check_inputs,
-    contribution_args, output_like,
+    _MODES, MAX_CONTRIBUTIONS_PER_LAUNCH, _flat, _launch, _load_term, _strides, check_inputs,
+    contribution_args, output_like, vec_factor,
 )
 
 __all__ = ["seg_head"]
@@ -44,6 +44,7 @@ def _seg_head_kernel(
     F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
     BASE_FLAT: tl.constexpr,
     MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n, k, y, x] = bias[k] + sum_c weight[k, c] * relu(base + sum_{j<NUM} resize(c_j))[n, c, y, x].
@@ -60,7 +61,25 @@ def _seg_head_kernel(
 
     Tiling: program (pid_p, pid_k, n) owns BLOCK_P consecutive pixels of image n and BLOCK_K classes
     (K padded up to a power of two >= 16 by masking); it loops over C in chunks of BLOCK_C.
+    VEC: C and the inputs' n/h/w strides arrive divided by VEC and are multiplied back here (lets
+    the compiler prove channel rows are VEC-aligned and use vector loads).
     """
+    C = C * VEC
+    b_sn = b_sn * VEC
+    b_sh = b_sh * VEC
+    b_sw = b_sw * VEC
+    c0_sn = c0_sn * VEC
+    c0_sh = c0_sh * VEC
+    c0_sw = c0_sw * VEC
+    c1_sn = c1_sn * VEC
+    c1_sh = c1_sh * VEC
+    c1_sw = c1_sw * VEC
+    c2_sn = c2_sn * VEC
+    c2_sh = c2_sh * VEC
+    c2_sw = c2_sw * VEC
+    c3_sn = c3_sn * VEC
+    c3_sh = c3_sh * VEC
+    c3_sw = c3_sw * VEC
     pid_p = tl.program_id(0)
     pid_k = tl.program_id(1)
     n64 = tl.program_id(2).to(tl.int64)
@@ -109,25 +128,34 @@ def _seg_head_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & kmask[None, :])
 
 
-def _blocks(C: int, K: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps) for the head kernel.
+def _blocks(C: int, K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps, num_stages) for the head kernel.
 
-    BLOCK_P = 64 pixels: tl.dot needs M >= 16 and wgmma works in 64-row steps; at 256x512 that is
-    2048 programs per image (enough to fill 132 SMs several times). BLOCK_C = next power of two of C,
-    capped at 64 (a 64x64 float32 activation chunk plus four bilinear taps fits the registers of
-    four warps). BLOCK_K = K rounded up to a power of two >= 16 (19 -> 32), capped at 64; more
-    classes are split over the grid's second axis (each K block recomputes the activation).
+    BLOCK_P = 64 pixels: one wgmma M-tile (tl.dot needs M >= 16); 2048 programs per 256x512 image.
+    BLOCK_K = K rounded up to a power of two >= 16 (19 -> 32), capped at 64; more classes are split
+    over the grid's second axis (each class block recomputes the activation).
+    BLOCK_C and stages come from compiling for sm_90 (ptxas resource usage, no GPU needed): the
+    activation chunk is gathered from up to 13 taps (base + 3 bilinear contributions), and
+    Triton's software pipelining (num_stages > 1) turns those gathers into cp.async copies into
+    shared memory: at the default 3 stages the 64x64 chunk needs 233 KB (fp16) / 459 KB (fp32) of
+    shared memory, more than an H100 SM has, so pipelining is off (num_stages=1). Then fp16 with
+    BLOCK_C=32 and 8 warps takes 125 registers and no spills (64 channels: 232 registers), fp32
+    with BLOCK_C=16 and 4 warps 167 (32 channels and 4 warps: 255 + spills).
     """
-    block_c = min(max(triton.next_power_of_2(max(int(C), 1)), 16), 64)
     block_k = min(max(triton.next_power_of_2(max(int(K), 1)), 16), 64)
-    return 64, block_c, block_k, 4
+    cp = max(triton.next_power_of_2(max(int(C), 1)), 16)
+    if dtype == torch.float32:
+        return 64, min(cp, 16), block_k, 4, 1
+    return 64, min(cp, 32), block_k, 8, 1
 
 
 def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.Tensor],
                  w2: torch.Tensor, bias: Optional[torch.Tensor], mode: str, align_corners: bool,
-                 ieee: bool) -> None:
+                 ieee: bool, config: Optional[Tuple[int, int, int, int, int]] = None) -> None:
     """Run the head kernel into a preallocated ``out`` ([N, K, H, W], dense per image); at most
-    MAX_CONTRIBUTIONS_PER_LAUNCH contributions; ``w2`` a dense [K, C] matrix."""
+    MAX_CONTRIBUTIONS_PER_LAUNCH contributions; ``w2`` a dense [K, C] matrix in the dot dtype
+    (float32 with ``ieee``). ``config`` = (BLOCK_P, BLOCK_C, BLOCK_K, num_warps, num_stages)
+    overrides the block choice (benchmarks)."""
     N, C, H, W = cur.shape
     K = w2.shape[0]
     if N == 0 or H == 0 or W == 0 or K == 0:
@@ -138,21 +166,27 @@ def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.
         else:
             out.zero_()
         return
-    ptrs, scal, res, flat = contribution_args(cur, contribs, mode, align_corners)
-    block_p, block_c, block_k, num_warps = _blocks(C, K)
+    vec = vec_factor(C, [cur, *contribs])
+    ptrs, scal, res, flat = contribution_args(cur, contribs, mode, align_corners, vec)
+    block_p, block_c, block_k, num_warps, num_stages = config or _blocks(C, K, w2.dtype)
     grid = (triton.cdiv(H * W, block_p), triton.cdiv(K, block_k), N)
+    o_sn, o_sk, _, _ = _strides(out)
+    o_sw = out.stride(3) if W > 1 else (out.stride(2) if H > 1 else 0)  # dense: pixel stride
+    b_sn, b_sc, b_sh, b_sw = _strides(cur)
     torch.library.wrap_triton(_seg_head_kernel)[grid](
         out, cur, *ptrs, w2, bias if bias is not None else w2,
-        C, H, W, K,
-        out.stride(0), out.stride(1), out.stride(3),
-        cur.stride(0), cur.stride(1), cur.stride(2), cur.stride(3),
+        C // vec, H, W, K,
+        o_sn, o_sk, o_sw,
+        b_sn // vec, b_sc, b_sh // vec, b_sw // vec,
         *scal,
         NUM=len(contribs),
         R0=res[0], R1=res[1], R2=res[2], R3=res[3],
         F0=flat[0], F1=flat[1], F2=flat[2], F3=flat[3],
         BASE_FLAT=_flat(cur),
         MODE=_MODES[mode], ALIGN=bool(align_corners), HAS_BIAS=bias is not None, IEEE=bool(ieee),
+        VEC=vec,
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import math
+
 import numpy as np
 import torch
 import triton
@@ -124,7 +126,7 @@ def _upsample_add_relu_kernel(
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
     F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
     BASE_FLAT: tl.constexpr,
-    MODE: tl.constexpr, ALIGN: tl.constexpr, RELU: tl.constexpr,
+    MODE: tl.constexpr, ALIGN: tl.constexpr, RELU: tl.constexpr, VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out[n, c, y, x] = act(base[n, c, y, x] + sum_{k < NUM} resize(c_k)[n, c, y, x]).
@@ -143,7 +145,29 @@ def _upsample_add_relu_kernel(
     image n times BLOCK_C channels. Pixel offsets are computed in int64 (tensors over 2^31 elements).
     R_k: contribution k needs resizing (else it is at base size and added as is); F_k / BASE_FLAT:
     that tensor's pixels are evenly spaced (s_h == W * s_w), so the flat pixel index addresses it.
+    VEC: C and every n/h/w stride arrive divided by VEC (a power of two dividing all of them) and
+    are multiplied back here, so the compiler can prove pixel offsets are multiples of VEC and use
+    vector loads along contiguous channels (e.g. 36 channels: 4-wide; Triton's own argument
+    specialisation only knows "divisible by 16").
     """
+    C = C * VEC
+    o_sn = o_sn * VEC
+    o_sw = o_sw * VEC
+    b_sn = b_sn * VEC
+    b_sh = b_sh * VEC
+    b_sw = b_sw * VEC
+    c0_sn = c0_sn * VEC
+    c0_sh = c0_sh * VEC
+    c0_sw = c0_sw * VEC
+    c1_sn = c1_sn * VEC
+    c1_sh = c1_sh * VEC
+    c1_sw = c1_sw * VEC
+    c2_sn = c2_sn * VEC
+    c2_sh = c2_sh * VEC
+    c2_sw = c2_sw * VEC
+    c3_sn = c3_sn * VEC
+    c3_sh = c3_sh * VEC
+    c3_sw = c3_sw * VEC
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n64 = tl.program_id(2).to(tl.int64)
@@ -216,14 +240,37 @@ def output_like(base: torch.Tensor, channels: Optional[int] = None,
                        device=base.device, memory_format=fmt)
 
 
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(s_n, s_c, s_h, s_w) with 0 for the n/h/w dims of size 1 (their index is always 0)."""
+    n, _, h, w = t.shape
+    return (t.stride(0) if n > 1 else 0, t.stride(1), t.stride(2) if h > 1 else 0,
+            t.stride(3) if w > 1 else 0)
+
+
 def _flat(t: torch.Tensor) -> bool:
-    return t.shape[-2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+    """Whether the pixels of one image are evenly spaced (flat index y * W + x times s_w)."""
+    _, _, sh, sw = _strides(t)
+    return t.shape[2] == 1 or sh == t.shape[3] * sw
+
+
+def vec_factor(C: int, tensors: Sequence[torch.Tensor], cap: int = 16) -> int:
+    """Largest power of two (<= cap) dividing C and the n/h/w strides of every tensor."""
+    g = int(C)
+    for t in tensors:
+        sn, _, sh, sw = _strides(t)
+        g = math.gcd(math.gcd(math.gcd(g, sn), sh), sw)
+    v = 1
+    while v < cap and g % (2 * v) == 0:
+        v *= 2
+    return v
 
 
 def contribution_args(base: torch.Tensor, contribs: Sequence[torch.Tensor], mode: str,
-                      align_corners: bool, slots: int = MAX_CONTRIBUTIONS_PER_LAUNCH):
-    """Per-slot kernel arguments: (pointers, scalar args, resize flags, flat flags); unused slots
-    point at ``base`` and are never read (NUM masks them out at compile time)."""
+                      align_corners: bool, vec: int = 1,
+                      slots: int = MAX_CONTRIBUTIONS_PER_LAUNCH):
+    """Per-slot kernel arguments: (pointers, scalar args, resize flags, flat flags); n/h/w strides
+    divided by ``vec``. Unused slots point at ``base`` and are never read (NUM masks them out at
+    compile time)."""
     H, W = base.shape[-2:]
     ptrs, scal, res, flat = [], [], [], []
     for k in range(slots):
@@ -232,8 +279,9 @@ def contribution_args(base: torch.Tensor, contribs: Sequence[torch.Tensor], mode
             h, w = c.shape[-2:]
             resize = (h, w) != (H, W)
             sh, sw = resize_scales(h, w, H, W, mode, align_corners) if resize else (1.0, 1.0)
+            t_sn, t_sc, t_sh, t_sw = _strides(c)
             ptrs.append(c)
-            scal += [h, w, c.stride(0), c.stride(1), c.stride(2), c.stride(3), sh, sw]
+            scal += [h, w, t_sn // vec, t_sc, t_sh // vec, t_sw // vec, sh, sw]
             res.append(resize)
             flat.append(_flat(c))
         else:
@@ -273,46 +321,61 @@ def check_inputs(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode
             raise ValueError(f"{what}: contribution {k} is on {c.device}, base on {base.device}")
 
 
-def _blocks(C: int, channels_last: bool) -> Tuple[int, int, int]:
+def _blocks(C: int, channels_last: bool, vec: int = 16) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for the fuse-step kernel.
 
-    The kernel is memory bound. channels_last: channels are contiguous, so the tile spans all
-    channels of a pixel (next power of two, capped at 128 = 256 bytes of fp16) and BLOCK_P pixels
-    so a program moves about 8K elements per tensor (16 KB fp16 / 32 KB fp32 for base and for
-    output): enough bytes in flight per SM on Hopper without spilling the bilinear taps of up to
-    four contributions. NCHW: pixels are contiguous, so the tile is long in pixels (256) and
-    short in channels (<= 32).
+    The kernel is memory bound (no reuse beyond the 2x2 bilinear taps). Sizes were chosen by
+    compiling for sm_90 without a GPU and reading ptxas' register counts (the test
+    test_sm90_build_fits_without_spills repeats that check):
+    * channels_last, channel rows 16-byte aligned (vec >= 8, e.g. C = 48, 72, 144): 4096 elements
+      (8 KB of fp16 per tensor read or written) with 8 warps, 16 elements per thread: 56 registers
+      with three bilinear contributions, so four programs (32 warps) fit on an SM, each with ~13
+      independent vector loads in flight (8192-element tiles: 138 registers, one program per SM).
+    * otherwise (C = 18 or 36 rows are only 4 or 8 bytes aligned; NCHW, where contributions are
+      gathered element by element): 2048 elements with 8 warps; at 16 scalar elements per thread
+      the bilinear taps took 255 registers and spilled.
+    channels_last tiles span all channels of a pixel (next power of two, capped at 128; more go to
+    the grid's second axis); NCHW tiles are long in pixels (contiguous there) and 8 channels wide.
     """
     cp = triton.next_power_of_2(max(int(C), 1))
+    elems = 4096 if (channels_last and vec >= 8) else 2048
     if channels_last:
         block_c = min(cp, 128)
-        block_p = max(16, min(256, 8192 // block_c))
+        block_p = max(16, elems // block_c)
     else:
-        block_c = min(cp, 32)
-        block_p = 256
-    num_warps = 8 if block_p * block_c >= 8192 else 4
+        block_c = min(cp, 8)
+        block_p = elems // block_c
+    num_warps = 8 if block_p * block_c >= 2048 else 4
     return block_p, block_c, num_warps
 
 
 def _launch(out: torch.Tensor, base: torch.Tensor, contribs: Sequence[torch.Tensor], mode: str,
-            align_corners: bool, relu: bool) -> None:
+            align_corners: bool, relu: bool, config: Optional[Tuple[int, int, int]] = None) -> None:
+    """Run the kernel once into a preallocated ``out`` (dense per image, NCHW or NHWC) with at most
+    MAX_CONTRIBUTIONS_PER_LAUNCH contributions. ``config`` = (BLOCK_P, BLOCK_C, num_warps)
+    overrides the block choice (benchmarks)."""
     N, C, H, W = base.shape
     if N == 0 or C == 0 or H == 0 or W == 0:
         return
-    ptrs, scal, res, flat = contribution_args(base, contribs, mode, align_corners)
-    block_p, block_c, num_warps = _blocks(C, is_channels_last_like(out))
+    vec = vec_factor(C, [out, base, *contribs])
+    ptrs, scal, res, flat = contribution_args(base, contribs, mode, align_corners, vec)
+    block_p, block_c, num_warps = config or _blocks(C, is_channels_last_like(out), vec)
     grid = (triton.cdiv(H * W, block_p), triton.cdiv(C, block_c), N)
+    o_sn, o_sc, _, _ = _strides(out)
+    # dense output: the pixel stride (0 when there is a single pixel)
+    o_sw = out.stride(3) if W > 1 else (out.stride(2) if H > 1 else 0)
+    b_sn, b_sc, b_sh, b_sw = _strides(base)
     torch.library.wrap_triton(_upsample_add_relu_kernel)[grid](
         out, base, *ptrs,
-        C, H, W,
-        out.stride(0), out.stride(1), out.stride(3),
-        base.stride(0), base.stride(1), base.stride(2), base.stride(3),
+        C // vec, H, W,
+        o_sn // vec, o_sc, o_sw // vec,
+        b_sn // vec, b_sc, b_sh // vec, b_sw // vec,
         *scal,
         NUM=len(contribs),
         R0=res[0], R1=res[1], R2=res[2], R3=res[3],
         F0=flat[0], F1=flat[1], F2=flat[2], F3=flat[3],
         BASE_FLAT=_flat(base),
-        MODE=_MODES[mode], ALIGN=bool(align_corners), RELU=bool(relu),
+        MODE=_MODES[mode], ALIGN=bool(align_corners), RELU=bool(relu), VEC=vec,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )
 

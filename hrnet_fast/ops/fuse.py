@@ -48,8 +48,8 @@ def upsample_add_relu(base: torch.Tensor, contributions: Sequence[torch.Tensor],
     with ``F.interpolate`` semantics (legacy nearest, or bilinear with ``align_corners``). Batch,
     channels, dtype and device must agree. The output keeps the base's memory format.
     """
-    contributions = list(contributions)
     check_fuse_args(base, contributions, mode, align_corners)
+    contributions = list(contributions)
     _, fn = registry.resolve("upsample_add_relu", backend, base.device)
     return fn(base, contributions, mode, align_corners, relu)
 
@@ -60,8 +60,8 @@ def seg_head(base: torch.Tensor, contributions: Sequence[torch.Tensor], weight: 
     """``conv2d(relu(base + sum resize(c)), weight, bias)``: the segmentation head after the rewrite
     (base = the branch-0 projection with the folded head bias, contributions = the projections of
     branches 1-3, weight = the classifier, kernel 1 or 3 with "same" padding)."""
-    contributions = list(contributions)
     check_fuse_args(base, contributions, mode, align_corners)
+    contributions = list(contributions)
     check_image("weight", weight)
     if weight.shape[1] != base.shape[1]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels, base has {base.shape[1]}")

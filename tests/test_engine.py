@@ -1,0 +1,154 @@
+"""optimize(): backends, dtypes, input errors, weight updates; the drop-in HRNet's behaviour."""
+import pytest
+import torch
+
+from hrnet_fast import BackendUnavailable, HRNet, HRNetConfig, load_checkpoint, optimize
+from hrnet_fast.check import clone_as
+from hrnet_fast.reference import HighResolutionNet
+from helpers import randomize_bn, rel_err
+
+TOL = 1e-5
+
+
+def _model(preset="w18_small_v1", seed=0, fast=True, **kw):
+    torch.manual_seed(seed)
+    return randomize_bn(HRNet(HRNetConfig.preset(preset, **kw), fast=fast), seed).eval()
+
+
+def _reference_forward(model, x):
+    with torch.no_grad():
+        return HighResolutionNet.forward(model, x)
+
+
+X = torch.randn(2, 3, 61, 83, generator=torch.Generator().manual_seed(5))
+
+
+def test_optimize_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="eval-mode"):
+        optimize(_model().train())
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        optimize(model, backend="fastest")
+    with pytest.raises(BackendUnavailable, match="'cuda' is not available on cpu"):
+        optimize(model, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="cuda_graphs=True needs a CUDA device"):
+        optimize(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="dtype"):
+        optimize(model, dtype=torch.int8)
+    with pytest.raises(TypeError, match="hrnet_fast HRNet"):
+        optimize(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_engine_input_errors():
+    engine = optimize(_model())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="input has 1 channels, the model expects 3"):
+            engine(torch.randn(1, 1, 32, 32))
+        with pytest.raises(ValueError, match="4-D NCHW"):
+            engine(torch.randn(3, 32, 32))
+        with pytest.raises(ValueError, match="input dtype torch.float16 does not match"):
+            engine(torch.randn(1, 3, 32, 32, dtype=torch.float16))
+        with pytest.raises(ValueError, match="input is on meta"):
+            engine(torch.randn(1, 3, 32, 32, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_the_reference_error(dtype):
+    model = _model("w18_small_v2")
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        ref64 = clone_as(model, torch.float64)(x.double())
+        ref_err = rel_err(clone_as(model, dtype)(x.to(dtype)), ref64)
+        out = optimize(model, dtype=dtype, backend="torch")(x.to(dtype))
+    assert out.dtype == dtype
+    assert rel_err(out, ref64) <= 2 * ref_err
+
+
+def test_weight_change_after_optimize_is_picked_up():
+    model = _model(fast=False)
+    engine = optimize(model, backend="torch")
+    with torch.no_grad():
+        before = engine(X)
+        model.stage3[0].branches[1][0].bn1.running_var.mul_(3.0)  # in place: version counter moves
+        model.last_layer[3].weight.add_(0.1)
+        after = engine(X)
+    assert rel_err(after, _reference_forward(model, X)) < TOL
+    assert rel_err(after, before) > 1e-3
+
+
+def test_compile_backend_matches_reference():
+    model = _model()
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        assert rel_err(optimize(model, backend="compile")(x), model(x)) < TOL
+
+
+# ------------------------------------------------------------------ the drop-in HRNet
+
+def test_dropin_uses_engine_only_in_eval_without_grad():
+    model = _model()
+    want = _reference_forward(model, X)
+    with torch.inference_mode():
+        got = model(X)
+    assert model.engine is not None and model.engine.backend == "torch"
+    assert rel_err(got, want) < TOL
+    out = model(X)  # grad enabled: reference path, differentiable
+    assert out.requires_grad
+    model.train()
+    with torch.no_grad():
+        train_out = model(X)  # training mode: batch statistics, not the folded running ones
+    assert rel_err(train_out, want) > 1e-3
+    assert set(model.state_dict()) == set(HighResolutionNet(model.config).state_dict())
+
+
+def test_dropin_rebuilds_after_weight_change_and_load_state_dict():
+    model = _model()
+    with torch.no_grad():
+        model(X)
+        first_engine = model.engine
+        model.conv1.weight.mul_(1.5)
+        got = model(X)
+    assert rel_err(got, _reference_forward(model, X)) < TOL
+    other = _model(seed=7)
+    load_checkpoint(model, other.state_dict())
+    with torch.no_grad():
+        got = model(X)
+    assert rel_err(got, _reference_forward(other, X)) < TOL
+    assert model.engine is first_engine  # same engine, plan rebuilt in place
+
+
+def test_dropin_follows_dtype_change_and_rejects_mismatched_input():
+    model = _model()
+    with torch.no_grad():
+        model(X)
+        model.to(torch.bfloat16)
+        out = model(X.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16 and model.engine.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="input dtype torch.float32 does not match the model's"):
+            model(X)
+        with pytest.raises(ValueError, match="channels"):
+            model(torch.randn(1, 4, 32, 32, dtype=torch.bfloat16))
+
+
+def test_dropin_fast_off_and_features_head():
+    model = _model(head="features", upsample="nearest").configure_fast(enabled=False)
+    with torch.no_grad():
+        ref = model(X)
+        assert model.engine is None
+        model.configure_fast(enabled=True, backend="torch")
+        got = model(X)
+    assert model.engine is not None and rel_err(got, ref) < TOL
+
+
+def test_dropin_explicit_unavailable_backend_raises():
+    model = _model().configure_fast(backend="cuda")
+    with torch.no_grad(), pytest.raises(BackendUnavailable, match="cuda"):
+        model(X)
+
+
+def test_dropin_env_backend(monkeypatch):
+    monkeypatch.setenv("HRNET_FAST_BACKEND", "torch")
+    model = _model()
+    with torch.no_grad():
+        model(X)
+    assert model.engine.backend == "torch"
