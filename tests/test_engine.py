@@ -152,3 +152,31 @@ def test_dropin_env_backend(monkeypatch):
     with torch.no_grad():
         model(X)
     assert model.engine.backend == "torch"
+
+
+def test_dropin_auto_falls_back_to_torch_with_a_warning(monkeypatch):
+    """If the automatically chosen kernel backend fails at run time, the drop-in warns once and
+    runs the torch engine; an explicitly requested backend raises instead."""
+    import hrnet_fast.model as model_mod
+
+    class FailingEngine(model_mod.HRNetEngine):
+        def __init__(self, source, *, backend=None, cuda_graphs=False):
+            super().__init__(source, backend="torch",
+                             cuda_graphs=cuda_graphs)
+            if backend != "torch":
+                self.backend = "triton"  # pretend auto chose a kernel backend
+
+        def forward(self, x):
+            if self.backend == "triton":
+                raise RuntimeError("kernel launch failed")
+            return super().forward(x)
+
+    monkeypatch.setattr(model_mod, "HRNetEngine", FailingEngine)
+    model = _model()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="triton backend failed"):
+        got = model(X)
+    assert model.engine.backend == "torch"
+    assert rel_err(got, _reference_forward(model, X)) < TOL
+    explicit = _model().configure_fast(backend="triton")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernel launch failed"):
+        explicit(X)
