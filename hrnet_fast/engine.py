@@ -22,6 +22,7 @@ from .ops import registry
 from .ops.conv import conv2d_bias_act_torch
 from .ops.fuse import seg_head_torch, upsample_add_relu_torch
 from .ops.registry import BackendUnavailable
+from .ops.selection import SelectingOp, conv_key, fuse_key
 from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
 from .reference import HighResolutionNet
 
@@ -50,8 +51,10 @@ def resolve_engine_backend(backend: Optional[str], device: torch.device) -> str:
     if name not in ENGINE_BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {ENGINE_BACKENDS}")
     if name == "auto":
-        if device.type == "cuda" and registry.status("upsample_add_relu", "triton", device)[0]:
-            return "triton"
+        if device.type == "cuda":
+            for cand in ("triton", "cuda"):
+                if registry.status("upsample_add_relu", cand, device)[0]:
+                    return cand
         return "torch"
     if name in ("triton", "cuda"):
         ok, why = registry.status("upsample_add_relu", name, device)
@@ -69,17 +72,30 @@ class OpSet:
     head: Callable
 
     @classmethod
-    def for_backend(cls, backend: str, device: torch.device) -> "OpSet":
+    def for_backend(cls, backend: str, device: torch.device, auto: bool = False) -> "OpSet":
+        """Implementations for an engine backend. On CUDA, convolutions of the triton backend pick
+        per shape between cuDNN and the Triton conv (measured); under ``auto`` the fuse step also
+        picks per shape between the Triton and CUDA-extension kernels when both exist."""
         if backend in ("torch", "compile"):
             return cls(conv2d_bias_act_torch, upsample_add_relu_torch, seg_head_torch)
         _, fuse = registry.resolve("upsample_add_relu", backend, device)
+        conv = conv2d_bias_act_torch
+        if device.type == "cuda":
+            if backend == "triton" and registry.status("conv2d_bias_act", "triton", device)[0]:
+                conv = SelectingOp("conv2d_bias_act", {
+                    "torch": conv2d_bias_act_torch,
+                    "triton": registry.resolve("conv2d_bias_act", "triton", device)[1]}, conv_key)
+            if auto and registry.status("upsample_add_relu", "cuda", device)[0]:
+                fuse = SelectingOp("upsample_add_relu", {
+                    "triton": fuse, "cuda": registry.resolve("upsample_add_relu", "cuda", device)[1]},
+                    fuse_key)
         if backend == "triton":
             _, head = registry.resolve("seg_head", "triton", device)
         else:
             def head(base, contributions, weight, bias, mode, align_corners):
                 act = fuse(base, contributions, mode, align_corners, True)
                 return F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
-        return cls(conv2d_bias_act_torch, fuse, head)
+        return cls(conv, fuse, head)
 
 
 def _conv(ops: OpSet, x: torch.Tensor, spec: ConvSpec, residual=None) -> torch.Tensor:
@@ -201,6 +217,7 @@ class HRNetEngine(nn.Module):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         self.channels_last = True if channels_last is None else bool(channels_last)
         self.backend = resolve_engine_backend(backend, self.device)
+        self.auto = (backend or registry.default_backend()).lower() == "auto"
         if cuda_graphs and self.device.type != "cuda":
             raise BackendUnavailable("cuda_graphs=True needs a CUDA device; the engine runs on "
                                      f"{self.device}")
@@ -208,7 +225,7 @@ class HRNetEngine(nn.Module):
         self.config = source.config
         # Not registered as a submodule: the engine must not show up in the source's state dict.
         object.__setattr__(self, "source", source)
-        self._ops = OpSet.for_backend(self.backend, self.device)
+        self._ops = OpSet.for_backend(self.backend, self.device, self.auto)
         self._graphs: Dict[Tuple, _Graph] = {}
         self._compiled: Optional[Callable] = None
         self.rebuild()
