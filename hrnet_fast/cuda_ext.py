@@ -20,6 +20,7 @@ kernels are registered here once the library is loaded, so torch.compile can tra
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -136,6 +137,10 @@ def _jit_build() -> Tuple[Optional[ModuleType], str]:
     return module, f"JIT-built in {build_dir}"
 
 
+def _import_prebuilt() -> ModuleType:
+    return importlib.import_module("hrnet_fast._C")
+
+
 def _load_locked() -> None:
     reason = _precheck()
     if reason is not None:
@@ -144,7 +149,7 @@ def _load_locked() -> None:
     notes = []
     module: Optional[ModuleType] = None
     try:
-        module = importlib.import_module("hrnet_fast._C")
+        module = _import_prebuilt()
         how = "prebuilt hrnet_fast._C"
     except ModuleNotFoundError as exc:
         if exc.name not in ("hrnet_fast._C", "hrnet_fast"):
@@ -192,6 +197,16 @@ def load_extension() -> Optional[ModuleType]:
         if not _state["done"]:
             _load_locked()
     return _state["module"]
+
+
+def usable_without_build() -> bool:
+    """True when the extension is loaded or a prebuilt ``hrnet_fast._C`` can be imported: what the
+    ``auto`` backend asks, so that it never starts a one-minute JIT build behind the user's back."""
+    if _state["done"]:
+        return _state["module"] is not None
+    if _precheck() is not None or importlib.util.find_spec("hrnet_fast._C") is None:
+        return False
+    return cuda_ext_status()[0]
 
 
 def cuda_ext_status() -> Tuple[bool, str]:

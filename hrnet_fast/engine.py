@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import triton_status
+from . import cuda_ext
 from .ops import registry
 from .ops.conv import conv2d_bias_act_torch
 from .ops.fuse import seg_head_torch, upsample_add_relu_torch
@@ -52,9 +52,10 @@ def resolve_engine_backend(backend: Optional[str], device: torch.device) -> str:
         raise ValueError(f"unknown backend {name!r}; choose one of {ENGINE_BACKENDS}")
     if name == "auto":
         if device.type == "cuda":
-            for cand in ("triton", "cuda"):
-                if registry.status("upsample_add_relu", cand, device)[0]:
-                    return cand
+            if registry.status("upsample_add_relu", "triton", device)[0]:
+                return "triton"
+            if cuda_ext.usable_without_build():
+                return "cuda"
         return "torch"
     if name in ("triton", "cuda"):
         ok, why = registry.status("upsample_add_relu", name, device)
@@ -85,7 +86,7 @@ class OpSet:
                 conv = SelectingOp("conv2d_bias_act", {
                     "torch": conv2d_bias_act_torch,
                     "triton": registry.resolve("conv2d_bias_act", "triton", device)[1]}, conv_key)
-            if auto and registry.status("upsample_add_relu", "cuda", device)[0]:
+            if auto and backend != "cuda" and cuda_ext.usable_without_build():
                 fuse = SelectingOp("upsample_add_relu", {
                     "triton": fuse, "cuda": registry.resolve("upsample_add_relu", "cuda", device)[1]},
                     fuse_key)
