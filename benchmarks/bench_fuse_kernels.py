@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 try:  # run as a plain script from the repository root or from benchmarks/
@@ -177,8 +178,14 @@ def impl_torch(case: Case, t: CaseTensors) -> Callable[[], torch.Tensor]:
                                      t.align_corners)
 
 
+COMPILE_MODE: Optional[str] = None  # torch.compile mode (--compile-mode)
+
+
 def impl_compile(case: Case, t: CaseTensors) -> Callable[[], torch.Tensor]:
-    fn = torch.compile(torch_composition, dynamic=False)
+    # Every case recompiles the same function: start from a clean Dynamo cache so the recompile
+    # limit never silently turns this column into eager.
+    torch._dynamo.reset()
+    fn = torch.compile(torch_composition, dynamic=False, mode=COMPILE_MODE)
     return lambda: fn(t.base, t.contributions, t.weight, t.bias, t.mode, t.align_corners)
 
 
@@ -192,8 +199,48 @@ def impl_triton(case: Case, t: CaseTensors) -> Callable[[], torch.Tensor]:
                                      align_corners=t.align_corners)
 
 
-# name -> factory(case, tensors) -> zero-argument callable returning the output.
-IMPLEMENTATIONS: Dict[str, Callable[[Case, CaseTensors], Callable[[], torch.Tensor]]] = {
+def triton_variant(kind: str, config: Tuple[int, ...]):
+    """A factory running the Triton kernel of ``kind`` ("fuse" | "head") with a fixed block config
+    (fuse: BLOCK_P,BLOCK_C,num_warps; head: BLOCK_P,BLOCK_C,BLOCK_K,num_warps,num_stages), straight
+    into a preallocated output (the torch.library op is bypassed). Returns None for other cases."""
+    def factory(case: Case, t: CaseTensors) -> Optional[Callable[[], torch.Tensor]]:
+        if case.kind != kind:
+            return None
+        from hrnet_fast.kernels.upsample_add_relu import _launch, output_like
+        if kind == "fuse":
+            out = output_like(t.base)
+
+            def run():
+                _launch(out, t.base, t.contributions, t.mode, t.align_corners, True,
+                        config=tuple(config))
+                return out
+            return run
+        from hrnet_fast.kernels.seg_head import _launch_head
+        k, c = t.weight.shape[:2]
+        out = output_like(t.base, channels=k)
+        w2 = t.weight.reshape(k, c).contiguous()
+
+        def run_head():
+            _launch_head(out, t.base, t.contributions, w2, t.bias, t.mode, t.align_corners,
+                         t.base.dtype == torch.float32, config=tuple(config))
+            return out
+        return run_head
+    return factory
+
+
+def parse_variant(spec: str) -> Tuple[str, Callable]:
+    """'fuse:64,64,8' or 'head:64,32,32,8,1' -> (column name, factory)."""
+    kind, _, nums = spec.partition(":")
+    config = tuple(int(x) for x in nums.split(",") if x)
+    if kind not in ("fuse", "head") or len(config) != (3 if kind == "fuse" else 5):
+        raise ValueError(f"bad --triton-configs entry {spec!r}: use fuse:BLOCK_P,BLOCK_C,WARPS or "
+                         "head:BLOCK_P,BLOCK_C,BLOCK_K,WARPS,STAGES")
+    return f"tr[{spec}]", triton_variant(kind, config)
+
+
+# name -> factory(case, tensors) -> zero-argument callable returning the output (or None where the
+# implementation does not apply to the case).
+IMPLEMENTATIONS: Dict[str, Callable[[Case, CaseTensors], Optional[Callable[[], torch.Tensor]]]] = {
     "torch": impl_torch,
     "compile": impl_compile,
     "triton": impl_triton,
@@ -240,6 +287,8 @@ def measure(cases: Sequence[Case], impls: Sequence[str], dtype: torch.dtype, cha
         for name in impls:
             try:
                 fn = IMPLEMENTATIONS[name](case, t)
+                if fn is None:
+                    continue
                 out = fn()  # warm-up / compile
                 sync()
                 row.rel_err[name] = _rel_err(out, ref)
@@ -270,24 +319,37 @@ def _shape_str(case: Case) -> str:
 _CEILING_TBS = COPY_CEILING_TBS
 
 
+def _width(name: str) -> int:
+    return max(10, len(name) + 3)
+
+
+def _speedup_cols(impls: Sequence[str]) -> List[str]:
+    """Speedup of "triton" over every non-Triton column (torch, compile, a future cuda)."""
+    if "triton" not in impls:
+        return []
+    return [n for n in impls if n != "triton" and not n.startswith("tr[")]
+
+
 def _format_header(impls: Sequence[str]) -> str:
-    cols = "".join(f" | {n + ' ms':>10} {'GB/s':>6} {'%ceil':>5}" for n in impls)
-    sp = "".join(f" | x vs {n:<7}" for n in impls if n != "triton") if "triton" in impls else ""
+    cols = "".join(f" | {n + ' ms':>{_width(n)}} {'GB/s':>6} {'%ceil':>5}" for n in impls)
+    sp = "".join(f" | {'x vs ' + n:>12}" for n in _speedup_cols(impls))
     return f"{'case':<34} {'shape':<44} {'MB':>7}{cols}{sp}"
 
 
 def _format_row(row: Row, impls: Sequence[str]) -> str:
     s = f"{row.case.name:<34} {_shape_str(row.case):<44} {row.bytes / 1e6:7.1f}"
     for n in impls:
+        w = _width(n)
         if n in row.ms:
             gbs = row.bytes / (row.ms[n] * 1e-3) / 1e9
-            s += f" | {row.ms[n]:10.4f} {gbs:6.0f} {100 * gbs / (_CEILING_TBS * 1e3):5.1f}"
+            s += f" | {row.ms[n]:{w}.4f} {gbs:6.0f} {100 * gbs / (_CEILING_TBS * 1e3):5.1f}"
         else:
-            s += f" | {'ERR' if n in row.errors else '-':>10} {'':>6} {'':>5}"
-    if "triton" in impls and "triton" in row.ms:
-        for n in impls:
-            if n != "triton":
-                s += f" | {row.ms[n] / row.ms['triton']:9.2f}" if n in row.ms else f" | {'-':>9}"
+            s += f" | {'ERR' if n in row.errors else '-':>{w}} {'':>6} {'':>5}"
+    for n in _speedup_cols(impls):
+        if n in row.ms and "triton" in row.ms:
+            s += f" | {row.ms[n] / row.ms['triton']:12.2f}"
+        else:
+            s += f" | {'-':>12}"
     return s
 
 
@@ -322,7 +384,7 @@ def _parse_input(s: str) -> Tuple[int, int, int, int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    global _CEILING_TBS
+    global _CEILING_TBS, COMPILE_MODE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="w18,w48")
@@ -330,6 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
                    help=f"comma list from {list(IMPLEMENTATIONS)}")
     p.add_argument("--no-compile", action="store_true", help="drop the torch.compile column")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the compile column (default: torch's default)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--nchw", action="store_true", help="contiguous NCHW instead of channels_last")
     p.add_argument("--mode", default="bilinear", choices=["bilinear", "nearest"])
@@ -340,6 +404,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kind", choices=["all", "fuse", "head"], default="all")
     p.add_argument("--ceiling-tbs", type=float, default=COPY_CEILING_TBS,
                    help="copy ceiling in TB/s (H200 4.2 measured; H100 about 3.0)")
+    p.add_argument("--triton-configs", default="", metavar="SPECS",
+                   help="extra Triton columns with fixed blocks, ';'-separated: "
+                        "fuse:BLOCK_P,BLOCK_C,WARPS or head:BLOCK_P,BLOCK_C,BLOCK_K,WARPS,STAGES")
     p.add_argument("--json", metavar="PATH", help="save the results as JSON")
     args = p.parse_args(argv)
 
@@ -352,6 +419,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     impls = [s for s in args.impls.split(",") if s]
     if args.no_compile:
         impls = [s for s in impls if s != "compile"]
+    for spec in (x.strip() for x in args.triton_configs.split(";")):
+        if spec:
+            try:
+                name, factory = parse_variant(spec)
+            except ValueError as e:
+                p.error(str(e))
+            IMPLEMENTATIONS[name] = factory
+            impls.append(name)
     unknown = [s for s in impls if s not in IMPLEMENTATIONS]
     if unknown:
         p.error(f"unknown implementations {unknown}; known: {list(IMPLEMENTATIONS)}")
@@ -360,6 +435,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     _CEILING_TBS = args.ceiling_tbs
+    COMPILE_MODE = args.compile_mode
     cases = build_cases([s for s in args.presets.split(",") if s],
                         [_parse_input(s) for s in args.inputs.split(",") if s], args.classes)
     if args.kind != "all":
@@ -377,6 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "mode": args.mode, "align_corners": args.align_corners,
         "timer": "do_bench_cudagraph median" if args.graphs else "do_bench median (L2 cleared)",
         "ceiling_tbs": args.ceiling_tbs, "reference": REFERENCE_IMPL,
+        "compile_mode": args.compile_mode or "default",
     }
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
     print(_format_header(impls))

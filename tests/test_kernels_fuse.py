@@ -383,6 +383,26 @@ def test_gpu_odd_input_sizes(size, mode, align_corners):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_int64_offsets(channels_last):
+    # 2 x 64 x 4096 x 4100 = 2.15e9 elements (> 2^31): offsets must be 64-bit. Nearest upsampling
+    # copies values, so the result equals torch's fp16 composition bit for bit (one rounding each).
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    base = torch.randn((2, 64, 4096, 4100), device=DEVICE, dtype=torch.float16).contiguous(
+        memory_format=fmt)
+    contrib = torch.randn((2, 64, 2048, 2050), device=DEVICE, dtype=torch.float16).contiguous(
+        memory_format=fmt)
+    out = upsample_add_relu(base, [contrib], mode="nearest")
+    ref = torch.relu(base[1:, :, -64:] + F.interpolate(contrib[1:], size=(4096, 4100),
+                                                        mode="nearest")[:, :, -64:])
+    assert torch.equal(out[1:, :, -64:], ref)
+    assert torch.equal(out[:1, :, :64], torch.relu(base[:1, :, :64] + F.interpolate(
+        contrib[:1], size=(4096, 4100), mode="nearest")[:, :, :64]))
+    del base, contrib, out, ref
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_and_cuda_graph():
     base, contribs = _make(2, 48, (64, 128), [(32, 64), (16, 32), (8, 16)], torch.float16, True, 99)
     w, b = _head_weights(19, 48, torch.float16)
@@ -495,7 +515,7 @@ def branches(n, c, hw, dtype, cl):
 
 hw = [(64, 128), (32, 64), (16, 32), (8, 16)]
 out = {}
-for c, cl in ((18, True), (36, True), (48, True), (72, True), (48, False)):
+for c, cl in ((18, True), (48, True), (48, False)):
     b = branches(2, c, hw, torch.float16, cl)
     fz.upsample_add_relu(b[0], b[1:], mode="bilinear")
     out[f"fuse fp16 C{c} {'nhwc' if cl else 'nchw'}"] = compile_launch(*launches.pop())

@@ -128,25 +128,27 @@ def _seg_head_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & kmask[None, :])
 
 
-def _blocks(C: int, K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+def _blocks(C: int, K: int, dtype: torch.dtype, vec: int = 16) -> Tuple[int, int, int, int, int]:
     """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps, num_stages) for the head kernel.
 
     BLOCK_P = 64 pixels: one wgmma M-tile (tl.dot needs M >= 16); 2048 programs per 256x512 image.
     BLOCK_K = K rounded up to a power of two >= 16 (19 -> 32), capped at 64; more classes are split
     over the grid's second axis (each class block recomputes the activation).
-    BLOCK_C and stages come from compiling for sm_90 (ptxas resource usage, no GPU needed): the
-    activation chunk is gathered from up to 13 taps (base + 3 bilinear contributions), and
-    Triton's software pipelining (num_stages > 1) turns those gathers into cp.async copies into
-    shared memory: at the default 3 stages the 64x64 chunk needs 233 KB (fp16) / 459 KB (fp32) of
-    shared memory, more than an H100 SM has, so pipelining is off (num_stages=1). Then fp16 with
-    BLOCK_C=32 and 8 warps takes 125 registers and no spills (64 channels: 232 registers), fp32
-    with BLOCK_C=16 and 4 warps 167 (32 channels and 4 warps: 255 + spills).
+    BLOCK_C and stages come from compiling for sm_90 (ptxas resource usage, no GPU needed; the
+    test test_sm90_build_fits_without_spills repeats the check): the activation chunk is gathered
+    from up to 13 taps (base + 3 bilinear contributions), and Triton's software pipelining
+    (num_stages > 1) turns those gathers into cp.async copies into shared memory: at the default
+    3 stages a 64x64 chunk needs 233 KB (fp16) / 459 KB (fp32) of shared memory, more than an H100
+    SM has, so pipelining is off (num_stages=1). Then fp16 with BLOCK_C=32 and 8 warps takes 125
+    registers and no spills when channel rows are 16-byte aligned (C=720; 64 channels: 232);
+    C=270 rows (4-byte aligned) took 250 registers at BLOCK_C=32, hence 16 there; fp32 with
+    BLOCK_C=16 and 4 warps takes 167 (32 channels and 4 warps: 255 + spills).
     """
     block_k = min(max(triton.next_power_of_2(max(int(K), 1)), 16), 64)
     cp = max(triton.next_power_of_2(max(int(C), 1)), 16)
     if dtype == torch.float32:
         return 64, min(cp, 16), block_k, 4, 1
-    return 64, min(cp, 32), block_k, 8, 1
+    return 64, min(cp, 32 if vec >= 8 else 16), block_k, 8, 1
 
 
 def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.Tensor],
@@ -168,7 +170,7 @@ def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.
         return
     vec = vec_factor(C, [cur, *contribs])
     ptrs, scal, res, flat = contribution_args(cur, contribs, mode, align_corners, vec)
-    block_p, block_c, block_k, num_warps, num_stages = config or _blocks(C, K, w2.dtype)
+    block_p, block_c, block_k, num_warps, num_stages = config or _blocks(C, K, w2.dtype, vec)
     grid = (triton.cdiv(H * W, block_p), triton.cdiv(K, block_k), N)
     o_sn, o_sk, _, _ = _strides(out)
     o_sw = out.stride(3) if W > 1 else (out.stride(2) if H > 1 else 0)  # dense: pixel stride
@@ -197,6 +199,7 @@ def seg_head_triton(base: torch.Tensor, contributions: List[torch.Tensor], weigh
     N, C, H, W = base.shape
     K = weight.shape[0]
     w2 = weight.reshape(K, C).to(base.dtype).contiguous()
+    bias = bias.contiguous() if bias is not None else None
     out = output_like(base, channels=K)
     contribs = list(contributions)
     cur = base

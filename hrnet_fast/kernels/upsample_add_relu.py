@@ -1,4 +1,4 @@
-"""Fused multi-branch fuse step: ``out = act(base + sum_k resize(c_k, base.shape[-2:])))``.
+"""Fused multi-branch fuse step: ``out = act(base + sum_k resize(c_k, base.shape[-2:]))``.
 
 One Triton kernel reads ``base`` and every contribution at its own resolution and writes the output
 once; no upsampled intermediate reaches memory. Registered as the torch.library op
@@ -11,7 +11,8 @@ mode=...)`` for float32/float16/bfloat16 inputs (PyTorch computes those indices 
 * ``nearest`` (legacy): ``scale = float32(in) / float32(out)``,
   ``src = min(floor(float32(dst) * scale), in - 1)``.
 * ``bilinear``, ``align_corners=False``: ``scale = float32(in) / float32(out)``,
-  ``src = max(scale * (dst + 0.5) - 0.5, 0)``; ``align_corners=True``:
+  ``src = max(scale * (dst + 0.5) - 0.5, 0)`` rounded once (a fused multiply-add, as PyTorch's
+  compiled CPU and CUDA kernels evaluate it); ``align_corners=True``:
   ``scale = float32(in - 1) / float32(out - 1)`` (0 when ``out == 1``), ``src = scale * dst``.
   Then ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``, ``l1 = src - i0``, ``l0 = 1 - l1`` per axis
   and ``v = l0y * (l0x * v00 + l1x * v01) + l1y * (l0x * v10 + l1x * v11)`` in float32 (PyTorch's
@@ -254,10 +255,15 @@ def _flat(t: torch.Tensor) -> bool:
 
 
 def vec_factor(C: int, tensors: Sequence[torch.Tensor], cap: int = 16) -> int:
-    """Largest power of two (<= cap) dividing C and the n/h/w strides of every tensor."""
+    """Largest power of two (<= cap) dividing C and the n/h/w strides of every tensor.
+
+    1 when a stride does not fit in int32: the kernel rebuilds ``(stride // VEC) * VEC`` in the
+    argument's type, which is int32 for the scaled value (the unscaled one travels as int64)."""
     g = int(C)
     for t in tensors:
         sn, _, sh, sw = _strides(t)
+        if max(abs(sn), abs(sh), abs(sw)) >= 2 ** 31:
+            return 1
         g = math.gcd(math.gcd(math.gcd(g, sn), sh), sw)
     v = 1
     while v < cap and g % (2 * v) == 0:
