@@ -180,3 +180,27 @@ def test_dropin_auto_falls_back_to_torch_with_a_warning(monkeypatch):
     explicit = _model().configure_fast(backend="triton")
     with torch.no_grad(), pytest.raises(RuntimeError, match="kernel launch failed"):
         explicit(X)
+
+
+@pytest.mark.parametrize("mode,head", [("bilinear", "seg"), ("nearest", "features")])
+def test_triton_backend_matches_reference(mode, head):
+    """The engine with the Triton fuse and head kernels (the CPU interpreter here, a GPU there)."""
+    from helpers import DEVICE
+    model = _model(upsample=mode, head=head).to(DEVICE)
+    x = torch.randn(2, 3, 65, 97, device=DEVICE)
+    engine = optimize(model, backend="triton")
+    with torch.no_grad():
+        got, want = engine(x), _reference_forward(model, x)
+    assert engine.backend == "triton"
+    assert rel_err(got, want) < TOL
+
+
+def test_triton_backend_fp16():
+    from helpers import DEVICE
+    model = _model("w18_small_v1").to(DEVICE)
+    x = torch.randn(1, 3, 49, 67, device=DEVICE)
+    with torch.no_grad():
+        ref64 = clone_as(model, torch.float64)(x.double())
+        ref_err = rel_err(clone_as(model, torch.float16)(x.half()), ref64)
+        out = optimize(model, backend="triton", dtype=torch.float16)(x.half())
+    assert rel_err(out, ref64) <= 2 * ref_err
