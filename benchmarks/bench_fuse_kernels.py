@@ -199,6 +199,25 @@ def impl_triton(case: Case, t: CaseTensors) -> Callable[[], torch.Tensor]:
                                      align_corners=t.align_corners)
 
 
+def impl_cuda(case: Case, t: CaseTensors) -> Optional[Callable[[], torch.Tensor]]:
+    """The CUDA extension (csrc/): the fuse op directly; for the head its resize-sum-ReLU followed by
+    the classifier as a cuDNN 1x1 conv (the extension has no fused classifier). None when the
+    extension cannot load here (the reason is printed once)."""
+    from hrnet_fast import cuda_ext
+    ok, why = cuda_ext.cuda_ext_status()
+    if not ok:
+        if not getattr(impl_cuda, "warned", False):
+            print(f"cuda column skipped: {why}")
+            impl_cuda.warned = True
+        return None
+    run = cuda_ext.upsample_add_relu_cuda
+    if case.kind == "head":
+        return lambda: F.conv2d(run(t.base, t.contributions, mode=t.mode,
+                                    align_corners=t.align_corners, relu=True), t.weight, t.bias)
+    return lambda: run(t.base, t.contributions, mode=t.mode, align_corners=t.align_corners,
+                       relu=True)
+
+
 def triton_variant(kind: str, config: Tuple[int, ...]):
     """A factory running the Triton kernel of ``kind`` ("fuse" | "head") with a fixed block config
     (fuse: BLOCK_P,BLOCK_C,num_warps; head: BLOCK_P,BLOCK_C,BLOCK_K,num_warps,num_stages), straight
@@ -244,6 +263,7 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case, CaseTensors], Optional[Callable[[], t
     "torch": impl_torch,
     "compile": impl_compile,
     "triton": impl_triton,
+    "cuda": impl_cuda,
 }
 REFERENCE_IMPL = "torch"
 
