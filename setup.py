@@ -100,6 +100,8 @@ if __name__ == "__main__":
                 "numpy<2.3",
                 "triton>=3.6,<3.7; platform_system == 'Linux' and platform_machine == 'x86_64'",
             ],
+            # hrnet-fast segment reads PNG/JPEG with Pillow (PPM and .npy work without it).
+            "image": ["Pillow"],
         },
         entry_points={"console_scripts": ["hrnet-fast = hrnet_fast.cli:main"]},
         **cuda_extension_kwargs(),

@@ -26,3 +26,68 @@ def test_bad_size_is_rejected(capsys):
         main(["info", "--size", "12xq"])
     assert e.value.code == 2
     assert "HxW" in capsys.readouterr().err
+
+
+def _read_png(path):
+    """Minimal decoder for the PNGs hrnet_fast writes (8-bit, filter 0, grey or RGB)."""
+    import struct
+    import zlib
+
+    import numpy as np
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, hdr = 8, b"", None
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos:pos + 4])[0]
+        tag, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        if tag == b"IHDR":
+            hdr = struct.unpack(">IIBBBBB", payload)
+        elif tag == b"IDAT":
+            idat += payload
+        pos += 12 + n
+    w, h, _, color, *_ = hdr
+    ch = 3 if color == 2 else 1
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * ch)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, ch) if ch == 3 else rows[:, 1:].reshape(h, w)
+
+
+def test_segment_writes_the_reference_argmax(tmp_path, capsys):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from hrnet_fast import HRNet, HRNetConfig
+    from hrnet_fast.cli import IMAGENET_MEAN, IMAGENET_STD
+    from helpers import randomize_bn
+
+    torch.manual_seed(0)
+    ref = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1", num_classes=5), fast=False)).eval()
+    ckpt = tmp_path / "w.pth"
+    torch.save({"state_dict": ref.state_dict()}, ckpt)
+    img = (np.random.default_rng(0).random((45, 61, 3)) * 255).astype(np.uint8)
+    ppm = tmp_path / "img.ppm"
+    ppm.write_bytes(b"P6\n# test\n61 45\n255\n" + img.tobytes())
+    np.save(tmp_path / "img.npy", img)
+    for src in (ppm, tmp_path / "img.npy"):
+        out, labels = tmp_path / "seg.png", tmp_path / "labels.png"
+        assert main(["segment", str(src), "--checkpoint", str(ckpt), "--preset", "w18_small_v1",
+                     "--num-classes", "5", "--out", str(out), "--labels", str(labels)]) == 0
+        got = _read_png(labels)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        with torch.no_grad():
+            logits = F.interpolate(ref(x), size=(45, 61), mode="bilinear", align_corners=False)
+        want = logits.argmax(1)[0].numpy()
+        assert got.shape == (45, 61) and (got == want).mean() > 0.999
+        colour = _read_png(out)
+        assert colour.shape == (45, 61, 3)
+    assert "checkpoint format: plain" in capsys.readouterr().out
+
+
+def test_segment_bad_image(tmp_path):
+    bad = tmp_path / "x.npy"
+    import numpy as np
+    np.save(bad, np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        main(["segment", str(bad), "--preset", "w18_small_v1"])
