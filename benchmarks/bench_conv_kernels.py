@@ -14,7 +14,11 @@ Variants per conv (same inputs, channels_last, the epilogue the inference plan n
 Chains (fuse-step stride-2 chains j -> i): triton strided_chain (one launch) vs the unfused F.conv2d
 chain + add, and vs the per-step Triton conv chain.
 
-Times are medians of triton.testing.do_bench (ms). TFLOP/s counts 2*MACs; GB/s counts the bytes of
+Times (ms) are medians of triton.testing.do_bench_cudagraph (default: GPU time without launch overhead,
+as in the engine's CUDA graph) or of triton.testing.do_bench (--timer events: eager calls, L2 flushed).
+"vs best cudnn" = best cuDNN variant time / Triton time (> 1: Triton faster); "err~cudnn" = relative
+difference of the Triton output to the cuDNN output in the same dtype (a sanity check, not the accuracy
+test, which lives in tests/test_kernels_conv.py). TFLOP/s counts 2*MACs; GB/s counts the bytes of
 input, weight, residual and output once each. Ceilings (H200 measurements): 761 TFLOP/s, 4.2 TB/s.
 ``build_shapes(preset, height, width, batch)`` and ``build_chains(...)`` are importable (no GPU needed).
 """
@@ -33,6 +37,9 @@ import os
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:      # run as `python benchmarks/bench_conv_kernels.py` from anywhere
     sys.path.insert(0, _ROOT)
+
+_DEVICE = "cuda"          # the --cpu-smoke option switches to "cpu" (Triton interpreter, tiny sizes)
+_TIMER = "graph"          # --timer: "graph" (do_bench_cudagraph) or "events" (do_bench)
 
 PEAK_TFLOPS = 761.0
 PEAK_GBPS = 4200.0
@@ -200,7 +207,20 @@ def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, bat
 # --------------------------------------------------------------------------------------------------
 
 def _bench(fn) -> float:
+    if _DEVICE != "cuda":  # smoke run: one timed call, no statistics
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     import triton.testing
+    if _TIMER == "graph":
+        # GPU time of back-to-back replays in one CUDA graph: no launch / dispatch overhead (the engine
+        # runs the network as a CUDA graph too); L2 is not flushed between replays.
+        try:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        except Exception as exc:  # capture failed: fall back to event timing and say so
+            print(f"  (CUDA graph timing failed: {type(exc).__name__}: {str(exc)[:120]}; using events)")
+    # Event timing around eager calls, L2 flushed before each call; includes launch overhead when the
+    # kernel is shorter than the host-side dispatch.
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
@@ -209,7 +229,7 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
     import torch.nn.functional as F
     from hrnet_fast.kernels import conv as kconv
 
-    dev = torch.device("cuda")
+    dev = torch.device(_DEVICE)
     cl = torch.channels_last
     x = torch.randn(c.batch, c.cin, c.h, c.w, device=dev).to(dtype).contiguous(memory_format=cl)
     wt = (torch.randn(c.cout, c.cin, c.k, c.k, device=dev) / math.sqrt(c.cin * c.k * c.k)).to(dtype)
@@ -264,7 +284,7 @@ def _chain_variants(ch: ChainShape, dtype):
     from hrnet_fast.kernels import conv as kconv
     from hrnet_fast.kernels import conv_chain as kchain
 
-    dev = torch.device("cuda")
+    dev = torch.device(_DEVICE)
     cl = torch.channels_last
     x = torch.randn(ch.batch, ch.cj, ch.h, ch.w, device=dev).to(dtype).contiguous(memory_format=cl)
     ws, bs = [], []
@@ -303,7 +323,7 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab, check
     import torch
     from hrnet_fast.kernels import triton_status
 
-    ok, why = triton_status("cuda")
+    ok, why = triton_status(_DEVICE)
     if not ok:
         raise SystemExit(f"bench_conv_kernels: {why}")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -349,7 +369,7 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab, check
 def _print_row(row: dict, header: bool = False) -> None:
     if header:
         print(f"{'preset':6} {'shape':32} {'variant ms':60} {'TFLOP/s':>8} {'GB/s':>7} {'%roof':>6} "
-              f"{'vs best cudnn':>13} {'err':>8}  name")
+              f"{'vs best cudnn':>13} {'err~cudnn':>9}  name")
     ms = row["ms"]
     parts = [f"{k}={v:.4f}" for k, v in ms.items() if v is not None]
     tri = ms.get("triton", ms.get("triton_chain"))
@@ -360,7 +380,7 @@ def _print_row(row: dict, header: bool = False) -> None:
         roof = max(tfl / PEAK_TFLOPS, gbs / PEAK_GBPS) * 100
         sp = f"{min(cud) / tri:.2f}x" if cud else "-"
         print(f"{row['preset']:6} {row['shape']:32} {' '.join(parts):60} {tfl:8.1f} {gbs:7.0f} {roof:5.0f}% "
-              f"{sp:>13} {row['max_rel_err']:8.1e}  {row['name']}")
+              f"{sp:>13} {row['max_rel_err']:9.1e}  {row['name']}")
     else:
         print(f"{row['preset']:6} {row['shape']:32} {' '.join(parts):60}  (triton failed: "
               f"{row.get('errors')})  {row['name']}")
@@ -388,9 +408,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="add torch.compile max-autotune-no-cudagraphs (slow)")
-    p.add_argument("--flat-k-ab", action="store_true", help="add Triton with flat K for Cin % 16 != 0, Cin < 64")
+    p.add_argument("--flat-k-ab", action="store_true", help="add Triton with flat K for Cin %% 16 != 0, Cin < 64")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.add_argument("--list", action="store_true", help="print the shape list and exit (no GPU needed)")
+    p.add_argument("--timer", default="graph", choices=["graph", "events"],
+                   help="graph: median GPU time of CUDA-graph replays (default); events: do_bench on eager "
+                        "calls with L2 flush (includes launch overhead for short kernels)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="exercise this script on the CPU (Triton interpreter; use a tiny --size): no timings")
     a = p.parse_args(argv)
     h, w = (int(v) for v in a.size.lower().split("x"))
     presets = [s.strip() for s in a.presets.split(",") if s.strip()]
@@ -401,8 +426,17 @@ def main(argv=None) -> int:
             for c in build_chains(pr, h, w, a.batch):
                 print(pr, asdict(c))
         return 0
+    global _TIMER
+    _TIMER = a.timer
+    if a.cpu_smoke:
+        global _DEVICE
+        _DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported (hrnet_fast.kernels.conv)
+        if "triton" in sys.modules:
+            print("bench_conv_kernels: --cpu-smoke needs triton not imported yet", file=sys.stderr)
+            return 2
     import torch
-    if not torch.cuda.is_available():
+    if not a.cpu_smoke and not torch.cuda.is_available():
         print("bench_conv_kernels: no CUDA GPU available; this A/B needs one (use --list to see the shapes).",
               file=sys.stderr)
         return 2
@@ -410,10 +444,12 @@ def main(argv=None) -> int:
     rows = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab)
     _summary(rows)
     import triton
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cudnn": torch.backends.cudnn.version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    env = {"device": torch.cuda.get_device_name() if _DEVICE == "cuda" else "cpu (interpreter smoke run)",
+           "torch": torch.__version__, "triton": triton.__version__,
+           "cudnn": torch.backends.cudnn.version() if _DEVICE == "cuda" else None,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "command": " ".join(sys.argv), "size": a.size, "batch": a.batch, "dtype": a.dtype,
-           "memory_format": "channels_last", "seconds": time.time() - t0,
+           "memory_format": "channels_last", "seconds": time.time() - t0, "timer": _TIMER,
            "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS}}
     print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "
           f"({env['seconds']:.0f} s)")

@@ -18,14 +18,16 @@ It computes the (2T+1)^2 pixels of the last intermediate (and, for 3 steps, the 
 first one) that the tile depends on, as implicit GEMMs, into a private per-program scratch slice
 (global memory that the same SM writes and immediately reads back, so it stays in L1/L2), separated by
 a CTA barrier, then computes the output tile from the scratch. Intermediates never make a round trip
-through DRAM as full tensors; the halo costs about ((2T+1)/2T)^2 extra intermediate work.
+through DRAM as full tensors; the halo costs about ((2T+1)/2T)^2 extra work on the last intermediate and ((4T+3)/4T)^2 on the
+first one of a 3-step chain.
 
 ``accumulate_into`` is NOT modified: the result ``accumulate_into + chain(x)`` is written into a new
 tensor (this keeps the op functional, ``mutates_args=()``, and safe under autotuning re-runs).
 
-Tiles: T = 8 or 4 (or 2 for tiny outputs), picked so that a 132-SM GPU gets >= 264 programs; block
-sizes autotuned per (C_j, C_i, S, T, next_pow2(output pixels), dtype). Run once eagerly before a CUDA
-graph capture (autotuning). Offsets inside one image are 32-bit; image and scratch bases 64-bit.
+Tiles: the output tile edge T (2, 4 or 8) is autotuned with the block sizes per (C_j, C_i, S,
+next_pow2(output pixels), dtype): small T gives more programs, large T less halo recomputation. The
+scratch is sized for the most demanding T. Run each shape once eagerly before a CUDA graph capture
+(autotuning). Offsets inside one image are 32-bit; image and scratch bases 64-bit.
 
 Registered op: ``torch.ops.hrnet_fast.strided_chain_triton(x, w1, b1, w2, b2, w3, b3, accumulate_into)``
 with packed weights (``conv.pack_weight``, [9*Cin, Cout], x's dtype), optional biases, ``w3``/``b3`` None
@@ -33,7 +35,7 @@ for a 2-step chain.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,18 +51,24 @@ _INTERPRET = interpreter_enabled()
 
 # Test hook: fill every buffer the op allocates (output and scratch) with NaN before the kernel runs.
 _debug_poison_outputs = False
-# Override of the output tile edge T (None: heuristic). Tests use it to force several tiles per image.
+# Override of the output tile edge T (None: autotuned over 2/4/8; the interpreter uses 4). Tests use it
+# to force several tiles per image.
 _tile_override: Optional[int] = None
 
 
-def chain_configs():
+def chain_configs(tiles=(2, 4, 8)):
+    """Configs: output tile edge T (a config parameter: the grid and the scratch depend on it) crossed
+    with block shapes. Under the interpreter: one config (T=4 unless ``tiles`` says otherwise)."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+        t = 4 if 4 in tiles else tiles[0]
+        return [triton.Config({"T": t, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     cfgs = []
     # (ptxas -v for sm_90a with fp16, BLOCK_NF=128: none of these spill more than 8 bytes)
-    for bm, bk, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2),
-                         (64, 64, 8, 2), (32, 16, 4, 2)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    for t in tiles:
+        for bm, bk, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2)]:
+            if t == 2 and bm > 64:
+                continue  # regions of 25 / 121 pixels: big M tiles are mostly padding
+            cfgs.append(triton.Config({"T": t, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     return cfgs
 
 
@@ -137,13 +145,19 @@ def _strided_chain_kernel(
     H0, W0, H1, W1, H2, W2, H3, W3, Cj, Ci,
     sxn, sxh, sxw, sxc,
     san, sah, saw, sac,
-    TILES_Y, TILES_X, OUT_BUCKET,
-    STEPS: tl.constexpr, T: tl.constexpr,
+    OUT_BUCKET,
+    STEPS: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_B3: tl.constexpr, HAS_ACC: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_NI: tl.constexpr, BLOCK_NF: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if STEPS == 2:
+        TILES_Y = (H2 + T - 1) // T
+        TILES_X = (W2 + T - 1) // T
+    else:
+        TILES_Y = (H3 + T - 1) // T
+        TILES_X = (W3 + T - 1) // T
     tiles = TILES_Y * TILES_X
     n = pid // tiles
     t = pid - n * tiles
@@ -203,19 +217,24 @@ def _strided_chain_kernel(
                         T, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
 
 
-_TUNED: Dict[int, object] = {}
+_TUNED: Dict[Tuple, object] = {}
+
+
+def _tiles() -> Tuple[int, ...]:
+    return (int(_tile_override),) if _tile_override is not None else (2, 4, 8)
 
 
 def _tuned_chain_kernel(cj: int):
     """Autotuned kernel with configs pruned in Python for this C_j (no ``prune_configs_by``)."""
     bk_cap = max(16, triton.next_power_of_2(cj))
-    kern = _TUNED.get(bk_cap)
+    key = (bk_cap, _tiles())
+    kern = _TUNED.get(key)
     if kern is None:
         kern = triton.autotune(
-            configs=_prune_chain(chain_configs(), cj),
-            key=["Cj", "Ci", "STEPS", "T", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_NI", "BLOCK_NF"],
+            configs=_prune_chain(chain_configs(_tiles()), cj),
+            key=["Cj", "Ci", "STEPS", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_NI", "BLOCK_NF"],
         )(_strided_chain_kernel)
-        _TUNED[bk_cap] = kern
+        _TUNED[key] = kern
     return kern
 
 
@@ -223,16 +242,8 @@ def _half(s: int) -> int:
     return (s + 1) // 2
 
 
-def _pick_tile(n: int, hf: int, wf: int) -> int:
-    if _tile_override is not None:
-        return int(_tile_override)
-    if _INTERPRET:
-        return 4
-    # Prefer big tiles (less halo) while keeping >= ~2 programs per SM of a 132-SM Hopper.
-    for t in (8, 4):
-        if n * triton.cdiv(hf, t) * triton.cdiv(wf, t) >= 264:
-            return t
-    return 2
+def _n_programs(n: int, hf: int, wf: int, t: int) -> int:
+    return n * triton.cdiv(hf, t) * triton.cdiv(wf, t)
 
 
 @torch.library.triton_op("hrnet_fast::strided_chain_triton", mutates_args=())
@@ -258,17 +269,18 @@ def strided_chain_triton(
     h3, wd3 = _half(h2), _half(wd2)
     hf, wf = (h2, wd2) if steps == 2 else (h3, wd3)
     out = torch.empty((n, ci, hf, wf), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    t = _pick_tile(n, hf, wf)
-    ty, tx = triton.cdiv(hf, t), triton.cdiv(wf, t)
-    grid_n = n * ty * tx
-    r1 = 2 * t + 1
-    r2 = 4 * t + 3
+    kern = _tuned_chain_kernel(cj)
+    tiles = sorted({c.kwargs["T"] for c in kern.configs})
+    # Scratch sized for the most demanding tile choice (autotuning may pick any of them).
+    r2_len = max(_n_programs(n, hf, wf, t) * (4 * t + 3) ** 2 for t in tiles) * cj
+    r1_len = max(_n_programs(n, hf, wf, t) * (2 * t + 1) ** 2 for t in tiles) * cj
+    grid_n = _n_programs(n, hf, wf, tiles[0])
     if steps == 2:
-        s1 = torch.empty((max(grid_n, 1) * r1 * r1 * cj,), device=x.device, dtype=x.dtype)
+        s1 = torch.empty((max(r1_len, 1),), device=x.device, dtype=x.dtype)
         s2 = s1
     else:
-        s1 = torch.empty((max(grid_n, 1) * r2 * r2 * cj,), device=x.device, dtype=x.dtype)
-        s2 = torch.empty((max(grid_n, 1) * r1 * r1 * cj,), device=x.device, dtype=x.dtype)
+        s1 = torch.empty((max(r2_len, 1),), device=x.device, dtype=x.dtype)
+        s2 = torch.empty((max(r1_len, 1),), device=x.device, dtype=x.dtype)
     if _debug_poison_outputs:
         out.fill_(float("nan"))
         s1.fill_(float("nan"))
@@ -284,15 +296,19 @@ def strided_chain_triton(
     cap = 64 if _INTERPRET else 128
     block_ni = max(16, min(cap, triton.next_power_of_2(cj)))    # intermediate convs: C_j outputs
     block_nf = max(16, min(cap, triton.next_power_of_2(ci)))    # last conv: C_i outputs
-    torch.library.wrap_triton(_tuned_chain_kernel(cj))[(grid_n,)](
+
+    def grid(meta):
+        return (_n_programs(n, hf, wf, meta["T"]),)
+
+    torch.library.wrap_triton(kern)[grid](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,
         w3 if w3 is not None else w2, b3 if b3 is not None else w2,
         acc, out, s1, s2,
         h0, w0, h1, wd1, h2, wd2, h3, wd3, cj, ci,
         sxn, sxh, sxw, sxc,
         san, sah, saw, sac,
-        ty, tx, triton.next_power_of_2(n * hf * wf),
-        STEPS=steps, T=t,
+        triton.next_power_of_2(n * hf * wf),
+        STEPS=steps,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_B3=b3 is not None, HAS_ACC=has_acc,
         IEEE=x.dtype == torch.float32, BLOCK_NI=block_ni, BLOCK_NF=block_nf,
     )
@@ -327,12 +343,15 @@ def strided_chain(
     weights:  2 or 3 weights, raw [Cout, Cin, 3, 3] or packed ``pack_weight`` [9*Cin, Cout]; all but the
               last map C_j -> C_j, the last C_j -> C_i.
     biases:   same count, each [Cout] or None.
-    accumulate_into: optional [N, C_i, Hf, Wf] tensor (any layout); the result is accumulate_into +
-              chain(x), written to a NEW tensor (accumulate_into is left unchanged).
+    accumulate_into: optional [N, C_i, Hf, Wf] tensor (any layout, any float dtype; added in fp32);
+              the result is accumulate_into + chain(x), written to a NEW tensor (accumulate_into is
+              left unchanged).
     Returns:  [N, C_i, Hf, Wf] channels_last in x's dtype, Hf = ceil(H / 2^S), Wf = ceil(W / 2^S).
     """
     if len(weights) not in (2, 3) or len(biases) != len(weights):
         raise ValueError("strided_chain needs 2 or 3 weights and as many biases (None allowed)")
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"strided_chain needs a 4-D float32/float16/bfloat16 x, got {tuple(x.shape)} {x.dtype}")
     cj = x.shape[1]
     ws = [_prep_weight(w, cj, x.dtype) for w in weights]
     for w in ws[:-1]:
