@@ -10,6 +10,7 @@ Backends:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -22,8 +23,8 @@ from .ops import registry
 from .ops.conv import conv2d_bias_act_torch
 from .ops.fuse import seg_head_torch, upsample_add_relu_torch
 from .ops.registry import BackendUnavailable
-from .ops.selection import SelectingOp, conv_key, fuse_key
-from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
+from .ops.selection import SelectingOp, fuse_key
+from .plan import BlockPlan, ConvSpec, FusePlan, HRNetPlan, ModulePlan, build_plan
 from .reference import HighResolutionNet
 
 logger = logging.getLogger(__name__)
@@ -64,44 +65,120 @@ def resolve_engine_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def _torch_conv(x, spec: ConvSpec, residual=None):
+    return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
+                                 spec.relu, spec.relu_ranges)
+
+
+def _triton_conv(x, spec: ConvSpec, residual=None):
+    from .kernels.conv import conv2d_bias_act
+    weight = spec.packed if spec.packed is not None else spec.weight
+    ranges = spec.relu_mask if spec.relu_mask is not None else spec.relu_ranges
+    return conv2d_bias_act(x, weight, spec.bias, stride=spec.stride, padding=spec.padding,
+                           residual=residual, relu=spec.relu, relu_ranges=ranges)
+
+
+def _spec_key(x, spec: ConvSpec, residual=None):
+    return (tuple(x.shape), tuple(spec.weight.shape), str(x.dtype), spec.stride, spec.padding,
+            residual is not None, spec.relu, spec.relu_ranges)
+
+
+def _down_key(ops, x, fuse: FusePlan, j: int):
+    chains = tuple(tuple(tuple(c.weight.shape) for c in fuse.down_chains[(j, s.target)])
+                   for s in fuse.down_first[j].splits)
+    return (tuple(x.shape), str(x.dtype), chains)
+
+
+def _choices(op: str, always: Dict[str, Callable], optional: Dict[str, Callable],
+             device: torch.device) -> Dict[str, Callable]:
+    """Candidates of a measured choice. On the CPU nothing can be timed, so the optional (Triton)
+    candidates join only when ``HRNET_FAST_FORCE_<OP>`` names one (tests, interpreter)."""
+    if device.type == "cuda":
+        return {**always, **optional}
+    forced = os.environ.get(f"HRNET_FAST_FORCE_{op.upper()}")
+    return {**always, **({forced: optional[forced]} if forced in optional else {})}
+
+
 @dataclass
 class OpSet:
-    """The implementations one engine calls, resolved once (no per-call dispatch or validation)."""
+    """The implementations one engine calls, resolved once (no per-call dispatch or validation).
+
+    ``conv(x, spec, residual)``, ``fuse(base, contributions, mode, align_corners, relu)``,
+    ``head(base, contributions, weight, bias, mode, align_corners)`` and
+    ``down(ops, x, fuse_plan, j)`` (every chain leaving source j, in split order)."""
 
     conv: Callable
     fuse: Callable
     head: Callable
+    down: Callable
+    packs_weights: bool = False
 
     @classmethod
     def for_backend(cls, backend: str, device: torch.device, auto: bool = False) -> "OpSet":
-        """Implementations for an engine backend. On CUDA, convolutions of the triton backend pick
-        per shape between cuDNN and the Triton conv (measured); under ``auto`` the fuse step also
-        picks per shape between the Triton and CUDA-extension kernels when both exist."""
+        """Implementations for an engine backend. On the triton backend each conv shape picks the
+        faster of cuDNN and the Triton conv, and each source's strided chains the faster of the
+        batched form and the one-launch chain kernel (measured once per shape on CUDA). Under
+        ``auto`` the fuse step also picks per shape between the Triton and CUDA-extension kernels
+        when both exist."""
         if backend in ("torch", "compile"):
-            return cls(conv2d_bias_act_torch, upsample_add_relu_torch, seg_head_torch)
+            return cls(_torch_conv, upsample_add_relu_torch, seg_head_torch, _down_batched)
         _, fuse = registry.resolve("upsample_add_relu", backend, device)
-        conv = conv2d_bias_act_torch
-        if device.type == "cuda":
-            if backend == "triton" and registry.status("conv2d_bias_act", "triton", device)[0]:
-                conv = SelectingOp("conv2d_bias_act", {
-                    "torch": conv2d_bias_act_torch,
-                    "triton": registry.resolve("conv2d_bias_act", "triton", device)[1]}, conv_key)
-            if auto and backend != "cuda" and cuda_ext.usable_without_build():
-                fuse = SelectingOp("upsample_add_relu", {
-                    "triton": fuse, "cuda": registry.resolve("upsample_add_relu", "cuda", device)[1]},
-                    fuse_key)
+        conv, down = _torch_conv, _down_batched
+        if backend == "triton" and registry.status("conv2d_bias_act", "triton", device)[0]:
+            conv_options = _choices("conv2d_bias_act", {"torch": _torch_conv},
+                                    {"triton": _triton_conv}, device)
+            if len(conv_options) > 1 or "triton" in conv_options:
+                conv = SelectingOp("conv2d_bias_act", conv_options, _spec_key)
+            down_options = _choices("fuse_down", {"batched": _down_batched},
+                                    {"chain": _down_chained}, device)
+            if len(down_options) > 1:
+                down = SelectingOp("fuse_down", down_options, _down_key)
+            elif "chain" in down_options:
+                down = _down_chained
+        if device.type == "cuda" and auto and backend != "cuda" and cuda_ext.usable_without_build():
+            fuse = SelectingOp("upsample_add_relu", {
+                "triton": fuse, "cuda": registry.resolve("upsample_add_relu", "cuda", device)[1]},
+                fuse_key)
         if backend == "triton":
             _, head = registry.resolve("seg_head", "triton", device)
         else:
             def head(base, contributions, weight, bias, mode, align_corners):
                 act = fuse(base, contributions, mode, align_corners, True)
                 return F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
-        return cls(conv, fuse, head)
+        packs = conv is not _torch_conv or down is not _down_batched
+        return cls(conv, fuse, head, down, packs)
+
+
+def _down_batched(ops: "OpSet", x: torch.Tensor, fuse: FusePlan, j: int) -> List[torch.Tensor]:
+    """Chains leaving source j: the first convs of all of them as one batched conv (ReLU ranges),
+    then the remaining convs of each chain on its slice."""
+    batched = fuse.down_first[j]
+    y = _conv(ops, x, batched.conv)
+    out = []
+    for s in batched.splits:
+        z = y[:, s.start:s.end]
+        rest = fuse.down_rest.get((j, s.target))
+        out.append(_chain(ops, z, rest) if rest else z)
+    return out
+
+
+def _down_chained(ops: "OpSet", x: torch.Tensor, fuse: FusePlan, j: int) -> List[torch.Tensor]:
+    """Chains leaving source j, each of two or three convs in one launch of the chain kernel
+    (intermediates stay on chip); single-conv chains run as a conv."""
+    from .kernels.conv_chain import strided_chain
+    out = []
+    for s in fuse.down_first[j].splits:
+        chain = fuse.down_chains[(j, s.target)]
+        if len(chain) == 1:
+            out.append(_conv(ops, x, chain[0]))
+        else:
+            out.append(strided_chain(x, [c.packed if c.packed is not None else c.weight for c in chain],
+                                     [c.bias for c in chain]))
+    return out
 
 
 def _conv(ops: OpSet, x: torch.Tensor, spec: ConvSpec, residual=None) -> torch.Tensor:
-    return ops.conv(x, spec.weight, spec.bias, spec.stride, spec.padding, residual, spec.relu,
-                    spec.relu_ranges)
+    return ops.conv(x, spec, residual)
 
 
 def _chain(ops: OpSet, x: torch.Tensor, specs: List[ConvSpec]) -> torch.Tensor:
@@ -125,11 +202,8 @@ def _module(ops: OpSet, xs: List[torch.Tensor], m: ModulePlan, mode: str, align:
         return xs
     contributions: List[List[torch.Tensor]] = [[] for _ in range(f.num_outputs)]
     for j, batched in sorted(f.down_first.items()):
-        y = _conv(ops, xs[j], batched.conv)
-        for s in batched.splits:
-            z = y[:, s.start:s.end]
-            rest = f.down_rest.get((j, s.target))
-            contributions[s.target].append(_chain(ops, z, rest) if rest else z)
+        for s, z in zip(batched.splits, ops.down(ops, xs[j], f, j)):
+            contributions[s.target].append(z)
     for j, batched in sorted(f.up.items()):
         y = _conv(ops, xs[j], batched.conv)
         for s in batched.splits:
@@ -242,6 +316,12 @@ class HRNetEngine(nn.Module):
                 return t.contiguous(memory_format=fmt) if t.dim() == 4 else t.contiguous()
 
             self.plan = plan.map_tensors(move)
+            if self._ops.packs_weights:
+                from .kernels.conv import pack_weight, relu_mask
+                for spec in self.plan.conv_specs():
+                    spec.packed = pack_weight(spec.weight)
+                    if spec.relu_ranges is not None:
+                        spec.relu_mask = relu_mask(spec.relu_ranges, spec.out_channels, self.device)
         self._watch = WeightWatch(self.source)
         self._graphs.clear()
         if self.backend == "compile":

@@ -41,6 +41,10 @@ class ConvSpec:
     padding: int = 0
     relu: bool = True
     relu_ranges: Optional[Tuple[Tuple[int, int], ...]] = None
+    # Filled by an engine whose convs may run on the Triton kernel: the GEMM-packed weight
+    # [k*k*Cin, Cout] and the per-channel ReLU mask, prepared once instead of on every call.
+    packed: Optional[torch.Tensor] = None
+    relu_mask: Optional[torch.Tensor] = None
 
     @property
     def out_channels(self) -> int:
@@ -75,12 +79,14 @@ class BatchedConv:
 class FusePlan:
     """Fuse step of one module. ``up[j]`` batches the 1x1 convs from source j to every target i<j;
     ``down_first[j]`` batches the first stride-2 convs from j to every target i>j; ``down_rest[(j, i)]``
-    holds the remaining convs of the chain j -> i."""
+    holds the remaining convs of the chain j -> i, and ``down_chains[(j, i)]`` the whole chain
+    unbatched (for the one-launch chain kernel, the alternative to batching)."""
 
     num_outputs: int
     up: Dict[int, BatchedConv] = field(default_factory=dict)
     down_first: Dict[int, BatchedConv] = field(default_factory=dict)
     down_rest: Dict[Tuple[int, int], List[ConvSpec]] = field(default_factory=dict)
+    down_chains: Dict[Tuple[int, int], List[ConvSpec]] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,6 +139,12 @@ class HRNetPlan:
     def to(self, device=None, dtype=None) -> "HRNetPlan":
         return self.map_tensors(lambda t: t.to(device=device, dtype=dtype))
 
+    def conv_specs(self) -> List[ConvSpec]:
+        """Every ConvSpec of the plan (each object once)."""
+        seen: Dict[int, ConvSpec] = {}
+        _walk(self, lambda o: seen.setdefault(id(o), o) if isinstance(o, ConvSpec) else None)
+        return list(seen.values())
+
     def tensors(self) -> List[torch.Tensor]:
         out: List[torch.Tensor] = []
         _map(self, lambda t: out.append(t) or t)
@@ -152,6 +164,19 @@ def _map(obj, fn):
     if isinstance(obj, dict):
         return {k: _map(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _walk(obj, visit) -> None:
+    visit(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _walk(getattr(obj, f.name), visit)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _walk(v, visit)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _walk(v, visit)
 
 
 # --------------------------------------------------------------------------------------- building
@@ -222,6 +247,7 @@ def _fuse(module: HighResolutionModule) -> Optional[FusePlan]:
             firsts = []
             for i in down_targets:
                 chain = [_conv(step) for step in module.fuse_layers[i][j]]
+                plan.down_chains[(j, i)] = chain
                 firsts.append(chain[0])
                 if len(chain) > 1:
                     plan.down_rest[(j, i)] = chain[1:]

@@ -204,3 +204,19 @@ def test_triton_backend_fp16():
         ref_err = rel_err(clone_as(model, torch.float16)(x.half()), ref64)
         out = optimize(model, backend="triton", dtype=torch.float16)(x.half())
     assert rel_err(out, ref64) <= 2 * ref_err
+
+
+def test_all_triton_engine_convs_and_chain_kernel(monkeypatch):
+    """Every conv on the Triton implicit-GEMM kernel and every 2-3 step strided chain on the
+    one-launch chain kernel (forced: on a GPU they are chosen by measurement)."""
+    from helpers import DEVICE
+    monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT", "triton")
+    monkeypatch.setenv("HRNET_FAST_FORCE_FUSE_DOWN", "chain")
+    model = _model("w18_small_v1", upsample="bilinear").to(DEVICE)
+    x = torch.randn(2, 3, 29, 37, device=DEVICE)
+    engine = optimize(model, backend="triton")
+    assert engine._ops.packs_weights
+    assert all(s.packed is not None for s in engine.plan.conv_specs())
+    with torch.no_grad():
+        got, want = engine(x), _reference_forward(model, x)
+    assert rel_err(got, want) < TOL

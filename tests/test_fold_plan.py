@@ -79,8 +79,7 @@ def test_head_rewrite_exact(mode, align):
             for f in feats[1:]]
         want = model.last_layer(torch.cat(up, 1))
         ops = OpSet.for_backend("torch", torch.device("cpu"))
-        p = [ops.conv(f, s.weight, s.bias, 1, 0, None, False, None)
-             for f, s in zip(feats, plan.head.projections)]
+        p = [ops.conv(f, s) for f, s in zip(feats, plan.head.projections)]
         got = ops.head(p[0], p[1:], plan.head.classifier.weight, plan.head.classifier.bias, mode, align)
     assert rel_err(got, want) < TOL
 

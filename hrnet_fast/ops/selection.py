@@ -134,15 +134,10 @@ class SelectingOp:
         return best
 
     def __call__(self, *args, **kwargs):
-        first = args[0]
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
         key = self.key_fn(*args, **kwargs)
-        name = self.choose(first.device, key, args, kwargs)
+        name = self.choose(device, key, args, kwargs)
         return self.candidates[name](*args, **kwargs)
-
-
-def conv_key(x, weight, bias, stride, padding, residual, relu, relu_ranges) -> Hashable:
-    return (tuple(x.shape), tuple(weight.shape), str(x.dtype), stride, padding,
-            residual is not None, bool(relu), relu_ranges is not None)
 
 
 def fuse_key(base, contributions, mode, align_corners, relu) -> Hashable:
