@@ -65,13 +65,13 @@ def test_official_key_names():
 def test_odd_sizes_all_heads(size, branches, mode):
     torch.manual_seed(0)
     cfg = HRNetConfig.preset("w18_small_v1", upsample=mode, head="features")
-    feats_model = randomize_bn(HRNet(cfg)).eval()
+    feats_model = randomize_bn(HRNet(cfg, fast=False)).eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         feats = feats_model(x)
         assert [tuple(f.shape[-2:]) for f in feats] == branches
         assert [f.shape[1] for f in feats] == [16, 32, 64, 128]
-        seg = HRNet(cfg.replace(head="seg", num_classes=7))
+        seg = HRNet(cfg.replace(head="seg", num_classes=7), fast=False)
         seg.load_state_dict(feats_model.state_dict(), strict=False)
         out = seg.eval()(x)
         assert tuple(out.shape) == (2, 7, *branches[0])
@@ -87,9 +87,11 @@ def test_classification_and_final_conv_kernel_3():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        cls = HRNet(HRNetConfig.preset("w18_small_v1", head="classification", num_classes=10)).eval()
+        cls = HRNet(HRNetConfig.preset("w18_small_v1", head="classification", num_classes=10),
+                    fast=False).eval()
         assert tuple(cls(x).shape) == (2, 10)
-        seg3 = HRNet(HRNetConfig.preset("w18_small_v1", final_conv_kernel=3, num_classes=5)).eval()
+        seg3 = HRNet(HRNetConfig.preset("w18_small_v1", final_conv_kernel=3, num_classes=5),
+                     fast=False).eval()
         assert seg3.last_layer[3].kernel_size == (3, 3)
         assert tuple(seg3(x).shape) == (2, 5, 16, 24)
 
@@ -97,7 +99,8 @@ def test_classification_and_final_conv_kernel_3():
 def test_nearest_mode_equals_seed_scale_factor_upsample():
     """On power-of-two sizes, size-based nearest resizing is the seed's nn.Upsample(scale_factor)."""
     torch.manual_seed(0)
-    model = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v2", upsample="nearest", head="features")))
+    model = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v2", upsample="nearest", head="features"),
+                               fast=False))
     model.eval()
     module: HighResolutionModule = model.stage4[0]
     xs = [torch.randn(1, c, 32 // 2 ** i, 48 // 2 ** i) for i, c in enumerate((18, 36, 72, 144))]
@@ -138,7 +141,7 @@ def test_module_helpers_and_single_scale_output():
 
 
 def test_bad_input_is_named():
-    model = HRNet(HRNetConfig.preset("w18_small_v1")).eval()
+    model = HRNet(HRNetConfig.preset("w18_small_v1"), fast=False).eval()
     with pytest.raises(ValueError, match="4 channels"):
         model(torch.randn(1, 4, 32, 32))
     with pytest.raises(ValueError, match="4-D"):
