@@ -39,6 +39,17 @@ def environment(device: torch.device) -> Dict[str, str]:
         info["cudnn"] = str(torch.backends.cudnn.version())
         info["cuda"] = str(torch.version.cuda)
     else:
-        import platform
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = _cpu_name()
     return info
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
