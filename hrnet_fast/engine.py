@@ -21,11 +21,11 @@ from torch import nn
 from . import cuda_ext
 from .ops import registry
 from .ops.conv import conv2d_bias_act_torch
-from .ops.fuse import resize_to, seg_head_torch, upsample_add_relu_torch
+from .ops.fuse import seg_head_torch, upsample_add_relu_torch
 from .ops.registry import BackendUnavailable
 from .ops.selection import SelectingOp, fuse_key
 from .plan import BlockPlan, ConvSpec, FusePlan, HRNetPlan, ModulePlan, build_plan
-from .reference import HighResolutionNet
+from .reference import HighResolutionNet, check_image_batch, resize
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def _seg_head(ops: OpSet, head, xs: List[torch.Tensor], mode: str, align: bool) 
     size = xs[0].shape[-2:]
     for xk, spec in zip(xs[1:], head.projections[1:]):
         if ops.resize_narrow_head_branches and 2 * xk.shape[1] < spec.out_channels:
-            base = _conv(ops, resize_to(xk, size, mode, align), spec, residual=base)
+            base = _conv(ops, resize(xk, size, mode, align), spec, residual=base)
         else:
             contributions.append(_conv(ops, xk, spec))
     c = head.classifier
@@ -355,13 +355,7 @@ class HRNetEngine(nn.Module):
                 f"cuda_graphs={self.cuda_graphs}")
 
     def check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"input must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(f"input has {x.shape[1]} channels, the model expects "
-                             f"{self.config.in_channels} (shape {tuple(x.shape)})")
+        check_image_batch(x, self.config.in_channels)
         if x.dtype != self.dtype:
             raise ValueError(f"input dtype {x.dtype} does not match the engine's {self.dtype}; "
                              f"convert the input (x.to({self.dtype})) or build the engine with "

@@ -43,6 +43,20 @@ def resize(x: torch.Tensor, size, mode: str, align_corners: bool) -> torch.Tenso
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
+def check_image_batch(x, in_channels: int) -> None:
+    """A ValueError/TypeError naming the problem unless ``x`` is a floating NCHW batch of
+    ``in_channels`` channels."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"input has {x.shape[1]} channels, the model expects {in_channels} "
+                         f"(shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise ValueError(f"input must be a floating-point tensor, got {x.dtype}")
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -324,15 +338,7 @@ class HighResolutionNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``x`` is not an NCHW image batch for this model."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"input must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(f"input has {x.shape[1]} channels, the model expects "
-                             f"{self.config.in_channels} (shape {tuple(x.shape)})")
-        if not x.is_floating_point():
-            raise ValueError(f"input must be a floating-point tensor, got {x.dtype}")
+        check_image_batch(x, self.config.in_channels)
 
     def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Stem, layer1 and stages 2-4: the four branch outputs, highest resolution first."""

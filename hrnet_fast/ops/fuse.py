@@ -7,16 +7,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..reference import resize
 from . import registry
 from ._validate import check_fuse_args, check_image
-
-
-def resize_to(c: torch.Tensor, size, mode: str, align_corners: bool) -> torch.Tensor:
-    if tuple(c.shape[-2:]) == tuple(size):
-        return c
-    if mode == "nearest":
-        return F.interpolate(c, size=tuple(size), mode="nearest")
-    return F.interpolate(c, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -32,7 +25,7 @@ def upsample_add_relu_torch(base, contributions, mode="bilinear", align_corners=
     fmt = _memory_format(base)
     out = None
     for c in contributions:
-        z = resize_to(c, size, mode, align_corners)
+        z = resize(c, size, mode, align_corners)
         if out is not None:
             out.add_(z)
         elif z is not c and fmt is not torch.preserve_format and z.is_contiguous(memory_format=fmt):
