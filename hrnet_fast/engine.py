@@ -118,17 +118,21 @@ class OpSet:
 
     @classmethod
     def for_backend(cls, backend: str, device: torch.device, auto: bool = False) -> "OpSet":
-        """Implementations for an engine backend. On the triton backend each conv shape picks the
-        faster of cuDNN and the Triton conv, and each source's strided chains the faster of the
-        batched form and the one-launch chain kernel (measured once per shape on CUDA). Under
-        ``auto`` the fuse step also picks per shape between the Triton and CUDA-extension kernels
-        when both exist."""
+        """Implementations for an engine backend. On an explicit triton backend each conv shape
+        picks the faster of cuDNN and the Triton conv, and each source's strided chains the faster
+        of the batched form and the one-launch chain kernel (measured once per shape on CUDA).
+        Under ``auto`` convolutions stay on cuDNN, and the fuse step picks per shape between the
+        Triton and CUDA-extension kernels when both exist."""
         if backend in ("torch", "compile"):
             return cls(_torch_conv, upsample_add_relu_torch, seg_head_torch, _down_batched,
                        resize_narrow_head_branches=device.type == "cpu")
         _, fuse = registry.resolve("upsample_add_relu", backend, device)
         conv, down = _torch_conv, _down_batched
-        if backend == "triton" and registry.status("conv2d_bias_act", "triton", device)[0]:
+        # Triton convs and chain kernels autotune on first use of each shape (seconds per shape on
+        # a GPU), so only an explicit backend="triton" takes them; auto keeps cuDNN convs and a
+        # first call that returns in seconds.
+        if (backend == "triton" and not auto
+                and registry.status("conv2d_bias_act", "triton", device)[0]):
             conv_options = _choices("conv2d_bias_act", {"torch": _torch_conv},
                                     {"triton": _triton_conv}, device)
             if len(conv_options) > 1 or "triton" in conv_options:
