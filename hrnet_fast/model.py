@@ -56,6 +56,12 @@ class HRNet(HighResolutionNet):
         state["_engine_slot"] = {}  # engines hold device buffers and graphs: never pickled or copied
         return state
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # new Parameter objects: the engine's watch list would be stale
+            self._engine_slot.clear()
+        return result
+
     def _use_engine(self) -> bool:
         return self.fast and not self.training and not torch.is_grad_enabled()
 

@@ -220,3 +220,22 @@ def test_all_triton_engine_convs_and_chain_kernel(monkeypatch):
     with torch.no_grad():
         got, want = engine(x), _reference_forward(model, x)
     assert rel_err(got, want) < TOL
+
+
+def test_dropin_load_state_dict_assign_replaces_parameters():
+    model = _model()
+    with torch.no_grad():
+        model(X)
+    other = _model(seed=3)
+    model.load_state_dict(other.state_dict(), assign=True)
+    with torch.no_grad():
+        got = model(X)
+    assert rel_err(got, _reference_forward(other, X)) < TOL
+
+
+def test_engine_output_is_fresh_and_nchw():
+    engine = optimize(_model(), backend="torch")
+    with torch.no_grad():
+        a = engine(X)
+        b = engine(X)
+    assert a.is_contiguous() and a.data_ptr() != b.data_ptr()
