@@ -1,9 +1,9 @@
 """Model-level benchmark (``hrnet-fast bench``): hrnet_fast backends against peers, same run.
 
-Peers: ``eager`` (the reference forward, BatchNorm unfolded, as users run it) and torch.compile of
-the reference in modes ``compile`` (default), ``compile-ro`` (reduce-overhead) and ``compile-max``
-(max-autotune; minutes of compilation). Implementations: engine backends, optionally with
-``+graphs`` (CUDA-graph replay), e.g. ``triton+graphs``.
+Peers (rows ``ref:NAME``): ``eager`` (the reference forward, BatchNorm unfolded, as users run it)
+and torch.compile of the reference in modes ``compile`` (default), ``compile-ro`` (reduce-overhead)
+and ``compile-max`` (max-autotune; minutes of compilation). Implementations (rows ``fast:NAME``):
+engine backends, optionally with ``+graphs`` (CUDA-graph replay), e.g. ``triton+graphs``.
 """
 from __future__ import annotations
 
@@ -88,10 +88,12 @@ def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches:
 
 def format_table(result: Dict) -> List[List[str]]:
     peers = sorted({p for r in result["rows"] for p in r.get("speedup", {})}, key=PEERS.index)
-    header = ["preset", "size", "batch", "dtype", "impl", "median ms", "img/s"] + [f"x {p}" for p in peers]
+    header = (["preset", "size", "batch", "dtype", "model", "median ms", "img/s"]
+              + [f"x ref:{p}" for p in peers])
     table = [header]
     for r in result["rows"]:
-        base = [r["preset"], r["size"], str(r["batch"]), r["dtype"], r["name"]]
+        label = f"ref:{r['name']}" if r["kind"] == "peer" else f"fast:{r['name']}"
+        base = [r["preset"], r["size"], str(r["batch"]), r["dtype"], label]
         if "skipped" in r:
             table.append(base + ["skipped", r["skipped"][:60]] + [""] * len(peers))
             continue

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import cuda_ext
 from .ops import registry
+from .ops import cpu_conv
 from .ops.conv import conv2d_bias_act_torch
 from .ops.fuse import seg_head_torch, upsample_add_relu_torch
 from .ops.registry import BackendUnavailable
@@ -66,9 +67,20 @@ def resolve_engine_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
-def _torch_conv(x, spec: ConvSpec, residual=None):
+def _plain_conv(x, spec: ConvSpec, residual=None):
     return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
                                  spec.relu, spec.relu_ranges)
+
+
+def _torch_conv(x, spec: ConvSpec, residual=None):
+    """The torch backend's conv: on the CPU, oneDNN with a once-reordered weight and the epilogue
+    fused (ops/cpu_conv.py); elsewhere, or for ReLU ranges, ``conv2d_bias_act_torch``."""
+    if x.device.type == "cpu" and spec.relu_ranges is None:
+        y = cpu_conv.conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
+                                spec.relu, spec.cpu_cache)
+        if y is not None:
+            return y
+    return _plain_conv(x, spec, residual)
 
 
 def _triton_conv(x, spec: ConvSpec, residual=None):
@@ -125,7 +137,9 @@ class OpSet:
         Under ``auto`` convolutions stay on cuDNN, and the fuse step picks per shape between the
         Triton and CUDA-extension kernels when both exist."""
         if backend in ("torch", "compile"):
-            return cls(_torch_conv, upsample_add_relu_torch, seg_head_torch, _down_batched,
+            # compile traces plain aten convs (Inductor fuses them its own way).
+            conv = _plain_conv if backend == "compile" else _torch_conv
+            return cls(conv, upsample_add_relu_torch, seg_head_torch, _down_batched,
                        resize_narrow_head_branches=device.type == "cpu")
         _, fuse = registry.resolve("upsample_add_relu", backend, device)
         conv, down = _torch_conv, _down_batched

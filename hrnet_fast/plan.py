@@ -45,6 +45,9 @@ class ConvSpec:
     # [k*k*Cin, Cout] and the per-channel ReLU mask, prepared once instead of on every call.
     packed: Optional[torch.Tensor] = None
     relu_mask: Optional[torch.Tensor] = None
+    # CPU engines: oneDNN-reordered weights per input shape (ops/cpu_conv.py). Not an init field, so
+    # every copy of the plan (a rebuild, a move) starts with an empty cache.
+    cpu_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def out_channels(self) -> int:

@@ -11,11 +11,6 @@ from hrnet_fast.check import rel_err  # noqa: F401
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def poisoned_like(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of NaNs shaped and laid out like ``t`` (catches outputs a kernel never writes)."""
-    return torch.full_like(t, float("nan"))
-
-
 @contextlib.contextmanager
 def poisoned_allocations(monkeypatch):
     """Within the block, ``torch.empty`` / ``torch.empty_like`` return NaN-filled memory, so an output

@@ -116,3 +116,26 @@ def test_registry_backend_errors(monkeypatch):
     monkeypatch.setenv("HRNET_FAST_BACKEND", "auto")
     name, _ = registry.resolve("upsample_add_relu", None, "cpu")
     assert name == "torch"  # auto never picks the (interpreted) Triton kernels on the CPU
+
+
+@pytest.mark.parametrize("stride,k", [(1, 3), (2, 3), (1, 1)])
+def test_cpu_fused_conv_matches_conv2d(stride, k):
+    """The oneDNN path of the CPU torch backend: same convolution as F.conv2d, fused epilogue."""
+    from hrnet_fast.ops import cpu_conv
+    from hrnet_fast.ops.conv import conv2d_bias_act_torch
+    if not cpu_conv.available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    x = torch.randn(2, 18, 17, 23).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(36, 18, k, k).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(36)
+    ref_plain = conv2d_bias_act_torch(x, w, b, stride, k // 2, None, False)
+    res = torch.randn(ref_plain.shape).contiguous(memory_format=torch.channels_last)
+    cache = {}
+    for residual in (None, res):
+        for relu in (True, False):
+            got = cpu_conv.conv_fused(x, w, b, stride, k // 2, residual, relu, cache)
+            want = conv2d_bias_act_torch(x, w, b, stride, k // 2, residual, relu)
+            assert got is not None and rel_err(got, want) < 1e-6
+    assert list(cache) == [tuple(x.shape)]  # the weight was reordered once
+    assert cpu_conv.conv_fused(x.double(), w.double(), b.double(), stride, k // 2, None, True,
+                               {}) is None  # fp32 only: the caller takes the plain path

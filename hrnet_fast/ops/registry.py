@@ -49,12 +49,7 @@ def set_auto_order(op: str, order: List[str]) -> None:
 
 
 def default_backend() -> str:
-    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    return name
-
-
-def backends_of(op: str) -> List[str]:
-    return list(_REGISTRY.get(op, {}))
+    return os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
 
 
 def status(op: str, backend: str, device) -> Tuple[bool, str]:
