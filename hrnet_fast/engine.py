@@ -31,6 +31,8 @@ from .reference import HighResolutionNet, check_image_batch, resize
 
 logger = logging.getLogger(__name__)
 
+# Input shapes whose CUDA graphs an engine keeps (least recently used dropped first).
+MAX_CUDA_GRAPHS = 8
 ENGINE_BACKENDS = ("auto", "torch", "compile", "triton", "cuda")
 DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -413,9 +415,11 @@ class HRNetEngine(nn.Module):
 
     def _graph_forward(self, x: torch.Tensor):
         key = (tuple(x.shape), x.dtype, x.device, x.stride())
-        entry = self._graphs.get(key)
+        entry = self._graphs.pop(key, None)
         run = self._compiled or self._run
         if entry is None:
+            while len(self._graphs) >= MAX_CUDA_GRAPHS:  # each graph keeps its own memory pool
+                self._graphs.pop(next(iter(self._graphs)))  # least recently used first
             static_in = x.clone()
             stream = torch.cuda.Stream(device=x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -426,7 +430,8 @@ class HRNetEngine(nn.Module):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 static_out = run(static_in)
-            entry = self._graphs[key] = _Graph(graph, static_in, static_out)
+            entry = _Graph(graph, static_in, static_out)
+        self._graphs[key] = entry  # (re)inserted last: the dict's order is least recent first
         entry.static_in.copy_(x)
         entry.graph.replay()
         return entry.static_out  # overwritten by the next replay: _deliver copies it

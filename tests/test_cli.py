@@ -91,3 +91,41 @@ def test_segment_bad_image(tmp_path):
     np.save(bad, np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         main(["segment", str(bad), "--preset", "w18_small_v1"])
+
+
+def test_demo_table(capsys):
+    assert main(["demo", "--preset", "w18_small_v1", "--size", "64x96", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reference (eager)" in out and "hrnet_fast (torch)" in out
+    err = float(out.split("hrnet_fast (torch)")[1].split()[3])
+    assert err < 1e-5  # the demo's own relative error column
+
+
+def test_bench_json(tmp_path, capsys):
+    import json
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "w18_small_v1", "--size", "64x64", "--batch", "1", "2",
+                 "--repeats", "2", "--warmup", "1", "--impls", "torch", "cuda", "--json", str(path),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "fast:torch" in out and "ref:eager" in out and "x ref:eager" in out
+    data = json.load(open(path))
+    rows = data["rows"]
+    assert {r["batch"] for r in rows} == {1, 2}
+    torch_rows = [r for r in rows if r["name"] == "torch"]
+    assert all(r["median_ms"] > 0 and "eager" in r["speedup"] for r in torch_rows)
+    assert all("skipped" in r for r in rows if r["name"] == "cuda")  # no GPU here: said, not faked
+    assert data["environment"]["torch"]
+
+
+def test_check_reports_and_exit_code(capsys, monkeypatch):
+    assert main(["check", "--preset", "w18_small_v1", "--size", "33x47", "--backends", "torch", "cuda",
+                 "--upsample", "nearest"]) == 0
+    out = capsys.readouterr().out
+    assert "torch    float32" in out and " ok" in out and "unavailable" in out
+    # A backend that misses its bound makes the command fail.
+    import hrnet_fast.check as check_mod
+    monkeypatch.setattr(check_mod, "FP32_BOUND", 0.0)
+    assert main(["check", "--preset", "w18_small_v1", "--size", "33x47", "--backends", "torch",
+                 "--upsample", "bilinear"]) == 1
+    assert "FAIL" in capsys.readouterr().out
