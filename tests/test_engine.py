@@ -239,3 +239,43 @@ def test_engine_output_is_fresh_and_nchw():
         a = engine(X)
         b = engine(X)
     assert a.is_contiguous() and a.data_ptr() != b.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_replay_matches_eager_engine(backend):
+    from hrnet_fast.engine import MAX_CUDA_GRAPHS
+    model = _model("w18_small_v2").cuda()
+    eager = optimize(model, backend=backend)
+    graphed = optimize(model, backend=backend, cuda_graphs=True)
+    with torch.no_grad():
+        for seed in range(3):  # new data each call into the same captured graph
+            x = torch.randn(2, 3, 97, 131, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            a, b = graphed(x), eager(x)
+            assert rel_err(a, b) < TOL and rel_err(a, _reference_forward(model, x)) < TOL
+        first = graphed(x)
+        second = graphed(x * 2)
+        assert first.data_ptr() != second.data_ptr() and rel_err(first, b) < TOL
+        for k in range(MAX_CUDA_GRAPHS + 1):
+            graphed(torch.randn(1, 3, 64 + 8 * k, 64, device="cuda"))
+    assert len(graphed._graphs) == MAX_CUDA_GRAPHS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["w18", "w48"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_full_size_model_equality_on_gpu(preset, backend):
+    """fp32 (TF32 off) within 1e-5 and fp16 within 2x the reference's own fp16 error, 1024x2048."""
+    model = _model(preset).cuda()
+    x = torch.randn(1, 3, 1024, 2048, device="cuda")
+    try:
+        fast32 = optimize(model, backend=backend)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    with torch.no_grad():
+        ref32 = _reference_forward(model, x)
+        assert rel_err(fast32(x), ref32) < TOL
+        ref64 = clone_as(model, torch.float64)(x.double())
+        ref16_err = rel_err(clone_as(model, torch.float16)(x.half()), ref64)
+        out16 = optimize(model, backend=backend, dtype=torch.float16)(x.half())
+    assert rel_err(out16, ref64) <= 2 * ref16_err
