@@ -137,5 +137,9 @@ def test_cpu_fused_conv_matches_conv2d(stride, k):
             want = conv2d_bias_act_torch(x, w, b, stride, k // 2, residual, relu)
             assert got is not None and rel_err(got, want) < 1e-6
     assert list(cache) == [tuple(x.shape)]  # the weight was reordered once
+    for n in (3, 4, 5):  # other input sizes: the cache stays bounded
+        cpu_conv.conv_fused(torch.randn(n, 18, 9, 9).contiguous(memory_format=torch.channels_last),
+                            w, b, stride, k // 2, None, True, cache)
+    assert len(cache) == cpu_conv.MAX_SHAPES
     assert cpu_conv.conv_fused(x.double(), w.double(), b.double(), stride, k // 2, None, True,
                                {}) is None  # fp32 only: the caller takes the plain path

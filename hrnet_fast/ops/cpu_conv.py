@@ -17,6 +17,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _STATE = {"ok": None}
+# Input shapes per conv whose reordered weights are kept (oneDNN picks the layout per problem);
+# enough for a fixed-size service plus a second size, without growing with every image size.
+MAX_SHAPES = 2
 
 
 def available() -> bool:
@@ -37,11 +40,14 @@ def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return None
     st, pd = [stride, stride], [padding, padding]
     try:
-        w = cache.get(tuple(x.shape))
+        key = tuple(x.shape)
+        w = cache.pop(key, None)
         if w is None:
             w = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), pd, st, [1, 1], 1,
                                                          list(x.shape))
-            cache[tuple(x.shape)] = w
+            while len(cache) >= MAX_SHAPES:  # a copy of the weights per shape: keep a few only
+                cache.pop(next(iter(cache)))
+        cache[key] = w  # most recently used last
         if residual is not None:
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, residual, w, bias, pd, st, [1, 1], 1, "add", None, "relu" if relu else None, [], "")
