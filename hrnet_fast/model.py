@@ -84,19 +84,15 @@ class HRNet(HighResolutionNet):
             return super().forward(x)
         self.check_input(x)
         engine = self._engine_for(x)
-        if self._engine_slot.get("verified"):
-            return engine(x)
         try:
-            out = engine(x)
+            return engine(x)
         except Exception as e:
-            if (self.fast_backend or "auto") != "auto" or engine.backend == "torch":
+            if not engine.auto or engine.backend == "torch":
                 raise
-            # An automatically chosen kernel backend failed on this machine: say so once, and run
-            # the plain torch engine from now on rather than failing the user's call.
+            # A kernel backend that "auto" chose failed on this machine: say so once and run the
+            # plain torch engine from now on, rather than failing the user's call.
             warnings.warn(f"hrnet_fast: the {engine.backend} backend failed ({type(e).__name__}: "
                           f"{e}); falling back to the torch backend", RuntimeWarning, stacklevel=2)
             self.fast_backend = "torch"
             self._engine_slot.clear()
-            out = self._engine_for(x)(x)
-        self._engine_slot["verified"] = True
-        return out
+            return self._engine_for(x)(x)

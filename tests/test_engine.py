@@ -164,7 +164,8 @@ def test_dropin_auto_falls_back_to_torch_with_a_warning(monkeypatch):
             super().__init__(source, backend="torch",
                              cuda_graphs=cuda_graphs)
             if backend != "torch":
-                self.backend = "triton"  # pretend auto chose a kernel backend
+                self.backend = "triton"  # pretend a kernel backend was chosen
+                self.auto = backend in (None, "auto")
 
         def forward(self, x):
             if self.backend == "triton":
