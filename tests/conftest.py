@@ -15,8 +15,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import DEVICE  # noqa: E402,F401
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
