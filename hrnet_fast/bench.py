@@ -63,6 +63,7 @@ def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches:
         case = {"preset": preset, "size": f"{size[0]}x{size[1]}", "batch": batch,
                 "dtype": str(dtype).replace("torch.", "")}
         peer_ms: Dict[str, float] = {}
+        timed: List[Dict] = []
         for kind, names in (("peer", peers), ("impl", impls)):
             for name in names:
                 if progress:
@@ -80,9 +81,9 @@ def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches:
                 if kind == "peer":
                     peer_ms[name] = row["median_ms"]
                 rows.append(row)
-        for row in rows:
-            if all(row.get(k) == v for k, v in case.items()) and "median_ms" in row:
-                row["speedup"] = {p: ms / row["median_ms"] for p, ms in peer_ms.items()}
+                timed.append(row)
+        for row in timed:  # this case's rows only: speedups against its own peers
+            row["speedup"] = {p: ms / row["median_ms"] for p, ms in peer_ms.items()}
     return {"environment": environment(device), "rows": rows}
 
 

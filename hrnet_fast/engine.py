@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # Input shapes whose CUDA graphs an engine keeps (least recently used dropped first).
 MAX_CUDA_GRAPHS = 8
 ENGINE_BACKENDS = ("auto", "torch", "compile", "triton", "cuda")
-DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}
 
