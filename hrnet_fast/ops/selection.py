@@ -4,9 +4,21 @@
 problem key (shapes, dtype, flags) times every candidate on the real arguments and remembers the
 fastest; later calls go straight to it. Choices are cached per process and on disk
 (``~/.cache/hrnet_fast/selection.json``, or ``HRNET_FAST_CACHE_DIR``), keyed by device name and
-library versions, so a plan builds in seconds the next time. ``HRNET_FAST_FORCE_<OP>=<name>``
+hrnet_fast/torch/triton versions, so a plan builds in seconds the next time. A cache file that
+cannot be read, or entries that are not names, are ignored (and rewritten on the next save); a
+cached name that is not a candidate is measured again. ``HRNET_FAST_FORCE_<OP>=<name>``
 (e.g. ``HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch``) overrides the choice. No measurement happens
-during CUDA-graph capture: an unmeasured key then uses the first candidate.
+during CUDA-graph capture: an unmeasured key then uses the first candidate, which is not
+remembered as a choice.
+
+What is timed (:func:`cuda_timer`): a candidate runs the way the engine runs it, inside a CUDA
+graph. After two eager warm-up calls on a side stream (lazy initialisation, Triton autotuning and
+compilation, none of which may happen during capture), ``n`` back-to-back calls are captured into
+one graph, the graph is replayed a few times between CUDA events, and the median time per call is
+returned. Graphs remove the host launch overhead; timing single eager launches would rank
+kernels of a few microseconds by that host time instead of by their GPU time. A candidate that
+refuses capture cannot run in a graph either, so it is timed as it will run: ``n`` back-to-back
+eager launches between two events (median of several repeats, per call).
 """
 from __future__ import annotations
 
@@ -30,14 +42,26 @@ def cache_path() -> str:
     return os.path.join(root, "selection.json")
 
 
+def _read_disk() -> Dict[str, str]:
+    """The cache file's ``{key: name}`` entries; anything unreadable or not a name is dropped."""
+    try:
+        with open(cache_path(), "rb") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # not JSON, not UTF-8, unreadable: start afresh, rewrite on save
+        logger.info("ignoring the selection cache %s: %s", cache_path(), e)
+        return {}
+    if not isinstance(raw, dict):
+        logger.info("ignoring the selection cache %s: not a JSON object", cache_path())
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, str)}
+
+
 def _disk() -> Dict[str, str]:
     global _DISK
     if _DISK is None:
-        try:
-            with open(cache_path()) as f:
-                _DISK = dict(json.load(f))
-        except (OSError, ValueError):
-            _DISK = {}
+        _DISK = _read_disk()
     return _DISK
 
 
@@ -52,6 +76,18 @@ def _save_disk() -> None:
         logger.info("could not save the selection cache: %s", e)
 
 
+def _package_version() -> str:
+    import hrnet_fast  # at call time: the package is imported by then (no import cycle)
+    version = getattr(hrnet_fast, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version
+        return dist_version("hrnet_fast")
+    except Exception:
+        return "unknown"
+
+
 def _device_tag(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
@@ -59,22 +95,98 @@ def _device_tag(device: torch.device) -> str:
         tv = triton.__version__
     except Exception:
         tv = "none"
-    return f"{name}|torch {torch.__version__}|triton {tv}"
+    return f"{name}|hrnet_fast {_package_version()}|torch {torch.__version__}|triton {tv}"
 
 
-def cuda_timer(fn: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
+def _per_call_ms(run: Callable[[], object], calls: int, repeats: int,
+                 event: Callable[[], object]) -> float:
+    """Median over ``repeats`` of the milliseconds between two events around ``run()``, divided
+    by the ``calls`` that one ``run()`` makes."""
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = event(), event()
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
+
+
+def time_calls(fn: Callable[[], object], n: int, repeats: int,
+               capture: Callable[[Callable[[], None]], object],
+               event: Callable[[], object]) -> float:
+    """Milliseconds per call of ``fn`` (already warmed up). ``capture(body)`` records ``body``
+    (``n`` calls of ``fn``) into a graph with ``replay()`` and ``reset()``; the graph is replayed
+    once untimed (upload), then timed ``repeats`` times, then reset. If capture raises, ``n``
+    back-to-back eager calls are timed ``repeats`` times instead. ``event()`` makes a timing event
+    (``record``, ``synchronize``, ``elapsed_time``)."""
+    def body() -> None:
+        for _ in range(n):
+            fn()
+
+    try:
+        graph = capture(body)
+    except Exception as e:  # an op that refuses capture (host sync, unsupported call, ...)
+        logger.info("timing without a CUDA graph (capture failed: %s)", e)
+        return _per_call_ms(body, n, repeats, event)
+    try:
+        graph.replay()
+        return _per_call_ms(graph.replay, n, repeats, event)
+    finally:
+        graph.reset()  # frees the graph and its memory pool
+
+
+def _capture_cuda_graph(body: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+    stream = torch.cuda.current_stream()
+    try:
+        # thread_local: other threads' CUDA calls neither fail nor invalidate this capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            body()
+    except BaseException:
+        _clean_up_failed_capture(stream, pool)
+        raise
+    return graph
+
+
+def _clean_up_failed_capture(stream: "torch.cuda.Stream", pool) -> None:
+    """Undo what a failed capture leaves behind (seen with torch 2.11): the capture stream stays
+    current, the caching allocator keeps routing to the graph's pool, and the CUDA RNG stays in
+    capture mode, so that every later random op raises "Offset increment outside graph capture".
+    A tiny capture that succeeds takes the RNG out of capture mode."""
+    torch.cuda.set_stream(stream)
+    device = torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except Exception:  # torch already ended it: the pool is the graph's to release
+        pass
+    else:
+        torch._C._cuda_releasePool(device, pool)
+    try:
+        x, graph = torch.zeros(1, device=device), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.add_(1)
+        graph.reset()
+    except Exception as e:
+        logger.warning("could not restore the CUDA state after a failed graph capture: %s", e)
+
+
+def _timing_event() -> "torch.cuda.Event":
+    return torch.cuda.Event(enable_timing=True)
+
+
+def cuda_timer(fn: Callable[[], object], device: torch.device, n: int = 20,
+               repeats: int = 5) -> float:
+    """Median milliseconds per call of ``fn()`` as it runs in a CUDA graph (module docstring)."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy init, Triton autotuning/compilation
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        return time_calls(fn, n, repeats, _capture_cuda_graph, _timing_event)
 
 
 class SelectingOp:
@@ -110,7 +222,7 @@ class SelectingOp:
         if len(self.candidates) == 1:
             return first
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return first
+            return first  # no timing inside a capture; not remembered, so measured later
         disk_key = f"{_device_tag(device)}|{self.op}|{key}"
         with _LOCK:
             cached = _disk().get(disk_key) if self.persist else None
