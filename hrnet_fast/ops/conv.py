@@ -12,31 +12,59 @@ from ._validate import check_image, check_same
 
 logger = logging.getLogger(__name__)
 
-# cuDNN's fused conv epilogues: used for fp16/bf16 only (fp32 keeps F.conv2d, whose TF32 setting
-# the tests control). If a call fails once on a device/dtype, that combination stops trying.
+# cuDNN's fused conv epilogues (conv + bias [+ residual] + ReLU in one kernel): used for fp16/bf16
+# only (fp32 keeps F.conv2d, whose TF32 setting the tests control). Without them every ReLU conv is
+# three to four launches (conv, bias, add, ReLU): w18 at 1024x2048 makes ~900 conv-related kernels
+# per forward instead of ~340.
+#
+# Inside a CUDA-graph capture nothing may fail or be tried for the first time (a failed call
+# invalidates the capture), so the fused form is captured only for problems that already ran fused
+# eagerly (the engine's warm-up runs every shape before it captures); an unseen problem is captured
+# unfused. A device/dtype whose cuDNN refuses the fused call is remembered and not tried again.
 _CUDNN_FUSED_BROKEN: set = set()
+_CUDNN_FUSED_SEEN: set = set()
+# What captures recorded: {"fused": n, "unfused": n} conv epilogues (tests and benchmarks read it).
+CAPTURED_EPILOGUES = {"fused": 0, "unfused": 0}
+
+
+def _fused_key(x, weight, stride, padding, residual):
+    return (x.device, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), stride, padding,
+            None if residual is None else residual.stride())
 
 
 def _cudnn_fused(x, weight, bias, stride, padding, residual):
-    key = (x.device, x.dtype, residual is None)
-    if key in _CUDNN_FUSED_BROKEN:
+    broken_key = (x.device, x.dtype, residual is None)
+    if broken_key in _CUDNN_FUSED_BROKEN:
         return None
+    key = _fused_key(x, weight, stride, padding, residual)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        seen = key in _CUDNN_FUSED_SEEN
+        CAPTURED_EPILOGUES["fused" if seen else "unfused"] += 1
+        if not seen:
+            return None
     try:
         if residual is None:
-            return torch.cudnn_convolution_relu(x, weight, bias, (stride, stride), (padding, padding),
-                                                (1, 1), 1)
-        return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, (stride, stride),
-                                                (padding, padding), (1, 1), 1)
+            y = torch.cudnn_convolution_relu(x, weight, bias, (stride, stride), (padding, padding),
+                                             (1, 1), 1)
+        else:
+            y = torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, (stride, stride),
+                                                 (padding, padding), (1, 1), 1)
     except RuntimeError as e:  # unsupported layout/dtype on this cuDNN: use the unfused form
-        _CUDNN_FUSED_BROKEN.add(key)
+        if capturing:
+            raise  # cannot happen for a problem that ran eagerly; never hide a broken capture
+        _CUDNN_FUSED_BROKEN.add(broken_key)
         logger.info("cuDNN fused conv epilogue unavailable (%s); using conv + separate epilogue", e)
         return None
+    if not capturing:
+        _CUDNN_FUSED_SEEN.add(key)
+    return y
 
 
 def conv2d_bias_act_torch(x, weight, bias, stride=1, padding=0, residual=None, relu=True,
                           relu_ranges=None):
     if (x.is_cuda and relu and relu_ranges is None and x.dtype in (torch.float16, torch.bfloat16)
-            and bias is not None and not torch.cuda.is_current_stream_capturing()):
+            and bias is not None):
         y = _cudnn_fused(x, weight, bias, stride, padding, residual)
         if y is not None:
             return y
