@@ -44,15 +44,20 @@ def _impl_fn(name: str, ref: HighResolutionNet) -> Callable:
     backend, _, extra = name.partition("+")
     if extra not in ("", "graphs"):
         raise ValueError(f"unknown implementation {name!r} (use BACKEND or BACKEND+graphs)")
-    return optimize(ref, backend=backend, cuda_graphs=extra == "graphs" or None)
+    # Explicit both ways: "torch" is the engine without graphs, "torch+graphs" with them.
+    return optimize(ref, backend=backend, cuda_graphs=extra == "graphs")
 
 
 def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches: Sequence[int],
               dtypes: Sequence[torch.dtype], impls: Sequence[str], peers: Sequence[str],
               device: torch.device, *, warmup: int = 3, repeats: int = 10,
-              progress: Optional[Callable[[str], None]] = None) -> Dict:
+              progress: Optional[Callable[[str], None]] = None,
+              on_row: Optional[Callable[[Dict, List[Dict]], None]] = None) -> Dict:
     """All combinations; returns {"environment": ..., "rows": [...]} with one row per implementation
-    or peer, each with median/min/max ms, images/s and speedups against every peer."""
+    or peer, each with median/min/max ms, images/s and speedups against every peer.
+
+    ``on_row(row, rows)`` is called as each row is measured (before the case's speedups exist), so
+    a caller can save partial results: a run killed by a time limit keeps what it measured."""
     rows: List[Dict] = []
     cases = list(itertools.product(presets, sizes, batches, dtypes))
     for n, (preset, size, batch, dtype) in enumerate(cases, 1):
@@ -76,12 +81,16 @@ def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches:
                 except BackendUnavailable as e:
                     row["skipped"] = str(e)
                     rows.append(row)
+                    if on_row:
+                        on_row(row, rows)
                     continue
                 row["images_per_s"] = batch * 1e3 / row["median_ms"]
                 if kind == "peer":
                     peer_ms[name] = row["median_ms"]
                 rows.append(row)
                 timed.append(row)
+                if on_row:
+                    on_row(row, rows)
         for row in timed:  # this case's rows only: speedups against its own peers
             row["speedup"] = {p: ms / row["median_ms"] for p, ms in peer_ms.items()}
     return {"environment": environment(device), "rows": rows}

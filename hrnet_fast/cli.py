@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -78,10 +79,10 @@ def cmd_demo(args) -> int:
         rows.append(["reference (eager)", "fp32", f"{t_ref:.1f}", "1.00", "-"])
         for dtype in dtypes:
             model = ref if dtype == torch.float32 else clone_as(ref, dtype)
-            fast = optimize(model, backend=args.backend, cuda_graphs=device.type == "cuda" or None)
+            fast = optimize(model, backend=args.backend)  # CUDA graphs by default on CUDA
             xd = x.to(dtype)
-            out = fast(xd)
-            t = measure(lambda: fast(xd), device, warmup=1, repeats=args.repeats)["median_ms"]
+            t = measure(lambda: fast(xd), device, warmup=2, repeats=args.repeats)["median_ms"]
+            out = fast(xd)  # checked as served: a graph replay on CUDA
             rows.append([f"hrnet_fast ({fast.backend}{'+graphs' if fast.cuda_graphs else ''})",
                          str(dtype).replace("torch.float", "fp"), f"{t:.1f}", f"{t_ref / t:.2f}",
                          f"{rel_err(out.float(), ref_out):.2e}"])
@@ -96,17 +97,27 @@ def cmd_bench(args) -> int:
     device = pick_device(args.device)
     impls = args.impls or default_impls(device)
     peers = args.peers if args.peers is not None else default_peers(device)
+    def save(result: dict, complete: bool) -> None:
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(dict(result, complete=complete), f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
+    def on_row(row: dict, rows: list) -> None:  # partial results survive a killed run
+        if not args.quiet and "median_ms" in row:
+            stderr_progress(f"    {row['name']}: {row['median_ms']:.2f} ms")
+        save({"environment": environment(device), "rows": rows}, complete=False)
+
     result = run_bench(args.preset, args.size, args.batch, args.dtype, impls, peers, device,
                        warmup=args.warmup, repeats=args.repeats,
-                       progress=None if args.quiet else stderr_progress)
+                       progress=None if args.quiet else stderr_progress, on_row=on_row)
     env = result["environment"]
     print(f"device: {env['device_name']}; torch {env['torch']}, triton {env['triton']}"
           + (f", cuDNN {env['cudnn']}" if "cudnn" in env else f", {env['threads']} threads"))
     table = format_table(result)
     print_table(table[0], table[1:])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        save(result, complete=True)
         print(f"saved {args.json}")
     return 0
 
