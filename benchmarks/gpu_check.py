@@ -1,0 +1,170 @@
+"""Everything that needs a CUDA GPU, as time-boxed steps that save their results as they finish.
+
+    python benchmarks/gpu_check.py [--out DIR] [--steps env,tests,...] [--budget SECONDS]
+
+A lent GPU machine runs one command for at most 600 s, so the work is split into two runs
+(``--steps run1`` and ``--steps run2``) that each fit well inside that. Every step is a subprocess
+with its own timeout (its whole process group is killed when the time is up) and a share of the
+overall ``--budget``: a step that would not fit is cut short or skipped, never allowed to eat the
+next one's time. As each step ends, the driver appends
+
+* its output to ``OUT/log.txt``,
+* one line (return code, seconds) to ``OUT/summary.txt``,
+* its JSON results (if it wrote any to ``$GPU_CHECK_JSON``) to ``OUT/results.jsonl``,
+
+so a run killed half-way still returns everything finished before. Correctness checks come before
+anything that autotunes or times. OUT defaults to ``$OUT`` (set on the lent machine) or ./results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+STEPS_PY = os.path.join(ROOT, "benchmarks", "gpu_steps.py")
+SHAPES = "--preset w18 w48 --size 1024x2048"
+
+# name -> (timeout s, command). "{json}" is replaced by the step's JSON path.
+STEPS: Dict[str, Tuple[int, str]] = {
+    # nvidia-smi, versions, the measured copy and fp16 matmul ceilings
+    "env": (60, f"nvidia-smi; {PY} {STEPS_PY} env --json {{json}}"),
+    # the CUDA extension, built in the background while the tests run (CPU-bound, 16 cores)
+    "build_start": (10, f"{PY} {STEPS_PY} build_start"),
+    # every GPU test except the extension's (their build may still run) and the Triton-conv
+    # full-shape sweep (it autotunes 39 shape/dtype pairs; the conv step times those shapes)
+    "tests": (240, f"HRNET_FAST_CUDA_EXT=prebuilt {PY} -m pytest -q -m gpu -p no:cacheprovider -n 8 "
+                   "--timeout 200 -rfE --tb=short tests -k 'not test_cuda_ext'"),
+    # the same without anything that autotunes Triton convs (engines keep cuDNN convs and the
+    # batched strided chains unless a test asks for the Triton ones itself)
+    "tests_fast": (170, "HRNET_FAST_CUDA_EXT=prebuilt HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch "
+                        f"HRNET_FAST_FORCE_FUSE_DOWN=batched {PY} -m pytest -q -m gpu "
+                        "-p no:cacheprovider -n 8 --timeout 100 -rfE --tb=short tests "
+                        "-k 'not test_cuda_ext and not conv_gpu_full_shapes'"),
+    # the engine, fuse/head kernel and selection GPU tests (no Triton-conv autotuning)
+    "tests_model": (90, "HRNET_FAST_CUDA_EXT=prebuilt HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch "
+                        f"HRNET_FAST_FORCE_FUSE_DOWN=batched {PY} -m pytest -q -m gpu "
+                        "-p no:cacheprovider -n 8 --timeout 80 -rfE --tb=short "
+                        "tests/test_engine.py tests/test_kernels_fuse.py tests/test_selection.py"),
+    # auto + CUDA graphs, fp16/bf16/fp32, w18/w48 at 1x3x1024x2048 against the eager engine and
+    # the reference (design bounds); fused epilogues captured; memory each graph keeps
+    "model_check": (100, f"{PY} {STEPS_PY} model_check --json {{json}}"),
+    # GPU time of one eager engine forward by kernel kind (torch.profiler)
+    "profile": (70, f"{PY} {STEPS_PY} profile --json {{json}}"),
+    # our implementations alone (no compile peers): where we stand
+    "bench_quick": (100, f"{PY} -m hrnet_fast bench {SHAPES} --dtype fp16 --impls torch torch+graphs "
+                         "auto+graphs --peers eager --repeats 20 --json {json}"),
+    "fuse_ab": (60, f"{PY} {ROOT}/benchmarks/bench_fuse_kernels.py --graphs --no-compile "
+                    "--inputs 1x3x1024x2048 --rep 50 --json {json}"),
+    "build_wait": (200, f"{PY} {STEPS_PY} build_wait"),
+    "ext_tests": (150, f"{PY} -m pytest -q -m gpu -p no:cacheprovider -n 4 --timeout 120 -rfE "
+                       "--tb=short tests/test_cuda_ext.py"),
+    "fuse_ab_ext": (90, f"{PY} {ROOT}/benchmarks/bench_fuse_kernels.py --graphs --no-compile "
+                        "--inputs 1x3x1024x2048 --rep 50 --json {json}"),
+    "conv_ab": (150, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 --json {{json}}"),
+    # the model figures for RESULTS.md: ours and eager first (seconds), then each torch.compile
+    # peer in a step of its own (reduce-overhead compiles w48 for over a minute; partial rows are
+    # saved as they finish, so a step cut short keeps what it measured)
+    "bench": (120, f"{PY} -m hrnet_fast bench {SHAPES} --dtype fp16 --impls torch+graphs auto+graphs "
+                   "--peers eager --repeats 30 --json {json}"),
+    "bench_b8": (60, f"{PY} -m hrnet_fast bench --preset w18 w48 --size 512x1024 --batch 8 "
+                     "--dtype fp16 --impls auto+graphs --peers eager --repeats 20 --json {json}"),
+    "peers_w18": (150, f"{PY} -m hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
+                       "--impls auto+graphs --peers compile-ro --repeats 30 --json {json}"),
+    "peers_w48": (200, f"{PY} -m hrnet_fast bench --preset w48 --size 1024x2048 --dtype fp16 "
+                       "--impls auto+graphs --peers compile-ro --repeats 30 --json {json}"),
+    "peers_max_w18": (300, f"{PY} -m hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
+                           "--impls auto+graphs --peers compile-max --repeats 30 --json {json}"),
+}
+GROUPS = {
+    "run1": ["env", "tests_fast", "model_check", "profile", "bench_quick", "fuse_ab"],
+    "ext": ["build_start", "tests", "build_wait", "ext_tests", "fuse_ab_ext"],
+    "run2": ["env", "tests_model", "model_check", "bench", "profile", "bench_b8", "peers_w18",
+             "peers_w48"],
+    "peers_max": ["peers_max_w18"],
+}
+
+
+def run_step(name: str, timeout: float, command: str, out: str) -> Dict:
+    fd, json_path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    os.unlink(json_path)
+    env = dict(os.environ, GPU_CHECK_JSON=json_path, PYTHONUNBUFFERED="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    proc = subprocess.Popen(command.replace("{json}", json_path), shell=True, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        rc = "timeout"
+    took = time.time() - t0
+    with open(os.path.join(out, "log.txt"), "a") as f:
+        f.write(f"\n===== {name} (rc={rc}, {took:.0f} s of {timeout:.0f}) =====\n$ {command}\n{output}")
+    line = f"{name}: rc={rc} in {took:.0f} s"
+    with open(os.path.join(out, "summary.txt"), "a") as f:
+        f.write(line + "\n")
+    if os.path.exists(json_path):
+        try:
+            with open(json_path) as f:
+                data = json.load(f)
+            with open(os.path.join(out, "results.jsonl"), "a") as f:
+                f.write(json.dumps({"step": name, "rc": rc, "seconds": round(took, 1),
+                                    "data": data}) + "\n")
+        except ValueError as e:
+            line += f" (unreadable JSON: {e})"
+        os.unlink(json_path)
+    print(line, flush=True)
+    tail = output.strip().splitlines()[-12:]
+    print("\n".join("    " + t[:200] for t in tail), flush=True)
+    return {"name": name, "rc": rc, "seconds": took}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "results"))
+    p.add_argument("--steps", default="run1",
+                   help=f"comma-separated steps or groups; groups: {GROUPS}; steps: {list(STEPS)}")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all steps together")
+    p.add_argument("--list", action="store_true", help="print the steps and their commands")
+    args = p.parse_args(argv)
+    names: List[str] = []
+    for item in args.steps.split(","):
+        for n in GROUPS.get(item, [item]):
+            if n not in STEPS:
+                p.error(f"unknown step {n!r}; choose from {list(STEPS)} or {list(GROUPS)}")
+            names.append(n)
+    if args.list:
+        for n in names:
+            print(f"{n} ({STEPS[n][0]} s): {STEPS[n][1]}")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    deadline = time.time() + args.budget
+    results = []
+    for n in names:
+        left = deadline - time.time()
+        timeout, command = STEPS[n]
+        if left < 15:
+            with open(os.path.join(args.out, "summary.txt"), "a") as f:
+                f.write(f"{n}: skipped, {left:.0f} s of the budget left\n")
+            print(f"{n}: skipped ({left:.0f} s left)", flush=True)
+            continue
+        results.append(run_step(n, min(timeout, left), command, args.out))
+    bad = [r["name"] for r in results if r["rc"] != 0]
+    print("failed or timed out:", ", ".join(bad) or "none")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

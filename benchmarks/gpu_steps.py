@@ -1,0 +1,248 @@
+"""The Python steps of ``benchmarks/gpu_check.py`` (each needs a CUDA GPU except ``--help``).
+
+    python benchmarks/gpu_steps.py env          [--json PATH]   versions, copy and matmul ceilings
+    python benchmarks/gpu_steps.py model_check  [--json PATH]   auto + graphs against the reference
+    python benchmarks/gpu_steps.py profile      [--json PATH]   GPU time by kernel kind
+    python benchmarks/gpu_steps.py build_start | build_wait     the CUDA extension, in the background
+
+Numbers are medians of CUDA-event timings after warm-up, on random data (never zeros).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BUILD_DIR = "/tmp/hrnet_fast_ext_build"
+
+
+def _save(path, data) -> None:
+    print(json.dumps(data, indent=1, default=str))
+    path = path or os.environ.get("GPU_CHECK_JSON")
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, default=str)
+
+
+def _events_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def step_env(args) -> None:
+    import torch
+    import triton
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    info = {"device": torch.cuda.get_device_name(dev), "sms": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2 ** 30, 1), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "triton": triton.__version__, "python": sys.version.split()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    # Copy ceiling: 1 GiB device-to-device, counting bytes read + written (random data).
+    n = 2 ** 30 // 2
+    src = torch.randn(n, device=dev, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = _events_ms(lambda: dst.copy_(src), repeats=30)
+    info["copy_tbs"] = round(2 * src.numel() * 2 / ms / 1e9, 3)
+    del src, dst
+    # fp16 matmul ceiling: 8192^3 on random data.
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
+    ms = _events_ms(lambda: a @ b, repeats=10)
+    info["fp16_matmul_tflops"] = round(2 * 8192 ** 3 / ms / 1e9, 1)
+    _save(args.json, info)
+
+
+def step_build_start(args) -> None:
+    """Build hrnet_fast._C into BUILD_DIR in the background (the checks go on meanwhile); the
+    source tree gets the library only in build_wait, never half-written."""
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    env = dict(os.environ, HRNET_FAST_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS="8")
+    log = open(os.path.join(BUILD_DIR, "build.log"), "w")
+    proc = subprocess.Popen([sys.executable, "setup.py", "build_ext", "-b", f"{BUILD_DIR}/lib",
+                             "-t", f"{BUILD_DIR}/tmp"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(os.path.join(BUILD_DIR, "pid"), "w") as f:
+        f.write(str(proc.pid))
+    print("build started, pid", proc.pid)
+
+
+def step_build_wait(args) -> None:
+    with open(os.path.join(BUILD_DIR, "pid")) as f:
+        pid = int(f.read())
+    t0 = time.time()
+    while os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+        time.sleep(1)
+    libs = glob.glob(f"{BUILD_DIR}/lib/hrnet_fast/_C*.so")
+    print(open(os.path.join(BUILD_DIR, "build.log")).read()[-4000:])
+    if not libs:
+        raise SystemExit("the extension build produced no library")
+    shutil.copy(libs[0], os.path.join(ROOT, "hrnet_fast", os.path.basename(libs[0])))
+    print(f"extension ready after waiting {time.time() - t0:.0f} s: {os.path.basename(libs[0])}")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _random_model(preset: str):
+    import torch
+    from hrnet_fast.check import randomize_batchnorm
+    from hrnet_fast.config import HRNetConfig
+    from hrnet_fast.reference import HighResolutionNet
+    torch.manual_seed(0)
+    return randomize_batchnorm(HighResolutionNet(HRNetConfig.preset(preset))).cuda().eval()
+
+
+def step_model_check(args) -> None:
+    """auto + CUDA graphs (the drop-in's defaults) against the eager engine and the reference:
+    fp32 (TF32 off) within 1e-5; fp16/bf16 within 2x the reference's own error vs fp64."""
+    import torch
+    from hrnet_fast import optimize
+    from hrnet_fast.check import clone_as, rel_err
+    from hrnet_fast.ops import conv as conv_ops
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for preset in args.presets:
+        model = _random_model(preset)
+        x = torch.randn(1, 3, 1024, 2048, device="cuda")
+        with torch.inference_mode():
+            ref64 = clone_as(model, torch.float64)(x.double())
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                xd = x.to(dtype)
+                if dtype == torch.float32:
+                    own, bound = None, 1e-5
+                    want = model(x)
+                else:
+                    own = rel_err(clone_as(model, dtype)(xd), ref64)
+                    bound, want = 2 * own, ref64
+                eager = optimize(model, dtype=dtype, cuda_graphs=False)
+                graphed = optimize(model, dtype=dtype)
+                before = dict(conv_ops.CAPTURED_EPILOGUES)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                e_out = eager(xd)  # first call: cuDNN measures its algorithms per shape
+                torch.cuda.synchronize()
+                first_call_s = time.perf_counter() - t0
+                graphed(xd)  # eager call
+                torch.cuda.synchronize()
+                reserved0 = torch.cuda.memory_reserved()
+                graphed(xd)  # capture + replay
+                torch.cuda.synchronize()
+                graph_mib = (torch.cuda.memory_reserved() - reserved0) / 2 ** 20
+                y = torch.randn_like(x)
+                g_out = graphed(y.to(dtype))
+                e_out_y = eager(y.to(dtype))
+                want_y = (clone_as(model, torch.float64)(y.double()) if dtype != torch.float32
+                          else model(y))
+                row = {"preset": preset, "dtype": str(dtype).replace("torch.", ""),
+                       "backend": graphed.backend, "eager_err": rel_err(e_out, want),
+                       "graph_err": rel_err(g_out, want_y), "graph_vs_eager": rel_err(g_out, e_out_y),
+                       "own_err": own, "bound": bound, "first_call_s": round(first_call_s, 2),
+                       "graph_pool_mib": round(graph_mib, 1),
+                       "captured_fused": conv_ops.CAPTURED_EPILOGUES["fused"] - before["fused"],
+                       "captured_unfused": conv_ops.CAPTURED_EPILOGUES["unfused"] - before["unfused"]}
+                row["ok"] = bool(row["eager_err"] <= bound and row["graph_err"] <= bound)
+                print(row, flush=True)
+                rows.append(row)
+                del eager, graphed
+                torch.cuda.empty_cache()
+    _save(args.json, {"rows": rows, "all_ok": all(r["ok"] for r in rows)})
+
+
+KINDS = [  # (kind, pattern) in order; the first match wins
+    ("fuse (ours)", r"upsample_add_relu"), ("head (ours)", r"seg_head"),
+    ("conv (triton)", r"conv2d_bias_act|strided_chain"),
+    ("conv (cudnn)", r"conv|xmma|implicit|gemm|cudnn|sm90_|cutlass|fprop|winograd"),
+    ("layout copy", r"nchw|nhwc|transpose|copy|Cat"),
+    ("resize", r"upsample|interp|bilinear|nearest"),
+    ("elementwise", r"elementwise|vectorized|add|relu|clamp|mul|fill|reduce"),
+]
+
+
+def step_profile(args) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from hrnet_fast import optimize
+    out = {}
+    for preset in args.presets:
+        model = _random_model(preset).half()
+        x = torch.randn(1, 3, 1024, 2048, device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            eng = optimize(model, dtype=torch.float16, cuda_graphs=False)
+            for _ in range(3):
+                eng(x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                eng(x)
+                torch.cuda.synchronize()
+        by_kind: Dict[str, list] = defaultdict(lambda: [0.0, 0])
+        kernels = []
+        for e in prof.key_averages():
+            t = getattr(e, "self_device_time_total", None)
+            if t is None:
+                t = getattr(e, "self_cuda_time_total", 0)
+            if t <= 0:
+                continue
+            kind = next((k for k, pat in KINDS if re.search(pat, e.key, re.I)), "other")
+            by_kind[kind][0] += t / 1e3
+            by_kind[kind][1] += e.count
+            kernels.append((t / 1e3, e.count, kind, e.key[:110]))
+        total = sum(v[0] for v in by_kind.values())
+        print(f"== {preset} fp16 1x3x1024x2048, eager engine ({eng.backend}): GPU {total:.2f} ms, "
+              f"{sum(v[1] for v in by_kind.values())} kernels")
+        for k, (ms, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {k:16s} {ms:7.3f} ms {100 * ms / total:5.1f}%  {n:5d} launches")
+        for ms, n, kind, name in sorted(kernels, reverse=True)[:25]:
+            print(f"  {ms:7.3f} ms {n:4d}x  [{kind}] {name}")
+        # Wall time of one graph replay of the same engine, for the launch-overhead share.
+        with torch.inference_mode():
+            graphed = optimize(model, dtype=torch.float16)
+            graph_ms = _events_ms(lambda: graphed(x), repeats=20)
+            eager_ms = _events_ms(lambda: eng(x), repeats=20)
+        print(f"  eager engine {eager_ms:.2f} ms/forward (events), graph replay {graph_ms:.2f} ms")
+        out[preset] = {"gpu_ms": total, "eager_ms": eager_ms, "graph_ms": graph_ms,
+                       "by_kind": {k: {"ms": v[0], "launches": v[1]} for k, v in by_kind.items()},
+                       "top": kernels and sorted(kernels, reverse=True)[:40]}
+    _save(args.json, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile"])
+    p.add_argument("--json", default=None)
+    p.add_argument("--presets", nargs="+", default=["w18", "w48"])
+    args = p.parse_args()
+    globals()[f"step_{args.step}"](args)
+
+
+if __name__ == "__main__":
+    main()
