@@ -9,6 +9,7 @@ Backends:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
@@ -31,8 +32,10 @@ from .reference import HighResolutionNet, check_image_batch, resize
 
 logger = logging.getLogger(__name__)
 
-# Input shapes whose CUDA graphs an engine keeps (least recently used dropped first).
-MAX_CUDA_GRAPHS = 8
+# Input shapes whose CUDA graphs an engine keeps (least recently used dropped first). Each graph
+# keeps its own memory pool (every intermediate activation of one forward; see the README for the
+# measured size), so a few shapes, not dozens.
+MAX_CUDA_GRAPHS = 4
 ENGINE_BACKENDS = ("auto", "torch", "compile", "triton", "cuda")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -255,7 +258,8 @@ def run_plan(plan: HRNetPlan, ops: OpSet, x: torch.Tensor):
         for m in stage:
             xs = _module(ops, xs, m, mode, align)
     if plan.head_kind == "features":
-        return xs
+        # A padded plan (build_plan's channel_multiple) carries zero channels past the real widths.
+        return [x if x.shape[1] == c else x[:, :c] for x, c in zip(xs, plan.branch_channels)]
     head = plan.head
     if plan.head_kind == "seg":
         return _seg_head(ops, head, xs, mode, align)
@@ -351,19 +355,23 @@ class HRNetEngine(nn.Module):
         if cuda_graphs and self.device.type != "cuda":
             raise BackendUnavailable("cuda_graphs=True needs a CUDA device; the engine runs on "
                                      f"{self.device}")
-        self.cuda_graphs = bool(cuda_graphs)
+        # On by default on CUDA: HRNet is launch-bound there (eager wall time is 2-4x its GPU time).
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.config = source.config
         # Not registered as a submodule: the engine must not show up in the source's state dict.
         object.__setattr__(self, "source", source)
         self._ops = OpSet.for_backend(self.backend, self.device, self.auto)
         self._graphs: Dict[Tuple, _Graph] = {}
+        self._seen_shapes: Dict[Tuple, None] = {}  # shapes run once eagerly: captured on the next call
         self._compiled: Optional[Callable] = None
         self.rebuild()
 
     def rebuild(self) -> None:
         """Fold the source model's current weights again (drops captured CUDA graphs)."""
         with torch.inference_mode(False), torch.no_grad():
-            plan = build_plan(self.source)
+            # Channel multiples of 8 for tensor-core convs and aligned vector loads; on the CPU the
+            # zero channels would only cost time.
+            plan = build_plan(self.source, channel_multiple=8 if self.device.type == "cuda" else 1)
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
             def move(t: torch.Tensor) -> torch.Tensor:
@@ -379,6 +387,7 @@ class HRNetEngine(nn.Module):
                         spec.relu_mask = relu_mask(spec.relu_ranges, spec.out_channels, self.device)
         self._watch = WeightWatch(self.source)
         self._graphs.clear()
+        self._seen_shapes.clear()
         if self.backend == "compile":
             self._compiled = torch.compile(self._run, dynamic=False)
 
@@ -408,42 +417,73 @@ class HRNetEngine(nn.Module):
         keep_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        with torch.no_grad(), _cudnn_benchmark(self.device.type == "cuda"):
             if self.cuda_graphs:
-                return _deliver(self._graph_forward(x), keep_cl, copy=True)
+                out, replayed = self._graph_forward(x)
+                return _deliver(out, keep_cl, copy=replayed)
             return _deliver((self._compiled or self._run)(x), keep_cl, copy=False)
 
     def _graph_forward(self, x: torch.Tensor):
+        """The first call of an input shape runs eagerly (it also warms up cuDNN's and Triton's
+        per-shape choices); the second captures a CUDA graph, later calls replay it."""
         key = (tuple(x.shape), x.dtype, x.device, x.stride())
         entry = self._graphs.pop(key, None)
         run = self._compiled or self._run
         if entry is None:
+            if key not in self._seen_shapes:
+                self._seen_shapes[key] = None
+                while len(self._seen_shapes) > 4 * MAX_CUDA_GRAPHS:
+                    self._seen_shapes.pop(next(iter(self._seen_shapes)))
+                return run(x), False
             while len(self._graphs) >= MAX_CUDA_GRAPHS:  # each graph keeps its own memory pool
                 self._graphs.pop(next(iter(self._graphs)))  # least recently used first
-            static_in = x.clone()
-            stream = torch.cuda.Stream(device=x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: lazy init, cuDNN/Triton autotuning, allocations
-                    run(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = run(static_in)
-            entry = _Graph(graph, static_in, static_out)
+            entry = self._capture(run, x)
         self._graphs[key] = entry  # (re)inserted last: the dict's order is least recent first
         entry.static_in.copy_(x)
         entry.graph.replay()
-        return entry.static_out  # overwritten by the next replay: _deliver copies it
+        return entry.static_out, True  # overwritten by the next replay: _deliver copies it
+
+    def _capture(self, run, x: torch.Tensor) -> _Graph:
+        static_in = x.clone()
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):  # one warm-up on a side stream, as capture requires
+            run(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run(static_in)
+        return _Graph(graph, static_in, static_out)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """cuDNN's measured algorithm choice for the engine's convolutions, restored afterwards.
+
+    Its heuristics alone picked sm80-generation kernels for many of HRNet's thin convs on an H200
+    (torch 2.11, cuDNN 9.19); measuring once per shape costs the first call of each input shape
+    only. The first call of a shape always runs eagerly, so the measuring never happens inside a
+    CUDA-graph capture."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _deliver(out, keep_channels_last: bool, copy: bool):
     """The engine's output in the caller's layout (NCHW-contiguous unless the input was
     channels_last), always a tensor of its own when ``copy`` (CUDA-graph static outputs)."""
     def one(t: torch.Tensor) -> torch.Tensor:
-        if keep_channels_last or t.is_contiguous():
+        fmt = torch.channels_last if keep_channels_last else torch.contiguous_format
+        if t.is_contiguous(memory_format=fmt):
             return t.clone() if copy else t
-        return t.contiguous()  # a new tensor already
+        # A new dense tensor already (also for the channel slices of a padded plan's features).
+        return t.contiguous(memory_format=fmt)
     return [one(t) for t in out] if isinstance(out, list) else one(out)
 
 
@@ -454,7 +494,9 @@ def optimize(model: HighResolutionNet, *, backend: str = "auto", dtype=None,
     design's numerics: BatchNorm folded, fuse steps and head fused, the chosen backend's kernels.
 
     ``dtype`` fp32/fp16/bf16 (default: the model's); ``channels_last`` on by default; ``cuda_graphs``
-    captures one CUDA graph per input shape on CUDA (off by default). Asking for a backend that
+    (on by default on CUDA; ``False`` opts out) runs the first call of an input shape eagerly,
+    captures a CUDA graph on the second and replays it after that, for at most
+    ``MAX_CUDA_GRAPHS`` shapes (least recently used dropped). Asking for a backend that
     cannot run here raises BackendUnavailable saying why.
     """
     return HRNetEngine(model, backend=backend, dtype=dtype, channels_last=channels_last,

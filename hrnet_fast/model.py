@@ -23,11 +23,12 @@ class HRNet(HighResolutionNet):
     """HRNet with official keys. ``HRNet(config)`` or ``HRNet("w48", num_classes=19)``.
 
     ``fast`` (default True) lets eval-mode, no-grad calls run the fused engine with ``fast_backend``
-    (None: ``HRNET_FAST_BACKEND`` or "auto") and optional CUDA graphs (``fast_cuda_graphs``).
+    (None: ``HRNET_FAST_BACKEND`` or "auto") and CUDA graphs (``fast_cuda_graphs``: None = on for
+    CUDA, captured on the second call of an input shape; False opts out).
     """
 
     def __init__(self, config: Union[HRNetConfig, str] = "w18", *, fast: bool = True,
-                 fast_backend: Optional[str] = None, fast_cuda_graphs: bool = False,
+                 fast_backend: Optional[str] = None, fast_cuda_graphs: Optional[bool] = None,
                  **overrides: Any) -> None:
         if isinstance(config, str):
             config = HRNetConfig.preset(config, **overrides)
@@ -40,7 +41,7 @@ class HRNet(HighResolutionNet):
         self._engine_slot: dict = {}  # {"key": (device, dtype, settings), "engine": HRNetEngine}
 
     def configure_fast(self, enabled: bool = True, backend: Optional[str] = None,
-                       cuda_graphs: bool = False) -> "HRNet":
+                       cuda_graphs: Optional[bool] = None) -> "HRNet":
         """Choose how eval-mode, no-grad calls run; drops the cached engine."""
         self.fast, self.fast_backend, self.fast_cuda_graphs = enabled, backend, cuda_graphs
         self._engine_slot.clear()

@@ -12,7 +12,18 @@ all exact in real arithmetic (only the order of fp additions changes):
   with stacked output channels, ReLU only on the ranges of chains that continue;
 * head rewrite: ``conv1x1(concat[x0, up(x1), up(x2), up(x3)]) = W0 x0 + b + sum_k up(W_k x_k)``
   (resizing is linear with weights summing to one), so the 1x1 conv runs at each branch's own
-  resolution and the concatenated tensor is never built.
+  resolution and the concatenated tensor is never built;
+* channel padding (``build_plan(model, channel_multiple=m)``, m=8 on CUDA): every tensor between the
+  input image and the head output carries ``round_up(C, m)`` channels, the extra ones identically zero.
+  Why: fp16/bf16 tensor-core convolutions (cuDNN) want channel counts that are multiples of 8, and
+  the fuse kernels' 16-byte vector loads want channel offsets that are multiples of 8 elements (w18's
+  18/36-channel branches give neither). How: each conv gets zero weight rows and zero bias for the
+  output channels it adds and zero weight columns for the padded channels it reads; the stem reads
+  the image unpadded and the classifier writes exactly ``num_classes``. In a horizontally batched
+  conv each split starts at a multiple of m (zero rows fill any gap). Exact, for finite activations:
+  a padded channel is 0 after every step (conv with zero rows and zero bias, ReLU, residual add,
+  resize, sum), and a real channel only gains ``0 * 0`` terms from the padded columns. The
+  features head slices each branch back to its real width (``HRNetPlan.branch_channels``).
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fold import fold_conv_bn
@@ -134,6 +146,8 @@ class HRNetPlan:
     upsample: str
     align_corners: bool
     in_channels: int
+    # Real widths of the final branches; a padded plan's branch tensors carry zero channels beyond.
+    branch_channels: Tuple[int, ...]
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "HRNetPlan":
         """A copy with ``fn`` applied to every tensor (device / dtype / memory-format moves)."""
@@ -184,8 +198,26 @@ def _walk(obj, visit) -> None:
 
 # --------------------------------------------------------------------------------------- building
 
-def _conv(seq_or_conv, bn=None, relu=True) -> ConvSpec:
-    """A ConvSpec from a conv (+ BN); ``seq_or_conv`` may be a Sequential(conv, bn[, relu])."""
+def _round_up(c: int, m: int) -> int:
+    return -(-c // m) * m
+
+
+def _pad(weight: torch.Tensor, bias: Optional[torch.Tensor], m: int, pad_in: bool = True,
+         pad_out: bool = True):
+    """``weight`` [Cout, Cin, k, k] with zero output rows (zero bias) and zero input columns appended
+    up to multiples of m: the added outputs are exactly 0 and the added inputs (zeros) add nothing."""
+    cout, cin = weight.shape[:2]
+    extra_out = _round_up(cout, m) - cout if pad_out else 0
+    extra_in = _round_up(cin, m) - cin if pad_in else 0
+    if extra_out or extra_in:
+        weight = F.pad(weight, (0, 0, 0, 0, 0, extra_in, 0, extra_out))
+        bias = None if bias is None else F.pad(bias, (0, extra_out))
+    return weight, bias
+
+
+def _conv(seq_or_conv, bn=None, relu=True, m: int = 1, pad_in: bool = True) -> ConvSpec:
+    """A ConvSpec from a conv (+ BN); ``seq_or_conv`` may be a Sequential(conv, bn[, relu]). Input
+    and output channels are padded to multiples of ``m`` (``pad_in=False``: reads the image)."""
     if isinstance(seq_or_conv, nn.Sequential):
         mods = list(seq_or_conv)
         conv, bn = mods[0], (mods[1] if len(mods) > 1 else None)
@@ -194,47 +226,57 @@ def _conv(seq_or_conv, bn=None, relu=True) -> ConvSpec:
         conv = seq_or_conv
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1]:
         raise ValueError(f"unsupported conv in plan: {conv}")
-    w, b = fold_conv_bn(conv, bn)
+    w, b = _pad(*fold_conv_bn(conv, bn), m, pad_in=pad_in)
     return ConvSpec(w, b, stride=conv.stride[0], padding=conv.padding[0], relu=relu)
 
 
-def _block(block: nn.Module) -> BlockPlan:
-    ds = _conv(block.downsample, relu=False) if block.downsample is not None else None
+def _block(block: nn.Module, m: int) -> BlockPlan:
+    ds = _conv(block.downsample, relu=False, m=m) if block.downsample is not None else None
     if isinstance(block, Bottleneck):
-        convs = [_conv(block.conv1, block.bn1), _conv(block.conv2, block.bn2),
-                 _conv(block.conv3, block.bn3)]
+        convs = [_conv(block.conv1, block.bn1, m=m), _conv(block.conv2, block.bn2, m=m),
+                 _conv(block.conv3, block.bn3, m=m)]
     elif isinstance(block, BasicBlock):
-        convs = [_conv(block.conv1, block.bn1), _conv(block.conv2, block.bn2)]
+        convs = [_conv(block.conv1, block.bn1, m=m), _conv(block.conv2, block.bn2, m=m)]
     else:
         raise TypeError(f"unknown block type {type(block).__name__}")
     return BlockPlan(convs, ds)
 
 
-def _stack(convs: List[ConvSpec], targets: List[int]) -> BatchedConv:
-    """Stack convs that read the same input (same kernel, stride, padding) along output channels."""
+def _stack(convs: List[ConvSpec], targets: List[int], m: int = 1) -> BatchedConv:
+    """Stack convs that read the same input (same kernel, stride, padding) along output channels.
+    Each split starts at a multiple of ``m`` (aligned vector loads of its slice); zero rows with zero
+    bias fill the gaps."""
     first = convs[0]
     if any((c.stride, c.padding, c.weight.shape[1:]) != (first.stride, first.padding, first.weight.shape[1:])
            for c in convs):
         raise ValueError("only convs of the same geometry can be batched")
-    splits, ranges, start = [], [], 0
+    splits, ranges, weights, biases, start = [], [], [], [], 0
     for c, t in zip(convs, targets):
+        gap = _round_up(start, m) - start
+        if gap:
+            weights.append(c.weight.new_zeros((gap,) + c.weight.shape[1:]))
+            biases.append(c.bias.new_zeros(gap))
+        prev_end, start = start, start + gap
         end = start + c.out_channels
         splits.append(Split(t, start, end))
         if c.relu:
-            if ranges and ranges[-1][1] == start:  # adjacent ranges merge: one ReLU launch
+            # After a ReLU split (zero rows between at most: ReLU keeps them 0): one ReLU launch.
+            if ranges and ranges[-1][1] == prev_end:
                 ranges[-1] = (ranges[-1][0], end)
             else:
                 ranges.append((start, end))
+        weights.append(c.weight)
+        biases.append(c.bias)
         start = end
-    weight = torch.cat([c.weight for c in convs], 0)
-    bias = torch.cat([c.bias for c in convs], 0)
+    weight = torch.cat(weights, 0)
+    bias = torch.cat(biases, 0)
     all_relu = all(c.relu for c in convs)
     relu_ranges = None if all_relu or not ranges else tuple(ranges)
     return BatchedConv(ConvSpec(weight, bias, first.stride, first.padding, relu=all_relu,
                                 relu_ranges=relu_ranges), splits)
 
 
-def _fuse(module: HighResolutionModule) -> Optional[FusePlan]:
+def _fuse(module: HighResolutionModule, m: int) -> Optional[FusePlan]:
     if module.fuse_layers is None:
         return None
     nb = module.num_branches
@@ -243,60 +285,71 @@ def _fuse(module: HighResolutionModule) -> Optional[FusePlan]:
     for j in range(nb):
         up_targets = [i for i in range(n_out) if i < j]
         if up_targets:
-            convs = [_conv(module.fuse_layers[i][j], relu=False) for i in up_targets]
-            plan.up[j] = _stack(convs, up_targets)
+            convs = [_conv(module.fuse_layers[i][j], relu=False, m=m) for i in up_targets]
+            plan.up[j] = _stack(convs, up_targets, m)
         down_targets = [i for i in range(n_out) if i > j]
         if down_targets:
             firsts = []
             for i in down_targets:
-                chain = [_conv(step) for step in module.fuse_layers[i][j]]
+                chain = [_conv(step, m=m) for step in module.fuse_layers[i][j]]
                 plan.down_chains[(j, i)] = chain
                 firsts.append(chain[0])
                 if len(chain) > 1:
                     plan.down_rest[(j, i)] = chain[1:]
-            plan.down_first[j] = _stack(firsts, down_targets)
+            plan.down_first[j] = _stack(firsts, down_targets, m)
     return plan
 
 
-def _transition(transition: nn.ModuleList, n_prev: int) -> TransitionPlan:
+def _transition(transition: nn.ModuleList, n_prev: int, m: int) -> TransitionPlan:
     branches, sources = [], []
     for i, t in enumerate(transition):
         sources.append(i if i < n_prev else n_prev - 1)
         if t is None:
             branches.append(None)
         elif isinstance(t[0], nn.Conv2d):  # same resolution, new width: Sequential(conv, BN, ReLU)
-            branches.append([_conv(t)])
+            branches.append([_conv(t, m=m)])
         else:  # a new branch: Sequential of stride-2 steps
-            branches.append([_conv(step) for step in t])
+            branches.append([_conv(step, m=m) for step in t])
     return TransitionPlan(branches, sources)
 
 
-def _seg_head(model: HighResolutionNet) -> SegHeadPlan:
+def _seg_head(model: HighResolutionNet, m: int) -> SegHeadPlan:
     ll = model.last_layer
     w, b = fold_conv_bn(ll[0], ll[1])
     projections, start = [], 0
     for k, c in enumerate(model.pre_stage_channels):
-        wk = w[:, start:start + c]
-        bias = b if k == 0 else None
+        # Reads the padded branch k; the head width (270 for w18) is padded too (zero bias: ReLU
+        # keeps those channels 0 and the classifier's zero columns ignore them).
+        wk, bias = _pad(w[:, start:start + c], b if k == 0 else None, m)
         projections.append(ConvSpec(wk.contiguous(), bias, 1, 0, relu=False))
         start += c
-    cw, cb = fold_conv_bn(ll[3], None)
+    cw, cb = _pad(*fold_conv_bn(ll[3], None), m, pad_out=False)  # exactly num_classes outputs
     classifier = ConvSpec(cw, cb, 1, ll[3].padding[0], relu=False)
     return SegHeadPlan(projections, classifier)
 
 
-def _classification_head(model: HighResolutionNet) -> ClassificationHeadPlan:
+def _classification_head(model: HighResolutionNet, m: int) -> ClassificationHeadPlan:
+    fc_weight = model.classifier.weight.detach().to(torch.float64)
+    final = _conv(model.final_layer, m=m)
     return ClassificationHeadPlan(
-        incre=[[_block(b) for b in seq] for seq in model.incre_modules],
-        downsamp=[_conv(seq) for seq in model.downsamp_modules],
-        final=_conv(model.final_layer),
-        fc_weight=model.classifier.weight.detach().to(torch.float64),
+        incre=[[_block(b, m) for b in seq] for seq in model.incre_modules],
+        downsamp=[_conv(seq, m=m) for seq in model.downsamp_modules],
+        final=final,
+        # Zero columns for the (pooled, zero) channels a padded final conv adds.
+        fc_weight=F.pad(fc_weight, (0, final.out_channels - fc_weight.shape[1])),
         fc_bias=model.classifier.bias.detach().to(torch.float64),
     )
 
 
-def build_plan(model: HighResolutionNet) -> HRNetPlan:
-    """Fold and rewrite an eval-mode reference model into a plan (float64 tensors on its device)."""
+def build_plan(model: HighResolutionNet, channel_multiple: int = 1) -> HRNetPlan:
+    """Fold and rewrite an eval-mode reference model into a plan (float64 tensors on its device).
+
+    ``channel_multiple`` m > 1 pads every tensor between the image and the head output to a multiple
+    of m channels with zero channels, and aligns split starts of batched convs to m (module
+    docstring); m = 1 leaves every width as the model has it."""
+    m = channel_multiple
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"channel_multiple must be a positive integer, got {channel_multiple!r}")
     if not isinstance(model, HighResolutionNet):
         raise TypeError(f"build_plan needs a HighResolutionNet, got {type(model).__name__}")
     if model.training:
@@ -304,21 +357,21 @@ def build_plan(model: HighResolutionNet) -> HRNetPlan:
                          "folded); call model.eval() first")
     cfg = model.config
     with torch.no_grad():
-        stem = [_conv(model.conv1, model.bn1), _conv(model.conv2, model.bn2)]
-        layer1 = [_block(b) for b in model.layer1]
+        stem = [_conv(model.conv1, model.bn1, m=m, pad_in=False), _conv(model.conv2, model.bn2, m=m)]
+        layer1 = [_block(b, m) for b in model.layer1]
         transitions, stages = [], []
         n_prev = 1
         for idx in (1, 2, 3):
-            transitions.append(_transition(getattr(model, f"transition{idx}"), n_prev))
+            transitions.append(_transition(getattr(model, f"transition{idx}"), n_prev, m))
             stage = getattr(model, f"stage{idx + 1}")
-            stages.append([ModulePlan([[_block(b) for b in branch] for branch in m.branches], _fuse(m))
-                           for m in stage])
+            stages.append([ModulePlan([[_block(b, m) for b in branch] for branch in mod.branches],
+                                      _fuse(mod, m)) for mod in stage])
             n_prev = stage[-1].num_branches
         if cfg.head == "seg":
-            head = _seg_head(model)
+            head = _seg_head(model, m)
         elif cfg.head == "classification":
-            head = _classification_head(model)
+            head = _classification_head(model, m)
         else:
             head = None
     return HRNetPlan(stem, layer1, transitions, stages, cfg.head, head, cfg.upsample,
-                     cfg.align_corners, cfg.in_channels)
+                     cfg.align_corners, cfg.in_channels, tuple(model.pre_stage_channels))

@@ -247,19 +247,49 @@ def test_engine_output_is_fresh_and_nchw():
 def test_cuda_graph_replay_matches_eager_engine(backend):
     from hrnet_fast.engine import MAX_CUDA_GRAPHS
     model = _model("w18_small_v2").cuda()
-    eager = optimize(model, backend=backend)
-    graphed = optimize(model, backend=backend, cuda_graphs=True)
+    eager = optimize(model, backend=backend, cuda_graphs=False)
+    graphed = optimize(model, backend=backend)  # graphs are the default on CUDA
+    assert graphed.cuda_graphs and not eager.cuda_graphs
     with torch.no_grad():
-        for seed in range(3):  # new data each call into the same captured graph
+        for seed in range(4):  # call 1 eager, 2 captures, 3-4 replay the graph with new data
             x = torch.randn(2, 3, 97, 131, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
             a, b = graphed(x), eager(x)
             assert rel_err(a, b) < TOL and rel_err(a, _reference_forward(model, x)) < TOL
+        assert len(graphed._graphs) == 1
         first = graphed(x)
         second = graphed(x * 2)
         assert first.data_ptr() != second.data_ptr() and rel_err(first, b) < TOL
         for k in range(MAX_CUDA_GRAPHS + 1):
-            graphed(torch.randn(1, 3, 64 + 8 * k, 64, device="cuda"))
+            xk = torch.randn(1, 3, 64 + 8 * k, 64, device="cuda")
+            graphed(xk)
+            assert rel_err(graphed(xk), _reference_forward(model, xk)) < TOL  # the captured call
     assert len(graphed._graphs) == MAX_CUDA_GRAPHS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_low_precision_keeps_fused_epilogues(backend, dtype):
+    """fp16/bf16 graph replay equals the eager engine, within the design bound of the fp64
+    reference, and the capture records cuDNN's fused conv epilogues (never the unfused form)."""
+    from hrnet_fast.ops import conv as conv_ops
+    model = _model("w18_small_v2").cuda()
+    eager = optimize(model, backend=backend, dtype=dtype, cuda_graphs=False)
+    graphed = optimize(model, backend=backend, dtype=dtype)
+    x = torch.randn(2, 3, 193, 257, device="cuda")
+    before = dict(conv_ops.CAPTURED_EPILOGUES)
+    with torch.no_grad():
+        graphed(x.to(dtype))  # eager warm-up call
+        graphed(x.to(dtype))  # captures
+        y = torch.randn_like(x)
+        got, want = graphed(y.to(dtype)), eager(y.to(dtype))
+        ref64 = clone_as(model, torch.float64)(y.double())
+        own_err = rel_err(clone_as(model, dtype)(y.to(dtype)), ref64)
+    assert rel_err(got, want) <= 1e-6  # same kernels, same order: equal up to rounding noise
+    assert rel_err(got, ref64) <= 2 * own_err
+    fused = conv_ops.CAPTURED_EPILOGUES["fused"] - before["fused"]
+    unfused = conv_ops.CAPTURED_EPILOGUES["unfused"] - before["unfused"]
+    assert fused > 50 and unfused == 0, (fused, unfused)
 
 
 @pytest.mark.gpu

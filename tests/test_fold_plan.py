@@ -6,6 +6,7 @@ from torch import nn
 from hrnet_fast import HRNet, HRNetConfig, PRESET_NAMES, optimize
 from hrnet_fast.engine import OpSet, _module, run_plan
 from hrnet_fast.fold import fold_conv_bn
+from hrnet_fast.ops.conv import conv2d_bias_act_torch
 from hrnet_fast.plan import build_plan
 from helpers import randomize_bn, rel_err
 
@@ -137,3 +138,250 @@ def test_plan_map_tensors_and_run_plan_in_float64():
         got = run_plan(plan, OpSet.for_backend("torch", torch.device("cpu")), x)
         want = model.double()(x)
     assert rel_err(got, want) < 1e-12
+
+
+# ------------------------------------------------------------- channel padding (channel_multiple)
+
+M = 8
+
+
+def _up8(c):
+    return -(-c // M) * M
+
+
+def _padded_widths(model):
+    """{padded width: real width} for every width the model's branches and seg head use (from the
+    config, not the plan) that is not a multiple of 8."""
+    cfg = model.config
+    widths = {c * (4 if s.block == "BOTTLENECK" else 1) for s in cfg.stages for c in s.num_channels}
+    widths.add(sum(model.pre_stage_channels))  # seg head width (270 for w18)
+    return {_up8(c): c for c in widths if c % M}
+
+
+@pytest.mark.parametrize("head", ["seg", "features", "classification"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("preset", ["w18_small_v2", "w18"])
+def test_padded_plan_matches_reference(preset, mode, head):
+    kw = {"num_classes": 10} if head == "classification" else {}
+    model = _model(preset, upsample=mode, head=head, **kw)
+    plan = build_plan(model, channel_multiple=M)
+    ops = OpSet.for_backend("torch", torch.device("cpu"))
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        got32, want32 = run_plan(plan.to(dtype=torch.float32), ops, x), model(x)
+        got64, want64 = run_plan(plan, ops, x.double()), model.double()(x.double())
+    if head == "features":
+        assert [g.shape for g in got64] == [w.shape for w in want64]
+    else:
+        assert got64.shape == want64.shape
+    assert rel_err(got32, want32) < TOL
+    assert rel_err(got64, want64) < 1e-10
+
+
+def _relu_rows(spec):
+    """Which output channels take the ReLU (``relu_ranges`` override ``relu``)."""
+    rows = torch.zeros(spec.out_channels, dtype=torch.bool)
+    if spec.relu_ranges is not None:
+        for a, b in spec.relu_ranges:
+            rows[a:b] = True
+    else:
+        rows[:] = spec.relu
+    return rows
+
+
+def _batched_pairs(plain, padded):
+    """{id(padded batched spec): (plain BatchedConv, padded BatchedConv)} over every fuse step."""
+    pairs = {}
+    for ps, qs in zip(plain.stages, padded.stages):
+        for pm, qm in zip(ps, qs):
+            if pm.fuse is not None:
+                for table in ("up", "down_first"):
+                    for j, pb in getattr(pm.fuse, table).items():
+                        qb = getattr(qm.fuse, table)[j]
+                        pairs[id(qb.conv)] = (pb, qb)
+    return pairs
+
+
+@pytest.mark.parametrize("head", ["seg", "classification"])
+@pytest.mark.parametrize("preset", ["w18_small_v2", "w18"])
+def test_padded_plan_is_plain_plan_plus_zeros_at_aligned_offsets(preset, head):
+    """Spec by spec, the padded plan is the m=1 plan embedded in zeros: real rows (at each split's
+    aligned start in batched convs) and real columns equal, every other weight and bias exactly 0,
+    ReLU on the same real channels; widths and split starts are multiples of 8."""
+    model = _model(preset, head=head, **({"num_classes": 10} if head == "classification" else {}))
+    plain, padded = build_plan(model), build_plan(model, channel_multiple=M)
+    batched = _batched_pairs(plain, padded)
+    classifier = plain.head.classifier if head == "seg" else None
+    specs = list(zip(plain.conv_specs(), padded.conv_specs()))
+    assert len(specs) > 50 and len(batched) > 5
+    for p, q in specs:
+        assert (p.stride, p.padding, p.weight.shape[2:]) == (q.stride, q.padding, q.weight.shape[2:])
+        cout, cin = p.weight.shape[:2]
+        # Widths: padded to multiples of 8, except the image (stem input) and the classifier output.
+        assert q.weight.shape[1] == (cin if p is plain.stem[0] else _up8(cin))
+        assert q.out_channels == (cout if p is classifier else _up8(cout)) or id(q) in batched
+        rows = [(0, cout, 0)]  # (plain start, plain end, padded start)
+        if id(q) in batched:
+            pb, qb = batched[id(q)]
+            assert [s.target for s in pb.splits] == [s.target for s in qb.splits]
+            for s, t in zip(pb.splits, qb.splits):
+                assert t.start % M == 0 and t.end - t.start == _up8(s.end - s.start)
+            assert qb.splits[-1].end == q.out_channels
+            rows = [(s.start, s.end, t.start) for s, t in zip(pb.splits, qb.splits)]
+        want_w = torch.zeros_like(q.weight)
+        want_b = None if q.bias is None else torch.zeros_like(q.bias)
+        want_relu = torch.zeros(q.out_channels, dtype=torch.bool)
+        for a, b, start in rows:
+            want_w[start:start + b - a, :cin] = p.weight[a:b]
+            if want_b is not None:
+                want_b[start:start + b - a] = p.bias[a:b]
+            want_relu[start:start + b - a] = _relu_rows(p)[a:b]
+        assert (p.bias is None) == (q.bias is None)
+        assert torch.equal(q.weight, want_w)
+        assert want_b is None or torch.equal(q.bias, want_b)
+        real = want_w.flatten(1).any(1)  # padding rows may take a ReLU or not: they are zeros
+        assert torch.equal(_relu_rows(q)[real], want_relu[real])
+    if head == "classification":
+        fc = plain.head.fc_weight
+        assert torch.equal(padded.head.fc_weight[:, :fc.shape[1]], fc)
+        assert not padded.head.fc_weight[:, fc.shape[1]:].any()
+    assert padded.branch_channels == plain.branch_channels == tuple(model.pre_stage_channels)
+
+
+@pytest.mark.parametrize("head", ["seg", "features"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_padding_channels_stay_exactly_zero(mode, head):
+    """Every tensor the padded plan runs through (conv inputs and outputs, fuse and head operands)
+    whose width is a padded branch or head width has exact zeros past the real width."""
+    from hrnet_fast.engine import _down_batched
+    model = _model("w18", upsample=mode, head=head)
+    plan = build_plan(model, channel_multiple=M)
+    torch_ops = OpSet.for_backend("torch", torch.device("cpu"))
+    real = _padded_widths(model)
+    assert set(real) == {24, 40, 272}
+    seen = []
+
+    def check(t):
+        c = real.get(t.shape[1])
+        if c is not None:
+            assert not t[:, c:].any(), f"padding channels {c}:{t.shape[1]} are not zero"
+            seen.append(c)
+        return t
+
+    def conv(x, spec, residual=None):
+        check(x)
+        return check(torch_ops.conv(x, spec, None if residual is None else check(residual)))
+
+    def fuse(base, contributions, mode, align, relu):
+        for t in [base, *contributions]:
+            check(t)
+        return check(torch_ops.fuse(base, contributions, mode, align, relu))
+
+    def head_op(base, contributions, weight, bias, mode, align):
+        for t in [base, *contributions]:
+            check(t)
+        return torch_ops.head(base, contributions, weight, bias, mode, align)
+
+    ops = OpSet(conv, fuse, head_op, _down_batched)
+    x = torch.randn(2, 3, 65, 97, dtype=torch.float64)
+    with torch.no_grad():
+        out = run_plan(plan, ops, x)
+    assert set(seen) == ({18, 36, 270} if head == "seg" else {18, 36}) and len(seen) > 200
+    if head == "features":  # sliced back to the real widths
+        assert [t.shape[1] for t in out] == [18, 36, 72, 144]
+
+
+def test_stack_aligns_split_starts_with_zero_rows():
+    """The batched conv of unaligned convs: splits start at multiples of 8, the gap rows are zero
+    (weights and bias), ReLU ranges cover the real ReLU channels, and each split's slice equals
+    its own conv."""
+    from hrnet_fast.plan import ConvSpec, _stack
+    torch.manual_seed(0)
+    convs = [ConvSpec(torch.randn(co, 16, 3, 3, dtype=torch.float64), torch.randn(co, dtype=torch.float64),
+                      2, 1, relu=r) for co, r in ((18, False), (36, True), (18, True), (8, False))]
+    plain = _stack(convs, [1, 2, 3, 4])
+    assert [(s.start, s.end) for s in plain.splits] == [(0, 18), (18, 54), (54, 72), (72, 80)]
+    assert plain.conv.relu_ranges == ((18, 72),)
+    b = _stack(convs, [1, 2, 3, 4], M)
+    assert [(s.target, s.start, s.end) for s in b.splits] == [(1, 0, 18), (2, 24, 60), (3, 64, 82),
+                                                            (4, 88, 96)]
+    assert b.conv.out_channels == 96
+    gaps = torch.ones(96, dtype=torch.bool)
+    for s in b.splits:
+        gaps[s.start:s.end] = False
+    assert not b.conv.weight[gaps].any() and not b.conv.bias[gaps].any()
+    relu = _relu_rows(b.conv)
+    assert relu[24:82].all() and not relu[:18].any() and not relu[88:].any()
+    x = torch.randn(2, 16, 13, 11, dtype=torch.float64)
+    y = conv2d_bias_act_torch(x, b.conv.weight, b.conv.bias, 2, 1, None, b.conv.relu, b.conv.relu_ranges)
+    for c, s in zip(convs, b.splits):
+        want = nn.functional.conv2d(x, c.weight, c.bias, 2, 1)
+        assert torch.equal(y[:, s.start:s.end], want.relu() if c.relu else want)
+    assert not y[:, gaps].any()
+
+
+def test_channel_multiple_one_keeps_the_model_widths():
+    """m=1 (the default) is the plan as it always was: every conv has the reference conv's
+    shape (no zero rows or columns) and split starts are cumulative widths."""
+    model = _model("w18", head="features")
+    plan = build_plan(model, channel_multiple=1)
+    default = build_plan(model)
+    assert [s.weight.shape for s in plan.conv_specs()] == [s.weight.shape for s in default.conv_specs()]
+    for spec in plan.conv_specs():
+        w = spec.weight.flatten(2)
+        assert w.any(2).any(1).all() and w.any(2).any(0).all()  # no all-zero row or column
+    assert plan.stem[0].weight.shape == model.conv1.weight.shape
+    for ref_stage, stage in zip((model.stage2, model.stage3, model.stage4), plan.stages):
+        for ref_module, module in zip(ref_stage, stage):
+            for ref_branch, branch in zip(ref_module.branches, module.branches):
+                for ref_block, block in zip(ref_branch, branch):
+                    assert [c.weight.shape for c in block.convs] == [ref_block.conv1.weight.shape,
+                                                                     ref_block.conv2.weight.shape]
+    for fuse in (m.fuse for stage in plan.stages for m in stage if m.fuse):
+        for b in [*fuse.up.values(), *fuse.down_first.values()]:
+            ends = [0] + [s.end for s in b.splits]
+            assert [s.start for s in b.splits] == ends[:-1] and ends[-1] == b.conv.out_channels
+    x = torch.randn(1, 3, 40, 56, dtype=torch.float64)
+    with torch.no_grad():
+        out = run_plan(plan, OpSet.for_backend("torch", torch.device("cpu")), x)
+    assert [t.shape[1] for t in out] == [18, 36, 72, 144]
+    assert all(t.is_contiguous() for t in out)  # not slices of wider tensors
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.0, True, "8"])
+def test_channel_multiple_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="channel_multiple"):
+        build_plan(_model(), channel_multiple=bad)
+
+
+def test_engine_pads_channels_only_on_cuda(monkeypatch):
+    from hrnet_fast import engine as engine_module
+    calls = []
+
+    def spy(model, channel_multiple=1):
+        calls.append(channel_multiple)
+        return build_plan(model, channel_multiple)
+
+    monkeypatch.setattr(engine_module, "build_plan", spy)
+    optimize(_model(), backend="torch")
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", ["seg", "features"])
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton", "cuda"])
+def test_cuda_engine_runs_the_padded_plan(backend, head):
+    """On CUDA the engine's plan is padded (18/36 -> 24/40 channels) and still exact (fp32)."""
+    model = _model("w18_small_v2", upsample="bilinear", head=head).cuda()
+    try:
+        engine = optimize(model, backend=backend, cuda_graphs=False)
+    except Exception as e:  # noqa: BLE001 - e.g. the CUDA extension cannot build here
+        pytest.skip(f"backend {backend} unavailable: {e}")
+    stem = engine.plan.stem[0]
+    assert all(s.weight.shape[1] % M == 0 for s in engine.plan.conv_specs() if s is not stem)
+    x = torch.randn(2, 3, 129, 193, device="cuda")
+    with torch.no_grad():
+        got, want = engine(x), model(x)
+    if head == "features":
+        assert [g.shape for g in got] == [w.shape for w in want]
+    assert rel_err(got, want) < TOL
