@@ -15,8 +15,10 @@ projections at their own sizes (also Cs channels), then the 19-class 1x1 classif
 
 Timing: ``triton.testing.do_bench`` median (it clears L2 before every call: cold-cache figures), or
 ``do_bench_cudagraph`` with ``--graphs`` (launch overhead removed). GB/s counts every input byte read
-once and every output byte written once; the ceiling is the device copy rate (4.2 TB/s measured on
-an H200; pass ``--ceiling-tbs 3.0`` on an H100). Implementations are entries of ``IMPLEMENTATIONS``
+once and every output byte written once; the ceiling is the device copy rate, measured on the card
+at start (a 1 GiB copy; 4.19-4.21 TB/s on an H200) unless ``--ceiling-tbs`` gives it. Inputs
+have the layout the engine feeds the kernels on CUDA: branch widths padded to multiples of 8 and
+contributions that are channel slices of batched conv outputs (``--dense`` for dense tensors). Implementations are entries of ``IMPLEMENTATIONS``
 (name -> factory(case, tensors) -> zero-argument callable); a ``cuda`` column is one more entry.
 """
 from __future__ import annotations
@@ -57,6 +59,9 @@ class Case:
     contributions: Tuple[Tuple[int, int, int, int], ...]
     classes: int = 0
     calls_per_forward: int = 1
+    # Per contribution, (channels of the batched conv output it is a slice of, first channel), or
+    # None for a dense tensor: the layout the engine's plan really feeds the kernel.
+    slices: Tuple[Optional[Tuple[int, int]], ...] = ()
 
     @property
     def out_shape(self) -> Tuple[int, int, int, int]:
@@ -87,10 +92,51 @@ def branch_sizes(height: int, width: int, branches: int = 4) -> List[Tuple[int, 
     return sizes
 
 
+def _round_up(c: int, m: int) -> int:
+    return (c + m - 1) // m * m
+
+
+def _stacked(widths: Sequence[int], m: int) -> Tuple[int, List[int]]:
+    """Channels and split starts of a horizontally batched conv whose splits have ``widths``,
+    each split starting at a multiple of m (the plan's aligned stacking)."""
+    starts, end = [], 0
+    for w in widths:
+        start = _round_up(end, m)
+        starts.append(start)
+        end = start + w
+    return end, starts
+
+
+def model_slices(chans: Sequence[int], nb: int, i: int, m: int) -> List[Optional[Tuple[int, int]]]:
+    """How the engine's plan hands the fuse into target i (of nb branches) its contributions, in
+    the order j != i: j > i is a slice of source j's batched 1x1 convs (targets 0..j-1); j = i-1 is
+    the first slice of source j's batched stride-2 convs (targets j+1..nb-1; the chains to j+2 and
+    beyond carry C_j channels); a longer chain ends in a conv of its own (dense)."""
+    out: List[Optional[Tuple[int, int]]] = []
+    for j in range(nb):
+        if j == i:
+            continue
+        if j > i:
+            total, starts = _stacked([chans[t] for t in range(j)], m)
+            out.append((total, starts[i]))
+        elif j == i - 1:
+            widths = [chans[j + 1]] + [chans[j]] * (nb - j - 2)
+            total, starts = _stacked(widths, m)
+            out.append((total, starts[0]))
+        else:
+            out.append(None)
+    return out
+
+
 def build_cases(presets: Sequence[str] = ("w18", "w48"),
                 inputs: Sequence[Tuple[int, int, int, int]] = DEFAULT_INPUTS,
-                num_classes: int = 19) -> List[Case]:
-    """Every distinct fuse-step and head shape of the given wC presets at the given input sizes."""
+                num_classes: int = 19, channel_multiple: int = 8,
+                model_layout: bool = True) -> List[Case]:
+    """Every distinct fuse-step and head shape of the given wC presets at the given input sizes.
+
+    ``channel_multiple`` pads branch widths as the engine's plan does on CUDA (8: w18's 18/36
+    channels run as 24/40); ``model_layout`` makes contributions the channel slices of batched
+    conv outputs that the plan produces (dense tensors otherwise, which flatter the kernel)."""
     cases: List[Case] = []
     seen = set()
     for preset in presets:
@@ -100,7 +146,7 @@ def build_cases(presets: Sequence[str] = ("w18", "w48"),
         for inp in inputs:
             n, _, height, width = inp
             sizes = branch_sizes(height, width)
-            chans = [c * 2 ** b for b in range(4)]
+            chans = [_round_up(c * 2 ** b, channel_multiple) for b in range(4)]
             tag = f"{preset} {n}x{inp[1]}x{height}x{width}"
             for nb in (2, 3, 4):
                 for i in range(nb):
@@ -111,9 +157,10 @@ def build_cases(presets: Sequence[str] = ("w18", "w48"),
                     if key in seen:
                         continue
                     seen.add(key)
+                    slices = tuple(model_slices(chans, nb, i, channel_multiple)) if model_layout else ()
                     cases.append(Case("fuse", preset, tuple(inp), f"{tag} stage{nb} ->b{i}", base,
-                                      contribs, 0, MODULES_PER_STAGE[nb]))
-            cs = HEAD_CHANNEL_FACTOR * c
+                                      contribs, 0, MODULES_PER_STAGE[nb], slices))
+            cs = _round_up(HEAD_CHANNEL_FACTOR * c, channel_multiple)
             base = (n, cs) + sizes[0]
             contribs = tuple((n, cs) + sizes[j] for j in range(1, 4))
             key = ("head", base, contribs, num_classes)
@@ -147,8 +194,16 @@ def make_tensors(case: Case, dtype: torch.dtype, channels_last: bool, device="cu
         return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype) \
             .contiguous(memory_format=fmt)
 
-    t = CaseTensors(rnd(case.base), [rnd(s) for s in case.contributions], mode=mode,
-                    align_corners=align_corners)
+    def contribution(shape, where):
+        if where is None:
+            return rnd(shape)
+        total, start = where  # a channel slice of a wider batched conv output
+        n, c, h, w = shape
+        return rnd((n, total, h, w))[:, start:start + c]
+
+    slices = case.slices or (None,) * len(case.contributions)
+    t = CaseTensors(rnd(case.base), [contribution(s, w) for s, w in zip(case.contributions, slices)],
+                    mode=mode, align_corners=align_corners)
     if case.kind == "head":
         cs = case.base[1]
         t.weight = (torch.randn((case.classes, cs, 1, 1), generator=g, device=device)
@@ -403,6 +458,15 @@ def _parse_input(s: str) -> Tuple[int, int, int, int]:
     return parts  # type: ignore[return-value]
 
 
+def measure_copy_tbs() -> float:
+    """The card's device-to-device copy rate in TB/s (bytes read + written), 1 GiB, median."""
+    import triton.testing
+    src = torch.randn(2 ** 29, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     global _CEILING_TBS, COMPILE_MODE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -422,8 +486,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rep", type=int, default=100, help="ms of timed repetitions per measurement")
     p.add_argument("--classes", type=int, default=19)
     p.add_argument("--kind", choices=["all", "fuse", "head"], default="all")
-    p.add_argument("--ceiling-tbs", type=float, default=COPY_CEILING_TBS,
-                   help="copy ceiling in TB/s (H200 4.2 measured; H100 about 3.0)")
+    p.add_argument("--ceiling-tbs", type=float, default=None,
+                   help="copy ceiling in TB/s (default: measured on this card, 1 GiB copy)")
+    p.add_argument("--dense", action="store_true",
+                   help="dense contributions instead of the plan's batched-conv channel slices")
+    p.add_argument("--channel-multiple", type=int, default=8,
+                   help="branch width padding of the plan (8 on CUDA; 1 = the raw widths)")
     p.add_argument("--triton-configs", default="", metavar="SPECS",
                    help="extra Triton columns with fixed blocks, ';'-separated: "
                         "fuse:BLOCK_P,BLOCK_C,WARPS or head:BLOCK_P,BLOCK_C,BLOCK_K,WARPS,STAGES")
@@ -454,10 +522,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dtype == torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    _CEILING_TBS = args.ceiling_tbs
+    _CEILING_TBS = args.ceiling_tbs or measure_copy_tbs()
+    args.ceiling_tbs = _CEILING_TBS
     COMPILE_MODE = args.compile_mode
     cases = build_cases([s for s in args.presets.split(",") if s],
-                        [_parse_input(s) for s in args.inputs.split(",") if s], args.classes)
+                        [_parse_input(s) for s in args.inputs.split(",") if s], args.classes,
+                        channel_multiple=args.channel_multiple, model_layout=not args.dense)
     if args.kind != "all":
         cases = [c for c in cases if c.kind == args.kind]
 
