@@ -96,6 +96,8 @@ if __name__ == "__main__":
             "test": [
                 "pytest>=7",
                 "pytest-benchmark>=4",
+                # tests/test_imageio.py fuzzes the image readers (bounded: a few seconds).
+                "hypothesis>=6",
                 # triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.3.
                 "numpy<2.3",
                 "triton>=3.6,<3.7; platform_system == 'Linux' and platform_machine == 'x86_64'",

@@ -1,19 +1,30 @@
-"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check``, ``segment`` and ``info``."""
+"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check``, ``segment`` and ``info``.
+
+Errors never show a traceback: ``main`` reports each as one line ``hrnet-fast: error: ...`` on stderr
+and returns 1 (argparse's usage errors exit with 2, as argparse does). ``HRNET_FAST_DEBUG=1`` lets the
+exception through, traceback and all. Arguments are checked when they are parsed, and paths before any
+model is built; outputs are written to temporary files beside their targets and moved into place only
+when every output of the command is complete.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import uuid
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .bench import PEERS, default_impls, default_peers, format_table, run_bench, stderr_progress
 from .check import clone_as, randomize_batchnorm, rel_err, run_check
+from .checkpoints import CheckpointError
 from .config import PRESET_NAMES, HRNetConfig
 from .engine import ENGINE_BACKENDS, optimize, parse_dtype
+from .imageio import ImageReadError
 from .model import HRNet
+from .ops.registry import BackendUnavailable
 from .reference import HighResolutionNet
 from .stats import count_macs, count_parameters
 from .timing import environment, measure
@@ -33,13 +44,156 @@ def parse_size(text: str) -> Tuple[int, int]:
     return dims[0], dims[1]
 
 
-def pick_device(name: Optional[str]) -> torch.device:
+DEBUG_ENV = "HRNET_FAST_DEBUG"
+
+
+class CLIError(Exception):
+    """A problem with the command's input that the user can fix: reported as one line, no traceback."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def label_classes(text: str) -> int:
+    """``segment --num-classes``: 1..256, since the class ids are written as an 8-bit PNG."""
+    value = positive_int(text)
+    if value > 256:
+        raise argparse.ArgumentTypeError(f"must be 1..256 (class ids are written as 8-bit PNG), got {value}")
+    return value
+
+
+def dtype_arg(text: str) -> torch.dtype:
+    try:
+        return parse_dtype(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}: choose fp32, fp16 or bf16") from None
+
+
+def device_arg(text: str) -> torch.device:
+    """A torch device that exists here: ``cpu``, ``cuda`` or ``cuda:N`` (only with a CUDA GPU)."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} was asked for but no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def pick_device(name) -> torch.device:
+    """``--device`` (already checked by ``device_arg``), or cuda when there is a GPU, else cpu."""
+    if isinstance(name, torch.device):
+        return name
     if name:
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda was asked for but no CUDA GPU is available")
-        return dev
+        try:
+            return device_arg(name)
+        except argparse.ArgumentTypeError as e:
+            raise CLIError(f"--device: {e}") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_input_file(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise CLIError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise CLIError(f"{what} {path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise CLIError(f"{what} {path}: not a regular file")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Before any work: ``path`` is not a directory and its directory exists and takes new files."""
+    if not path:
+        raise CLIError(f"{option}: empty path")
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path}: is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        raise CLIError(f"{option} {path}: directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option} {path}: {parent} is not a directory")
+    probe = os.path.join(parent, f".hrnet-fast-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "xb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise CLIError(f"{option} {path}: cannot write in {parent}: {e.strerror or e}") from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+class StagedOutputs:
+    """All-or-nothing outputs: ``stage(path)`` names a temporary file beside ``path`` to write instead;
+    ``commit()`` moves every staged file into place (``os.replace``). Leaving the ``with`` block without a
+    commit, or a commit that fails half-way, removes the temporary files and any output this command
+    already moved into place, so a failure leaves no partial output."""
+
+    def __init__(self):
+        self._staged: List[Tuple[str, str]] = []
+
+    def stage(self, path: str) -> str:
+        head, tail = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(head, f".{tail}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        self._staged.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        done = []
+        try:
+            for tmp, path in self._staged:
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in done:
+                _remove_quietly(path)
+            raise
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            _remove_quietly(tmp)
+        self._staged = []
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.discard()
+        return False
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _is_number(cell: str) -> bool:
@@ -95,6 +249,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     device = pick_device(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")
     impls = args.impls or default_impls(device)
     peers = args.peers if args.peers is not None else default_peers(device)
     def save(result: dict, complete: bool) -> None:
@@ -154,10 +310,22 @@ def cmd_segment(args) -> int:
     from .checkpoints import load_checkpoint
     from .imageio import CITYSCAPES_CLASSES, palette, read_rgb, write_png
 
+    # Every path and argument first: a mistake costs no model build and leaves no output.
+    check_input_file(args.image, "image")
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
+    outputs = [("--out", args.out)] + ([("--labels", args.labels)] if args.labels else [])
+    for option, path in outputs:
+        check_output_file(path, option)
+        if _same_file(path, args.image):
+            raise CLIError(f"{option} {path} would overwrite the input image")
+    if args.labels and _same_file(args.labels, args.out):
+        raise CLIError(f"--labels {args.labels} is the same file as --out")
     device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype)
+    dtype = args.dtype
     if dtype != torch.float32 and device.type != "cuda":
-        raise SystemExit(f"error: --dtype {args.dtype} needs a CUDA GPU; use fp32 on the CPU")
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        raise CLIError(f"--dtype {name} needs a CUDA GPU; use fp32 on the CPU")
     image = read_rgb(args.image)
     cfg = HRNetConfig.preset(args.preset, num_classes=args.num_classes,
                              align_corners=args.align_corners)
@@ -181,9 +349,11 @@ def cmd_segment(args) -> int:
     colours = palette(cfg.num_classes)[labels]
     if args.overlay:
         colours = (0.5 * colours + 0.5 * image).astype(np.uint8)
-    write_png(args.out, colours)
-    if args.labels:
-        write_png(args.labels, labels)
+    with StagedOutputs() as staged:  # all outputs or none
+        write_png(staged.stage(args.out), colours)
+        if args.labels:
+            write_png(staged.stage(args.labels), labels)
+        staged.commit()
     counts = np.bincount(labels.ravel(), minlength=cfg.num_classes)
     names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
     top = np.argsort(counts)[::-1][:5]
@@ -210,34 +380,37 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hrnet-fast", description="Fast, exact HRNet inference.")
+    p = argparse.ArgumentParser(
+        prog="hrnet-fast", description="Fast, exact HRNet inference.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="reference vs hrnet_fast on a random image: error, time, speedup")
     d.add_argument("--preset", default="w18", choices=PRESET_NAMES)
     d.add_argument("--size", type=parse_size, default=None,
                    help="input HxW (default 1024x2048 on a GPU, 512x1024 on the CPU)")
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--num-classes", type=int, default=19)
+    d.add_argument("--batch", type=positive_int, default=1)
+    d.add_argument("--num-classes", type=positive_int, default=19)
     d.add_argument("--backend", default="auto", choices=ENGINE_BACKENDS)
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
+    d.add_argument("--repeats", type=positive_int, default=5)
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="presets x sizes x batch x dtype x backends, against peers")
     b.add_argument("--preset", nargs="+", default=["w18"], choices=PRESET_NAMES)
     b.add_argument("--size", nargs="+", type=parse_size, default=[(512, 1024)])
-    b.add_argument("--batch", nargs="+", type=int, default=[1])
-    b.add_argument("--dtype", nargs="+", type=parse_dtype, default=[torch.float32],
+    b.add_argument("--batch", nargs="+", type=positive_int, default=[1])
+    b.add_argument("--dtype", nargs="+", type=dtype_arg, default=[torch.float32],
                    help="fp32 fp16 bf16")
     b.add_argument("--impls", nargs="+", default=None,
                    help="engine backends, optionally BACKEND+graphs (default: torch on the CPU; "
                         "torch, torch+graphs, triton, triton+graphs, compile on a GPU)")
     b.add_argument("--peers", nargs="*", default=None, choices=PEERS,
                    help="default: eager on the CPU; eager, compile, compile-ro on a GPU")
-    b.add_argument("--device", default=None)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
+    b.add_argument("--warmup", type=non_negative_int, default=3)
+    b.add_argument("--repeats", type=positive_int, default=10)
     b.add_argument("--json", default=None, help="save all rows and the environment to this file")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=cmd_bench)
@@ -245,23 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="numerical report of every backend against the reference")
     c.add_argument("--preset", default="w18_small_v2", choices=PRESET_NAMES)
     c.add_argument("--size", type=parse_size, default=(257, 385))
-    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--batch", type=positive_int, default=2)
     c.add_argument("--upsample", nargs="+", default=["bilinear", "nearest"],
                    choices=["bilinear", "nearest"])
     c.add_argument("--backends", nargs="+", default=None, choices=[b for b in ENGINE_BACKENDS if b != "auto"])
-    c.add_argument("--dtype", nargs="+", type=parse_dtype, default=None)
-    c.add_argument("--device", default=None)
+    c.add_argument("--dtype", nargs="+", type=dtype_arg, default=None, help="fp32 fp16 bf16")
+    c.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
     c.set_defaults(func=cmd_check)
 
     g = sub.add_parser("segment", help="segment one image and write a colour PNG")
     g.add_argument("image", help="PNG/JPEG (needs Pillow), PPM (P6) or .npy (HxWx3 uint8)")
     g.add_argument("--checkpoint", default=None, help="weights in any format load_checkpoint reads")
     g.add_argument("--preset", default="w48", choices=PRESET_NAMES)
-    g.add_argument("--num-classes", type=int, default=19)
+    g.add_argument("--num-classes", type=label_classes, default=19, help="1..256 (default 19)")
     g.add_argument("--align-corners", action="store_true")
     g.add_argument("--backend", default=None, choices=ENGINE_BACKENDS)
-    g.add_argument("--dtype", default="fp32", help="fp32, or fp16/bf16 on a GPU")
-    g.add_argument("--device", default=None)
+    g.add_argument("--dtype", type=dtype_arg, default="fp32", help="fp32, or fp16/bf16 on a GPU")
+    g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
     g.add_argument("--out", default="segmentation.png", help="colour PNG of the classes")
     g.add_argument("--overlay", action="store_true", help="blend the colours over the image")
     g.add_argument("--labels", default=None, help="also write the class ids as a grey PNG")
@@ -269,15 +442,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="presets with parameter counts and MACs")
     i.add_argument("--size", type=parse_size, default=(1024, 2048))
-    i.add_argument("--num-classes", type=int, default=19)
+    i.add_argument("--num-classes", type=positive_int, default=19)
     i.add_argument("--head", default="seg", choices=("seg", "features", "classification"))
     i.set_defaults(func=cmd_info)
     return p
 
 
+EPILOG = f"""\
+errors:
+  Every error is one line, "hrnet-fast: error: ...", on stderr, with exit status 1 (bad arguments:
+  exit status 2 with argparse's usage message). Arguments and paths are checked before any model is
+  built. Outputs are written to temporary files beside their targets and moved into place only when
+  all of them are complete: a failed command leaves no partial output (bench --json excepted: it
+  saves partial results as it goes, marked "complete": false, so that a killed run keeps them).
+  Set {DEBUG_ENV}=1 to get the full Python traceback instead of the one-line message.
+"""
+
+# Errors whose message says all there is to say; any other exception is unexpected (a bug, or a
+# failure deep in a library) and its one-line report names its type and suggests the traceback.
+KNOWN_ERRORS = (CLIError, ImageReadError, CheckpointError, BackendUnavailable, OSError)
+
+
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _error(message: str) -> int:
+    print(f"hrnet-fast: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status. Usage errors exit via argparse (status 2)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if _debugging():
+            raise
+        _error("interrupted")
+        return 130
+    except KNOWN_ERRORS as e:
+        if _debugging():
+            raise
+        return _error(str(e) or type(e).__name__)
+    except Exception as e:
+        if _debugging():
+            raise
+        detail = str(e)
+        return _error(f"unexpected {type(e).__name__}{': ' + detail if detail.strip() else ''} "
+                      f"(rerun with {DEBUG_ENV}=1 to see the traceback)")
 
 
 if __name__ == "__main__":

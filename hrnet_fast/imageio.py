@@ -3,9 +3,22 @@
 PNG/JPEG and other formats are read with Pillow when it is installed (``pip install Pillow``); binary
 PPM (P6) and ``.npy`` (HxWx3 uint8) work without it. Label maps and colour images are written as
 8-bit PNG with the standard library alone (zlib), so the output never needs Pillow.
+
+Reading never trusts the file: every failure (missing file, a directory or FIFO, a bad or truncated
+header, a payload shorter than the header declares, an image over ``MAX_PIXELS``, anything Pillow
+raises) is one ``ImageReadError`` whose message names the file and the problem. The payload size is
+checked against the header before anything is allocated, and nothing larger than what the file
+actually holds is ever allocated.
+
+PPM: binary P6 only, with maxval 1..65535 (maxval < 256: one byte per sample; 256..65535: two bytes,
+big-endian, as Netpbm defines). Samples are scaled to 8 bits as round(v * 255 / maxval); a sample
+above maxval is an error. Comments (``#`` to the end of the line) may stand anywhere in the header.
 """
 from __future__ import annotations
 
+import os
+import re
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -33,47 +46,199 @@ def palette(num_classes: int) -> np.ndarray:
     return rng.integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
 
 
-def _read_ppm(data: bytes, path: str) -> np.ndarray:
-    tokens, pos = [], 0
-    while len(tokens) < 4:  # magic, width, height, maxval; '#' starts a comment
-        while data[pos:pos + 1].isspace():
-            pos += 1
-        if data[pos:pos + 1] == b"#":
-            pos = data.index(b"\n", pos) + 1
-            continue
-        end = pos
-        while not data[end:end + 1].isspace():
-            end += 1
-        tokens.append(data[pos:end])
-        pos = end
-    pos += 1
-    if tokens[0] != b"P6" or int(tokens[3]) != 255:
-        raise ValueError(f"{path}: only binary 8-bit PPM (P6, maxval 255) is supported")
-    w, h = int(tokens[1]), int(tokens[2])
-    pixels = np.frombuffer(data, dtype=np.uint8, count=w * h * 3, offset=pos)
-    return pixels.reshape(h, w, 3).copy()
+class ImageReadError(ValueError):
+    """An image file could not be read: the message names the file and what is wrong with it."""
+
+
+# Larger images are refused before anything is allocated (2^28 pixels: 768 MiB as 8-bit RGB).
+MAX_PIXELS = 1 << 28
+# A PPM header (with its comments) longer than this is refused rather than scanned.
+MAX_HEADER_BYTES = 1 << 16
+_MAX_DIGITS = 12  # longer numbers than this in a header are refused before int() sees them
+
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+_PPM_SKIP = re.compile(rb"(?:[ \t\n\r\x0b\x0c]|#[^\r\n]*)*")  # whitespace and comments
+_PPM_TOKEN = re.compile(rb"[^ \t\n\r\x0b\x0c#]+")
+
+
+def _fail(name: str, problem: str) -> ImageReadError:
+    return ImageReadError(f"{name}: {problem}")
+
+
+def _check_size(name: str, h: int, w: int) -> None:
+    if h < 1 or w < 1:
+        raise _fail(name, f"empty image: {w}x{h} pixels")
+    if h * w > MAX_PIXELS:
+        raise _fail(name, f"image too large: {w}x{h} = {h * w} pixels, over the limit of "
+                          f"{MAX_PIXELS} (2^28)")
+
+
+def _read_exactly(f, n: int, name: str, declared: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:  # the size was checked first: only a file that shrank gets here
+        raise _fail(name, f"truncated: {declared}, which needs {n} bytes of pixel data; read {len(data)}")
+    return data
+
+
+def _parse_ppm_header(head: bytes, name: str, complete: bool):
+    """(width, height, maxval, offset of the raster) from the start of a PPM file. ``complete``: whether
+    ``head`` is the whole file (otherwise running off its end means the header is too long)."""
+    if len(head) == 0:
+        raise _fail(name, "empty file")
+    if head[:2] != b"P6" or (len(head) > 2 and head[2:3] not in _WHITESPACE + b"#"):
+        magic = head[:2].decode("latin1")
+        raise _fail(name, f"not a binary PPM: the file starts with {magic!r}, not 'P6' "
+                          "(only binary PPM, P6, is read; ASCII P3 is not)")
+
+    def ran_out(what: str) -> ImageReadError:
+        if complete:
+            return _fail(name, f"truncated PPM header: the file ends before the {what}")
+        return _fail(name, f"PPM header longer than {MAX_HEADER_BYTES} bytes (before the {what})")
+
+    pos, values = 2, []
+    for field in ("width", "height", "maxval"):
+        pos = _PPM_SKIP.match(head, pos).end()
+        if pos >= len(head):
+            raise ran_out(field)
+        token = _PPM_TOKEN.match(head, pos).group()  # non-empty: head[pos] is neither space nor '#'
+        pos += len(token)
+        if pos >= len(head) and not complete:
+            raise ran_out(field)
+        shown = token[:_MAX_DIGITS + 8].decode("latin1")
+        if token[:1] == b"-" and token[1:].isdigit():
+            raise _fail(name, f"{field} must be positive, got {shown}")
+        if not token.isdigit():  # ASCII digits only: no sign, no '_', no '0x', no '1e3'
+            raise _fail(name, f"{field} is not a decimal number: {shown!r}")
+        if len(token.lstrip(b"0")) > _MAX_DIGITS:
+            raise _fail(name, f"{field} is absurdly large: {shown}...")
+        values.append(int(token))
+    w, h, maxval = values
+    if w < 1:
+        raise _fail(name, f"width must be positive, got {w}")
+    if h < 1:
+        raise _fail(name, f"height must be positive, got {h}")
+    if not 1 <= maxval <= 65535:
+        raise _fail(name, f"maxval must be 1..65535, got {maxval}")
+    # Exactly one whitespace character (or a comment with its line end) separates maxval from the raster.
+    if pos >= len(head):
+        raise ran_out("pixel data")
+    if head[pos:pos + 1] == b"#":
+        ends = [i for i in (head.find(b"\n", pos), head.find(b"\r", pos)) if i >= 0]
+        if not ends:
+            raise ran_out("pixel data")
+        pos = min(ends)
+    return w, h, maxval, pos + 1
+
+
+def _read_ppm(f, size: int, name: str) -> np.ndarray:
+    head = f.read(min(size, MAX_HEADER_BYTES))
+    w, h, maxval, offset = _parse_ppm_header(head, name, complete=len(head) >= size)
+    _check_size(name, h, w)
+    itemsize = 1 if maxval < 256 else 2
+    need = h * w * 3 * itemsize
+    have = size - offset
+    declared = f"the header declares {w}x{h} (maxval {maxval})"
+    if have < need:
+        raise _fail(name, f"truncated: {declared}, which needs {need} bytes of pixel data; "
+                          f"the file has {max(have, 0)}")
+    f.seek(offset)
+    raw = _read_exactly(f, need, name, declared)
+    samples = np.frombuffer(raw, dtype=np.uint8 if itemsize == 1 else ">u2")
+    if maxval != 255:
+        top = int(samples.max())
+        if top > maxval:
+            raise _fail(name, f"a sample value {top} exceeds maxval {maxval}")
+        samples = ((samples.astype(np.uint32) * 255 + maxval // 2) // maxval).astype(np.uint8)
+    else:
+        samples = samples.copy()  # writable, owning its memory
+    return samples.reshape(h, w, 3)
+
+
+def _read_npy(f, size: int, name: str) -> np.ndarray:
+    """An HxWx3 uint8 array from a .npy file; header parsed by numpy, everything else checked here."""
+    from numpy.lib import format as npy_format
+
+    if size == 0:
+        raise _fail(name, "empty file")
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except Exception as e:  # numpy raises ValueError, SyntaxError, TypeError, ... on bad headers
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise _fail(name, f"not a valid .npy file: {reason}") from None
+    if dtype != np.dtype(np.uint8):
+        raise _fail(name, f"expected an HxWx3 uint8 RGB image, got dtype {dtype}")
+    if len(shape) != 3 or shape[2] != 3:
+        raise _fail(name, f"expected an HxWx3 uint8 RGB image, got shape {shape}")
+    h, w = int(shape[0]), int(shape[1])
+    if h < 1 or w < 1:
+        raise _fail(name, f"shape {shape} has no pixels: height and width must be positive")
+    _check_size(name, h, w)
+    need = h * w * 3
+    have = size - f.tell()
+    declared = f"the header declares shape {shape}"
+    if have < need:
+        raise _fail(name, f"truncated: {declared}, which needs {need} bytes of data; "
+                          f"the file has {max(have, 0)}")
+    arr = np.frombuffer(_read_exactly(f, need, name, declared), dtype=np.uint8)
+    if fortran:
+        return np.ascontiguousarray(arr.reshape((h, w, 3), order="F"))
+    return arr.reshape(h, w, 3).copy()
+
+
+def _read_with_pillow(path: Path, name: str) -> np.ndarray:
+    suffix = path.suffix.lower()
+    try:
+        from PIL import Image
+    except ImportError:
+        raise _fail(name, f"reading {suffix or 'extension-less'} images needs Pillow (pip install "
+                          "Pillow); without it, .ppm (P6) and .npy (HxWx3 uint8) work") from None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            _check_size(name, h, w)  # before decoding a single pixel
+            return np.asarray(im.convert("RGB"))
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise _fail(name, "out of memory while decoding the image") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error...
+        reason = " ".join(str(e).split())[:200]
+        raise _fail(name, f"cannot decode the image ({type(e).__name__}{': ' + reason if reason else ''})"
+                    ) from None
 
 
 def read_rgb(path) -> np.ndarray:
-    """An HxWx3 uint8 RGB array from ``path``."""
+    """An HxWx3 uint8 RGB array from ``path``; any failure is an ``ImageReadError`` naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image not found: {path}")
+    name = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise _fail(name, "image not found") from None
+    except OSError as e:
+        raise _fail(name, f"cannot access the image: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _fail(name, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device could block forever or never end
+        raise _fail(name, "not a regular file")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif suffix in (".ppm", ".pnm"):
-        arr = _read_ppm(path.read_bytes(), str(path))
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise RuntimeError(f"reading {suffix or 'this'} images needs Pillow (pip install Pillow); "
-                               "without it, .ppm (P6) and .npy (HxWx3 uint8) work") from None
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an HxWx3 uint8 RGB image, got {arr.shape} {arr.dtype}")
+    try:
+        if suffix in (".npy", ".ppm", ".pnm"):
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                arr = (_read_npy if suffix == ".npy" else _read_ppm)(f, size, name)
+        else:
+            arr = _read_with_pillow(path, name)
+    except OSError as e:  # the file vanished, is unreadable, or an I/O error while reading it
+        raise _fail(name, f"cannot read the image: {e.strerror or e}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or 0 in arr.shape:
+        raise _fail(name, f"expected an HxWx3 uint8 RGB image, got {arr.shape} {arr.dtype}")
     return arr
 
 
