@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -65,8 +66,34 @@ def _abbrev(keys: List[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + more
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
+_BLOCKED_MODULE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) whose module ([A-Za-z_][\w.]*) is blocked")
+
+
+def _short_reason(e: BaseException) -> str:
+    """Torch's own reason for a failed load, without its advice: one line, at most ~150 chars."""
+    msg = str(e)
+    inner = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", msg, re.S)
+    if inner:  # the weights-only unpickler wraps the reason in advice about weights_only=False
+        msg = inner.group(1)
+    line = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    line = re.split(r"(?<=\.) (?=This is an internal|If you are seeing)", line)[0]  # miniz advice
+    if isinstance(e, EOFError):
+        return "the file ends too early"
+    if not line or "weights_only" in line:
+        return type(e).__name__
+    if not isinstance(e, RuntimeError):  # "KeyError: 101" says more than "101"
+        line = f"{type(e).__name__}: {line}"
+    return line if len(line) <= 150 else line[:147] + "..."
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
-    """``torch.load`` on the CPU with ``weights_only=True``, with errors that say what went wrong."""
+    """``torch.load`` on the CPU with ``weights_only=True``, with errors that say what went wrong.
+
+    A corrupt or foreign file is "not a readable PyTorch checkpoint" (with torch's reason, short);
+    only a file that really holds pickled Python objects, which the weights-only loader refuses,
+    is said to, with the warning that loading it otherwise runs code from the file.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -74,17 +101,29 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg:
-            raise CheckpointError(
-                f"{path} holds Python objects that weights_only=True refuses to load ({msg.splitlines()[0]}). "
-                "If you trust the file, load it yourself with torch.load(path, weights_only=False) "
-                "and pass the resulting dict to load_checkpoint.") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {msg.splitlines()[0]}") from None
     except Exception as e:  # the unpickler raises many types on files that are not checkpoints
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {first}") from None
+        msg = str(e)
+        found = _UNSAFE_GLOBAL.search(msg) or _BLOCKED_MODULE.search(msg)
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise CheckpointError(
+                f"{path} holds arbitrary Python objects (a pickled {found.group(1)}), which the safe "
+                "weights_only=True loading refuses. Loading it with torch.load(path, weights_only=False) "
+                "runs code from the file: do that only for a file from a trusted source, then pass the "
+                "resulting dict to load_checkpoint.") from None
+        if "TorchScript archive" in msg:
+            raise CheckpointError(
+                f"{path} is a TorchScript archive (a whole scripted model), not a state dict. "
+                "torch.jit.load(path) runs the model's code: only for a file from a trusted source; "
+                "then pass its .state_dict() to load_checkpoint.") from None
+        if "legacy .tar format" in msg:
+            raise CheckpointError(
+                f"{path} is in the legacy .tar format of PyTorch before 0.4, which the safe "
+                "weights_only=True loading cannot read; loading it with weights_only=False runs code "
+                "from the file: only for a file from a trusted source (re-save its state dict with a "
+                "current PyTorch).") from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({_short_reason(e)}); the file may be "
+            "corrupt, truncated or of another format.") from None
     return obj
 
 
@@ -106,9 +145,16 @@ def _unwrap(obj) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
     if not obj:
         raise CheckpointError("the checkpoint is empty: no tensors in it")
     sd = {str(k): v for k, v in obj.items()}
-    if all(k.startswith("module.") for k in sd):
+    while all(k.startswith("module.") for k in sd):  # DataParallel, once or nested
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd, wrapper
+
+
+# The resize in the fuse step each format's models were trained with (hrnet-facts.md): the official
+# and timm ImageNet models nearest, the official segmentation release bilinear. Other formats
+# (plain: our own; mmseg) imply nothing.
+_FORMAT_UPSAMPLE = {"imagenet": ("nearest", "the official / timm ImageNet weights"),
+                    "official-seg": ("bilinear", "the official segmentation release")}
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -178,6 +224,46 @@ def _head_keys(keys, prefixes) -> List[str]:
     return [k for k in keys if k.startswith(prefixes)]
 
 
+def _common_prefix(keys: List[str]) -> str:
+    """The longest dotted prefix (ending in ".") that all ``keys`` share; "" if none."""
+    if not keys:
+        return ""
+    common = os.path.commonprefix(keys)
+    return common[: common.rfind(".") + 1]
+
+
+def _prefix_hint(unexpected: List[str], target_keys) -> str:
+    """Names the prefix all unmatched keys share (a wrapper such as torch.compile's
+    ``_orig_mod.``), and whether stripping it would make them fit."""
+    prefix = _common_prefix(unexpected) if len(unexpected) > 1 else ""
+    if not prefix:
+        return ""
+    hint = f"hint: the unmatched checkpoint keys all start with the prefix {prefix!r}"
+    fits = sum(k[len(prefix):] in target_keys for k in unexpected)
+    if fits:
+        hint += (f"; without it {fits} of them match the model's keys: strip it, e.g. "
+                 f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}")
+    return hint
+
+
+def _convention_warning(fmt: str, model: nn.Module) -> Optional[str]:
+    """A warning when ``fmt`` implies a fuse-step resize other than the model's, else None."""
+    cfg = getattr(model, "config", None)
+    mode = getattr(cfg, "upsample", None)
+    if fmt not in _FORMAT_UPSAMPLE or mode is None:
+        return None
+    trained, source = _FORMAT_UPSAMPLE[fmt]
+    if mode == trained:
+        return None
+    name = getattr(cfg, "name", None)
+    preset = repr(name) if name and name != "custom" else "..."
+    return (f"the checkpoint looks like {source} (format {fmt!r}), trained with upsample={trained!r}, "
+            f"but this model uses upsample={mode!r}: its outputs will differ from the original "
+            f"model's (by a few percent). Build the model with HRNetConfig.preset({preset}, "
+            f"upsample={trained!r}) (or HRNet({preset}, upsample={trained!r})) to match; keep "
+            f"{mode!r} only if the checkpoint was trained with it.")
+
+
 def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
                     inplace_abn: bool = False, verbose: bool = False) -> LoadReport:
     """Load a checkpoint (a path or a state dict) of any supported format into ``model``.
@@ -213,6 +299,14 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
             unexpected.append(k)
     report.skipped.extend(dropped)
 
+    meta = [k for k, v in to_load.items() if v.is_meta]
+    if meta:
+        more = f" (and {len(meta) - 1} more)" if len(meta) > 1 else ""
+        raise CheckpointError(
+            f"the checkpoint holds no data: {meta[0]}{more} is a meta tensor (a shape without "
+            "values, as a state dict saved from a model on the meta device, before its weights "
+            "were materialised or loaded)")
+
     mismatches = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in to_load.items()
                   if tuple(v.shape) != tuple(target[k].shape)]
     if mismatches:
@@ -238,6 +332,9 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
             parts.append(f"no place in the model: {_abbrev(unexpected)}")
         hint = _preset_hint(mapped, model)
         hint = f" ({hint})" if hint else ""
+        prefix = _prefix_hint(unexpected, target_keys)
+        if prefix:
+            parts.append(prefix)
         raise CheckpointError(f"checkpoint ({fmt}) does not fit the model{hint}: " + "; ".join(parts))
     report.skipped.extend(unexpected)
     report.missing = missing
@@ -256,6 +353,10 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
             f"the checkpoint ({fmt}) carries no weights for this model's head; "
             f"{len(absent_head)} head tensors keep their initial values: {_abbrev(absent_head, 3)}",
             stacklevel=2)
+    else:  # a backbone-only start (ImageNet weights into a seg model) is trained on: no warning
+        convention = _convention_warning(fmt, model)
+        if convention:
+            warnings.warn(convention, stacklevel=2)
     if verbose:
         print(report)
     return report

@@ -5,12 +5,16 @@ Everything here is a frozen dataclass, so a config can key caches and be compare
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 BLOCKS = ("BASIC", "BOTTLENECK")
 FUSE_METHODS = ("SUM",)
 UPSAMPLE_MODES = ("bilinear", "nearest")
 HEADS = ("seg", "features", "classification")
+# The resize each head's published models were trained with: the official segmentation model
+# bilinear, the official and timm ImageNet classification models nearest. "features" (the backbone
+# alone) keeps the package's long-standing default, bilinear.
+DEFAULT_UPSAMPLE = {"seg": "bilinear", "classification": "nearest", "features": "bilinear"}
 PRESET_NAMES = (
     "w18_small_v1", "w18_small_v2", "w18", "w30", "w32", "w40", "w44", "w48", "w64",
 )
@@ -111,7 +115,12 @@ class HRNetConfig:
 
     ``upsample`` is the resize used wherever a lower-resolution branch meets a higher one (fuse step
     and head): "bilinear" as the official segmentation model, "nearest" as the seed, classification
-    and pose models. Resizing is size based, so any input size works.
+    and pose models. Resizing is size based, so any input size works. Left out (None), it follows
+    the head: "nearest" for ``head="classification"`` (as the official and timm ImageNet models,
+    whose weights give other logits under bilinear), "bilinear" for "seg" and for "features"
+    (unchanged default), "bilinear" also whenever ``align_corners=True`` asks for it. An explicit
+    value always wins. ``replace(head=...)`` derives it again for the new head unless it was given
+    explicitly (``upsample_from_head`` says which).
     """
 
     stage1: StageConfig
@@ -119,14 +128,21 @@ class HRNetConfig:
     stage3: StageConfig
     stage4: StageConfig
     num_classes: int = 19
-    upsample: str = "bilinear"
+    upsample: Optional[str] = None
     align_corners: bool = False
     head: str = "seg"
     final_conv_kernel: int = 1
     in_channels: int = 3
     name: str = field(default="custom", compare=False)
+    # True when ``upsample`` was derived from the head rather than given (set in __post_init__).
+    upsample_from_head: bool = field(default=False, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        from_head = self.upsample is None
+        object.__setattr__(self, "upsample_from_head", from_head)
+        if from_head:
+            mode = "bilinear" if self.align_corners is True else DEFAULT_UPSAMPLE.get(self.head)
+            object.__setattr__(self, "upsample", mode or "bilinear")  # a bad head is named below
         for i, st in enumerate(self.stages, start=1):
             if not isinstance(st, StageConfig):
                 raise ValueError(f"stage{i} must be a StageConfig, got {type(st).__name__}")
@@ -200,7 +216,7 @@ class HRNetConfig:
 
     @classmethod
     def _with_overrides(cls, stages, name, overrides) -> "HRNetConfig":
-        allowed = {f.name for f in fields(cls)}
+        allowed = {f.name for f in fields(cls) if f.init}
         for k in overrides:
             if k not in allowed:
                 raise ValueError(f"unknown HRNetConfig field {k!r}; fields are {sorted(allowed)}")
@@ -210,6 +226,11 @@ class HRNetConfig:
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "HRNetConfig":
+        """A copy with ``changes``; a head or align_corners change derives ``upsample`` again when
+        it was not given explicitly (pass ``upsample=`` to fix it)."""
+        if ("upsample" not in changes and self.upsample_from_head
+                and ("head" in changes or "align_corners" in changes)):
+            changes = dict(changes, upsample=None)
         return replace(self, **changes)
 
     def to_yaml_extra(self) -> dict:

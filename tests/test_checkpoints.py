@@ -96,8 +96,8 @@ def test_imagenet_weights_into_seg_and_features(head):
         assert any("head" in str(w.message) for w in caught)
     else:
         assert not report.missing
-    # The backbone is exactly the classification model's backbone.
-    feats = _fresh(head="features")
+    # The backbone is exactly the classification model's backbone (with its resize, nearest).
+    feats = _fresh(head="features", upsample="nearest")
     load_checkpoint(feats, cls.state_dict())
     with torch.no_grad():
         _assert_same(feats(X), cls.forward_backbone(X))
@@ -193,7 +193,7 @@ def test_old_checkpoints_without_num_batches_tracked():
 def test_not_a_checkpoint(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(_fresh(), junk)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(_fresh(), tmp_path / "nope.pth")
@@ -203,9 +203,186 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(_fresh(), [1, 2, 3])
     obj_file = tmp_path / "pickled.pth"
     torch.save({"state_dict": _random_model().state_dict(), "cfg": object.__new__(_Custom)}, obj_file)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only") as e:
         load_checkpoint(_fresh(), obj_file)
+    msg = str(e.value)
+    assert str(obj_file) in msg and "arbitrary Python objects" in msg and "_Custom" in msg
+    assert "runs code from the file" in msg and "trusted source" in msg
 
 
 class _Custom:
     pass
+
+
+# --- upsample convention of the checkpoint vs the model (issue 10, item 4) ----------------------
+
+def _imagenet_sd():
+    """A state dict in the official / timm ImageNet key format (backbone keys plus incre_modules,
+    downsamp_modules, final_layer, classifier), as timm's hrnet_w* checkpoints hold it."""
+    sd = _random_model(head="classification", num_classes=1000).state_dict()
+    assert any(k.startswith("incre_modules.") for k in sd) and "classifier.weight" in sd
+    return sd
+
+
+def _convention_warnings(caught):
+    return [w for w in caught if "upsample" in str(w.message)]
+
+
+def _load_recording(model, sd, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = load_checkpoint(model, sd, **kw)
+    return report, _convention_warnings(caught)
+
+
+def test_imagenet_weights_into_default_classification_model_need_no_warning():
+    model = _fresh(head="classification", num_classes=1000)
+    assert model.config.upsample == "nearest"  # as the official and timm ImageNet models
+    report, caught = _load_recording(model, _imagenet_sd())
+    assert report.format == "imagenet" and not caught
+
+
+def test_imagenet_weights_into_bilinear_classification_model_warn_once():
+    model = _fresh(head="classification", num_classes=1000, upsample="bilinear")
+    report, caught = _load_recording(model, _imagenet_sd())
+    assert report.format == "imagenet"
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "nearest" in msg and "bilinear" in msg and "imagenet" in msg
+    assert "HRNetConfig.preset(" in msg and "upsample='nearest'" in msg
+
+
+def test_imagenet_weights_into_bilinear_features_model_warn():
+    report, caught = _load_recording(_fresh(head="features"), _imagenet_sd())
+    assert len(caught) == 1 and "upsample='nearest'" in str(caught[0].message)
+
+
+def test_imagenet_backbone_init_of_a_seg_model_does_not_warn_about_upsample():
+    # The official segmentation training starts from the ImageNet (nearest) weights and fine-tunes
+    # with bilinear: the head is new anyway, so only the missing-head warning is given.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(_fresh(), _imagenet_sd())
+    assert any("head" in str(w.message) for w in caught)
+    assert not _convention_warnings(caught)
+
+
+def test_official_seg_release_into_nearest_model_warns_once():
+    src = _random_model()
+    sd = {"model." + k: v for k, v in src.state_dict().items()}
+    report, caught = _load_recording(_fresh(upsample="nearest"), sd)
+    assert report.format == "official-seg" and len(caught) == 1
+    msg = str(caught[0].message)
+    assert "official-seg" in msg and "upsample='bilinear'" in msg and "nearest" in msg
+    _, caught = _load_recording(_fresh(), sd)  # the default seg model: bilinear, no warning
+    assert not caught
+
+
+def test_plain_checkpoints_imply_no_convention():
+    src = _random_model(upsample="nearest")
+    _, caught = _load_recording(_fresh(), src.state_dict())
+    assert not caught
+
+
+# --- unreadable files, meta tensors, prefixes (issue 10, item 11) -------------------------------
+
+@pytest.mark.parametrize("content,reason", [
+    # the weights-only unpickler on random bytes: torch's text suggests weights_only=False
+    (bytes(range(256)) * 16, "Unsupported operand"),
+    (b"\x80\x02" + bytes(range(200, 256)) * 4, "Unsupported operand"),
+    (b"this is not a checkpoint", "Error"),
+    (b"", "ends too early"),
+    ("zip-truncated", "central directory"),
+    ("zip-corrupted", "Error"),
+], ids=["random", "pickle-header", "text", "empty", "zip-truncated", "zip-corrupted"])
+def test_corrupt_files_never_suggest_unsafe_loading(tmp_path, content, reason):
+    if isinstance(content, str):
+        good = tmp_path / "good.pth"
+        torch.save(_random_model().state_dict(), good)
+        data = good.read_bytes()
+        if content == "zip-truncated":
+            content = data[: len(data) // 2]
+        else:
+            content = data[:100] + bytes(b ^ 0xFF for b in data[100:400]) + data[400:]
+    path = tmp_path / "corrupt.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(_fresh(), path)
+    msg = str(e.value)
+    assert str(path) in msg and "not a readable PyTorch checkpoint" in msg
+    assert "weights_only" not in msg and "trusted" not in msg and "Python objects" not in msg
+    assert reason in msg  # torch's reason, kept short
+    assert len(msg) < len(str(path)) + 300 and "\n" not in msg
+
+
+def test_torchscript_archive_is_named(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation, torch.load's dispatch notice
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+        with pytest.raises(CheckpointError, match="TorchScript") as e:
+            load_checkpoint(_fresh(), path)
+    assert "trusted source" in str(e.value) and str(path) in str(e.value)
+
+
+def test_meta_tensors_name_a_key_and_say_there_is_no_data(tmp_path):
+    with torch.device("meta"):
+        meta = HRNet(HRNetConfig.preset("w18_small_v1"), fast=False)
+    for source in (meta.state_dict(), tmp_path / "meta.pth"):
+        if not isinstance(source, dict):
+            torch.save(meta.state_dict(), source)
+        with pytest.raises(CheckpointError, match=r"meta") as e:
+            load_checkpoint(_fresh(), source)
+        msg = str(e.value)
+        assert "conv1.weight" in msg and "no data" in msg
+
+
+def test_meta_tensors_even_with_strict_false():
+    sd = _random_model().state_dict()
+    sd["stage4.0.branches.3.0.conv1.weight"] = torch.empty(
+        sd["stage4.0.branches.3.0.conv1.weight"].shape, device="meta")
+    with pytest.raises(CheckpointError, match=r"no data.*stage4\.0\.branches\.3\.0\.conv1\.weight"):
+        load_checkpoint(_fresh(), sd, strict=False)
+
+
+def _assert_same_state(dst, src):
+    want = src.state_dict()
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+@pytest.mark.parametrize("times", [2, 3])
+def test_repeated_dataparallel_prefixes_are_stripped(times):
+    src = _random_model()
+    dst = _fresh()
+    report = load_checkpoint(dst, {"module." * times + k: v for k, v in src.state_dict().items()})
+    assert report.format == "plain" and not report.missing and not report.skipped
+    _assert_same_state(dst, src)
+    # also around the official segmentation wrapper
+    dst = _fresh()
+    report = load_checkpoint(dst, {"module." * times + "model." + k: v
+                                   for k, v in src.state_dict().items()})
+    assert report.format == "official-seg"
+    _assert_same_state(dst, src)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "encoder.net.", "module.encoder."])
+def test_unknown_prefix_is_named_as_a_hint(prefix):
+    src = _random_model().state_dict()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(_fresh(), {prefix + k: v for k, v in src.items()})
+    shown = prefix[len("module."):] if prefix.startswith("module.") else prefix
+    msg = str(e.value)
+    assert f"prefix '{shown}'" in msg and "strip it" in msg
+    assert f"without it {len(src)} of them match" in msg
+
+
+def test_prefix_hint_only_for_the_unmatched_keys():
+    src = _random_model().state_dict()
+    sd = dict(src, **{"aux.fc1.weight": torch.zeros(3), "aux.fc2.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"prefix 'aux\.'") as e:  # a whole name part
+        load_checkpoint(_fresh(), sd)
+    assert "aux.fc1.weight" in str(e.value) and "strip it" not in str(e.value)
+    with pytest.raises(CheckpointError) as e:  # one stray key: its own name says it all
+        load_checkpoint(_fresh(), dict(src, **{"aux.head.weight": torch.zeros(3)}))
+    assert "prefix" not in str(e.value)

@@ -92,3 +92,57 @@ def test_inconsistent_yaml_is_rejected(mutate, needle):
 def test_stage_config_validation():
     with pytest.raises(ValueError, match="num_channels"):
         StageConfig(1, 2, "BASIC", (4, 4), (18,))
+
+
+# --- upsample follows the head (issue 10, item 4) ----------------------------------------------
+
+@pytest.mark.parametrize("head,want", [
+    ("classification", "nearest"),  # the official and timm ImageNet models: nearest
+    ("seg", "bilinear"),  # the official segmentation model
+    ("features", "bilinear"),  # the backbone alone keeps the package's long-standing default
+])
+def test_upsample_default_follows_the_head(head, want):
+    cfg = HRNetConfig.preset("w30", head=head)
+    assert cfg.upsample == want
+    assert HRNetConfig.from_yaml_extra(_extra(), head=head).upsample == want
+
+
+@pytest.mark.parametrize("head", ["classification", "seg", "features"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_explicit_upsample_always_wins(head, mode):
+    assert HRNetConfig.preset("w18", head=head, upsample=mode).upsample == mode
+    assert HRNetConfig.from_yaml_extra(_extra(), head=head, upsample=mode).upsample == mode
+
+
+def test_default_and_explicit_upsample_configs_compare_equal():
+    assert HRNetConfig.preset("w18", head="classification") == \
+        HRNetConfig.preset("w18", head="classification", upsample="nearest")
+    assert hash(HRNetConfig.preset("w18", head="classification")) == \
+        hash(HRNetConfig.preset("w18", head="classification", upsample="nearest"))
+
+
+def test_replace_head_rederives_a_default_upsample_only():
+    seg = HRNetConfig.preset("w18")
+    assert seg.replace(head="classification").upsample == "nearest"
+    assert seg.replace(head="classification").replace(head="seg").upsample == "bilinear"
+    explicit = HRNetConfig.preset("w18", upsample="bilinear")
+    assert explicit.replace(head="classification").upsample == "bilinear"
+    assert seg.replace(head="classification", upsample="bilinear").upsample == "bilinear"
+    assert seg.replace(upsample="nearest").replace(head="classification", num_classes=3).upsample \
+        == "nearest"
+
+
+def test_align_corners_implies_bilinear_for_the_default():
+    # align_corners=True only exists for bilinear: a classification model asking for it gets it
+    cfg = HRNetConfig.preset("w18", head="classification", align_corners=True)
+    assert cfg.upsample == "bilinear" and cfg.align_corners is True
+    with pytest.raises(ValueError, match="align_corners"):
+        HRNetConfig.preset("w18", head="classification", upsample="nearest", align_corners=True)
+
+
+def test_drop_in_classification_model_uses_nearest():
+    from hrnet_fast import HRNet
+    assert HRNet("w18_small_v1", head="classification", fast=False).config.upsample == "nearest"
+    assert HRNet(HRNetConfig.preset("w18_small_v1"), head="classification",
+                 fast=False).config.upsample == "nearest"
+    assert HRNet("w18_small_v1", fast=False).config.upsample == "bilinear"

@@ -1,4 +1,6 @@
 """The fused ops' torch implementations (the oracles), their validation and the backend registry."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,146 @@ def test_cpu_fused_conv_matches_conv2d(stride, k):
     assert len(cache) == cpu_conv.MAX_SHAPES
     assert cpu_conv.conv_fused(x.double(), w.double(), b.double(), stride, k // 2, None, True,
                                {}) is None  # fp32 only: the caller takes the plain path
+
+
+# --- side paths never degrade the fast path; real downgrades warn once (issue 10, item 7) -------
+
+def _conv_args(k=3):
+    x = torch.randn(1, 4, 9, 11).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, k, k).contiguous(memory_format=torch.channels_last)
+    return x, w, torch.randn(6)
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """cpu_conv with a fresh process state and a reorder call that can be made to fail."""
+    from hrnet_fast.ops import cpu_conv
+    if not cpu_conv.available():
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    monkeypatch.setitem(cpu_conv._STATE, "ok", True)
+    monkeypatch.setattr(cpu_conv, "_WARNED", set())
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+    calls = {"n": 0, "fail": 0}
+
+    def reorder(*args):
+        calls["n"] += 1
+        if calls["fail"]:
+            calls["fail"] -= 1
+            raise RuntimeError("simulated oneDNN failure")
+        return real(*args)
+
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", reorder)
+    return cpu_conv, calls
+
+
+def _runtime_warnings(caught):
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_onednn_failure_outside_side_paths_warns_once(onednn):
+    cpu_conv, calls = onednn
+    x, w, b = _conv_args()
+    with pytest.warns(RuntimeWarning, match="oneDNN") as caught:
+        calls["fail"] = 1
+        assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is None
+    assert len(_runtime_warnings(caught)) == 1
+    assert "F.conv2d" in str(caught[0].message) and "simulated oneDNN failure" in str(caught[0].message)
+    assert not cpu_conv.available()  # a real downgrade: off for the process
+    cpu_conv._STATE["ok"] = True  # even if it were probed and failed again: no second warning
+    calls["fail"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is None
+
+
+@pytest.mark.parametrize("side", ["onnx", "jit", "compile"])
+def test_onednn_failure_during_a_side_path_disables_nothing(onednn, monkeypatch, side):
+    cpu_conv, calls = onednn
+    import torch.onnx
+    flag = {"onnx": (torch.onnx, "is_in_onnx_export"), "jit": (torch.jit, "is_tracing"),
+            "compile": (torch.compiler, "is_compiling")}[side]
+    x, w, b = _conv_args()
+    want = conv2d_bias_act(x, w, b, backend="torch")
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.setattr(*flag, lambda: True)
+        calls["fail"] = 1
+        # the plain path for this call (the caller runs F.conv2d)
+        assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is None
+    assert cpu_conv.available()  # nothing was switched off
+    calls["fail"] = 0
+    got = cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {})  # after the export: fused again
+    assert got is not None and rel_err(got, want) < 1e-6
+
+
+def test_onednn_path_under_a_real_jit_trace(onednn):
+    cpu_conv, calls = onednn
+    x, w, b = _conv_args()
+    seen = []
+
+    def fn(t):
+        y = cpu_conv.conv_fused(t, w, b, 1, 1, None, True, {})
+        seen.append(y)
+        return y if y is not None else conv2d_bias_act(t, w, b, backend="torch")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        traced = torch.jit.trace(fn, x, check_trace=False)
+    assert seen == [None] and calls["n"] == 0  # no oneDNN ops in a trace
+    assert "mkldnn" not in str(traced.graph)
+    assert cpu_conv.available()
+    assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is not None
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch):
+    """conv._cudnn_fused on CPU tensors with cuDNN's fused calls replaced (no GPU needed)."""
+    from hrnet_fast.ops import conv
+    monkeypatch.setattr(conv, "_CUDNN_FUSED_BROKEN", set())
+    monkeypatch.setattr(conv, "_CUDNN_FUSED_SEEN", set())
+    monkeypatch.setattr(conv, "_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    state = {"fail": True}
+
+    def fused(x, weight, *rest):
+        if state["fail"]:
+            raise RuntimeError("simulated: no fused engine for this layout")
+        return torch.zeros(1)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", fused)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", fused)
+    return conv, state
+
+
+def test_cudnn_fused_epilogue_unavailable_warns_once_per_cause(fake_cudnn):
+    conv, state = fake_cudnn
+    x, w, b = _conv_args()
+    with pytest.warns(RuntimeWarning, match="cuDNN fused") as caught:
+        assert conv._cudnn_fused(x, w, b, 1, 1, None) is None
+    assert len(_runtime_warnings(caught)) == 1
+    msg = str(caught[0].message)
+    assert "cpu" in msg and "float32" in msg and "simulated" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert conv._cudnn_fused(x, w, b, 1, 1, None) is None  # remembered: not tried, no warning
+        conv._CUDNN_FUSED_BROKEN.clear()
+        assert conv._cudnn_fused(x, w, b, 1, 1, None) is None  # fails again: still one warning
+    res = torch.randn(1, 6, 9, 11)
+    with pytest.warns(RuntimeWarning, match="residual"):  # another cause: the residual form
+        assert conv._cudnn_fused(x, w, b, 1, 1, res) is None
+
+
+@pytest.mark.parametrize("side", ["onnx", "jit", "compile"])
+def test_cudnn_failure_during_a_side_path_disables_nothing(fake_cudnn, monkeypatch, side):
+    conv, state = fake_cudnn
+    import torch.onnx
+    flag = {"onnx": (torch.onnx, "is_in_onnx_export"), "jit": (torch.jit, "is_tracing"),
+            "compile": (torch.compiler, "is_compiling")}[side]
+    x, w, b = _conv_args()
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.setattr(*flag, lambda: True)
+        assert conv._cudnn_fused(x, w, b, 1, 1, None) is None
+    assert not conv._CUDNN_FUSED_BROKEN
+    state["fail"] = False
+    assert conv._cudnn_fused(x, w, b, 1, 1, None) is not None

@@ -2,6 +2,9 @@
 timers, fake graphs and fake events drive the logic; the @gpu tests time for real)."""
 import json
 import math
+import multiprocessing
+import time
+import warnings
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ def cache_dir(monkeypatch, tmp_path):
     """Every test gets its own empty disk cache and a fresh in-process copy of it."""
     monkeypatch.setenv("HRNET_FAST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(sel, "_DISK", None)
+    monkeypatch.setattr(sel, "_WARNED", set())  # once-per-process warnings, per test
     return tmp_path
 
 
@@ -131,7 +135,14 @@ def test_package_version_fallbacks(monkeypatch):
     b'["a", "b"]',  # JSON, not an object
     b'"b"',
     json.dumps({"k1": 3, "k2": None, "k3": ["a"], "k4": {"b": 1}, "keep": "x"}).encode(),
-], ids=["garbage", "truncated", "deep", "list", "string", "bad-values"])
+    b"null",
+    b"3",
+    b"[1]",
+    b'{"a": 1}',
+    b"",
+    bytes(range(256)),
+], ids=["garbage", "truncated", "deep", "list", "string", "bad-values", "null", "number",
+        "list-of-number", "number-value", "empty", "binary"])
 def test_corrupt_cache_is_ignored_and_rewritten(content):
     with open(cache_path(), "wb") as f:
         f.write(content)
@@ -161,8 +172,89 @@ def test_unwritable_cache_dir_does_not_break_choosing(monkeypatch, tmp_path):
     blocker.write_text("")
     monkeypatch.setenv("HRNET_FAST_CACHE_DIR", str(blocker / "sub"))  # makedirs fails
     op, timer = _op({"a": 2.0, "b": 1.0}, persist=True)
-    assert op(torch.ones(3), 1.0) == "b"
+    with pytest.warns(RuntimeWarning, match=r"selection cache.*not writable|could not save") as rec:
+        assert op(torch.ones(3), 1.0) == "b"
     assert not list(tmp_path.glob("**/*.tmp"))
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    assert str(blocker / "sub") in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second failed save: no second warning
+        assert op(torch.ones(5), 1.0) == "b"
+        assert timer.calls == 4
+
+
+def _add_keys(tag, n, barrier):
+    """One process of the concurrency test: its own in-process copy, read before the others
+    write, then ``n`` saves of one new key each."""
+    sel._DISK = None
+    sel._disk()
+    barrier.wait()
+    for i in range(n):
+        with sel._LOCK:
+            sel._disk()[f"{tag}-{i}"] = tag
+            sel._save_disk()
+
+
+def test_concurrent_processes_keep_each_others_entries():
+    with open(cache_path(), "w") as f:
+        json.dump({"old": "x"}, f)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    barrier = ctx.Barrier(2)
+    t0 = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a multi-threaded process
+        procs = [ctx.Process(target=_add_keys, args=(tag, 50, barrier)) for tag in ("p", "q")]
+        for p in procs:
+            p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    saved = json.load(open(cache_path()))
+    assert saved == {"old": "x", **{f"{t}-{i}": t for t in ("p", "q") for i in range(50)}}
+    assert time.monotonic() - t0 < 30
+    assert not [p for p in sel.os.listdir(sel.os.path.dirname(cache_path())) if p.endswith(".tmp")]
+
+
+def test_save_merges_entries_written_since_the_read():
+    op, _ = _op({"a": 2.0, "b": 1.0}, persist=True)
+    sel._disk()  # this process read the (empty) file
+    with open(cache_path(), "w") as f:  # then another process saved its choice
+        json.dump({"other": "x", "bad": 3}, f)
+    op(torch.ones(3), 1.0)
+    saved = json.load(open(cache_path()))
+    assert saved == {"other": "x", _disk_key(torch.device("cpu"), "demo_op", ((3,), 1.0)): "b"}
+    assert sel._disk()["other"] == "x"  # and this process sees it too
+
+
+@pytest.mark.skipif(sel.fcntl is None, reason="no fcntl on this platform")
+def test_save_waits_for_the_file_lock():
+    import threading
+    sel._disk()["mine"] = "y"
+    fd = sel.os.open(cache_path() + ".lock", sel.os.O_RDWR | sel.os.O_CREAT)
+    sel.fcntl.flock(fd, sel.fcntl.LOCK_EX)  # another process in the middle of its save
+    try:
+        saver = threading.Thread(target=sel._save_disk)
+        saver.start()
+        saver.join(0.3)
+        assert saver.is_alive()  # waiting for the lock
+        with open(cache_path(), "w") as f:  # what the other process writes meanwhile
+            json.dump({"theirs": "x"}, f)
+    finally:
+        sel.os.close(fd)
+    saver.join(10)
+    assert not saver.is_alive()
+    assert json.load(open(cache_path())) == {"mine": "y", "theirs": "x"}
+
+
+def test_save_without_fcntl(monkeypatch):
+    monkeypatch.setattr(sel, "fcntl", None)  # a platform without it: no lock, same merge
+    with open(cache_path(), "w") as f:
+        json.dump({"other": "x"}, f)
+    op, _ = _op({"a": 2.0, "b": 1.0}, persist=True)
+    sel._disk()
+    op(torch.ones(3), 1.0)
+    assert len(json.load(open(cache_path()))) == 2
 
 
 def test_force_override_and_bad_force(monkeypatch):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import registry
 from ._validate import check_image, check_same
+from .cpu_conv import in_side_path, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +21,11 @@ logger = logging.getLogger(__name__)
 # Inside a CUDA-graph capture nothing may fail or be tried for the first time (a failed call
 # invalidates the capture), so the fused form is captured only for problems that already ran fused
 # eagerly (the engine's warm-up runs every shape before it captures); an unseen problem is captured
-# unfused. A device/dtype whose cuDNN refuses the fused call is remembered and not tried again.
+# unfused. A device/dtype whose cuDNN refuses the fused call is remembered and not tried again, and
+# said once (RuntimeWarning) per device/dtype/form; a refusal while tracing, exporting or compiling
+# (in_side_path) only sends that call down the unfused form.
 _CUDNN_FUSED_BROKEN: set = set()
+_WARNED: set = set()
 _CUDNN_FUSED_SEEN: set = set()
 # What captures recorded: {"fused": n, "unfused": n} conv epilogues (tests and benchmarks read it).
 CAPTURED_EPILOGUES = {"fused": 0, "unfused": 0}
@@ -53,8 +57,14 @@ def _cudnn_fused(x, weight, bias, stride, padding, residual):
     except RuntimeError as e:  # unsupported layout/dtype on this cuDNN: use the unfused form
         if capturing:
             raise  # cannot happen for a problem that ran eagerly; never hide a broken capture
+        if in_side_path():
+            return None  # a trace/export/compile failure says nothing about eager calls
         _CUDNN_FUSED_BROKEN.add(broken_key)
-        logger.info("cuDNN fused conv epilogue unavailable (%s); using conv + separate epilogue", e)
+        form = "conv + bias + ReLU" if residual is None else "conv + bias + residual add + ReLU"
+        warn_once(broken_key, f"hrnet_fast: the cuDNN fused {form} epilogue is unavailable for "
+                  f"{x.dtype} on {x.device} ({e}); those convolutions run unfused (conv, then the "
+                  "epilogue as separate kernels: same results, slower) for the rest of the process",
+                  _WARNED)
         return None
     if not capturing:
         _CUDNN_FUSED_SEEN.add(key)

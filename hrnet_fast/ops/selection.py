@@ -6,7 +6,11 @@ fastest; later calls go straight to it. Choices are cached per process and on di
 (``~/.cache/hrnet_fast/selection.json``, or ``HRNET_FAST_CACHE_DIR``), keyed by device name and
 hrnet_fast/torch/triton versions, so a plan builds in seconds the next time. A cache file that
 cannot be read, or entries that are not names, are ignored (and rewritten on the next save); a
-cached name that is not a candidate is measured again. ``HRNET_FAST_FORCE_<OP>=<name>``
+cached name that is not a candidate is measured again. A save re-reads the file and merges its
+entries with ours under an exclusive ``fcntl.flock`` on ``selection.json.lock`` (where fcntl
+exists; elsewhere without a lock), then replaces the file atomically, so processes measuring at
+the same time keep each other's choices. A cache that cannot be written is said once per process
+(``RuntimeWarning``): every new process then measures again. ``HRNET_FAST_FORCE_<OP>=<name>``
 (e.g. ``HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch``) overrides the choice. No measurement happens
 during CUDA-graph capture: an unmeasured key then uses the first candidate, which is not
 remembered as a choice.
@@ -22,18 +26,26 @@ eager launches between two events (median of several repeats, per call).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import statistics
 import threading
-from typing import Callable, Dict, Hashable, Optional, Sequence
+import warnings
+from typing import Callable, Dict, Hashable, Iterator, Optional, Sequence
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl: saves go unlocked there
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _DISK: Optional[Dict[str, str]] = None
+_WARNED: set = set()  # cache paths whose failed save was already warned about
 
 
 def cache_path() -> str:
@@ -65,15 +77,49 @@ def _disk() -> Dict[str, str]:
     return _DISK
 
 
-def _save_disk() -> None:
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if needed) for the block; no lock without fcntl
+    or where the file system refuses one (then concurrent saves may drop entries, as before)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
-        tmp = cache_path() + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(_DISK, f, indent=0, sort_keys=True)
-        os.replace(tmp, cache_path())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # e.g. a network file system without locks
+            logger.info("saving the selection cache without a lock: %s", e)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _save_disk() -> None:
+    """Merge the file's current entries into ours (ours win on a clash) and write the union
+    atomically, all under the file lock. Called with ``_LOCK`` held."""
+    path = cache_path()
+    ours = _disk()
+    tmp = path + f".{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with _file_lock(path + ".lock"):
+            merged = _read_disk()  # what other processes saved since we read it
+            merged.update(ours)
+            ours.update(merged)
+            with open(tmp, "w") as f:
+                json.dump(merged, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
     except OSError as e:  # a read-only home must not break inference
-        logger.info("could not save the selection cache: %s", e)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if path not in _WARNED:
+            _WARNED.add(path)
+            warnings.warn(
+                f"hrnet_fast: could not save the selection cache {path} ({e}): the selection "
+                "cache is not writable, so every new process measures its implementation choices "
+                "again (slower start). Set HRNET_FAST_CACHE_DIR to a writable directory.",
+                RuntimeWarning, stacklevel=4)
 
 
 def _package_version() -> str:
