@@ -1,6 +1,6 @@
 """Checkpoint loading: detect the format people hand us, map its keys to ours, load, report.
 
-Formats (see hrnet-facts.md):
+Formats:
 
 * ``plain``: our own / official keys, as ``model.state_dict()`` writes them;
 * ``official-seg``: the official segmentation release, keys prefixed ``model.`` plus ``loss.*``;
@@ -150,7 +150,7 @@ def _unwrap(obj) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
     return sd, wrapper
 
 
-# The resize in the fuse step each format's models were trained with (hrnet-facts.md): the official
+# The resize in the fuse step each format's models were trained with: the official
 # and timm ImageNet models nearest, the official segmentation release bilinear. Other formats
 # (plain: our own; mmseg) imply nothing.
 _FORMAT_UPSAMPLE = {"imagenet": ("nearest", "the official / timm ImageNet weights"),

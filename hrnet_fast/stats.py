@@ -1,6 +1,6 @@
 """Model size figures: parameter count and multiply-accumulates (MACs) of convolutions and linears.
 
-MACs follow the convention of hrnet-facts.md: one multiply-add per weight per output position of
+MACs follow one convention: one multiply-add per weight per output position of
 every conv and linear layer, nothing else (BatchNorm, ReLU, adds and resizes are not counted).
 Published HRNet tables quote about 0.93x of this figure as "GFLOPs".
 """

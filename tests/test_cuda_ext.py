@@ -110,7 +110,7 @@ def make_inputs(n, c, hw, sizes, dtype, layout, device, seed=0, bias=True):
 
 def fp_tolerance(dtype, ref_err):
     """Allowed error against the fp64 oracle: 2x the error of the torch composition run in `dtype`
-    (design.md), and never below a floor (fp32 1e-6; fp16/bf16 about 2x their output rounding).
+    (docs/architecture.md, Numerics), and never below a floor (fp32 1e-6; fp16/bf16 about 2x their output rounding).
     fp32 needs the 2x term at larger sizes: the source coordinate (dst + 0.5) * in/out - 0.5 is
     computed in fp32 (as torch does), which moves the bilinear weights by ~1e-6 against fp64."""
     floor = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]

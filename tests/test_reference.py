@@ -12,7 +12,8 @@ from helpers import randomize_bn
 SEG_PARAMS_M = {"w18_small_v1": 1.54, "w18_small_v2": 3.94, "w18": 9.64, "w32": 29.55, "w48": 65.86}
 CLS_PARAMS_M = {"w18_small_v1": 13.19, "w18_small_v2": 15.60, "w18": 21.30, "w30": 37.71,
                 "w32": 41.23, "w40": 57.56, "w44": 67.06, "w48": 77.47, "w64": 128.06}
-# MACs of conv+linear layers at 1x3x1024x2048 (hrnet-facts.md).
+# MACs of conv+linear layers at 1x3x1024x2048 (the published HRNet segmentation tables quote
+# about 0.93x of these as GFLOPs).
 SEG_GMACS_1024x2048 = {"w18_small_v1": 33.4, "w18_small_v2": 76.9, "w18": 147.4, "w32": 361.2,
                        "w48": 747.5}
 

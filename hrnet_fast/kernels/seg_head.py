@@ -1,6 +1,6 @@
 """Fused segmentation head: ``out = conv2d(relu(base + sum_k resize(c_k, base size)), weight, bias)``.
 
-After the head rewrite (design.md), the official head's ``last_layer`` becomes: ``base = W0 x0 + b``
+After the head rewrite (docs/architecture.md), the official head's ``last_layer`` becomes: ``base = W0 x0 + b``
 at branch 0's size with Cs channels (270 for w18, 720 for w48), contributions ``W_k x_k`` at each
 branch's own size, then BN-folded ReLU and the 1x1 classifier (``weight`` [K, Cs, 1, 1], ``bias``
 [K]). This kernel does the resize + sum + ReLU + classifier in one pass: for a tile of pixels it loops
