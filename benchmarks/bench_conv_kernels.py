@@ -3,7 +3,7 @@
     python benchmarks/bench_conv_kernels.py                       # w18 and w48 at 1x3x1024x2048, fp16
     python benchmarks/bench_conv_kernels.py --presets w48 --json results/conv_ab.json
     python benchmarks/bench_conv_kernels.py --compile              # + torch.compile max-autotune (slow)
-    python benchmarks/bench_conv_kernels.py --flat-k-ab            # + Triton with flat K for Cin < 64
+    python benchmarks/bench_conv_kernels.py --flat-k-ab            # + Triton with the other K walk
 
 Variants per conv (same inputs, channels_last, the epilogue the inference plan needs):
   triton       hrnet_fast.kernels.conv.conv2d_bias_act (bias + residual + ReLU fused, one launch)
@@ -266,7 +266,17 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
                 x, wt, r, 1.0, b, (c.stride, c.stride), (pad, pad), (1, 1), 1)
     if use_compile:
         variants["compile"] = torch.compile(cudnn_fn, mode="max-autotune-no-cudagraphs")
-    if flat_k_ab and c.cin % 16 and c.cin < 64:
+    if flat_k_ab and c.cin >= kconv.FLAT_K_MAX_CIN and kconv.use_flat_k(c.cin):
+        # flat by default (Cin a multiple of 8, not of 32): A/B against the per-tap walk
+        def taps_fn():
+            old = kconv.FLAT_K_ALIGNED
+            kconv.FLAT_K_ALIGNED = False
+            try:
+                return triton_fn()
+            finally:
+                kconv.FLAT_K_ALIGNED = old
+        variants["triton_taps"] = taps_fn
+    elif flat_k_ab and c.cin % 16 and c.cin < 64:
         def flat_fn():
             old = kconv.FLAT_K_MAX_CIN
             kconv.FLAT_K_MAX_CIN = 64
@@ -408,7 +418,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="add torch.compile max-autotune-no-cudagraphs (slow)")
-    p.add_argument("--flat-k-ab", action="store_true", help="add Triton with flat K for Cin %% 16 != 0, Cin < 64")
+    p.add_argument("--flat-k-ab", action="store_true",
+                   help="add Triton with the other K walk: per-tap where flat K is the default "
+                        "(Cin %% 8 == 0, Cin %% 32 != 0), flat K for other Cin %% 16 != 0, Cin < 64")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.add_argument("--list", action="store_true", help="print the shape list and exit (no GPU needed)")
     p.add_argument("--timer", default="graph", choices=["graph", "events"],

@@ -19,19 +19,46 @@ Registered op: ``torch.ops.hrnet_fast.conv2d_bias_act_triton(x, w_packed, bias, 
 ksize, stride, padding, relu) -> Tensor`` (``torch.library.triton_op``; works eagerly, under
 ``torch.compile`` and inside CUDA graphs once autotuning has run for the shape).
 
+Math: ``out[n, co, oh, ow] = act(b[co] + sum_{r, s, c} x[n, c, oh*stride - pad + r, ow*stride - pad + s]
+* w[co, c, r, s] + residual[n, co, oh, ow])`` with zero padding (out-of-image taps masked, nothing
+materialised); act = ReLU on every channel (``relu``), on the masked channels (``relu_ranges``) or none.
+
 GEMM view: M = N*Ho*Wo output pixels (rows), N = Cout (columns), K = k*k*Cin (reduction, tap-major,
 channel-minor, matching ``pack_weight``). Each program computes a BLOCK_M x BLOCK_N output tile, gathering
-the A tile straight from the NHWC input (zero padding by masking: nothing is materialised).
-For Cin < ``FLAT_K_MAX_CIN`` (16; the stem's 3 RGB channels) the K dimension is walked flat across
-taps, so the 27 real K values of a 3x3x3 kernel are not padded to 9*16.
+the A tile straight from the NHWC input. Two K walks (``use_flat_k``):
+  * per tap: for each of the k*k taps, ceil(Cin / BLOCK_K) channel blocks (Cin multiple of 32, or not
+    read with VEC_K 8); row gather addresses are 1-D per tap.
+  * flat: K walked in BLOCK_K steps across taps. For Cin < ``FLAT_K_MAX_CIN`` (16; the stem's 3 RGB
+    channels, so the 27 real K values of a 3x3x3 kernel are not padded to 9*16), and for Cin a multiple
+    of 8 but not of 32 read with VEC_K 8 (HRNet's zero-padded branch widths 24, 40, 48, 72, 144): every
+    aligned run of 8 K values is 8 consecutive channels of one tap, so the loads stay 16 bytes wide and
+    a tap's channels are not padded to a multiple of BLOCK_K (see FLAT_K_ALIGNED for the numbers).
+
+Layouts and dtypes: x is read through its own strides as long as its channels are contiguous
+(``stride(1) == 1``: channels_last tensors and channel slices of them; anything else is made
+channels_last first). The residual may have any strides. The packed weight is ``[k*k*Cin, Cout]``
+contiguous in x's dtype; bias any float dtype; the output is a new channels_last tensor in x's dtype.
+fp32, fp16 and bf16 activations.
+
+VEC rule (16-byte loads for thin layers): Triton only specialises integer arguments divisible by 16, so
+a pixel stride of 24 or 40 elements would not prove 16-byte alignment and the A tile would be read one
+element at a time. The host therefore passes Cin and x's n/h/w strides divided by
+``VEC_K = vec_factor(Cin, x strides)`` and Cout and the residual's n/h/w strides divided by
+``VEC_N = vec_factor(Cout, residual strides)`` (the largest power of two <= 8 dividing all of them;
+the stride of a size-1 dim counts as 0; 1 if any value needs int64), and the kernel multiplies them back
+by the constexpr VEC. Then every row offset is a provable multiple of VEC_K (VEC_N for the weight rows,
+the residual and the output), and for fp16/bf16 with VEC 8 the A and weight tiles are fetched with
+16-byte ``cp.async`` (SASS ``LDGSTS.E.BYPASS.128``, pipelined over num_stages), the residual with
+16-byte loads and the output with 16-byte stores; tests/test_kernels_conv.py checks the sm_90 build.
+A channel slice whose strides are not multiples of 8 gets the matching smaller VEC (down to 1: scalar).
 
 Numerics: products and sums in fp32 (fp32 inputs: ``input_precision="ieee"``, no TF32), bias and residual
 added in fp32, one rounding to x's dtype at the store. Offsets: image bases and the output offset are
 64-bit; offsets inside one image are 32-bit (an image of < 2^31 elements).
 
-Autotuning: per (Cin, Cout, k, stride, next_pow2(M), epilogue, dtype) on the first call of a shape;
-under ``TRITON_INTERPRET=1`` a single small config. Run every shape once eagerly before capturing a
-CUDA graph (autotuning launches the kernel many times and cannot run inside a capture).
+Autotuning: per (Cin, Cout, k, stride, next_pow2(M), epilogue, K walk, VEC_K, VEC_N, dtype) on the first
+call of a shape; under ``TRITON_INTERPRET=1`` a single small config. Run every shape once eagerly before
+capturing a CUDA graph (autotuning launches the kernel many times and cannot run inside a capture).
 """
 from __future__ import annotations
 
@@ -45,7 +72,7 @@ import triton.language as tl
 
 from . import interpreter_enabled
 
-__all__ = ["pack_weight", "conv2d_bias_act", "relu_mask", "conv_configs"]
+__all__ = ["pack_weight", "conv2d_bias_act", "relu_mask", "conv_configs", "vec_factor", "use_flat_k"]
 
 _INTERPRET = interpreter_enabled()
 
@@ -57,37 +84,92 @@ _debug_poison_outputs = False
 # tiny Cin (3 for the stem), more index math per element. A tuning knob (benchmarks A/B it).
 FLAT_K_MAX_CIN = 16
 
+# Cin a multiple of 8 (VEC_K 8) but not of 32 (24, 40, 48, 72, 144: HRNet's zero-padded branch widths)
+# also walks K flat, in BLOCK_K steps of whole 8-channel runs of one tap, so a tap is not padded to a
+# multiple of BLOCK_K. ptxas (sm_90a, fp16, Triton 3.6): the loop body costs the same either way
+# (per-tap / flat SASS instructions per K step: 192 / 192 at 128x32x32, 204 / 206 at 128x64x32,
+# 344 / 337 at 128x64x64, 147 / 153 at 128x128x32 with 8 warps; 4 or 2 HGMMA and 5-12 16-byte
+# LDGSTS per step in both), so the flat walk wins by its step count: Cin 24 with BLOCK_K 32 takes 7
+# steps (K 216 -> 224) instead of 9 (9 taps x 32), Cin 40: 12 instead of 18 (BLOCK_K 64: 6 vs 9),
+# 48: 14 vs 18, 72: 21 vs 27, 144: 41 vs 45 (BLOCK_K 64: 21 vs 27). Multiples of 32 keep the
+# per-tap walk (no padding there and 1-D gather addresses). A tuning knob (the benchmark A/Bs it).
+FLAT_K_ALIGNED = True
+
+# Cap of the VEC factors (8 fp16/bf16 elements = 16 bytes, the widest load a thread can issue).
+VEC_MAX = 8
+
 
 # ----------------------------------------------------------------------------------------------------
 # Autotuning
 # ----------------------------------------------------------------------------------------------------
 
-def conv_configs():
-    """Config list: one small config under the interpreter, a short Hopper list on the GPU."""
+def conv_configs(dtype: Optional[torch.dtype] = None):
+    """Config list: one small config under the interpreter, a short Hopper list on the GPU.
+
+    ``dtype`` float32 gets its own list (IEEE fp32 dots are FMA loops, not tensor-core MMAs, and spill
+    on other tiles); anything else (None, float16, bfloat16) the tensor-core list."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    cfgs = []
-    # Kept short: every config is compiled per kernel specialisation on first use. None of these spill
-    # on sm_90a (ptxas -v, fp16, residual + ReLU mask epilogue).
-    for bm, bn, bk, w, s in [
-        (128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
-        (256, 64, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 32, 8, 3),
-        (128, 16, 16, 4, 4), (256, 32, 16, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return cfgs
+    table = _FP32_CONFIGS if dtype == torch.float32 else _MMA_CONFIGS
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in table]
 
 
-def _prune_configs(configs, cin: int, cout: int, ksize: int):
-    """Drop tiles far larger than the problem: BLOCK_N > pow2(Cout), BLOCK_K > pow2(K per step)."""
-    kdim = cin * ksize * ksize if cin < FLAT_K_MAX_CIN else cin
+# Kept short: every config is compiled per kernel specialisation on first use. Registers per thread and
+# shared memory from ptxas (sm_90a, Triton 3.6, bundled ptxas) over the sm_90 test's HRNet problem
+# classes (tests/test_kernels_conv.py: stem 3->64, 64->64 s1/s2, 1x1 64->256 / 256->64, the padded w18
+# widths 24/40/72/144 and w48's 48, 24->40 s2, 1x1 40->24, unpadded 18/36), fp16 and bf16, residual
+# on/off x RELU_MODE 0/1/2, at the launch signatures (HRNET_SM90_FULL=1 run): no config spills or uses
+# local memory anywhere. Before the VEC rule (scalar 2-byte gathers: more address registers) four
+# spilled at 254-255 registers: 256x32x16 24-32 B (Cin 24/40/144/256 -> 24), 128x128x32 112 B
+# (72 -> 72), 256x64x32 32 B and 128x64x32 8 B (40 -> 40).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages):   registers min-max, shared memory max
+_MMA_CONFIGS = [
+    (128, 64, 32, 4, 4),    # 94-156, 48 KB (flat-K stem: 255 + 8 B spill -> pruned there)
+    (128, 128, 32, 8, 3),   # 98-164, 48 KB
+    (64, 64, 32, 4, 4),     # 58-100, 32 KB
+    (128, 32, 32, 4, 4),    # 64-168, 40 KB
+    (256, 64, 32, 8, 3),    # 108-189, 60 KB (flat-K stem: 255, no spill but at the cap -> pruned there)
+    (128, 64, 64, 4, 3),    # 122-166, 72 KB
+    (64, 128, 32, 8, 3),    # 58-78, 36 KB
+    (128, 16, 16, 4, 4),    # 46-126, 18 KB
+    (256, 32, 16, 4, 4),    # 104-220, 36 KB
+]
+# fp32 (IEEE FMA dot, no tensor cores): its own list, measured the same way (classes stem, 64->64,
+# 1x1 64->256, 24->24, 36->36, 144->144; every epilogue). The tensor-core list spilled here
+# ((128, 64, 64, 4, 3) 16-32 B and (256, 32, 16, 4, 4) 8 B at 255 registers), and ptxas's register
+# heuristics squeezed several 4-warp tiles to an occupancy step (96 / 128 / 168) and spilled 8-16 B
+# there: (64, 64, 32, 4, 2|3|4), (128, 32, 32, 4, 3|4), (256, 32, 16, 8, 2|3), (64, 32, 32, 4, 3) each
+# at some class; forcing ``maxnreg`` made ptxas fill up to the cap and spill more. None of these:
+_FP32_CONFIGS = [
+    (128, 64, 32, 4, 4),    # 202-212, 72 KB (flat-K stem: 255 + 32 B spill -> pruned there)
+    (128, 128, 32, 8, 3),   # 184-194, 64 KB
+    (256, 64, 32, 8, 3),    # 204-234, 80 KB (flat-K stem: 255 -> pruned there)
+    (128, 64, 32, 8, 3),    # 106-145, 48 KB
+    (64, 128, 32, 8, 3),    # 104-128, 48 KB
+    (128, 16, 16, 4, 4),    # 72-128, 27 KB
+    (128, 32, 32, 8, 3),    # 80-120, 40 KB
+]
+
+
+def _prune_configs(configs, cin: int, cout: int, ksize: int, vec_k: int = VEC_MAX):
+    """Drop tiles far larger than the problem (BLOCK_N > pow2(Cout), BLOCK_K > pow2(K per step)) and,
+    for the flat-K walk over channels read narrower than 16 bytes (``vec_k`` < 8: the RGB stem, VEC 1),
+    tiles with more than 32 fp32 accumulators per thread: its per-element gather math needs the
+    registers (stem, 128x64 with 4 warps: 255 registers + 8 B spill fp16, 32 B fp32; 256x64 with 8
+    warps: 255 registers)."""
+    flat = use_flat_k(cin, vec_k)
+    kdim = cin * ksize * ksize if flat else cin
     bn_cap = max(16, triton.next_power_of_2(cout))
     bk_cap = max(16, triton.next_power_of_2(kdim))
-    if cin < FLAT_K_MAX_CIN:
-        # flat-K index math costs registers: big K/N tiles spill there (ptxas -v, sm_90a)
+    acc_cap = None
+    if flat and vec_k < VEC_MAX:
         bk_cap = min(bk_cap, 32)
         bn_cap = min(bn_cap, 128)
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_cap and c.kwargs["BLOCK_K"] <= bk_cap]
+        acc_cap = 32
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_cap and c.kwargs["BLOCK_K"] <= bk_cap
+            and (acc_cap is None
+                 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= acc_cap * 32 * c.num_warps)]
     if not kept:  # always keep at least the smallest tile
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]))]
     return kept
@@ -106,9 +188,23 @@ def _conv2d_bias_act_kernel(
     M_BUCKET,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU_MODE: tl.constexpr,
-    FLAT_K: tl.constexpr, IEEE: tl.constexpr,
+    FLAT_K: tl.constexpr, IEEE: tl.constexpr, VEC_K: tl.constexpr, VEC_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One BLOCK_M x BLOCK_N tile of ``act(conv2d(x, w) + bias + residual)`` (module docstring: math,
+    layouts, K walks). x: NHWC through (sxn, sxh, sxw, sxc) with sxc == 1 in practice; w: packed
+    [k*k*Cin, Cout] contiguous; residual through (srn, src_, srh, srw); out: dense NHWC [M, Cout].
+    Cin, sxn, sxh, sxw arrive divided by VEC_K and Cout, srn, srh, srw divided by VEC_N (the VEC rule)
+    and are multiplied back first, so the compiler knows they are multiples of the VEC.
+    M_BUCKET is only an autotuning key. Accumulation in fp32; one rounding at the store."""
+    Cin = Cin * VEC_K
+    sxn = sxn * VEC_K
+    sxh = sxh * VEC_K
+    sxw = sxw * VEC_K
+    Cout = Cout * VEC_N
+    srn = srn * VEC_N
+    srh = srh * VEC_N
+    srw = srw * VEC_N
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
 
@@ -129,7 +225,8 @@ def _conv2d_bias_act_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     if FLAT_K:
-        # K walked flat over (tap, channel): for tiny Cin (RGB stem).
+        # K walked flat over (tap, channel). With Cin a multiple of VEC_K, every aligned run of VEC_K
+        # k values stays inside one tap at consecutive channels, which the compiler can prove.
         KTOT = KSIZE * KSIZE * Cin
         for k0 in range(0, KTOT, BLOCK_K):
             kk = k0 + offs_k
@@ -191,19 +288,21 @@ def _conv2d_bias_act_kernel(
 _TUNED: Dict[Tuple[int, ...], object] = {}
 
 
-def _tuned_kernel(cin: int, cout: int, ksize: int):
+def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] = None,
+                  vec_k: int = VEC_MAX):
     """The autotuned kernel for this problem class. Configs are pruned here, in Python, rather than
     with ``prune_configs_by`` (one Autotuner per pruned list), which keeps ``wrap_triton`` simple."""
-    cfgs = _prune_configs(conv_configs(), cin, cout, ksize)
+    cfgs = _prune_configs(conv_configs(dtype), cin, cout, ksize, vec_k)
     # The flat-K flag changes the kernel's specialisation, not the config list; the Autotuner keys on
     # FLAT_K too (below), so flipping FLAT_K_MAX_CIN retunes instead of reusing a stale choice.
     key = tuple(sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                        c.num_stages) for c in cfgs))
+                        c.num_stages, c.maxnreg or 0) for c in cfgs))
     kern = _TUNED.get(key)
     if kern is None:
         kern = triton.autotune(
             configs=cfgs,
-            key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "FLAT_K", "IEEE"],
+            key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "FLAT_K", "IEEE",
+                 "VEC_K", "VEC_N"],
         )(_conv2d_bias_act_kernel)
         _TUNED[key] = kern
     return kern
@@ -230,6 +329,43 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(s_n, s_c, s_h, s_w) of a 4-D tensor, 0 for an n/h/w dim of size 1 (its index is always 0)."""
+    n, _, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    return (sn if n > 1 else 0, sc, sh if h > 1 else 0, sw if w > 1 else 0)
+
+
+def vec_factor(channels: int, strides: Sequence[int], cap: int = VEC_MAX) -> int:
+    """The VEC rule: the largest power of two <= ``cap`` dividing ``channels`` and every stride.
+
+    1 when a value does not fit in int32: the kernel rebuilds ``(value // VEC) * VEC`` in the type the
+    divided value travels in (int32 below 2^31), so an int64 value must go undivided."""
+    g = int(channels)
+    for v in strides:
+        v = int(v)
+        if abs(v) >= 2 ** 31 or g >= 2 ** 31:
+            return 1
+        g = math.gcd(g, v)
+    vec = 1
+    while vec < cap and g % (2 * vec) == 0:
+        vec *= 2
+    return vec
+
+
+def use_flat_k(cin: int, vec_k: Optional[int] = None) -> bool:
+    """Whether a layer with ``cin`` input channels, read with ``vec_k`` (None: as a dense NHWC tensor,
+    ``vec_factor(cin, ())``), walks K flat across the taps: Cin < FLAT_K_MAX_CIN, or (FLAT_K_ALIGNED)
+    VEC_K 8 and Cin not a multiple of 32."""
+    if cin < FLAT_K_MAX_CIN:
+        return True
+    if vec_k is None:
+        vec_k = vec_factor(cin, ())
+    return FLAT_K_ALIGNED and vec_k == VEC_MAX and cin % 32 != 0
+
+
 _MASK_CACHE: Dict[Tuple, torch.Tensor] = {}
 
 
@@ -280,12 +416,14 @@ def conv2d_bias_act_triton(
     padding: int,
     relu: bool,
 ) -> torch.Tensor:
-    """Registered op. ``x`` [N,Cin,H,W] (made channels_last here), ``w_packed`` [k*k*Cin, Cout] from
+    """Registered op. ``x`` [N,Cin,H,W] (read in place when its channels are contiguous, e.g. a channel
+    slice of a channels_last tensor; otherwise made channels_last here), ``w_packed`` [k*k*Cin, Cout] from
     ``pack_weight`` in x's dtype, ``bias`` [Cout] or None, ``residual`` [N,Cout,Ho,Wo] any layout or None,
     ``relu_mask`` int8 [Cout] (nonzero = ReLU; overrides ``relu``) or None. Returns a new channels_last
     tensor [N,Cout,Ho,Wo] in x's dtype. fp32 inputs accumulate exactly (IEEE fp32 dot, no TF32);
     fp16/bf16 accumulate in fp32 and round once at the store."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous(memory_format=torch.channels_last)
     n, cin, h, w = x.shape
     kdim, cout = w_packed.shape
     ho = _out_size(h, ksize, stride, padding)
@@ -305,21 +443,24 @@ def conv2d_bias_act_triton(
     else:
         relu_mode = 1 if relu else 0
         mask_t = out
-    srn, src_, srh, srw = res.stride()
-    sxn, sxc, sxh, sxw = x.stride()
+    srn, src_, srh, srw = _strides(res)
+    sxn, sxc, sxh, sxw = _strides(x)
+    sxc = 1 if cin == 1 else sxc
+    vec_k = vec_factor(cin, (sxn, sxh, sxw))
+    vec_n = vec_factor(cout, (srn, srh, srw) if has_res else ())
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
 
-    torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize))[grid](
+    torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize, x.dtype, vec_k))[grid](
         x, w_packed, bias if has_bias else w_packed, res, mask_t, out,
-        m, h, w, cin, ho, wo, cout,
-        sxn, sxh, sxw, sxc,
-        srn, src_, srh, srw,
+        m, h, w, cin // vec_k, ho, wo, cout // vec_n,
+        sxn // vec_k, sxh // vec_k, sxw // vec_k, sxc,
+        srn // vec_n, src_, srh // vec_n, srw // vec_n,
         triton.next_power_of_2(m),
         KSIZE=ksize, STRIDE=stride, PAD=padding,
         HAS_BIAS=has_bias, HAS_RES=has_res, RELU_MODE=relu_mode,
-        FLAT_K=cin < FLAT_K_MAX_CIN, IEEE=x.dtype == torch.float32,
+        FLAT_K=use_flat_k(cin, vec_k), IEEE=x.dtype == torch.float32, VEC_K=vec_k, VEC_N=vec_n,
     )
     return out
 
@@ -337,7 +478,8 @@ def conv2d_bias_act(
 ) -> torch.Tensor:
     """``out = act(conv2d(x, weight, bias, stride, padding) + residual)`` by a Triton implicit GEMM.
 
-    x:        [N, Cin, H, W], fp32 / fp16 / bf16, any memory format (made channels_last; NHWC is free).
+    x:        [N, Cin, H, W], fp32 / fp16 / bf16, any memory format (made channels_last unless its channels
+              are contiguous: NHWC tensors and channel slices of them are read in place).
     weight:   raw ``[Cout, Cin, k, k]`` (packed on every call; slower), or packed ``[k*k*Cin, Cout]`` from
               ``pack_weight`` (k inferred as sqrt(K / Cin), so square kernels only). Cast to x's dtype if
               it differs. k = 1 or 3 are the tuned cases; any odd square k works.

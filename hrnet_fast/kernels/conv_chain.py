@@ -24,6 +24,14 @@ first one of a 3-step chain.
 ``accumulate_into`` is NOT modified: the result ``accumulate_into + chain(x)`` is written into a new
 tensor (this keeps the op functional, ``mutates_args=()``, and safe under autotuning re-runs).
 
+Layouts, dtypes, VEC: x is made channels_last; ``accumulate_into`` may have any strides; weights are
+packed ``[9*Cin, Cout]`` in x's dtype; fp32 / fp16 / bf16. As in ``conv.py`` (the VEC rule), C_j and x's
+n/h/w strides travel divided by ``VEC_J = vec_factor(C_j, x strides)``, C_i and accumulate_into's n/h/w
+strides divided by ``VEC_I = vec_factor(C_i, accumulate_into strides)`` (largest power of two <= 8
+dividing them), multiplied back in the kernel: with C_j = 24 or 40 (HRNet w18's zero-padded branches)
+every pixel offset of x, of the scratch and of the weights is a provable multiple of 8 elements and the
+gathers are 16-byte ``cp.async`` instead of 2-byte loads.
+
 Tiles: the output tile edge T (2, 4 or 8) is autotuned with the block sizes per (C_j, C_i, S,
 next_pow2(output pixels), dtype): small T gives more programs, large T less halo recomputation. The
 scratch is sized for the most demanding T. Run each shape once eagerly before a CUDA graph capture
@@ -43,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
-from .conv import pack_weight
+from .conv import _strides, pack_weight, vec_factor
 
 __all__ = ["strided_chain", "chain_configs", "chain_reference"]
 
@@ -63,13 +71,30 @@ def chain_configs(tiles=(2, 4, 8)):
         t = 4 if 4 in tiles else tiles[0]
         return [triton.Config({"T": t, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     cfgs = []
-    # (ptxas -v for sm_90a with fp16, BLOCK_NF=128: none of these spill more than 8 bytes)
     for t in tiles:
-        for bm, bk, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2)]:
+        for bm, bk, w, s in _CHAIN_BLOCKS:
             if t == 2 and bm > 64:
                 continue  # regions of 25 / 121 pixels: big M tiles are mostly padding
-            cfgs.append(triton.Config({"T": t, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+            cfgs.append(triton.Config({"T": t, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s,
+                                      maxnreg=CHAIN_MAXNREG))
     return cfgs
+
+
+# (BLOCK_M, BLOCK_K, num_warps, num_stages). Registers per thread, max over the sm_90 test's chain
+# classes (tests/test_kernels_conv.py, HRNET_SM90_FULL=1: 2-step 24->72, 40->144, 96->384, 36->144,
+# 3-step 24->144, 48->384; fp16 and bf16; accumulate_into on/off; all biases; ptxas sm_90a, Triton 3.6)
+# for T = 2 / 4 / 8, and shared memory:
+#   (32, 32, 4, 2): 161 / 155 / 161, 10 KB      (64, 32, 4, 2): 175 / 181 / 216, 24 KB
+#   (64, 16, 4, 2): 158 / 166 / 203, 12 KB      (128, 32, 8, 2):  -  / 216 / 230, 32 KB
+# Left to its own heuristics ptxas squeezed the 32-row tiles to 128 registers (4 CTAs per SM) and then
+# spilled 8 B (T=4, 96 -> 384) and 16 B (T=8, 36 -> 144), 8 B even at 80 registers with one stage;
+# ``maxnreg`` (CHAIN_MAXNREG) turns that squeeze off, and no config spills or uses local memory at any of
+# those signatures. The price: those tiles now take 140-161 registers, 3 CTAs of 4 warps per SM instead
+# of 4 (not yet timed on a GPU; CHAIN_MAXNREG = None restores ptxas's choice for an A/B).
+# fp32 (IEEE FMA dots) still spills 8-88 B at most of these tiles, with or without maxnreg and with the
+# output tile capped at 32 or 64 channels: it needs its own tiles (HRNet on the GPU runs fp16 / bf16).
+_CHAIN_BLOCKS = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2)]
+CHAIN_MAXNREG: Optional[int] = 255
 
 
 def _prune_chain(configs, cj: int):
@@ -149,8 +174,21 @@ def _strided_chain_kernel(
     STEPS: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_B3: tl.constexpr, HAS_ACC: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_NI: tl.constexpr, BLOCK_NF: tl.constexpr,
+    VEC_J: tl.constexpr, VEC_I: tl.constexpr,
     T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # VEC rule (as in conv.py): Cj and x's n/h/w strides arrive divided by VEC_J, Ci and
+    # accumulate_into's n/h/w strides divided by VEC_I; multiplied back here so every pixel offset of x,
+    # of the scratch (strides R*Cj, Cj, 1), of the packed weights (row stride Cj or Ci) and of the
+    # output is a provable multiple of the VEC, and channel-contiguous loads/stores are vectorised.
+    Cj = Cj * VEC_J
+    sxn = sxn * VEC_J
+    sxh = sxh * VEC_J
+    sxw = sxw * VEC_J
+    Ci = Ci * VEC_I
+    san = san * VEC_I
+    sah = sah * VEC_I
+    saw = saw * VEC_I
     pid = tl.program_id(0)
     if STEPS == 2:
         TILES_Y = (H2 + T - 1) // T
@@ -227,12 +265,13 @@ def _tiles() -> Tuple[int, ...]:
 def _tuned_chain_kernel(cj: int):
     """Autotuned kernel with configs pruned in Python for this C_j (no ``prune_configs_by``)."""
     bk_cap = max(16, triton.next_power_of_2(cj))
-    key = (bk_cap, _tiles())
+    key = (bk_cap, _tiles(), CHAIN_MAXNREG)
     kern = _TUNED.get(key)
     if kern is None:
         kern = triton.autotune(
             configs=_prune_chain(chain_configs(_tiles()), cj),
-            key=["Cj", "Ci", "STEPS", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_NI", "BLOCK_NF"],
+            key=["Cj", "Ci", "STEPS", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_NI", "BLOCK_NF", "VEC_J",
+                 "VEC_I"],
         )(_strided_chain_kernel)
         _TUNED[key] = kern
     return kern
@@ -291,8 +330,10 @@ def strided_chain_triton(
         return out
     has_acc = accumulate_into is not None
     acc = accumulate_into if has_acc else out
-    san, sac, sah, saw = acc.stride()
-    sxn, sxc, sxh, sxw = x.stride()
+    san, sac, sah, saw = _strides(acc)
+    sxn, sxc, sxh, sxw = _strides(x)
+    vec_j = vec_factor(cj, (sxn, sxh, sxw))
+    vec_i = vec_factor(ci, (san, sah, saw) if has_acc else ())
     cap = 64 if _INTERPRET else 128
     block_ni = max(16, min(cap, triton.next_power_of_2(cj)))    # intermediate convs: C_j outputs
     block_nf = max(16, min(cap, triton.next_power_of_2(ci)))    # last conv: C_i outputs
@@ -304,13 +345,13 @@ def strided_chain_triton(
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,
         w3 if w3 is not None else w2, b3 if b3 is not None else w2,
         acc, out, s1, s2,
-        h0, w0, h1, wd1, h2, wd2, h3, wd3, cj, ci,
-        sxn, sxh, sxw, sxc,
-        san, sah, saw, sac,
+        h0, w0, h1, wd1, h2, wd2, h3, wd3, cj // vec_j, ci // vec_i,
+        sxn // vec_j, sxh // vec_j, sxw // vec_j, sxc,
+        san // vec_i, sah // vec_i, saw // vec_i, sac,
         triton.next_power_of_2(n * hf * wf),
         STEPS=steps,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_B3=b3 is not None, HAS_ACC=has_acc,
-        IEEE=x.dtype == torch.float32, BLOCK_NI=block_ni, BLOCK_NF=block_nf,
+        IEEE=x.dtype == torch.float32, BLOCK_NI=block_ni, BLOCK_NF=block_nf, VEC_J=vec_j, VEC_I=vec_i,
     )
     return out
 
