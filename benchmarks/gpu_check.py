@@ -32,27 +32,32 @@ PY = sys.executable
 STEPS_PY = os.path.join(ROOT, "benchmarks", "gpu_steps.py")
 SHAPES = "--preset w18 w48 --size 1024x2048"
 
+# Engines keep cuDNN convs and the batched strided chains unless a test asks for the Triton ones
+# itself: nothing autotunes Triton convs (seconds per shape).
+NO_CONV_AUTOTUNE = "HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch HRNET_FAST_FORCE_FUSE_DOWN=batched "
+
+
+def gpu_pytest(targets: str, per_test_s: int, workers: int = 8, env: str = "") -> str:
+    """The GPU tests of ``targets`` in ``workers`` processes; the extension is never JIT-built
+    inside the tests (``HRNET_FAST_CUDA_EXT=prebuilt``: built by the ``build_*`` steps or absent)."""
+    return (f"HRNET_FAST_CUDA_EXT=prebuilt {env}{PY} -m pytest -q -m gpu -p no:cacheprovider "
+            f"-n {workers} --timeout {per_test_s} -rfE --tb=short {targets}")
+
+
 # name -> (timeout s, command). "{json}" is replaced by the step's JSON path.
 STEPS: Dict[str, Tuple[int, str]] = {
     # nvidia-smi, versions, the measured copy and fp16 matmul ceilings
     "env": (60, f"nvidia-smi; {PY} {STEPS_PY} env --json {{json}}"),
     # the CUDA extension, built in the background while the tests run (CPU-bound, 16 cores)
     "build_start": (10, f"{PY} {STEPS_PY} build_start"),
-    # every GPU test except the extension's (their build may still run) and the Triton-conv
-    # full-shape sweep (it autotunes 39 shape/dtype pairs; the conv step times those shapes)
-    "tests": (240, f"HRNET_FAST_CUDA_EXT=prebuilt {PY} -m pytest -q -m gpu -p no:cacheprovider -n 8 "
-                   "--timeout 200 -rfE --tb=short tests -k 'not test_cuda_ext'"),
-    # the same without anything that autotunes Triton convs (engines keep cuDNN convs and the
-    # batched strided chains unless a test asks for the Triton ones itself)
-    "tests_fast": (170, "HRNET_FAST_CUDA_EXT=prebuilt HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch "
-                        f"HRNET_FAST_FORCE_FUSE_DOWN=batched {PY} -m pytest -q -m gpu "
-                        "-p no:cacheprovider -n 8 --timeout 100 -rfE --tb=short tests "
-                        "-k 'not test_cuda_ext and not conv_gpu_full_shapes'"),
-    # the engine, fuse/head kernel and selection GPU tests (no Triton-conv autotuning)
-    "tests_model": (90, "HRNET_FAST_CUDA_EXT=prebuilt HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch "
-                        f"HRNET_FAST_FORCE_FUSE_DOWN=batched {PY} -m pytest -q -m gpu "
-                        "-p no:cacheprovider -n 8 --timeout 80 -rfE --tb=short "
-                        "tests/test_engine.py tests/test_kernels_fuse.py tests/test_selection.py"),
+    # every GPU test except the extension's (their build may still run)
+    "tests": (240, gpu_pytest("tests -k 'not test_cuda_ext'", 200)),
+    # the same without the Triton-conv full-shape sweep and conv autotuning
+    "tests_fast": (170, gpu_pytest("tests -k 'not test_cuda_ext and not conv_gpu_full_shapes'", 100,
+                                   env=NO_CONV_AUTOTUNE)),
+    # the engine, fuse/head kernel and selection GPU tests
+    "tests_model": (90, gpu_pytest("tests/test_engine.py tests/test_kernels_fuse.py "
+                                   "tests/test_selection.py", 80, env=NO_CONV_AUTOTUNE)),
     # auto + CUDA graphs, fp16/bf16/fp32, w18/w48 at 1x3x1024x2048 against the eager engine and
     # the reference (design bounds); fused epilogues captured; memory each graph keeps
     "model_check": (100, f"{PY} {STEPS_PY} model_check --json {{json}}"),
@@ -64,8 +69,7 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "fuse_ab": (60, f"{PY} {ROOT}/benchmarks/bench_fuse_kernels.py --graphs --no-compile "
                     "--inputs 1x3x1024x2048 --rep 50 --json {json}"),
     "build_wait": (200, f"{PY} {STEPS_PY} build_wait"),
-    "ext_tests": (150, f"{PY} -m pytest -q -m gpu -p no:cacheprovider -n 4 --timeout 120 -rfE "
-                       "--tb=short tests/test_cuda_ext.py"),
+    "ext_tests": (150, gpu_pytest("tests/test_cuda_ext.py", 120, workers=4)),
     "fuse_ab_ext": (90, f"{PY} {ROOT}/benchmarks/bench_fuse_kernels.py --graphs --no-compile "
                         "--inputs 1x3x1024x2048 --rep 50 --json {json}"),
     "conv_ab": (150, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 --json {{json}}"),

@@ -193,12 +193,17 @@ def test_onednn_failure_outside_side_paths_warns_once(onednn):
         assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is None
 
 
+def side_path_flag(side):
+    """(module, name) of the predicate that says a trace / ONNX export / compile is running."""
+    import torch.onnx
+    return {"onnx": (torch.onnx, "is_in_onnx_export"), "jit": (torch.jit, "is_tracing"),
+            "compile": (torch.compiler, "is_compiling")}[side]
+
+
 @pytest.mark.parametrize("side", ["onnx", "jit", "compile"])
 def test_onednn_failure_during_a_side_path_disables_nothing(onednn, monkeypatch, side):
     cpu_conv, calls = onednn
-    import torch.onnx
-    flag = {"onnx": (torch.onnx, "is_in_onnx_export"), "jit": (torch.jit, "is_tracing"),
-            "compile": (torch.compiler, "is_compiling")}[side]
+    flag = side_path_flag(side)
     x, w, b = _conv_args()
     want = conv2d_bias_act(x, w, b, backend="torch")
     with monkeypatch.context() as m, warnings.catch_warnings():
@@ -273,9 +278,7 @@ def test_cudnn_fused_epilogue_unavailable_warns_once_per_cause(fake_cudnn):
 @pytest.mark.parametrize("side", ["onnx", "jit", "compile"])
 def test_cudnn_failure_during_a_side_path_disables_nothing(fake_cudnn, monkeypatch, side):
     conv, state = fake_cudnn
-    import torch.onnx
-    flag = {"onnx": (torch.onnx, "is_in_onnx_export"), "jit": (torch.jit, "is_tracing"),
-            "compile": (torch.compiler, "is_compiling")}[side]
+    flag = side_path_flag(side)
     x, w, b = _conv_args()
     with monkeypatch.context() as m, warnings.catch_warnings():
         warnings.simplefilter("error")
