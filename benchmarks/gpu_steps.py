@@ -127,7 +127,7 @@ def step_model_check(args) -> None:
     import torch
     from hrnet_fast import optimize
     from hrnet_fast.check import clone_as, rel_err
-    from hrnet_fast.ops import conv as conv_ops
+    from hrnet_fast.backends import torch_cuda as conv_ops
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows = []

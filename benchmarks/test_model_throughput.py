@@ -13,7 +13,7 @@ import torch
 
 from hrnet_fast import HRNetConfig, optimize
 from hrnet_fast.check import randomize_batchnorm
-from hrnet_fast.ops.registry import BackendUnavailable
+from hrnet_fast.backends import BackendUnavailable
 from hrnet_fast.reference import HighResolutionNet
 from hrnet_fast.timing import environment
 

@@ -3,7 +3,7 @@ from .checkpoints import CheckpointError, LoadReport, load_checkpoint
 from .config import PRESET_NAMES, HRNetConfig, StageConfig
 from .engine import HRNetEngine, optimize
 from .model import HRNet
-from .ops.registry import BackendUnavailable
+from .backends import BackendUnavailable
 
 __version__ = "0.1.0"
 

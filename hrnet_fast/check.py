@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import HRNetConfig
 from .engine import optimize, resolve_engine_backend
-from .ops.registry import BackendUnavailable
+from .backends import BackendUnavailable
 from .reference import HighResolutionNet
 
 FP32_BOUND = 1e-5
@@ -51,13 +51,16 @@ def rel_err(a, b) -> float:
 def run_check(preset: str = "w18_small_v2", size: Tuple[int, int] = (257, 385), batch: int = 2,
               device: Optional[torch.device] = None, upsample: str = "bilinear", head: str = "seg",
               backends: Sequence[str] = ("torch", "triton", "cuda", "compile"),
-              dtypes: Optional[Sequence[torch.dtype]] = None, seed: int = 0) -> List[Dict]:
-    """One row per (backend, dtype): error, bound and verdict, or why the backend was skipped."""
+              dtypes: Optional[Sequence[torch.dtype]] = None, seed: int = 0,
+              num_classes: Optional[int] = None) -> List[Dict]:
+    """One row per (backend, dtype): error, bound and verdict, or why the backend was skipped.
+    ``head``/``num_classes`` choose the model ("pose" with 17 joints for COCO keypoints)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
         dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
     torch.manual_seed(seed)
-    cfg = HRNetConfig.preset(preset, upsample=upsample, head=head)
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    cfg = HRNetConfig.preset(preset, upsample=upsample, head=head, **extra)
     ref = randomize_batchnorm(HighResolutionNet(cfg), seed).eval().to(device)
     x = torch.randn(batch, cfg.in_channels, *size, device=device)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

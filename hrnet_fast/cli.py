@@ -24,7 +24,7 @@ from .config import PRESET_NAMES, HRNetConfig
 from .engine import ENGINE_BACKENDS, optimize, parse_dtype
 from .imageio import ImageReadError
 from .model import HRNet
-from .ops.registry import BackendUnavailable
+from .backends import BackendUnavailable
 from .reference import HighResolutionNet
 from .stats import count_macs, count_parameters
 from .timing import environment, measure

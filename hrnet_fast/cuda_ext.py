@@ -60,9 +60,14 @@ def csrc_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"
 
 
+def _selection():
+    from .backends import selection  # the reader of the HRNET_FAST_* variables
+    return selection
+
+
 def _cache_root() -> Path:
-    for var in ("HRNET_FAST_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
-        v = os.environ.get(var)
+    from .backends.selection import cache_dir
+    for v in (cache_dir(), os.environ.get("TORCH_EXTENSIONS_DIR")):
         if v:
             return Path(v).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -83,7 +88,8 @@ def jit_build_directory() -> Path:
 # ------------------------------------------------------------------------------------- loading
 def _precheck() -> Optional[str]:
     """Why the extension cannot be used here, without importing or compiling anything; None if it may."""
-    flag = os.environ.get("HRNET_FAST_CUDA_EXT", "").strip().lower()
+    from .backends.selection import cuda_ext_mode
+    flag = cuda_ext_mode()
     if flag in ("0", "off", "false", "no"):
         return "disabled by HRNET_FAST_CUDA_EXT=0"
     if torch.version.cuda is None:
@@ -130,7 +136,7 @@ def _jit_build() -> Tuple[Optional[ModuleType], str]:
             extra_cflags=EXTRA_CFLAGS,
             extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
             build_directory=str(build_dir),
-            verbose=os.environ.get("HRNET_FAST_VERBOSE_BUILD", "") == "1",
+            verbose=_selection().verbose_build(),
         )
     except Exception as exc:  # noqa: BLE001 - any build failure becomes one reason string
         return None, f"JIT build of the CUDA extension failed in {build_dir}: {_short(exc)}"
@@ -159,7 +165,7 @@ def _load_locked() -> None:
         notes.append(f"hrnet_fast._C failed to import: {_short(exc, 400)}")
         how = ""
     if module is None:
-        if os.environ.get("HRNET_FAST_CUDA_EXT", "").strip().lower() == "prebuilt":
+        if _selection().cuda_ext_mode() == "prebuilt":
             reason = "; ".join(notes + ["HRNET_FAST_CUDA_EXT=prebuilt forbids a JIT build"])
             if not notes:
                 reason = "no prebuilt hrnet_fast._C and " + reason

@@ -1,33 +1,23 @@
-"""The inference engine: runs an :class:`~hrnet_fast.plan.HRNetPlan` with one backend.
+"""The inference engine: interprets an :class:`~hrnet_fast.plan.HRNetPlan` with one backend,
+watches the source model's weights, and replays CUDA graphs.
 
-Backends:
-* ``torch``: aten ops over folded weights (cuDNN's fused conv epilogues on CUDA for fp16/bf16);
-* ``compile``: ``torch.compile`` of the torch plan, compiled once per input shape;
-* ``triton``: the Triton fuse-step and head kernels, convolutions on cuDNN;
-* ``cuda``: the CUDA-extension fuse kernels, convolutions on cuDNN;
-* ``auto``: ``triton`` on a CUDA GPU when Triton works, else ``torch``.
+Backends live in ``hrnet_fast/backends`` (one module each: torch on the CPU and on CUDA, compile,
+triton, cuda); ``hrnet_fast/backends/selection.py`` chooses among them (``auto``) and per shape.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import operator
-import os
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cuda_ext
-from .ops import registry
-from .ops import cpu_conv
-from .ops.conv import conv2d_bias_act_torch
-from .ops.fuse import seg_head_torch, upsample_add_relu_torch
-from .ops.registry import BackendUnavailable
-from .ops.selection import SelectingOp, fuse_key
-from .plan import BlockPlan, ConvSpec, FusePlan, HRNetPlan, ModulePlan, build_plan
+from .backends import selection
+from .backends.base import Backend, BackendUnavailable
+from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
 from .reference import HighResolutionNet, check_image_batch, resize
 
 logger = logging.getLogger(__name__)
@@ -36,7 +26,7 @@ logger = logging.getLogger(__name__)
 # keeps its own memory pool (every intermediate activation of one forward; see the README for the
 # measured size), so a few shapes, not dozens.
 MAX_CUDA_GRAPHS = 4
-ENGINE_BACKENDS = ("auto", "torch", "compile", "triton", "cuda")
+ENGINE_BACKENDS = selection.ENGINE_BACKENDS
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}
@@ -55,239 +45,101 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
 
 def resolve_engine_backend(backend: Optional[str], device: torch.device) -> str:
     """The concrete engine backend for ``backend`` on ``device``; BackendUnavailable says why not."""
-    name = (backend or registry.default_backend()).lower()
-    if name not in ENGINE_BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {ENGINE_BACKENDS}")
-    if name == "auto":
-        if device.type == "cuda":
-            if registry.status("upsample_add_relu", "triton", device)[0]:
-                return "triton"
-            if cuda_ext.usable_without_build():
-                return "cuda"
-        return "torch"
-    if name in ("triton", "cuda"):
-        ok, why = registry.status("upsample_add_relu", name, device)
-        if not ok:
-            raise BackendUnavailable(f"backend {name!r} is not available on {device.type}: {why}")
-    return name
+    return selection.resolve_backend(backend, device)
 
 
-def _plain_conv(x, spec: ConvSpec, residual=None):
-    return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
-                                 spec.relu, spec.relu_ranges)
+# ------------------------------------------------------------------------ the plan's interpreter
 
-
-def _torch_conv(x, spec: ConvSpec, residual=None):
-    """The torch backend's conv: on the CPU, oneDNN with a once-reordered weight and the epilogue
-    fused (ops/cpu_conv.py); elsewhere, or for ReLU ranges, ``conv2d_bias_act_torch``."""
-    if x.device.type == "cpu" and spec.relu_ranges is None:
-        y = cpu_conv.conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
-                                spec.relu, spec.cpu_cache)
-        if y is not None:
-            return y
-    return _plain_conv(x, spec, residual)
-
-
-def _triton_conv(x, spec: ConvSpec, residual=None):
-    from .kernels.conv import conv2d_bias_act
-    weight = spec.packed if spec.packed is not None else spec.weight
-    ranges = spec.relu_mask if spec.relu_mask is not None else spec.relu_ranges
-    return conv2d_bias_act(x, weight, spec.bias, stride=spec.stride, padding=spec.padding,
-                           residual=residual, relu=spec.relu, relu_ranges=ranges)
-
-
-def _spec_key(x, spec: ConvSpec, residual=None):
-    return (tuple(x.shape), tuple(spec.weight.shape), str(x.dtype), spec.stride, spec.padding,
-            residual is not None, spec.relu, spec.relu_ranges)
-
-
-def _down_key(ops, x, fuse: FusePlan, j: int):
-    chains = tuple(tuple(tuple(c.weight.shape) for c in fuse.down_chains[(j, s.target)])
-                   for s in fuse.down_first[j].splits)
-    return (tuple(x.shape), str(x.dtype), chains)
-
-
-def _choices(op: str, always: Dict[str, Callable], optional: Dict[str, Callable],
-             device: torch.device) -> Dict[str, Callable]:
-    """Candidates of a measured choice. On the CPU nothing can be timed, so the optional (Triton)
-    candidates join only when ``HRNET_FAST_FORCE_<OP>`` names one (tests, interpreter)."""
-    if device.type == "cuda":
-        return {**always, **optional}
-    forced = os.environ.get(f"HRNET_FAST_FORCE_{op.upper()}")
-    return {**always, **({forced: optional[forced]} if forced in optional else {})}
-
-
-@dataclass
-class OpSet:
-    """The implementations one engine calls, resolved once (no per-call dispatch or validation).
-
-    ``conv(x, spec, residual)``, ``fuse(base, contributions, mode, align_corners, relu)``,
-    ``head(base, contributions, weight, bias, mode, align_corners)`` and
-    ``down(ops, x, fuse_plan, j)`` (every chain leaving source j, in split order)."""
-
-    conv: Callable
-    fuse: Callable
-    head: Callable
-    down: Callable
-    packs_weights: bool = False
-    # CPU only: head branches whose channels are below half the head width are resized first and
-    # projected at full resolution (see _seg_head).
-    resize_narrow_head_branches: bool = False
-
-    @classmethod
-    def for_backend(cls, backend: str, device: torch.device, auto: bool = False) -> "OpSet":
-        """Implementations for an engine backend. On an explicit triton backend each conv shape
-        picks the faster of cuDNN and the Triton conv, and each source's strided chains the faster
-        of the batched form and the one-launch chain kernel (measured once per shape on CUDA).
-        Under ``auto`` convolutions stay on cuDNN, and the fuse step picks per shape between the
-        Triton and CUDA-extension kernels when both exist."""
-        if backend in ("torch", "compile"):
-            # compile traces plain aten convs (Inductor fuses them its own way).
-            conv = _plain_conv if backend == "compile" else _torch_conv
-            return cls(conv, upsample_add_relu_torch, seg_head_torch, _down_batched,
-                       resize_narrow_head_branches=device.type == "cpu")
-        _, fuse = registry.resolve("upsample_add_relu", backend, device)
-        conv, down = _torch_conv, _down_batched
-        # Triton convs and chain kernels autotune on first use of each shape (seconds per shape on
-        # a GPU), so only an explicit backend="triton" takes them; auto keeps cuDNN convs and a
-        # first call that returns in seconds.
-        if (backend == "triton" and not auto
-                and registry.status("conv2d_bias_act", "triton", device)[0]):
-            conv_options = _choices("conv2d_bias_act", {"torch": _torch_conv},
-                                    {"triton": _triton_conv}, device)
-            if len(conv_options) > 1 or "triton" in conv_options:
-                conv = SelectingOp("conv2d_bias_act", conv_options, _spec_key)
-            down_options = _choices("fuse_down", {"batched": _down_batched},
-                                    {"chain": _down_chained}, device)
-            if len(down_options) > 1:
-                down = SelectingOp("fuse_down", down_options, _down_key)
-            elif "chain" in down_options:
-                down = _down_chained
-        if device.type == "cuda" and auto and backend != "cuda" and cuda_ext.usable_without_build():
-            fuse = SelectingOp("upsample_add_relu", {
-                "triton": fuse, "cuda": registry.resolve("upsample_add_relu", "cuda", device)[1]},
-                fuse_key)
-        if backend == "triton":
-            _, head = registry.resolve("seg_head", "triton", device)
-        else:
-            def head(base, contributions, weight, bias, mode, align_corners):
-                act = fuse(base, contributions, mode, align_corners, True)
-                return F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
-        packs = conv is not _torch_conv or down is not _down_batched
-        return cls(conv, fuse, head, down, packs)
-
-
-def _down_batched(ops: "OpSet", x: torch.Tensor, fuse: FusePlan, j: int) -> List[torch.Tensor]:
-    """Chains leaving source j: the first convs of all of them as one batched conv (ReLU ranges),
-    then the remaining convs of each chain on its slice."""
-    batched = fuse.down_first[j]
-    y = _conv(ops, x, batched.conv)
-    out = []
-    for s in batched.splits:
-        z = y[:, s.start:s.end]
-        rest = fuse.down_rest.get((j, s.target))
-        out.append(_chain(ops, z, rest) if rest else z)
-    return out
-
-
-def _down_chained(ops: "OpSet", x: torch.Tensor, fuse: FusePlan, j: int) -> List[torch.Tensor]:
-    """Chains leaving source j, each of two or three convs in one launch of the chain kernel
-    (intermediates stay on chip); single-conv chains run as a conv."""
-    from .kernels.conv_chain import strided_chain
-    out = []
-    for s in fuse.down_first[j].splits:
-        chain = fuse.down_chains[(j, s.target)]
-        if len(chain) == 1:
-            out.append(_conv(ops, x, chain[0]))
-        else:
-            out.append(strided_chain(x, [c.packed if c.packed is not None else c.weight for c in chain],
-                                     [c.bias for c in chain]))
-    return out
-
-
-def _conv(ops: OpSet, x: torch.Tensor, spec: ConvSpec, residual=None) -> torch.Tensor:
-    return ops.conv(x, spec, residual)
-
-
-def _chain(ops: OpSet, x: torch.Tensor, specs: List[ConvSpec]) -> torch.Tensor:
+def run_convs(be: Backend, x: torch.Tensor, specs: List[ConvSpec]) -> torch.Tensor:
     for spec in specs:
-        x = _conv(ops, x, spec)
+        x = be.conv(x, spec)
     return x
 
 
-def _block(ops: OpSet, x: torch.Tensor, block: BlockPlan) -> torch.Tensor:
-    residual = x if block.downsample is None else _conv(ops, x, block.downsample)
-    h = x
-    for spec in block.convs[:-1]:
-        h = _conv(ops, h, spec)
-    return _conv(ops, h, block.convs[-1], residual)
+def run_block(be: Backend, x: torch.Tensor, block: BlockPlan) -> torch.Tensor:
+    residual = x if block.downsample is None else be.conv(x, block.downsample)
+    return be.conv(run_convs(be, x, block.convs[:-1]), block.convs[-1], residual)
 
 
-def _module(ops: OpSet, xs: List[torch.Tensor], m: ModulePlan, mode: str, align: bool):
-    xs = [_chain_blocks(ops, x, blocks) for x, blocks in zip(xs, m.branches)]
+def run_blocks(be: Backend, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.Tensor:
+    for b in blocks:
+        x = run_block(be, x, b)
+    return x
+
+
+def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan):
+    """A module's branches and the contributions each fuse output receives (None: no fuse)."""
+    xs = [run_blocks(be, x, blocks) for x, blocks in zip(xs, m.branches)]
     f = m.fuse
     if f is None:
-        return xs
+        return xs, None
     contributions: List[List[torch.Tensor]] = [[] for _ in range(f.num_outputs)]
     for j, batched in sorted(f.down_first.items()):
-        for s, z in zip(batched.splits, ops.down(ops, xs[j], f, j)):
+        for s, z in zip(batched.splits, be.down(xs[j], f, j)):
             contributions[s.target].append(z)
     for j, batched in sorted(f.up.items()):
-        y = _conv(ops, xs[j], batched.conv)
+        y = be.conv(xs[j], batched.conv)
         for s in batched.splits:
             contributions[s.target].append(y[:, s.start:s.end])
-    return [ops.fuse(xs[i], contributions[i], mode, align, True) for i in range(f.num_outputs)]
+    return xs, contributions
 
 
-def _chain_blocks(ops: OpSet, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.Tensor:
-    for b in blocks:
-        x = _block(ops, x, b)
-    return x
+def run_module(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str, align: bool):
+    xs, contributions = run_module_branches(be, xs, m)
+    if contributions is None:
+        return xs
+    return [be.fuse(xs[i], c, mode, align, True) for i, c in enumerate(contributions)]
 
 
-def run_plan(plan: HRNetPlan, ops: OpSet, x: torch.Tensor):
+def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
     """The whole forward pass of ``plan`` on ``x`` (already of the plan's dtype and layout)."""
-    for spec in plan.stem:
-        x = _conv(ops, x, spec)
-    x = _chain_blocks(ops, x, plan.layer1)
+    x = run_convs(be, x, plan.stem)
+    x = run_blocks(be, x, plan.layer1)
     xs = [x]
     mode, align = plan.upsample, plan.align_corners
-    for transition, stage in zip(plan.transitions, plan.stages):
-        xs = [xs[src] if chain is None else _chain(ops, xs[src], chain)
+    pose = plan.head_kind == "pose"
+    for s, (transition, stage) in enumerate(zip(plan.transitions, plan.stages)):
+        xs = [xs[src] if chain is None else run_convs(be, xs[src], chain)
               for chain, src in zip(transition.branches, transition.sources)]
-        for m in stage:
-            xs = _module(ops, xs, m, mode, align)
+        last = len(plan.stages) - 1
+        for k, m in enumerate(stage):
+            if pose and s == last and k == len(stage) - 1 and m.fuse is not None:
+                # The last module fuses branch 0 only; its fuse and final_layer are one head op.
+                xs, contributions = run_module_branches(be, xs, m)
+                final = plan.head.final
+                return be.head(xs[0], contributions[0], final.weight, final.bias, mode, align)
+            xs = run_module(be, xs, m, mode, align)
     if plan.head_kind == "features":
         # A padded plan (build_plan's channel_multiple) carries zero channels past the real widths.
         return [x if x.shape[1] == c else x[:, :c] for x, c in zip(xs, plan.branch_channels)]
     head = plan.head
     if plan.head_kind == "seg":
-        return _seg_head(ops, head, xs, mode, align)
-    y = _chain_blocks(ops, xs[0], head.incre[0])
+        return run_seg_head(be, head, xs, mode, align)
+    y = run_blocks(be, xs[0], head.incre[0])
     for i, spec in enumerate(head.downsamp):
-        y = _chain_blocks(ops, xs[i + 1], head.incre[i + 1]) + _conv(ops, y, spec)
-    y = _conv(ops, y, head.final)
+        y = run_blocks(be, xs[i + 1], head.incre[i + 1]) + be.conv(y, spec)
+    y = be.conv(y, head.final)
     return F.linear(y.flatten(2).mean(2), head.fc_weight, head.fc_bias)
 
 
-def _seg_head(ops: OpSet, head, xs: List[torch.Tensor], mode: str, align: bool) -> torch.Tensor:
+def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bool) -> torch.Tensor:
     """``classifier(relu(W0 x0 + b + sum_k resize(W_k x_k)))``.
 
     Each branch is projected at its own resolution and resized (the rewrite: on a GPU the fused head
-    kernel reads the projections at low resolution). On the CPU, resizing is the cost that matters
-    (about 2 ns per resized value against 0.013 ns per conv MAC, 2 cores, torch 2.13), so a branch
-    narrower than half the head width (36 and 72 of w18's 270) is resized first and projected at full
-    resolution, ``W_k resize(x_k)``: the same value, since resizing commutes with a 1x1 conv."""
-    base = _conv(ops, xs[0], head.projections[0])
+    kernel reads the projections at low resolution). A backend with
+    ``resize_narrow_head_branches`` (the CPU's: resizing costs more than the conv there) resizes a
+    branch narrower than half the head width first and projects it at full resolution,
+    ``W_k resize(x_k)``: the same value, since resizing commutes with a 1x1 conv."""
+    base = be.conv(xs[0], head.projections[0])
     contributions = []
     size = xs[0].shape[-2:]
     for xk, spec in zip(xs[1:], head.projections[1:]):
-        if ops.resize_narrow_head_branches and 2 * xk.shape[1] < spec.out_channels:
-            base = _conv(ops, resize(xk, size, mode, align), spec, residual=base)
+        if be.resize_narrow_head_branches and 2 * xk.shape[1] < spec.out_channels:
+            base = be.conv(resize(xk, size, mode, align), spec, residual=base)
         else:
-            contributions.append(_conv(ops, xk, spec))
+            contributions.append(be.conv(xk, spec))
     c = head.classifier
-    return ops.head(base, contributions, c.weight, c.bias, mode, align)
+    return be.head(base, contributions, c.weight, c.bias, mode, align)
 
 
 _VERSION = operator.attrgetter("_version")
@@ -378,7 +230,7 @@ class HRNetEngine(nn.Module):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         self.channels_last = True if channels_last is None else bool(channels_last)
         self.backend = resolve_engine_backend(backend, self.device)
-        self.auto = (backend or registry.default_backend()).lower() == "auto"
+        self.auto = (backend or selection.default_backend()).lower() == "auto"
         if cuda_graphs and self.device.type != "cuda":
             raise BackendUnavailable("cuda_graphs=True needs a CUDA device; the engine runs on "
                                      f"{self.device}")
@@ -387,7 +239,8 @@ class HRNetEngine(nn.Module):
         self.config = source.config
         # Not registered as a submodule: the engine must not show up in the source's state dict.
         object.__setattr__(self, "source", source)
-        self._ops = OpSet.for_backend(self.backend, self.device, self.auto)
+        self._backend_class = selection.backend_class(self.backend, self.device)
+        self._be: Optional[Backend] = None
         self._graphs: Dict[Tuple, _Graph] = {}
         self._seen_shapes: Dict[Tuple, None] = {}  # shapes run once eagerly: captured on the next call
         self._compiled: Optional[Callable] = None
@@ -406,18 +259,14 @@ class HRNetEngine(nn.Module):
                 return t.contiguous(memory_format=fmt) if t.dim() == 4 else t.contiguous()
 
             self.plan = plan.map_tensors(move)
-            if self._ops.packs_weights:
-                from .kernels.conv import pack_weight, relu_mask
-                for spec in self.plan.conv_specs():
-                    spec.packed = pack_weight(spec.weight)
-                    if spec.relu_ranges is not None:
-                        spec.relu_mask = relu_mask(spec.relu_ranges, spec.out_channels, self.device)
+            self._be = self._backend_class.prepare(self.plan, self.device, self.dtype,
+                                                   auto=self.auto)
         self._watch = WeightWatch(self.source)
         self._stale = False
         self._graphs.clear()
         self._seen_shapes.clear()
-        if self.backend == "compile":
-            self._compiled = torch.compile(self._run, dynamic=False)
+        run = self._be.wrap_run(self._run)
+        self._compiled = None if run == self._run else run
 
     def invalidate(self) -> None:
         """Refold the source's weights on the next call (for changes the watch cannot see)."""
@@ -439,7 +288,7 @@ class HRNetEngine(nn.Module):
             raise ValueError(f"input is on {x.device}, the engine on {self.device}")
 
     def _run(self, x: torch.Tensor):
-        return run_plan(self.plan, self._ops, x)
+        return run_plan(self.plan, self._be, x)
 
     def forward(self, x: torch.Tensor):
         self.check_input(x)

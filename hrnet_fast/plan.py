@@ -1,6 +1,7 @@
 """The inference plan: an eval-mode reference HRNet as a short list of fused ops over folded weights.
 
-The plan is pure data (dataclasses of tensors and ints); it knows nothing about backends. Rewrites,
+The plan is pure data (dataclasses of tensors and ints); it knows nothing about backends (what a
+backend derives from it, packed weights or oneDNN caches, lives in the backend's own state). Rewrites,
 all exact in real arithmetic (only the order of fp additions changes):
 
 * every conv + BN folded (``fold.py``);
@@ -53,13 +54,6 @@ class ConvSpec:
     padding: int = 0
     relu: bool = True
     relu_ranges: Optional[Tuple[Tuple[int, int], ...]] = None
-    # Filled by an engine whose convs may run on the Triton kernel: the GEMM-packed weight
-    # [k*k*Cin, Cout] and the per-channel ReLU mask, prepared once instead of on every call.
-    packed: Optional[torch.Tensor] = None
-    relu_mask: Optional[torch.Tensor] = None
-    # CPU engines: oneDNN-reordered weights per input shape (ops/cpu_conv.py). Not an init field, so
-    # every copy of the plan (a rebuild, a move) starts with an empty cache.
-    cpu_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def out_channels(self) -> int:
@@ -127,6 +121,15 @@ class SegHeadPlan:
 
 
 @dataclass
+class PoseHeadPlan:
+    """The pose model's ``final_layer`` (no ReLU). The last module's fuse into branch 0 and this conv
+    run as one head op: ``final(relu(x0 + sum_k contribution_k))``, the seg head's form, so a 1x1
+    ``final_layer`` runs in the fused head kernel and the fused branch-0 tensor never reaches memory."""
+
+    final: ConvSpec
+
+
+@dataclass
 class ClassificationHeadPlan:
     incre: List[List[BlockPlan]]
     downsamp: List[ConvSpec]
@@ -145,16 +148,12 @@ class HRNetPlan:
     head: object
     upsample: str
     align_corners: bool
-    in_channels: int
     # Real widths of the final branches; a padded plan's branch tensors carry zero channels beyond.
     branch_channels: Tuple[int, ...]
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "HRNetPlan":
         """A copy with ``fn`` applied to every tensor (device / dtype / memory-format moves)."""
         return _map(self, fn)
-
-    def to(self, device=None, dtype=None) -> "HRNetPlan":
-        return self.map_tensors(lambda t: t.to(device=device, dtype=dtype))
 
     def conv_specs(self) -> List[ConvSpec]:
         """Every ConvSpec of the plan (each object once)."""
@@ -215,7 +214,7 @@ def _pad(weight: torch.Tensor, bias: Optional[torch.Tensor], m: int, pad_in: boo
     return weight, bias
 
 
-def _conv(seq_or_conv, bn=None, relu=True, m: int = 1, pad_in: bool = True) -> ConvSpec:
+def _conv_spec(seq_or_conv, bn=None, relu=True, m: int = 1, pad_in: bool = True) -> ConvSpec:
     """A ConvSpec from a conv (+ BN); ``seq_or_conv`` may be a Sequential(conv, bn[, relu]). Input
     and output channels are padded to multiples of ``m`` (``pad_in=False``: reads the image)."""
     if isinstance(seq_or_conv, nn.Sequential):
@@ -230,19 +229,19 @@ def _conv(seq_or_conv, bn=None, relu=True, m: int = 1, pad_in: bool = True) -> C
     return ConvSpec(w, b, stride=conv.stride[0], padding=conv.padding[0], relu=relu)
 
 
-def _block(block: nn.Module, m: int) -> BlockPlan:
-    ds = _conv(block.downsample, relu=False, m=m) if block.downsample is not None else None
+def _block_plan(block: nn.Module, m: int) -> BlockPlan:
+    ds = _conv_spec(block.downsample, relu=False, m=m) if block.downsample is not None else None
     if isinstance(block, Bottleneck):
-        convs = [_conv(block.conv1, block.bn1, m=m), _conv(block.conv2, block.bn2, m=m),
-                 _conv(block.conv3, block.bn3, m=m)]
+        convs = [_conv_spec(block.conv1, block.bn1, m=m), _conv_spec(block.conv2, block.bn2, m=m),
+                 _conv_spec(block.conv3, block.bn3, m=m)]
     elif isinstance(block, BasicBlock):
-        convs = [_conv(block.conv1, block.bn1, m=m), _conv(block.conv2, block.bn2, m=m)]
+        convs = [_conv_spec(block.conv1, block.bn1, m=m), _conv_spec(block.conv2, block.bn2, m=m)]
     else:
         raise TypeError(f"unknown block type {type(block).__name__}")
     return BlockPlan(convs, ds)
 
 
-def _stack(convs: List[ConvSpec], targets: List[int], m: int = 1) -> BatchedConv:
+def _stack_convs(convs: List[ConvSpec], targets: List[int], m: int = 1) -> BatchedConv:
     """Stack convs that read the same input (same kernel, stride, padding) along output channels.
     Each split starts at a multiple of ``m`` (aligned vector loads of its slice); zero rows with zero
     bias fill the gaps."""
@@ -276,7 +275,7 @@ def _stack(convs: List[ConvSpec], targets: List[int], m: int = 1) -> BatchedConv
                                 relu_ranges=relu_ranges), splits)
 
 
-def _fuse(module: HighResolutionModule, m: int) -> Optional[FusePlan]:
+def _fuse_plan(module: HighResolutionModule, m: int) -> Optional[FusePlan]:
     if module.fuse_layers is None:
         return None
     nb = module.num_branches
@@ -285,35 +284,35 @@ def _fuse(module: HighResolutionModule, m: int) -> Optional[FusePlan]:
     for j in range(nb):
         up_targets = [i for i in range(n_out) if i < j]
         if up_targets:
-            convs = [_conv(module.fuse_layers[i][j], relu=False, m=m) for i in up_targets]
-            plan.up[j] = _stack(convs, up_targets, m)
+            convs = [_conv_spec(module.fuse_layers[i][j], relu=False, m=m) for i in up_targets]
+            plan.up[j] = _stack_convs(convs, up_targets, m)
         down_targets = [i for i in range(n_out) if i > j]
         if down_targets:
             firsts = []
             for i in down_targets:
-                chain = [_conv(step, m=m) for step in module.fuse_layers[i][j]]
+                chain = [_conv_spec(step, m=m) for step in module.fuse_layers[i][j]]
                 plan.down_chains[(j, i)] = chain
                 firsts.append(chain[0])
                 if len(chain) > 1:
                     plan.down_rest[(j, i)] = chain[1:]
-            plan.down_first[j] = _stack(firsts, down_targets, m)
+            plan.down_first[j] = _stack_convs(firsts, down_targets, m)
     return plan
 
 
-def _transition(transition: nn.ModuleList, n_prev: int, m: int) -> TransitionPlan:
+def _transition_plan(transition: nn.ModuleList, n_prev: int, m: int) -> TransitionPlan:
     branches, sources = [], []
     for i, t in enumerate(transition):
         sources.append(i if i < n_prev else n_prev - 1)
         if t is None:
             branches.append(None)
         elif isinstance(t[0], nn.Conv2d):  # same resolution, new width: Sequential(conv, BN, ReLU)
-            branches.append([_conv(t, m=m)])
+            branches.append([_conv_spec(t, m=m)])
         else:  # a new branch: Sequential of stride-2 steps
-            branches.append([_conv(step, m=m) for step in t])
+            branches.append([_conv_spec(step, m=m) for step in t])
     return TransitionPlan(branches, sources)
 
 
-def _seg_head(model: HighResolutionNet, m: int) -> SegHeadPlan:
+def _seg_head_plan(model: HighResolutionNet, m: int) -> SegHeadPlan:
     ll = model.last_layer
     w, b = fold_conv_bn(ll[0], ll[1])
     projections, start = [], 0
@@ -328,12 +327,12 @@ def _seg_head(model: HighResolutionNet, m: int) -> SegHeadPlan:
     return SegHeadPlan(projections, classifier)
 
 
-def _classification_head(model: HighResolutionNet, m: int) -> ClassificationHeadPlan:
+def _classification_head_plan(model: HighResolutionNet, m: int) -> ClassificationHeadPlan:
     fc_weight = model.classifier.weight.detach().to(torch.float64)
-    final = _conv(model.final_layer, m=m)
+    final = _conv_spec(model.final_layer, m=m)
     return ClassificationHeadPlan(
-        incre=[[_block(b, m) for b in seq] for seq in model.incre_modules],
-        downsamp=[_conv(seq, m=m) for seq in model.downsamp_modules],
+        incre=[[_block_plan(b, m) for b in seq] for seq in model.incre_modules],
+        downsamp=[_conv_spec(seq, m=m) for seq in model.downsamp_modules],
         final=final,
         # Zero columns for the (pooled, zero) channels a padded final conv adds.
         fc_weight=F.pad(fc_weight, (0, final.out_channels - fc_weight.shape[1])),
@@ -357,21 +356,24 @@ def build_plan(model: HighResolutionNet, channel_multiple: int = 1) -> HRNetPlan
                          "folded); call model.eval() first")
     cfg = model.config
     with torch.no_grad():
-        stem = [_conv(model.conv1, model.bn1, m=m, pad_in=False), _conv(model.conv2, model.bn2, m=m)]
-        layer1 = [_block(b, m) for b in model.layer1]
+        stem = [_conv_spec(model.conv1, model.bn1, m=m, pad_in=False), _conv_spec(model.conv2, model.bn2, m=m)]
+        layer1 = [_block_plan(b, m) for b in model.layer1]
         transitions, stages = [], []
         n_prev = 1
         for idx in (1, 2, 3):
-            transitions.append(_transition(getattr(model, f"transition{idx}"), n_prev, m))
+            transitions.append(_transition_plan(getattr(model, f"transition{idx}"), n_prev, m))
             stage = getattr(model, f"stage{idx + 1}")
-            stages.append([ModulePlan([[_block(b, m) for b in branch] for branch in mod.branches],
-                                      _fuse(mod, m)) for mod in stage])
+            stages.append([ModulePlan([[_block_plan(b, m) for b in branch] for branch in mod.branches],
+                                      _fuse_plan(mod, m)) for mod in stage])
             n_prev = stage[-1].num_branches
         if cfg.head == "seg":
-            head = _seg_head(model, m)
+            head = _seg_head_plan(model, m)
         elif cfg.head == "classification":
-            head = _classification_head(model, m)
+            head = _classification_head_plan(model, m)
+        elif cfg.head == "pose":
+            fw, fb = _pad(*fold_conv_bn(model.final_layer, None), m, pad_out=False)  # K heatmaps
+            head = PoseHeadPlan(ConvSpec(fw, fb, 1, model.final_layer.padding[0], relu=False))
         else:
             head = None
     return HRNetPlan(stem, layer1, transitions, stages, cfg.head, head, cfg.upsample,
-                     cfg.align_corners, cfg.in_channels, tuple(model.pre_stage_channels))
+                     cfg.align_corners, tuple(model.pre_stage_channels))

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from hrnet_fast.check import rel_err  # noqa: F401  (re-exported: the design's ||a - b|| / ||b||)
 
-__all__ = ["FP32_TOL", "FLOORS", "GPU_AC_FP32_TOL", "assert_close_to_oracle", "fuse_fp64",
-           "fuse_same_dtype", "head_fp64", "head_same_dtype", "rel_err"]
+__all__ = ["FP32_TOL", "FLOORS", "GPU_AC_FP32_TOL", "MODEL_FP32_TOL", "assert_close_to_oracle",
+           "assert_model_close", "conv_oracle", "fuse_fp64", "fuse_same_dtype", "head_fp64",
+           "head_same_dtype", "rel_err"]
 
 FP32_TOL = 1e-6
 # Floors of the fp16/bf16 rule. They matter only where the torch composition happens to be (nearly)
@@ -51,6 +52,8 @@ FLOORS = {torch.float16: 5e-4, torch.bfloat16: 2e-3}
 # or more, so GPU checks of that mode use the design's fp32 bound (tests/test_kernels_fuse.py; the
 # CUDA extension's GPU tests too, not yet run on a GPU).
 GPU_AC_FP32_TOL = 1e-5
+# Whole models and convolutions: the design's fp32 bound (long fp32 reductions in another order).
+MODEL_FP32_TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------------ oracles
@@ -71,6 +74,22 @@ def fuse_fp64(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: s
         z = c if tuple(c.shape[-2:]) == size else _resize_fp32(c, size, mode, align_corners)
         out = out + z.double()
     return out.clamp_min(0) if relu else out
+
+
+def conv_oracle(x, w, b, stride, pad, residual=None, relu=True, ranges=None):
+    """``act(conv2d(x, w, b) + residual)`` in x's dtype (float64 for the oracle, fp16/bf16 for the
+    same-dtype yardstick); ``ranges`` ([start, end) pairs) overrides ``relu``."""
+    y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None, stride=stride,
+                 padding=pad)
+    if residual is not None:
+        y = y + residual.to(x.dtype)
+    if ranges is not None:
+        y = y.clone()
+        for a, e in ranges:
+            y[:, a:e] = torch.relu(y[:, a:e])
+    elif relu:
+        y = torch.relu(y)
+    return y
 
 
 def _classifier(act, weight, bias):
@@ -157,3 +176,11 @@ def assert_close_to_oracle(out: torch.Tensor, oracle64: torch.Tensor,
         raise AssertionError(f"{what}: rel err {err:.3g} > bound {bound:.3g} = {rule}; "
                              + _describe(out, oracle64, same_dtype_out))
     return err
+
+
+def assert_model_close(out, ref64, same_dtype_out=None, *, dtype: torch.dtype, what: str = "model"):
+    """The rule for whole models (and anything else held to the design's fp32 bound): fp32 within
+    MODEL_FP32_TOL, fp16/bf16 within 2x the reference run in that dtype (``same_dtype_out``)."""
+    return assert_close_to_oracle(out, ref64, same_dtype_out, dtype=dtype, what=what,
+                                  fp32_tol=MODEL_FP32_TOL,
+                                  reason="the design's fp32 bound for long reductions")

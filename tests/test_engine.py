@@ -6,6 +6,7 @@ from hrnet_fast import BackendUnavailable, HRNet, HRNetConfig, load_checkpoint, 
 from hrnet_fast.check import clone_as
 from hrnet_fast.reference import HighResolutionNet
 from helpers import randomize_bn, rel_err
+from oracles import assert_model_close
 
 TOL = 1e-5
 
@@ -58,10 +59,9 @@ def test_low_precision_within_twice_the_reference_error(dtype):
     x = torch.randn(2, 3, 65, 97)
     with torch.no_grad():
         ref64 = clone_as(model, torch.float64)(x.double())
-        ref_err = rel_err(clone_as(model, dtype)(x.to(dtype)), ref64)
+        own = clone_as(model, dtype)(x.to(dtype))
         out = optimize(model, dtype=dtype, backend="torch")(x.to(dtype))
-    assert out.dtype == dtype
-    assert rel_err(out, ref64) <= 2 * ref_err
+    assert_model_close(out, ref64, own, dtype=dtype)
 
 
 def test_weight_change_after_optimize_is_picked_up():
@@ -74,13 +74,6 @@ def test_weight_change_after_optimize_is_picked_up():
         after = engine(X)
     assert rel_err(after, _reference_forward(model, X)) < TOL
     assert rel_err(after, before) > 1e-3
-
-
-def test_compile_backend_matches_reference():
-    model = _model()
-    x = torch.randn(1, 3, 40, 48)
-    with torch.no_grad():
-        assert rel_err(optimize(model, backend="compile")(x), model(x)) < TOL
 
 
 # ------------------------------------------------------------------ the drop-in HRNet
@@ -202,9 +195,9 @@ def test_triton_backend_fp16():
     x = torch.randn(1, 3, 49, 67, device=DEVICE)
     with torch.no_grad():
         ref64 = clone_as(model, torch.float64)(x.double())
-        ref_err = rel_err(clone_as(model, torch.float16)(x.half()), ref64)
+        own = clone_as(model, torch.float16)(x.half())
         out = optimize(model, backend="triton", dtype=torch.float16)(x.half())
-    assert rel_err(out, ref64) <= 2 * ref_err
+    assert_model_close(out, ref64, own, dtype=torch.float16)
 
 
 def test_all_triton_engine_convs_and_chain_kernel(monkeypatch):
@@ -216,8 +209,9 @@ def test_all_triton_engine_convs_and_chain_kernel(monkeypatch):
     model = _model("w18_small_v1", upsample="bilinear").to(DEVICE)
     x = torch.randn(2, 3, 29, 37, device=DEVICE)
     engine = optimize(model, backend="triton")
-    assert engine._ops.packs_weights
-    assert all(s.packed is not None for s in engine.plan.conv_specs())
+    be = engine._be
+    assert be.packs_weights
+    assert all(id(s) in be._packed for s in engine.plan.conv_specs())
     with torch.no_grad():
         got, want = engine(x), _reference_forward(model, x)
     assert rel_err(got, want) < TOL
@@ -272,7 +266,7 @@ def test_cuda_graph_replay_matches_eager_engine(backend):
 def test_cuda_graph_low_precision_keeps_fused_epilogues(backend, dtype):
     """fp16/bf16 graph replay equals the eager engine, within the design bound of the fp64
     reference, and the capture records cuDNN's fused conv epilogues (never the unfused form)."""
-    from hrnet_fast.ops import conv as conv_ops
+    from hrnet_fast.backends import torch_cuda as conv_ops
     model = _model("w18_small_v2").cuda()
     eager = optimize(model, backend=backend, dtype=dtype, cuda_graphs=False)
     graphed = optimize(model, backend=backend, dtype=dtype)
@@ -284,9 +278,9 @@ def test_cuda_graph_low_precision_keeps_fused_epilogues(backend, dtype):
         y = torch.randn_like(x)
         got, want = graphed(y.to(dtype)), eager(y.to(dtype))
         ref64 = clone_as(model, torch.float64)(y.double())
-        own_err = rel_err(clone_as(model, dtype)(y.to(dtype)), ref64)
+        own = clone_as(model, dtype)(y.to(dtype))
     assert rel_err(got, want) <= 1e-6  # same kernels, same order: equal up to rounding noise
-    assert rel_err(got, ref64) <= 2 * own_err
+    assert_model_close(got, ref64, own, dtype=dtype)
     fused = conv_ops.CAPTURED_EPILOGUES["fused"] - before["fused"]
     unfused = conv_ops.CAPTURED_EPILOGUES["unfused"] - before["unfused"]
     assert fused > 50 and unfused == 0, (fused, unfused)
@@ -307,6 +301,6 @@ def test_full_size_model_equality_on_gpu(preset, backend):
         ref32 = _reference_forward(model, x)
         assert rel_err(fast32(x), ref32) < TOL
         ref64 = clone_as(model, torch.float64)(x.double())
-        ref16_err = rel_err(clone_as(model, torch.float16)(x.half()), ref64)
+        own16 = clone_as(model, torch.float16)(x.half())
         out16 = optimize(model, backend=backend, dtype=torch.float16)(x.half())
-    assert rel_err(out16, ref64) <= 2 * ref16_err
+    assert_model_close(out16, ref64, own16, dtype=torch.float16)

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from hrnet_fast import HRNet, HRNetConfig, PRESET_NAMES, optimize
-from hrnet_fast.engine import OpSet, _module, run_plan
+from hrnet_fast.backends.torch_cpu import TorchCPU
+from hrnet_fast.engine import run_module, run_plan
 from hrnet_fast.fold import fold_conv_bn
 from hrnet_fast.ops.conv import conv2d_bias_act_torch
 from hrnet_fast.plan import build_plan
@@ -55,12 +56,12 @@ def test_plan_batches_fuse_convs_with_relu_ranges():
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_each_fused_module_matches_reference_module(mode):
     model = _model("w18_small_v2", upsample=mode)
-    plan = build_plan(model).to(dtype=torch.float32)
-    ops = OpSet.for_backend("torch", torch.device("cpu"))
+    plan = build_plan(model).map_tensors(torch.Tensor.float)
+    ops = TorchCPU.prepare(plan, torch.device("cpu"), torch.float32)
     xs = [torch.randn(2, c, 31 // 2 ** i + 1, 45 // 2 ** i + 1) for i, c in enumerate((18, 36, 72, 144))]
     with torch.no_grad():
         for ref_module, module_plan in zip(model.stage4, plan.stages[2]):
-            got = _module(ops, [x.contiguous(memory_format=torch.channels_last) for x in xs],
+            got = run_module(ops, [x.contiguous(memory_format=torch.channels_last) for x in xs],
                           module_plan, mode, False)
             want = ref_module([x.clone() for x in xs])
             assert rel_err(got, want) < TOL
@@ -70,7 +71,7 @@ def test_each_fused_module_matches_reference_module(mode):
 @pytest.mark.parametrize("mode,align", [("bilinear", False), ("bilinear", True), ("nearest", False)])
 def test_head_rewrite_exact(mode, align):
     model = _model("w18_small_v2", upsample=mode, align_corners=align, num_classes=7)
-    plan = build_plan(model).to(dtype=torch.float32)
+    plan = build_plan(model).map_tensors(torch.Tensor.float)
     x = torch.randn(2, 3, 97, 131)
     with torch.no_grad():
         feats = model.forward_backbone(x)
@@ -79,7 +80,7 @@ def test_head_rewrite_exact(mode, align):
             f, size=size, mode=mode, **({"align_corners": align} if mode == "bilinear" else {}))
             for f in feats[1:]]
         want = model.last_layer(torch.cat(up, 1))
-        ops = OpSet.for_backend("torch", torch.device("cpu"))
+        ops = TorchCPU.prepare(plan, torch.device("cpu"), torch.float32)
         p = [ops.conv(f, s) for f, s in zip(feats, plan.head.projections)]
         got = ops.head(p[0], p[1:], plan.head.classifier.weight, plan.head.classifier.bias, mode, align)
     assert rel_err(got, want) < TOL
@@ -135,7 +136,7 @@ def test_plan_map_tensors_and_run_plan_in_float64():
     assert all(t.dtype == torch.float64 for t in plan.tensors())
     x = torch.randn(1, 3, 40, 56, dtype=torch.float64)
     with torch.no_grad():
-        got = run_plan(plan, OpSet.for_backend("torch", torch.device("cpu")), x)
+        got = run_plan(plan, TorchCPU.prepare(plan, torch.device("cpu"), torch.float32), x)
         want = model.double()(x)
     assert rel_err(got, want) < 1e-12
 
@@ -165,10 +166,10 @@ def test_padded_plan_matches_reference(preset, mode, head):
     kw = {"num_classes": 10} if head == "classification" else {}
     model = _model(preset, upsample=mode, head=head, **kw)
     plan = build_plan(model, channel_multiple=M)
-    ops = OpSet.for_backend("torch", torch.device("cpu"))
+    ops = TorchCPU.prepare(plan, torch.device("cpu"), torch.float32)
     x = torch.randn(2, 3, 65, 97)
     with torch.no_grad():
-        got32, want32 = run_plan(plan.to(dtype=torch.float32), ops, x), model(x)
+        got32, want32 = run_plan(plan.map_tensors(torch.Tensor.float), ops, x), model(x)
         got64, want64 = run_plan(plan, ops, x.double()), model.double()(x.double())
     if head == "features":
         assert [g.shape for g in got64] == [w.shape for w in want64]
@@ -253,10 +254,9 @@ def test_padded_plan_is_plain_plan_plus_zeros_at_aligned_offsets(preset, head):
 def test_padding_channels_stay_exactly_zero(mode, head):
     """Every tensor the padded plan runs through (conv inputs and outputs, fuse and head operands)
     whose width is a padded branch or head width has exact zeros past the real width."""
-    from hrnet_fast.engine import _down_batched
     model = _model("w18", upsample=mode, head=head)
     plan = build_plan(model, channel_multiple=M)
-    torch_ops = OpSet.for_backend("torch", torch.device("cpu"))
+    torch_ops = TorchCPU.prepare(plan, torch.device("cpu"), torch.float32)
     real = _padded_widths(model)
     assert set(real) == {24, 40, 272}
     seen = []
@@ -282,7 +282,11 @@ def test_padding_channels_stay_exactly_zero(mode, head):
             check(t)
         return torch_ops.head(base, contributions, weight, bias, mode, align)
 
-    ops = OpSet(conv, fuse, head_op, _down_batched)
+    class Checking(TorchCPU):  # the torch backend, every operand and result checked
+        resize_narrow_head_branches = False  # every head operand at its own resolution
+
+    ops = Checking.prepare(plan, torch.device("cpu"), torch.float64)
+    ops.conv, ops.fuse, ops.head = conv, fuse, head_op
     x = torch.randn(2, 3, 65, 97, dtype=torch.float64)
     with torch.no_grad():
         out = run_plan(plan, ops, x)
@@ -295,14 +299,14 @@ def test_stack_aligns_split_starts_with_zero_rows():
     """The batched conv of unaligned convs: splits start at multiples of 8, the gap rows are zero
     (weights and bias), ReLU ranges cover the real ReLU channels, and each split's slice equals
     its own conv."""
-    from hrnet_fast.plan import ConvSpec, _stack
+    from hrnet_fast.plan import ConvSpec, _stack_convs
     torch.manual_seed(0)
     convs = [ConvSpec(torch.randn(co, 16, 3, 3, dtype=torch.float64), torch.randn(co, dtype=torch.float64),
                       2, 1, relu=r) for co, r in ((18, False), (36, True), (18, True), (8, False))]
-    plain = _stack(convs, [1, 2, 3, 4])
+    plain = _stack_convs(convs, [1, 2, 3, 4])
     assert [(s.start, s.end) for s in plain.splits] == [(0, 18), (18, 54), (54, 72), (72, 80)]
     assert plain.conv.relu_ranges == ((18, 72),)
-    b = _stack(convs, [1, 2, 3, 4], M)
+    b = _stack_convs(convs, [1, 2, 3, 4], M)
     assert [(s.target, s.start, s.end) for s in b.splits] == [(1, 0, 18), (2, 24, 60), (3, 64, 82),
                                                             (4, 88, 96)]
     assert b.conv.out_channels == 96
@@ -343,7 +347,7 @@ def test_channel_multiple_one_keeps_the_model_widths():
             assert [s.start for s in b.splits] == ends[:-1] and ends[-1] == b.conv.out_channels
     x = torch.randn(1, 3, 40, 56, dtype=torch.float64)
     with torch.no_grad():
-        out = run_plan(plan, OpSet.for_backend("torch", torch.device("cpu")), x)
+        out = run_plan(plan, TorchCPU.prepare(plan, torch.device("cpu"), torch.float32), x)
     assert [t.shape[1] for t in out] == [18, 36, 72, 144]
     assert all(t.is_contiguous() for t in out)  # not slices of wider tensors
 

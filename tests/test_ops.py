@@ -1,11 +1,12 @@
-"""The fused ops' torch implementations (the oracles), their validation and the backend registry."""
+"""The fused ops' torch implementations (the oracles), their validation and backend resolution."""
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hrnet_fast.ops import BackendUnavailable, conv2d_bias_act, registry, seg_head, upsample_add_relu
+from hrnet_fast.backends import selection
+from hrnet_fast.ops import BackendUnavailable, conv2d_bias_act, seg_head, upsample_add_relu
 from helpers import poisoned_allocations, rel_err
 from oracles import assert_close_to_oracle, fuse_fp64, head_fp64
 
@@ -101,27 +102,27 @@ def test_conv2d_bias_act_errors():
         conv2d_bias_act(x, w, torch.randn(4))
 
 
-def test_registry_backend_errors(monkeypatch):
+def test_backend_resolution_errors(monkeypatch):
     x = torch.randn(1, 4, 8, 8)
     with pytest.raises(BackendUnavailable, match="'cuda' is not available .* CUDA tensors only"):
         upsample_add_relu(x, [], backend="cuda")
     with pytest.raises(BackendUnavailable, match="unknown backend 'tpu'"):
         upsample_add_relu(x, [], backend="tpu")
     monkeypatch.setenv("HRNET_FAST_BACKEND", "cuda")
-    assert registry.default_backend() == "cuda"
+    assert selection.default_backend() == "cuda"
     with pytest.raises(BackendUnavailable, match="cuda"):
         upsample_add_relu(x, [])
     monkeypatch.setenv("HRNET_FAST_BACKEND", "auto")
-    name, _ = registry.resolve("upsample_add_relu", None, "cpu")
+    name, _ = selection.resolve_op("upsample_add_relu", None, "cpu")
     assert name == "torch"  # auto never picks the (interpreted) Triton kernels on the CPU
 
 
 @pytest.mark.parametrize("stride,k", [(1, 3), (2, 3), (1, 1)])
 def test_cpu_fused_conv_matches_conv2d(stride, k):
     """The oneDNN path of the CPU torch backend: same convolution as F.conv2d, fused epilogue."""
-    from hrnet_fast.ops import cpu_conv
+    from hrnet_fast.backends import torch_cpu as cpu_conv
     from hrnet_fast.ops.conv import conv2d_bias_act_torch
-    if not cpu_conv.available():
+    if not cpu_conv.onednn_available():
         pytest.skip("this torch build has no oneDNN fused convolution")
     x = torch.randn(2, 18, 17, 23).contiguous(memory_format=torch.channels_last)
     w = torch.randn(36, 18, k, k).contiguous(memory_format=torch.channels_last)
@@ -154,8 +155,8 @@ def _conv_args(k=3):
 @pytest.fixture
 def onednn(monkeypatch):
     """cpu_conv with a fresh process state and a reorder call that can be made to fail."""
-    from hrnet_fast.ops import cpu_conv
-    if not cpu_conv.available():
+    from hrnet_fast.backends import torch_cpu as cpu_conv
+    if not cpu_conv.onednn_available():
         pytest.skip("this torch build has no oneDNN fused convolution")
     monkeypatch.setitem(cpu_conv._STATE, "ok", True)
     monkeypatch.setattr(cpu_conv, "_WARNED", set())
@@ -185,7 +186,7 @@ def test_onednn_failure_outside_side_paths_warns_once(onednn):
         assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is None
     assert len(_runtime_warnings(caught)) == 1
     assert "F.conv2d" in str(caught[0].message) and "simulated oneDNN failure" in str(caught[0].message)
-    assert not cpu_conv.available()  # a real downgrade: off for the process
+    assert not cpu_conv.onednn_available()  # a real downgrade: off for the process
     cpu_conv._STATE["ok"] = True  # even if it were probed and failed again: no second warning
     calls["fail"] = 1
     with warnings.catch_warnings():
@@ -212,7 +213,7 @@ def test_onednn_failure_during_a_side_path_disables_nothing(onednn, monkeypatch,
         calls["fail"] = 1
         # the plain path for this call (the caller runs F.conv2d)
         assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is None
-    assert cpu_conv.available()  # nothing was switched off
+    assert cpu_conv.onednn_available()  # nothing was switched off
     calls["fail"] = 0
     got = cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {})  # after the export: fused again
     assert got is not None and rel_err(got, want) < 1e-6
@@ -233,14 +234,14 @@ def test_onednn_path_under_a_real_jit_trace(onednn):
         traced = torch.jit.trace(fn, x, check_trace=False)
     assert seen == [None] and calls["n"] == 0  # no oneDNN ops in a trace
     assert "mkldnn" not in str(traced.graph)
-    assert cpu_conv.available()
+    assert cpu_conv.onednn_available()
     assert cpu_conv.conv_fused(x, w, b, 1, 1, None, True, {}) is not None
 
 
 @pytest.fixture
 def fake_cudnn(monkeypatch):
-    """conv._cudnn_fused on CPU tensors with cuDNN's fused calls replaced (no GPU needed)."""
-    from hrnet_fast.ops import conv
+    """torch_cuda._cudnn_fused on CPU tensors with cuDNN's fused calls replaced (no GPU needed)."""
+    from hrnet_fast.backends import torch_cuda as conv
     monkeypatch.setattr(conv, "_CUDNN_FUSED_BROKEN", set())
     monkeypatch.setattr(conv, "_CUDNN_FUSED_SEEN", set())
     monkeypatch.setattr(conv, "_WARNED", set())

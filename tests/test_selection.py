@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import hrnet_fast
-import hrnet_fast.ops.selection as sel
-from hrnet_fast.ops.selection import SelectingOp, cache_path, cuda_timer, time_calls
+import hrnet_fast.backends.selection as sel
+from hrnet_fast.backends.selection import SelectingOp, cache_path, cuda_timer, time_calls
 
 CUDA = torch.device("cuda")
 

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .upsample_add_relu import (
-    _MODES, MAX_CONTRIBUTIONS_PER_LAUNCH, _flat, _launch, _load_term, _strides, check_inputs,
-    contribution_args, output_like, vec_factor,
+    _MODES, _flat, _load_term, _strides, check_inputs,
+    contribution_args, output_like, presum_surplus, vec_factor,
 )
 
 __all__ = ["seg_head"]
@@ -201,18 +201,7 @@ def seg_head_triton(base: torch.Tensor, contributions: List[torch.Tensor], weigh
     w2 = weight.reshape(K, C).to(base.dtype).contiguous()
     bias = bias.contiguous() if bias is not None else None
     out = output_like(base, channels=K)
-    contribs = list(contributions)
-    cur = base
-    if len(contribs) > MAX_CONTRIBUTIONS_PER_LAUNCH:
-        # pre-sum the surplus (no ReLU) into a float32 buffer; the head kernel reads the last ones.
-        surplus = len(contribs) - MAX_CONTRIBUTIONS_PER_LAUNCH
-        tmp = output_like(base, dtype=torch.float32)
-        first = True
-        while surplus > 0:
-            take = min(surplus, MAX_CONTRIBUTIONS_PER_LAUNCH)
-            _launch(tmp, base if first else tmp, contribs[:take], mode, align_corners, False)
-            contribs, surplus, first = contribs[take:], surplus - take, False
-        cur = tmp
+    cur, contribs = presum_surplus(base, list(contributions), mode, align_corners)
     _launch_head(out, cur, contribs, w2, bias, mode, align_corners, base.dtype == torch.float32)
     return out
 

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._validate import check_fuse_args, check_kernel_dtype
+
 __all__ = ["upsample_add_relu", "MAX_CONTRIBUTIONS_PER_LAUNCH"]
 
 # Contributions one launch reads. HRNet needs at most 3 (four branches); more are chained through a
@@ -300,31 +302,10 @@ def contribution_args(base: torch.Tensor, contribs: Sequence[torch.Tensor], mode
 
 def check_inputs(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
                  align_corners: bool, what: str) -> None:
-    """Cheap agreement checks (ValueError with a clear message)."""
-    if not isinstance(base, torch.Tensor) or base.dim() != 4:
-        raise ValueError(f"{what}: base must be a 4-D [N, C, H, W] tensor, got "
-                         f"{tuple(base.shape) if isinstance(base, torch.Tensor) else type(base)}")
-    if mode not in _MODES:
-        raise ValueError(f"{what}: mode must be 'nearest' or 'bilinear', got {mode!r}")
-    if mode == "nearest" and align_corners:
-        raise ValueError(f"{what}: align_corners=True is only valid with mode='bilinear' "
-                         "(as in torch.nn.functional.interpolate)")
-    if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{what}: dtype {base.dtype} is not supported (float32, float16, bfloat16)")
-    N, C, H, W = base.shape
-    for k, c in enumerate(contributions):
-        if not isinstance(c, torch.Tensor) or c.dim() != 4:
-            raise ValueError(f"{what}: contribution {k} must be a 4-D tensor")
-        if c.shape[0] != N or c.shape[1] != C:
-            raise ValueError(f"{what}: contribution {k} has shape {tuple(c.shape)}; batch and "
-                             f"channels must match base {tuple(base.shape)}")
-        if c.shape[2] > H or c.shape[3] > W:
-            raise ValueError(f"{what}: contribution {k} ({c.shape[2]}x{c.shape[3]}) is larger than "
-                             f"base ({H}x{W}); only upsampling is supported")
-        if c.dtype != base.dtype:
-            raise ValueError(f"{what}: contribution {k} has dtype {c.dtype}, base has {base.dtype}")
-        if c.device != base.device:
-            raise ValueError(f"{what}: contribution {k} is on {c.device}, base on {base.device}")
+    """The public ops' fuse-argument rule (``hrnet_fast/ops/_validate.py``, one place) plus the
+    kernels' dtypes; ValueError with a clear message."""
+    check_fuse_args(base, contributions, mode, align_corners)
+    check_kernel_dtype(what, base)
 
 
 def _blocks(C: int, channels_last: bool, vec: int = 16) -> Tuple[int, int, int]:
@@ -386,18 +367,27 @@ def _launch(out: torch.Tensor, base: torch.Tensor, contribs: Sequence[torch.Tens
     )
 
 
+def presum_surplus(base: torch.Tensor, contribs: List[torch.Tensor], mode: str,
+                   align_corners: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``(cur, rest)`` with ``cur + sum(rest) == base + sum(contribs)`` and at most
+    MAX_CONTRIBUTIONS_PER_LAUNCH in ``rest``: the surplus contributions (the first ones) are summed
+    into a float32 buffer, so the final launch still rounds to the output dtype once. HRNet needs
+    three at most; the public ops take any number."""
+    step = MAX_CONTRIBUTIONS_PER_LAUNCH
+    cur = base
+    while len(contribs) > step:
+        take = min(step, len(contribs) - step)
+        tmp = output_like(base, dtype=torch.float32)
+        _launch(tmp, cur, contribs[:take], mode, align_corners, False)
+        cur, contribs = tmp, contribs[take:]
+    return cur, contribs
+
+
 @torch.library.triton_op("hrnet_fast::upsample_add_relu_triton", mutates_args=())
 def upsample_add_relu_triton(base: torch.Tensor, contributions: List[torch.Tensor], mode: str,
                              align_corners: bool, relu: bool) -> torch.Tensor:
     """Registered op behind :func:`upsample_add_relu` (same semantics, no validation)."""
-    step = MAX_CONTRIBUTIONS_PER_LAUNCH
-    contribs = list(contributions)
-    cur = base
-    # More than `step` contributions: chain launches through a float32 intermediate.
-    while len(contribs) > step:
-        tmp = output_like(base, dtype=torch.float32)
-        _launch(tmp, cur, contribs[:step], mode, align_corners, False)
-        cur, contribs = tmp, contribs[step:]
+    cur, contribs = presum_surplus(base, list(contributions), mode, align_corners)
     out = output_like(base)
     _launch(out, cur, contribs, mode, align_corners, relu)
     return out

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 MODES = ("bilinear", "nearest")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_image(name: str, t, *, floating: bool = True) -> None:
@@ -46,3 +47,9 @@ def check_fuse_args(base: torch.Tensor, contributions: Sequence[torch.Tensor], m
         if c.shape[-2] > H or c.shape[-1] > W:
             raise ValueError(f"{name} is {tuple(c.shape[-2:])}, larger than base {(H, W)}: "
                              "contributions are resized up (or added as they are), never down")
+
+
+def check_kernel_dtype(what: str, t: torch.Tensor) -> None:
+    """The kernels (Triton, CUDA) run float32, float16 and bfloat16."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{what}: dtype {t.dtype} is not supported (float32, float16, bfloat16)")

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import resize
-from . import registry
 from ._validate import check_fuse_args, check_image
 
 
@@ -57,7 +56,8 @@ def upsample_add_relu(base: torch.Tensor, contributions: Sequence[torch.Tensor],
     """
     check_fuse_args(base, contributions, mode, align_corners)
     contributions = list(contributions)
-    _, fn = registry.resolve("upsample_add_relu", backend, base.device)
+    from ..backends.selection import resolve_op
+    _, fn = resolve_op("upsample_add_relu", backend, base.device)
     return fn(base, contributions, mode, align_corners, relu)
 
 
@@ -78,12 +78,11 @@ def seg_head(base: torch.Tensor, contributions: Sequence[torch.Tensor], weight: 
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != base.dtype):
         raise ValueError(f"bias must be [{weight.shape[0]}] of {base.dtype}, got "
                          f"{list(bias.shape)} of {bias.dtype}")
-    _, fn = registry.resolve("seg_head", backend, base.device)
+    from ..backends.selection import resolve_op
+    _, fn = resolve_op("seg_head", backend, base.device)
     if weight.shape[-1] != 1 and fn is not seg_head_torch:
         fn = seg_head_torch  # the fused kernels take a 1x1 classifier only
     return fn(base, contributions, weight, bias, mode, align_corners)
 
 
-registry.register("upsample_add_relu", "torch", upsample_add_relu_torch)
-registry.register("seg_head", "torch", seg_head_torch)
 __all__ = ["upsample_add_relu", "seg_head", "upsample_add_relu_torch", "seg_head_torch"]

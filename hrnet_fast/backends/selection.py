@@ -1,8 +1,18 @@
-"""Per-shape choice between implementations of one op, by measurement.
+"""Which implementation runs: the only place that chooses, and the only reader of the
+``HRNET_FAST_*`` environment variables.
 
-``SelectingOp`` wraps several implementations with the same signature. The first call for a new
-problem key (shapes, dtype, flags) times every candidate on the real arguments and remembers the
-fastest; later calls go straight to it. Choices are cached per process and on disk
+Engine backends (``resolve_backend``): ``torch``, ``compile``, ``triton``, ``cuda`` and ``auto``, an
+ordered list per device type (``AUTO_ORDER``: on CUDA the Triton kernels, then the CUDA extension,
+then torch; on the CPU torch). ``backend=None`` means the process default, ``HRNET_FAST_BACKEND``,
+else ``auto``. Asking for a backend that cannot run here raises one :class:`BackendUnavailable`
+saying why; when nothing in ``auto``'s list fits, the error lists every backend's reason.
+
+Public ops (``resolve_op``): the same names per op (``hrnet_fast.ops.*``' ``backend=`` argument).
+
+Measured choices (``SelectingOp``): per-shape choice between implementations of one op, by
+measurement. ``SelectingOp`` wraps several implementations with the same signature. The first call
+for a new problem key (shapes, dtype, flags) times every candidate on the real arguments and
+remembers the fastest; later calls go straight to it. Choices are cached per process and on disk
 (``~/.cache/hrnet_fast/selection.json``, or ``HRNET_FAST_CACHE_DIR``), keyed by device name and
 hrnet_fast/torch/triton versions, so a plan builds in seconds the next time. A cache file that
 cannot be read, or entries that are not names, are ignored (and rewritten on the next save); a
@@ -33,7 +43,7 @@ import os
 import statistics
 import threading
 import warnings
-from typing import Callable, Dict, Hashable, Iterator, Optional, Sequence
+from typing import Callable, Dict, Hashable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,9 +58,169 @@ _DISK: Optional[Dict[str, str]] = None
 _WARNED: set = set()  # cache paths whose failed save was already warned about
 
 
+# ----------------------------------------------------------------------- environment variables
+
+BACKEND_ENV = "HRNET_FAST_BACKEND"
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def default_backend() -> str:
+    """``HRNET_FAST_BACKEND``, else ``"auto"``."""
+    return _env(BACKEND_ENV).lower() or "auto"
+
+
+def forced_choice(op: str) -> Optional[str]:
+    """``HRNET_FAST_FORCE_<OP>``: the implementation a measured choice must take (tests, A/B)."""
+    return _env(f"HRNET_FAST_FORCE_{op.upper()}") or None
+
+
+def cache_dir() -> Optional[str]:
+    """``HRNET_FAST_CACHE_DIR``: where the selection cache and JIT builds live, if set."""
+    return _env("HRNET_FAST_CACHE_DIR") or None
+
+
+def cuda_ext_mode() -> str:
+    """``HRNET_FAST_CUDA_EXT``: "0" (off), "prebuilt" (no JIT build) or "" (default)."""
+    return _env("HRNET_FAST_CUDA_EXT").lower()
+
+
+def verbose_build() -> bool:
+    return _env("HRNET_FAST_VERBOSE_BUILD") == "1"
+
+
+def cpu_heap_enabled() -> bool:
+    """``HRNET_FAST_CPU_HEAP``: "0" leaves malloc's policy alone (backends/cpu_memory.py)."""
+    return _env("HRNET_FAST_CPU_HEAP").lower() not in ("0", "off", "false", "no")
+
+
+def debug_cli() -> bool:
+    """``HRNET_FAST_DEBUG``: the CLI shows tracebacks."""
+    return _env("HRNET_FAST_DEBUG").lower() not in ("", "0", "false", "no", "off")
+
+
+# ------------------------------------------------------------------------------ engine backends
+
+ENGINE_BACKENDS = ("auto", "torch", "compile", "triton", "cuda")
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+def backend_class(name: str, device: torch.device):
+    """The Backend class that ``name`` means on ``device`` (``torch``: oneDNN or cuDNN)."""
+    from .compile import Compile
+    from .cuda import CudaExt
+    from .torch_cpu import TorchCPU
+    from .torch_cuda import TorchCUDA
+    from .triton import Triton
+    if name == "torch":
+        return TorchCUDA if device.type == "cuda" else TorchCPU
+    return {"compile": Compile, "triton": Triton, "cuda": CudaExt}[name]
+
+
+def _status(name: str, device: torch.device) -> Tuple[bool, str]:
+    if name == "compile":
+        return backend_class("torch", device).available(device)
+    if name == "cuda" and device.type == "cuda":
+        from .cuda import cuda_ext_ready
+        if not cuda_ext_ready():  # auto never starts a minutes-long JIT build
+            return False, "the CUDA extension is not built (auto does not JIT-build it)"
+    return backend_class(name, device).available(device)
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The concrete engine backend for ``backend`` on ``device``; BackendUnavailable says why not."""
+    from .base import BackendUnavailable
+    name = (backend or default_backend()).lower()
+    if name not in ENGINE_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {ENGINE_BACKENDS}")
+    if name == "auto":
+        reasons = []
+        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            ok, why = _status(cand, device)
+            if ok:
+                return cand
+            reasons.append(f"{cand}: {why}")
+        raise BackendUnavailable(f"no backend can run on {device}: " + "; ".join(reasons))
+    ok, why = backend_class(name, device).available(device)
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} is not available on {device.type}: {why}")
+    return name
+
+
+def candidates(op: str, always: Dict[str, Callable], optional: Dict[str, Callable],
+               device: torch.device) -> Dict[str, Callable]:
+    """Candidates of a measured choice. On the CPU nothing can be timed, so the optional (Triton)
+    candidates join only when ``HRNET_FAST_FORCE_<OP>`` names one (tests, interpreter)."""
+    if device.type == "cuda":
+        return {**always, **optional}
+    forced = forced_choice(op)
+    return {**always, **({forced: optional[forced]} if forced in optional else {})}
+
+
+# ---------------------------------------------------------------------------------- public ops
+
+OP_BACKENDS = ("torch", "triton", "cuda")
+# ``auto`` on CUDA, per op: the fused Triton kernels first for the memory-bound fuse ops;
+# convolutions stay on cuDNN (the engine's explicit triton backend measures per layer).
+_OP_AUTO_ORDER = {"upsample_add_relu": ("triton", "cuda", "torch"),
+                  "seg_head": ("triton", "torch"), "conv2d_bias_act": ("torch",)}
+
+
+def _op_table(op: str) -> Dict[str, Tuple[Callable, Callable]]:
+    """{backend: (function, status(device))} for one public op."""
+    from ..ops.fuse import seg_head_torch, upsample_add_relu_torch
+    from . import cuda, torch_cuda, triton
+
+    def always(_device):
+        return True, ""
+
+    def kernels(module):
+        return lambda device: triton.kernels_status(device, module)
+
+    return {
+        "upsample_add_relu": {"torch": (upsample_add_relu_torch, always),
+                              "triton": (triton.fuse_triton, kernels("upsample_add_relu")),
+                              "cuda": (cuda.fuse_cuda, cuda.CudaExt.available)},
+        "seg_head": {"torch": (seg_head_torch, always),
+                     "triton": (triton.seg_head_triton, kernels("seg_head"))},
+        "conv2d_bias_act": {"torch": (torch_cuda.conv2d_bias_act_cudnn, always),
+                            "triton": (triton.conv2d_bias_act_triton, kernels("conv"))},
+    }[op]
+
+
+def op_status(op: str, backend: str, device) -> Tuple[bool, str]:
+    table = _op_table(op)
+    if backend not in table:
+        if backend not in OP_BACKENDS:
+            return False, f"unknown backend {backend!r}; choose one of {('auto',) + OP_BACKENDS}"
+        return False, f"op {op} has no {backend} implementation"
+    return table[backend][1](torch.device(device))
+
+
+def resolve_op(op: str, backend: Optional[str], device) -> Tuple[str, Callable]:
+    """(backend name, function) for public op ``op`` on ``device``; BackendUnavailable says why."""
+    from .base import BackendUnavailable
+    name = (backend or default_backend()).lower()
+    device = torch.device(device)
+    table = _op_table(op)
+    if name == "auto":
+        order = _OP_AUTO_ORDER[op] if device.type == "cuda" else ("torch",)
+        for cand in order:
+            if table[cand][1](device)[0]:
+                return cand, table[cand][0]
+        return "torch", table["torch"][0]
+    ok, why = op_status(op, name, device)
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} is not available for {op} on {device.type}: {why}")
+    return name, table[name][0]
+
+
+# ------------------------------------------------------------------------------ measured choices
+
 def cache_path() -> str:
-    root = os.environ.get("HRNET_FAST_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "hrnet_fast")
+    root = cache_dir() or os.path.join(os.path.expanduser("~"), ".cache", "hrnet_fast")
     return os.path.join(root, "selection.json")
 
 
@@ -252,7 +422,7 @@ class SelectingOp:
         self.timings: Dict[Hashable, Dict[str, float]] = {}
 
     def forced(self) -> Optional[str]:
-        name = os.environ.get(f"HRNET_FAST_FORCE_{self.op.upper()}")
+        name = forced_choice(self.op)
         if name and name not in self.candidates:
             raise ValueError(f"HRNET_FAST_FORCE_{self.op.upper()}={name!r}: choose one of "
                              f"{sorted(self.candidates)}")

@@ -1,23 +1,28 @@
-"""CPU convolutions through oneDNN (mkldnn) with weights reordered once and the epilogue fused.
+"""The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
+epilogue fused, torch compositions for the fuse step and the head.
 
 ``F.conv2d`` on the CPU reorders the weight into oneDNN's blocked layout on every call and runs
 bias/residual/ReLU as separate passes. Here the weight is reordered once per (conv, input shape)
 and ``torch.ops.mkldnn._convolution_pointwise`` applies ReLU, or residual add + ReLU, in the conv
 (the same kernels Inductor uses on the CPU). Same oneDNN convolution, so results are bit-identical
-to ``F.conv2d`` (checked in the tests); measured 3-7% faster on w18_small_v2 at 512x1024, 2 cores.
-fp32 only. While tracing, exporting (ONNX) or compiling the path is not taken: those graphs get the
-plain, portable ``F.conv2d`` (oneDNN's opaque tensors do not trace), and a failure there changes
-nothing. A failure in ordinary inference switches the path off for the process, falls back to
-``F.conv2d`` (same results, slower) and says so once with a ``RuntimeWarning``.
+to ``F.conv2d`` (checked in the tests); measured 3-7% faster on w18_small_v2 at 512x1024, 2 cores
+(benchmarks/RESULTS.md). fp32 only. While tracing, exporting (ONNX) or compiling the path is not
+taken: those graphs get the plain, portable ``F.conv2d`` (oneDNN's opaque tensors do not trace),
+and a failure there changes nothing. A failure in ordinary inference switches the path off for the
+process, falls back to ``F.conv2d`` (same results, slower) and says so once with a
+``RuntimeWarning``.
 """
 from __future__ import annotations
 
 import logging
-import sys
-import warnings
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+
+from ..plan import ConvSpec
+from ..ops.conv import conv2d_bias_act_torch
+from .base import Backend, in_side_path, warn_once
+from .cpu_memory import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -28,32 +33,7 @@ _WARNED: set = set()  # causes already warned about in this process
 MAX_SHAPES = 2
 
 
-def in_side_path() -> bool:
-    """True while tracing (``torch.jit.trace``), exporting (ONNX, ``torch.export``) or compiling
-    (``torch.compile``): a failure there says nothing about the fast path of ordinary calls."""
-    try:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return True
-        is_exporting = getattr(torch.compiler, "is_exporting", None)
-        if is_exporting is not None and is_exporting():
-            return True
-        onnx = sys.modules.get("torch.onnx")  # never imported: no export can be running
-        return bool(onnx is not None and onnx.is_in_onnx_export())
-    except Exception:  # an API this torch lacks or that fails: assume ordinary inference
-        return False
-
-
-def warn_once(cause, message: str, warned: Optional[set] = None) -> None:
-    """One ``RuntimeWarning`` per process and ``cause`` (remembered in ``warned``, by default this
-    module's set) for a downgrade that costs speed."""
-    warned = _WARNED if warned is None else warned
-    if cause in warned:
-        return
-    warned.add(cause)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def available() -> bool:
+def onednn_available() -> bool:
     if _STATE["ok"] is None:
         _STATE["ok"] = bool(torch.backends.mkldnn.is_available()
                             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -67,7 +47,7 @@ def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """``act(conv2d(x, weight, bias) + residual)`` (ReLU on all channels or none), or None when the
     path cannot take it (then the caller runs the plain form). ``cache`` keeps the reordered weight
     per input shape; it belongs to one conv's weights and must be dropped with them."""
-    if not available() or x.dtype != torch.float32 or x.device.type != "cpu" or in_side_path():
+    if not onednn_available() or x.dtype != torch.float32 or x.device.type != "cpu" or in_side_path():
         return None
     st, pd = [stride, stride], [padding, padding]
     try:
@@ -92,5 +72,40 @@ def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         _STATE["ok"] = False
         warn_once("onednn-conv", f"hrnet_fast: the oneDNN fused CPU convolution failed ({e}); it is "
                   "switched off for this process and convolutions use F.conv2d (same results, "
-                  "slower)")
+                  "slower)", _WARNED)
         return None
+
+
+class TorchCPU(Backend):
+    """``backend="torch"`` on the CPU (and on any other non-CUDA device, where the oneDNN path
+    steps aside and the plain compositions run).
+
+    Seg head: on the CPU, resizing is the cost that matters (about 2 ns per resized value against
+    0.013 ns per conv MAC, 2 cores, torch 2.13), so a branch narrower than half the head width
+    (36 and 72 of w18's 270) is resized first and projected at full resolution."""
+
+    name = "torch"
+    resize_narrow_head_branches = True
+
+    @classmethod
+    def available(cls, device: torch.device) -> Tuple[bool, str]:
+        return (True, "") if device.type != "cuda" else (False, "CUDA devices use TorchCUDA")
+
+    def __init__(self, plan, device, dtype, *, auto: bool = False) -> None:
+        super().__init__(plan, device, dtype, auto=auto)
+        if device.type == "cpu":
+            keep_freed_memory()
+        # oneDNN-reordered weights per conv (by identity of its ConvSpec) and input shape.
+        self._caches: Dict[int, dict] = {}
+
+    def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
+        if spec.relu_ranges is None:
+            cache = self._caches.get(id(spec))
+            if cache is None:
+                cache = self._caches[id(spec)] = {}
+            y = conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
+                           spec.relu, cache)
+            if y is not None:
+                return y
+        return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
+                                   spec.relu, spec.relu_ranges)

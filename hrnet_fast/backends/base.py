@@ -1,0 +1,111 @@
+"""The backend interface: how the engine runs one plan on one device.
+
+A backend is a class. ``available(device)`` says whether it can run there and, if not, why;
+``prepare(plan, device, dtype)`` returns an instance holding everything the backend derives from
+the plan (packed weights, ReLU masks, oneDNN weight caches, measured choices). That state lives in
+the instance, beside the plan: the plan stays pure data and can be shared. The instance's ``conv``,
+``fuse``, ``head`` and ``down`` run the plan's four kinds of step; the engine
+(``hrnet_fast/engine.py``) only interprets the plan and calls them. Arguments come from the plan and
+are trusted: public ops validate at their boundary (``hrnet_fast/ops``), backends do not.
+
+The default methods here are the plain torch compositions, which every backend may keep.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.conv import conv2d_bias_act_torch
+from ..ops.fuse import seg_head_torch, upsample_add_relu_torch
+from ..plan import ConvSpec, FusePlan, HRNetPlan
+from . import BackendUnavailable  # noqa: F401  (re-exported)
+
+
+def in_side_path() -> bool:
+    """True while tracing (``torch.jit.trace``), exporting (ONNX, ``torch.export``) or compiling
+    (``torch.compile``): a failure there says nothing about the fast path of ordinary calls."""
+    try:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return True
+        is_exporting = getattr(torch.compiler, "is_exporting", None)
+        if is_exporting is not None and is_exporting():
+            return True
+        onnx = sys.modules.get("torch.onnx")  # never imported: no export can be running
+        return bool(onnx is not None and onnx.is_in_onnx_export())
+    except Exception:  # an API this torch lacks or that fails: assume ordinary inference
+        return False
+
+
+def warn_once(cause, message: str, warned: set) -> None:
+    """One ``RuntimeWarning`` per process and ``cause`` (remembered in ``warned``) for a downgrade
+    that costs speed."""
+    if cause in warned:
+        return
+    warned.add(cause)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class Backend:
+    """One backend bound to one plan, device and dtype (see the module docstring).
+
+    Subclasses set ``name`` (what ``backend=`` says) and override what they accelerate."""
+
+    name = "base"
+    # CPU only: seg-head branches narrower than half the head width are resized first and
+    # projected at full resolution (engine.py, ``run_seg_head``).
+    resize_narrow_head_branches = False
+
+    @classmethod
+    def available(cls, device: torch.device) -> Tuple[bool, str]:
+        return True, ""
+
+    @classmethod
+    def prepare(cls, plan: HRNetPlan, device: torch.device, dtype: torch.dtype,
+                *, auto: bool = False) -> "Backend":
+        """This backend's state for ``plan`` (already on ``device`` in ``dtype``). ``auto`` says
+        the user asked for ``backend="auto"`` (no slow first calls: no autotuned conv kernels)."""
+        return cls(plan, device, dtype, auto=auto)
+
+    def __init__(self, plan: HRNetPlan, device: torch.device, dtype: torch.dtype,
+                 *, auto: bool = False) -> None:
+        self.device, self.dtype, self.auto = device, dtype, auto
+
+    def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
+        return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
+                                   spec.relu, spec.relu_ranges)
+
+    def fuse(self, base, contributions: Sequence[torch.Tensor], mode: str, align_corners: bool,
+             relu: bool = True):
+        return upsample_add_relu_torch(base, contributions, mode, align_corners, relu)
+
+    def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
+        return seg_head_torch(base, contributions, weight, bias, mode, align_corners)
+
+    def down(self, x: torch.Tensor, fuse: FusePlan, j: int) -> List[torch.Tensor]:
+        """Every strided chain leaving source j, in split order: the first convs of all of them as
+        one batched conv (ReLU ranges), then the remaining convs of each chain on its slice."""
+        batched = fuse.down_first[j]
+        y = self.conv(x, batched.conv)
+        out = []
+        for s in batched.splits:
+            z = y[:, s.start:s.end]
+            for spec in fuse.down_rest.get((j, s.target), ()):
+                z = self.conv(z, spec)
+            out.append(z)
+        return out
+
+    def wrap_run(self, run: Callable) -> Callable:
+        """The function the engine calls for a whole forward (``compile`` wraps it)."""
+        return run
+
+
+def fuse_then_classify(fuse: Callable) -> Callable:
+    """A seg head from a fuse op: ``conv2d(fuse(base, contributions, relu=True), weight, bias)``."""
+    def head(base, contributions, weight, bias, mode, align_corners):
+        act = fuse(base, contributions, mode, align_corners, True)
+        return F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
+    return head

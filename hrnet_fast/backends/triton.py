@@ -1,0 +1,158 @@
+"""The ``triton`` backend: the Triton fuse-step and seg-head kernels (``hrnet_fast/kernels``), and,
+on an explicit ``backend="triton"``, a measured per-shape choice between cuDNN and the Triton conv
+for every convolution and between the batched form and the one-launch chain kernel for the strided
+fuse chains.
+
+Triton convs and chain kernels autotune on first use of each shape (seconds per shape on a GPU), so
+``auto`` keeps convolutions on cuDNN and a first call that returns in seconds. Under ``auto`` on a
+GPU where the CUDA extension is ready, the fuse step picks per shape between the Triton and CUDA
+kernels. On the CPU (the interpreter) nothing can be timed: the Triton conv and chain join only
+when ``HRNET_FAST_FORCE_<OP>`` names them (tests).
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from ..kernels import triton_status
+from ..plan import ConvSpec, FusePlan
+from .base import Backend, fuse_then_classify
+from .native import native_backend
+
+
+@lru_cache(maxsize=None)
+def kernel_module(name: str):
+    """``hrnet_fast.kernels.<name>``, imported on first use (importing it imports triton)."""
+    return importlib.import_module(f"hrnet_fast.kernels.{name}")
+
+
+def kernels_status(device: torch.device, module: str = "upsample_add_relu") -> Tuple[bool, str]:
+    ok, why = triton_status(device)
+    if not ok:
+        return ok, why
+    try:
+        kernel_module(module)
+    except Exception as e:  # a broken Triton install must not take the package down
+        return False, f"the Triton kernels failed to import: {type(e).__name__}: {e}"
+    return True, ""
+
+
+def fuse_triton(base, contributions, mode, align_corners, relu=True):
+    kernel_module("upsample_add_relu")
+    return torch.ops.hrnet_fast.upsample_add_relu_triton(base, list(contributions), mode,
+                                                         bool(align_corners), bool(relu))
+
+
+def seg_head_triton(base, contributions, weight, bias, mode, align_corners):
+    kernel_module("seg_head")
+    return torch.ops.hrnet_fast.seg_head_triton(base, list(contributions), weight, bias, mode,
+                                                bool(align_corners))
+
+
+def conv2d_bias_act_triton(x, weight, bias, stride, padding, residual, relu, relu_ranges):
+    return kernel_module("conv").conv2d_bias_act(x, weight, bias, stride=stride, padding=padding,
+                                                 residual=residual, relu=relu,
+                                                 relu_ranges=relu_ranges)
+
+
+def _conv_key(x, spec: ConvSpec, residual=None):
+    return (tuple(x.shape), tuple(spec.weight.shape), str(x.dtype), spec.stride, spec.padding,
+            residual is not None, spec.relu, spec.relu_ranges)
+
+
+def _down_key(x, fuse: FusePlan, j: int):
+    chains = tuple(tuple(tuple(c.weight.shape) for c in fuse.down_chains[(j, s.target)])
+                   for s in fuse.down_first[j].splits)
+    return (tuple(x.shape), str(x.dtype), chains)
+
+
+class Triton(Backend):
+    name = "triton"
+
+    @classmethod
+    def available(cls, device: torch.device) -> Tuple[bool, str]:
+        return kernels_status(device)
+
+    def __init__(self, plan, device, dtype, *, auto: bool = False) -> None:
+        from . import selection
+        super().__init__(plan, device, dtype, auto=auto)
+        self.native = native_backend(plan, device, dtype)
+        self.resize_narrow_head_branches = False
+        fuse: Callable = fuse_triton
+        if device.type == "cuda" and auto:
+            from .cuda import cuda_ext_ready, fuse_cuda
+            if cuda_ext_ready():
+                fuse = selection.SelectingOp("upsample_add_relu",
+                                             {"triton": fuse_triton, "cuda": fuse_cuda},
+                                             selection.fuse_key)
+        self.fuse = fuse
+        self.conv = self.native.conv
+        triton_convs = False
+        self._packed: Dict[int, torch.Tensor] = {}
+        self._masks: Dict[int, torch.Tensor] = {}
+        if not auto and kernels_status(device, "conv")[0]:
+            conv_options = selection.candidates(
+                "conv2d_bias_act", {"torch": self.native.conv}, {"triton": self._conv_triton}, device)
+            if len(conv_options) > 1 or "triton" in conv_options:
+                self.conv = selection.SelectingOp("conv2d_bias_act", conv_options, _conv_key)
+                triton_convs = True
+            down_options = selection.candidates(
+                "fuse_down", {"batched": self._down_batched}, {"chain": self._down_chained}, device)
+            if len(down_options) > 1:
+                self.down = selection.SelectingOp("fuse_down", down_options, _down_key)
+                triton_convs = True
+            elif "chain" in down_options:
+                self.down = self._down_chained
+                triton_convs = True
+        if triton_convs:
+            self._pack(plan)
+
+    def _pack(self, plan) -> None:
+        """GEMM-packed weights [k*k*Cin, Cout] and per-channel ReLU masks, once per plan."""
+        conv = kernel_module("conv")
+        for spec in plan.conv_specs():
+            self._packed[id(spec)] = conv.pack_weight(spec.weight)
+            if spec.relu_ranges is not None:
+                self._masks[id(spec)] = conv.relu_mask(spec.relu_ranges, spec.out_channels,
+                                                       self.device)
+
+    @property
+    def packs_weights(self) -> bool:
+        return bool(self._packed)
+
+    def _weight(self, spec: ConvSpec) -> torch.Tensor:
+        return self._packed.get(id(spec), spec.weight)
+
+    def _conv_triton(self, x, spec: ConvSpec, residual=None):
+        ranges = self._masks.get(id(spec), spec.relu_ranges)
+        return conv2d_bias_act_triton(x, self._weight(spec), spec.bias, spec.stride, spec.padding,
+                                      residual, spec.relu, ranges)
+
+    def _down_batched(self, x, fuse: FusePlan, j: int) -> List[torch.Tensor]:
+        return Backend.down(self, x, fuse, j)
+
+    def _down_chained(self, x, fuse: FusePlan, j: int) -> List[torch.Tensor]:
+        """Chains leaving source j, each of two or three convs in one launch of the chain kernel
+        (intermediates stay on chip); single-conv chains run as a conv."""
+        strided_chain = kernel_module("conv_chain").strided_chain
+        out = []
+        for s in fuse.down_first[j].splits:
+            chain = fuse.down_chains[(j, s.target)]
+            if len(chain) == 1:
+                out.append(self.conv(x, chain[0]))
+            else:
+                out.append(strided_chain(x, [self._weight(c) for c in chain],
+                                         [c.bias for c in chain]))
+        return out
+
+    def down(self, x, fuse: FusePlan, j: int) -> List[torch.Tensor]:
+        return self._down_batched(x, fuse, j)
+
+    def head(self, base, contributions, weight, bias, mode, align_corners):
+        if weight.shape[-1] != 1:  # the fused head kernel takes a 1x1 classifier only
+            return fuse_then_classify(self.fuse)(base, contributions, weight, bias, mode,
+                                                 align_corners)
+        return seg_head_triton(base, contributions, weight, bias, mode, align_corners)
