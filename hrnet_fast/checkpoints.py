@@ -7,11 +7,17 @@ Formats:
 * ``imagenet``: official or timm ImageNet weights (backbone keys plus ``incre_modules``,
   ``downsamp_modules``, ``final_layer``, ``classifier``);
 * ``mmseg``: OpenMMLab, ``backbone.*`` plus ``decode_head.convs.0.{conv,bn}`` and
-  ``decode_head.conv_seg`` (mapped to ``last_layer.0/1/3``, a zero bias where the source has none).
+  ``decode_head.conv_seg`` (mapped to ``last_layer.0/1/3``, a zero bias where the source has none);
+* ``official-pose``: the official top-down pose release (``final_layer.weight`` / ``.bias``, the keys
+  of ``head="pose"`` too);
+* ``mmpose-0.x``: ``backbone.*`` plus ``keypoint_head.final_layer.*``;
+* ``mmpose-1.x``: ``backbone.*`` plus ``head.final_layer.*``.
 
 Any of them may come wrapped as ``{'state_dict': ...}`` or ``{'model': ...}`` (training checkpoints)
 and with DataParallel's ``module.`` prefix. InPlaceABN-era BatchNorm weights (used as
-``abs(w) + eps``) are converted when ``inplace_abn=True``.
+``abs(w) + eps``) are converted when ``inplace_abn=True``. Files are read with
+``weights_only=True``; the inert bookkeeping objects of training runners (mmengine's
+``HistoryBuffer``, numpy arrays and scalars) load as placeholders (``RunnerPlaceholder``).
 """
 from __future__ import annotations
 
@@ -20,18 +26,24 @@ import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 CLASSIFICATION_HEAD_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
 SEG_HEAD_PREFIXES = ("last_layer.",)
-_MMSEG_HEAD_MAP = (
-    ("decode_head.convs.0.conv.", "last_layer.0."),
-    ("decode_head.convs.0.bn.", "last_layer.1."),
-    ("decode_head.conv_seg.", "last_layer.3."),
-)
+# The pose head is one conv named final_layer; the classification head's final_layer is a
+# Sequential (final_layer.0.*, final_layer.1.*), so the exact names tell the two apart.
+POSE_HEAD_KEYS = ("final_layer.weight", "final_layer.bias")
+# OpenMMLab formats: backbone.* is ours without the prefix; these head prefixes map to our head.
+_OPENMMLAB_HEAD_MAPS = {
+    "mmseg": (("decode_head.convs.0.conv.", "last_layer.0."),
+              ("decode_head.convs.0.bn.", "last_layer.1."),
+              ("decode_head.conv_seg.", "last_layer.3.")),
+    "mmpose-0.x": (("keypoint_head.final_layer.", "final_layer."),),
+    "mmpose-1.x": (("head.final_layer.", "final_layer."),),
+}
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
 
@@ -66,13 +78,20 @@ def _abbrev(keys: List[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + more
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
-_BLOCKED_MODULE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) whose module ([A-Za-z_][\w.]*) is blocked")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (.+?) was not an allowed global")
+_BLOCKED_MODULE = re.compile(r"GLOBAL (.+?) whose module (.+?) is blocked")
+# Terminal escape sequences (torch makes part of its advice bold; a file's class names may carry
+# any), then any control character left: messages are plain text.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _plain(text: str) -> str:
+    return _ESCAPES.sub("", text)
 
 
 def _short_reason(e: BaseException) -> str:
     """Torch's own reason for a failed load, without its advice: one line, at most ~150 chars."""
-    msg = str(e)
+    msg = _plain(str(e))
     inner = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", msg, re.S)
     if inner:  # the weights-only unpickler wraps the reason in advice about weights_only=False
         msg = inner.group(1)
@@ -87,12 +106,53 @@ def _short_reason(e: BaseException) -> str:
     return line if len(line) <= 150 else line[:147] + "..."
 
 
+class RunnerPlaceholder:
+    """Stands in for a training runner's bookkeeping object (``stands_for`` names it) that a
+    checkpoint holds next to the weights: it keeps what the file gave it (``args``, ``state``) and
+    runs no code of the library it stands for, which need not be installed."""
+
+    stands_for = ""
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args = args
+        return self
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:  # what the file's BUILD gives: kept, never interpreted
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.stands_for}>"
+
+
+# The few globals that training runners pickle outside the weights, all inert: mmengine's MessageHub
+# keeps HistoryBuffer objects (numpy arrays of logged values and counts) and runners record numpy
+# scalars (a best score). weights_only=True refuses them; the weights never depend on them.
+RUNNER_GLOBALS = (
+    "mmengine.logging.history_buffer.HistoryBuffer",
+    "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",  # numpy 1.x, 2.x
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+)
+# torch's safe-globals entries (placeholder class, the exact path the pickle names): the unpickler
+# then creates, calls (REDUCE) and fills (BUILD) placeholders where the file names these paths.
+_RUNNER_SAFE_GLOBALS = [
+    (type(path.rpartition(".")[2], (RunnerPlaceholder,), {"stands_for": path}), path)
+    for path in RUNNER_GLOBALS
+]
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
     """``torch.load`` on the CPU with ``weights_only=True``, with errors that say what went wrong.
 
+    The names in ``RUNNER_GLOBALS`` load as :class:`RunnerPlaceholder` objects (allowed only during
+    this call), so that training-runner checkpoints (mmengine's ``message_hub``) load safely.
     A corrupt or foreign file is "not a readable PyTorch checkpoint" (with torch's reason, short);
-    only a file that really holds pickled Python objects, which the weights-only loader refuses,
-    is said to, with the warning that loading it otherwise runs code from the file.
+    only a file that really holds other pickled Python objects, which the weights-only loader
+    refuses, is said to, with the warning that loading it otherwise runs code from the file.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -100,16 +160,17 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping:
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_RUNNER_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many types on files that are not checkpoints
         msg = str(e)
         found = _UNSAFE_GLOBAL.search(msg) or _BLOCKED_MODULE.search(msg)
         if isinstance(e, pickle.UnpicklingError) and found:
             raise CheckpointError(
-                f"{path} holds arbitrary Python objects (a pickled {found.group(1)}), which the safe "
-                "weights_only=True loading refuses. Loading it with torch.load(path, weights_only=False) "
-                "runs code from the file: do that only for a file from a trusted source, then pass the "
-                "resulting dict to load_checkpoint.") from None
+                f"{path} holds arbitrary Python objects (a pickled {_plain(found.group(1))}), which "
+                "the safe weights_only=True loading refuses. Loading it with torch.load(path, "
+                "weights_only=False) runs code from the file: do that only for a file from a trusted "
+                "source, then pass the resulting dict to load_checkpoint.") from None
         if "TorchScript archive" in msg:
             raise CheckpointError(
                 f"{path} is a TorchScript archive (a whole scripted model), not a state dict. "
@@ -151,20 +212,43 @@ def _unwrap(obj) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
 
 
 # The resize in the fuse step each format's models were trained with: the official
-# and timm ImageNet models nearest, the official segmentation release bilinear. Other formats
-# (plain: our own; mmseg) imply nothing.
+# and timm ImageNet models and the official and mmpose pose models nearest, the official
+# segmentation release bilinear. Other formats (plain: our own; mmseg) imply nothing.
 _FORMAT_UPSAMPLE = {"imagenet": ("nearest", "the official / timm ImageNet weights"),
-                    "official-seg": ("bilinear", "the official segmentation release")}
+                    "official-seg": ("bilinear", "the official segmentation release"),
+                    "official-pose": ("nearest", "the official pose release"),
+                    "mmpose-0.x": ("nearest", "an mmpose 0.x pose model"),
+                    "mmpose-1.x": ("nearest", "an mmpose 1.x pose model"),
+                    "mmseg": ("mmseg", "an OpenMMLab mmseg segmentation model")}
+
+
+def head_of_key(key: str) -> Optional[str]:
+    """The head a (model-keyed) tensor belongs to: "seg", "classification" or "pose"; None for the
+    backbone."""
+    if key.startswith(SEG_HEAD_PREFIXES):
+        return "seg"
+    if key in POSE_HEAD_KEYS:
+        return "pose"
+    if key.startswith(CLASSIFICATION_HEAD_PREFIXES):
+        return "classification"
+    return None
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     keys = list(state_dict)
     if any(k.startswith("backbone.") for k in keys):
+        if any(k.startswith("keypoint_head.final_layer.") for k in keys):
+            return "mmpose-0.x"
+        if any(k.startswith("head.final_layer.") for k in keys):
+            return "mmpose-1.x"
         return "mmseg"
     if any(k.startswith("model.") for k in keys):
         return "official-seg"
-    if any(k.startswith(CLASSIFICATION_HEAD_PREFIXES) for k in keys):
+    heads = {head_of_key(k) for k in keys}
+    if "classification" in heads:
         return "imagenet"
+    if "pose" in heads:
+        return "official-pose"
     return "plain"
 
 
@@ -178,19 +262,19 @@ def _to_model_keys(sd: Dict[str, torch.Tensor], fmt: str) -> Tuple[Dict[str, tor
                 mapped[k[len("model."):]] = v
             else:  # loss.* (class weights of the criterion) and anything else of the wrapper
                 dropped.append(k)
-    elif fmt == "mmseg":
+    elif fmt in _OPENMMLAB_HEAD_MAPS:
         for k, v in sd.items():
             if k.startswith("backbone."):
                 mapped[k[len("backbone."):]] = v
                 continue
-            for src, dst in _MMSEG_HEAD_MAP:
+            for src, dst in _OPENMMLAB_HEAD_MAPS[fmt]:
                 if k.startswith(src):
                     mapped[dst + k[len(src):]] = v
                     break
             else:
-                dropped.append(k)  # auxiliary heads, other decode-head parts
+                dropped.append(k)  # auxiliary heads, other head parts
         w = mapped.get("last_layer.0.weight")
-        if w is not None and "last_layer.0.bias" not in mapped:
+        if fmt == "mmseg" and w is not None and "last_layer.0.bias" not in mapped:
             # mmseg's ConvModule has no conv bias when a norm follows: the equivalent bias is zero.
             mapped["last_layer.0.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
     else:
@@ -220,8 +304,20 @@ def _preset_hint(state_dict, model: nn.Module) -> str:
     return ""
 
 
-def _head_keys(keys, prefixes) -> List[str]:
-    return [k for k in keys if k.startswith(prefixes)]
+_FUSE_OUTPUT = re.compile(r"(stage\d+\.\d+\.fuse_layers\.)\d+\.")
+
+
+def _unused_fuse_outputs(target_keys) -> Callable[[str], bool]:
+    """Whether a key belongs to a fuse output that the model's module does not compute: the last
+    module of a pose model fuses only output 0, so multi-scale checkpoints (ImageNet, the usual
+    start of pose training) carry fuse layers it has no place for and no use for."""
+    outputs = {m.group(0) for m in map(_FUSE_OUTPUT.match, target_keys) if m}
+    modules = {m.group(1) for m in map(_FUSE_OUTPUT.match, target_keys) if m}
+
+    def unused(key: str) -> bool:
+        m = _FUSE_OUTPUT.match(key)
+        return bool(m) and m.group(1) in modules and m.group(0) not in outputs
+    return unused
 
 
 def _common_prefix(keys: List[str]) -> str:
@@ -246,6 +342,15 @@ def _prefix_hint(unexpected: List[str], target_keys) -> str:
     return hint
 
 
+def _pose_hint(mapped, model_head: str) -> str:
+    """A pose checkpoint into another head's model misses stage 4's multi-scale fuse layers: say
+    which head it is for."""
+    if model_head == "pose" or not any(head_of_key(k) == "pose" for k in mapped):
+        return ""
+    return ("hint: the checkpoint is a pose model (final_layer.weight; stage 4's last module fuses "
+            "only the highest resolution): build the model with head='pose'")
+
+
 def _convention_warning(fmt: str, model: nn.Module) -> Optional[str]:
     """A warning when ``fmt`` implies a fuse-step resize other than the model's, else None."""
     cfg = getattr(model, "config", None)
@@ -257,9 +362,11 @@ def _convention_warning(fmt: str, model: nn.Module) -> Optional[str]:
         return None
     name = getattr(cfg, "name", None)
     preset = repr(name) if name and name != "custom" else "..."
+    when = (" at input sizes not divisible by 32" if {trained, mode} == {"mmseg", "bilinear"}
+            else "")
     return (f"the checkpoint looks like {source} (format {fmt!r}), trained with upsample={trained!r}, "
             f"but this model uses upsample={mode!r}: its outputs will differ from the original "
-            f"model's (by a few percent). Build the model with HRNetConfig.preset({preset}, "
+            f"model's{when} (by a few percent). Build the model with HRNetConfig.preset({preset}, "
             f"upsample={trained!r}) (or HRNet({preset}, upsample={trained!r})) to match; keep "
             f"{mode!r} only if the checkpoint was trained with it.")
 
@@ -282,19 +389,16 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
 
     target = model.state_dict()
     target_keys = set(target)
-    head_prefix_of_model = {
-        "seg": SEG_HEAD_PREFIXES, "classification": CLASSIFICATION_HEAD_PREFIXES, "features": (),
-    }.get(getattr(getattr(model, "config", None), "head", "seg"), ())
-    other_heads = tuple(p for p in CLASSIFICATION_HEAD_PREFIXES + SEG_HEAD_PREFIXES
-                        if p not in head_prefix_of_model)
+    model_head = getattr(getattr(model, "config", None), "head", "seg")
 
+    unused_fuse_output = _unused_fuse_outputs(target_keys)
     to_load: Dict[str, torch.Tensor] = {}
     unexpected: List[str] = []
     for k, v in mapped.items():
         if k in target_keys:
             to_load[k] = v
-        elif k.startswith(other_heads):
-            report.skipped.append(k)  # a head this model does not have (e.g. ImageNet classifier)
+        elif head_of_key(k) not in (None, model_head) or unused_fuse_output(k):
+            report.skipped.append(k)  # a head (or output) this model does not have
         else:
             unexpected.append(k)
     report.skipped.extend(dropped)
@@ -319,8 +423,8 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
     missing = sorted(target_keys - set(to_load))
     # BatchNorm's step counter does not affect inference; old checkpoints lack it.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    model_head_missing = _head_keys(missing, head_prefix_of_model) if head_prefix_of_model else []
-    ckpt_has_model_head = bool(_head_keys(to_load, head_prefix_of_model)) if head_prefix_of_model else False
+    model_head_missing = [k for k in missing if head_of_key(k) == model_head]
+    ckpt_has_model_head = any(head_of_key(k) == model_head for k in to_load)
     absent_head = model_head_missing if not ckpt_has_model_head else []
     hard_missing = [k for k in missing if k not in set(absent_head)]
 
@@ -332,9 +436,9 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, *,
             parts.append(f"no place in the model: {_abbrev(unexpected)}")
         hint = _preset_hint(mapped, model)
         hint = f" ({hint})" if hint else ""
-        prefix = _prefix_hint(unexpected, target_keys)
-        if prefix:
-            parts.append(prefix)
+        for extra in (_prefix_hint(unexpected, target_keys), _pose_hint(mapped, model_head)):
+            if extra:
+                parts.append(extra)
         raise CheckpointError(f"checkpoint ({fmt}) does not fit the model{hint}: " + "; ".join(parts))
     report.skipped.extend(unexpected)
     report.missing = missing

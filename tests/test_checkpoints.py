@@ -1,9 +1,15 @@
+import collections
+import contextlib
+import sys
+import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from hrnet_fast import CheckpointError, HRNet, HRNetConfig, load_checkpoint
+from hrnet_fast.checkpoints import RunnerPlaceholder, read_checkpoint
 from helpers import randomize_bn
 
 X = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
@@ -386,3 +392,290 @@ def test_prefix_hint_only_for_the_unmatched_keys():
     with pytest.raises(CheckpointError) as e:  # one stray key: its own name says it all
         load_checkpoint(_fresh(), dict(src, **{"aux.head.weight": torch.zeros(3)}))
     assert "prefix" not in str(e.value)
+
+
+# --- every format: the report accounts for every key (issue 15, item 2) -------------------------
+
+_CLS_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
+
+
+def _cls_src():
+    return _random_model(head="classification", num_classes=1000)
+
+
+def _pose_src():
+    return _random_model(head="pose", num_classes=17)
+
+
+def _mmseg_keys(sd):
+    """Our seg keys in mmseg's layout (its head conv has no bias), plus an auxiliary head."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("last_layer.0.bias"):
+            continue
+        for ours, theirs in (("last_layer.0.", "decode_head.convs.0.conv."),
+                             ("last_layer.1.", "decode_head.convs.0.bn."),
+                             ("last_layer.3.", "decode_head.conv_seg.")):
+            if k.startswith(ours):
+                out[theirs + k[len(ours):]] = v
+                break
+        else:
+            out["backbone." + k] = v
+    out["auxiliary_head.conv_seg.weight"] = torch.zeros(19, 64, 1, 1)
+    out["auxiliary_head.conv_seg.bias"] = torch.zeros(19)
+    return out, ["auxiliary_head.conv_seg.bias", "auxiliary_head.conv_seg.weight"]
+
+
+def _openmmlab_pose_keys(head_prefix):
+    def convert(sd):
+        return {(head_prefix + k if k.startswith("final_layer.") else "backbone." + k): v
+                for k, v in sd.items()}, []
+    return convert
+
+
+# name: (source model, target head kwargs, key conversion -> (checkpoint, keys it adds that the
+# report must skip), detected format, the model's head that the checkpoint does not carry)
+FORMAT_CASES = {
+    "plain": (_random_model, {}, lambda sd: (dict(sd), []), "plain", None),
+    "official-seg": (_random_model, {},
+                     lambda sd: ({**{"model." + k: v for k, v in sd.items()},
+                                  "loss.criterion.weight": torch.ones(19)},
+                                 ["loss.criterion.weight"]), "official-seg", None),
+    "imagenet-into-classification": (_cls_src, {"head": "classification", "num_classes": 1000},
+                                     lambda sd: (dict(sd), []), "imagenet", None),
+    "imagenet-into-seg": (_cls_src, {},
+                          lambda sd: (dict(sd), [k for k in sd if k.startswith(_CLS_HEAD)]),
+                          "imagenet", "last_layer."),
+    "imagenet-into-features": (_cls_src, {"head": "features"},
+                               lambda sd: (dict(sd), [k for k in sd if k.startswith(_CLS_HEAD)]),
+                               "imagenet", None),
+    # The usual start of pose training: the fuse layers of outputs 1-3 in stage 4's last module
+    # (w18_small_v1 has one) have no use.
+    "imagenet-into-pose": (_cls_src, {"head": "pose", "num_classes": 17},
+                           lambda sd: (dict(sd), [k for k in sd if k.startswith(_CLS_HEAD) or (
+                               k.startswith("stage4.0.fuse_layers.")
+                               and not k.startswith("stage4.0.fuse_layers.0."))]),
+                           "imagenet", "final_layer."),
+    "mmseg": (_random_model, {}, _mmseg_keys, "mmseg", None),
+    "official-pose": (_pose_src, {"head": "pose", "num_classes": 17}, lambda sd: (dict(sd), []),
+                      "official-pose", None),
+    "mmpose-0.x": (_pose_src, {"head": "pose", "num_classes": 17},
+                   _openmmlab_pose_keys("keypoint_head."), "mmpose-0.x", None),
+    "mmpose-1.x": (_pose_src, {"head": "pose", "num_classes": 17},
+                   _openmmlab_pose_keys("head."), "mmpose-1.x", None),
+}
+
+
+def _wrap(sd, wrapper, dataparallel):
+    if dataparallel:
+        sd = {"module." + k: v for k, v in sd.items()}
+    return sd if wrapper is None else {"meta": {"epoch": 3}, wrapper: sd, "epoch": 3}
+
+
+@pytest.mark.parametrize("wrapper,dataparallel", [(None, False), ("state_dict", True)],
+                         ids=["bare", "wrapped-module"])
+@pytest.mark.parametrize("case", list(FORMAT_CASES))
+def test_report_accounts_for_every_key(case, wrapper, dataparallel):
+    make_src, head_kw, convert, fmt, absent_head = FORMAT_CASES[case]
+    src = make_src()
+    if fmt == "mmseg":
+        with torch.no_grad():  # mmseg's head conv has no bias: loading gives a zero one
+            src.last_layer[0].bias.zero_()
+    ckpt, extra = convert(src.state_dict())
+    dst = _fresh(**head_kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing-head warning has its own tests
+        report = load_checkpoint(dst, _wrap(ckpt, wrapper, dataparallel))
+    assert report.format == fmt and report.wrapper == wrapper
+    assert f"checkpoint format: {fmt}" in str(report)
+    target = dst.state_dict()
+    want_missing = sorted(k for k in target if absent_head and k.startswith(absent_head)
+                          and not k.endswith("num_batches_tracked"))
+    assert report.missing == want_missing
+    assert sorted(report.skipped) == sorted(extra)
+    assert report.loaded == sorted(k for k in target if not (absent_head and k.startswith(absent_head)))
+    want = src.state_dict()
+    for k in report.loaded:  # every loaded tensor is the source's own, under our name
+        assert torch.equal(target[k], want[k]), k
+
+
+# --- pose checkpoints (issue 13, item 2) --------------------------------------------------------
+
+def test_pose_formats_give_the_source_heatmaps(tmp_path):
+    src = _pose_src()
+    sd = src.state_dict()
+    assert {k for k in sd if k.startswith("final_layer.")} == {"final_layer.weight", "final_layer.bias"}
+    # official training checkpoint: DataParallel keys inside "state_dict", the model's name as "model"
+    official = {"epoch": 140, "model": "pose_hrnet", "perf": 0.74,
+                "state_dict": {"module." + k: v for k, v in sd.items()}}
+    mmpose0 = {"meta": {"epoch": 210}, "state_dict": _openmmlab_pose_keys("keypoint_head.")(sd)[0]}
+    mmpose1 = {"meta": {"epoch": 210}, "state_dict": _openmmlab_pose_keys("head.")(sd)[0]}
+    want = _outputs(src)
+    assert want.shape == (2, 17, 16, 20)
+    for fmt, ckpt in (("official-pose", official), ("mmpose-0.x", mmpose0), ("mmpose-1.x", mmpose1)):
+        path = tmp_path / f"{fmt}.pth"
+        torch.save(ckpt, path)
+        dst = _fresh(head="pose", num_classes=17)
+        report, caught = _load_recording(dst, path)
+        assert report.format == fmt and not caught  # the default pose model is nearest, as they
+        _assert_same(_outputs(dst), want)
+
+
+@pytest.mark.parametrize("fmt", ["official-pose", "mmpose-0.x", "mmpose-1.x"])
+def test_pose_formats_imply_nearest(fmt):
+    convert = FORMAT_CASES[fmt][2]
+    ckpt, _ = convert(_pose_src().state_dict())
+    report, caught = _load_recording(_fresh(head="pose", num_classes=17, upsample="bilinear"), ckpt)
+    assert report.format == fmt and len(caught) == 1
+    msg = str(caught[0].message)
+    assert f"format {fmt!r}" in msg and "upsample='nearest'" in msg and "bilinear" in msg
+
+
+def test_pose_checkpoint_into_a_seg_model_names_the_head():
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(_fresh(num_classes=17), _pose_src().state_dict())
+    msg = str(e.value)
+    # stage 4's last module of a pose model has no multi-scale fuse layers
+    assert "official-pose" in msg and "stage4" in msg and "head='pose'" in msg
+
+
+def test_pose_checkpoint_with_other_joint_count_names_the_shapes():
+    with pytest.raises(CheckpointError, match=r"final_layer\.weight: checkpoint has \[17, 16, 1, 1\], "
+                                              r"model has \[16, 16, 1, 1\]"):
+        load_checkpoint(_fresh(head="pose", num_classes=16), _pose_src().state_dict())
+
+
+# --- training-runner checkpoints (issue 15, item 8) ---------------------------------------------
+
+class HistoryBuffer:
+    """What mmengine's HistoryBuffer pickles: a max length and numpy arrays of values and counts."""
+
+    def __init__(self, logs, counts, max_length=1000000):
+        self.max_length = max_length
+        self._log_history = np.array(logs)
+        self._count_history = np.array(counts)
+
+
+class MessageHub:
+    """A class the loader does not know (as if a whole mmengine MessageHub were pickled)."""
+
+
+@contextlib.contextmanager
+def _fake_module(module_name, *classes):
+    """``classes`` importable from a new module ``module_name`` (new parent packages too) only
+    inside the block, so that pickle can save their instances; the loader afterwards cannot import
+    them. Whatever sys.modules held under those names before is put back."""
+    parts = module_name.split(".")
+    names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    previous = {n: sys.modules.get(n) for n in names}
+    originals = [(c, c.__module__) for c in classes]
+    try:
+        for n in names:
+            sys.modules[n] = types.ModuleType(n)
+        for c in classes:
+            c.__module__ = module_name
+            setattr(sys.modules[module_name], c.__qualname__, c)
+        yield
+    finally:
+        for c, module in originals:
+            c.__module__ = module
+        for n, module in previous.items():
+            if module is None:
+                del sys.modules[n]
+            else:
+                sys.modules[n] = module
+
+
+def _runner_checkpoint(src, **message_hub_extra):
+    """A checkpoint as mmengine's runner writes it: meta, state_dict (mmseg keys), message_hub with
+    HistoryBuffers and numpy scalars, optimizer (with momentum buffers) and scheduler states."""
+    opt = torch.optim.SGD(src.parameters(), lr=0.01, momentum=0.9)
+    for p in src.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates the momentum buffers; a zero gradient leaves the weights as they are
+    return {
+        "meta": {"epoch": 2, "iter": 80000, "cfg": "model = dict(type='EncoderDecoder')",
+                 "seed": 0, "mmengine_version": "0.10.4",
+                 "dataset_meta": {"classes": ("road", "sidewalk"), "palette": [[128, 64, 128]]}},
+        "state_dict": _mmseg_keys(src.state_dict())[0],
+        "message_hub": {
+            "log_scalars": collections.OrderedDict(
+                [("train/loss", HistoryBuffer([0.75, 0.5], [1, 1])),
+                 ("train/lr", HistoryBuffer(np.array([0.01, 0.009]), np.array([1, 1])))]),
+            "runtime_info": collections.OrderedDict(
+                [("epoch", 2), ("iter", 80000), ("best_score", np.float64(71.25)),
+                 ("max_iters", np.int64(160000)), *message_hub_extra.items()]),
+            "resumed_keys": collections.OrderedDict([("train/loss", True), ("epoch", False)]),
+        },
+        "optimizer": opt.state_dict(),
+        "param_schedulers": [{"eta_min": 0.0001, "power": 0.9, "last_step": 80000, "by_epoch": False}],
+    }
+
+
+def test_mmengine_runner_checkpoint_loads_by_path(tmp_path):
+    src = _random_model()
+    with torch.no_grad():
+        src.last_layer[0].bias.zero_()  # mmseg's head conv has no bias
+    path = tmp_path / "iter_80000.pth"
+    with _fake_module("mmengine.logging.history_buffer", HistoryBuffer):
+        torch.save(_runner_checkpoint(src), path)
+    safe_before = set(torch.serialization.get_safe_globals())
+    dst = _fresh()
+    report = load_checkpoint(dst, path)
+    assert report.format == "mmseg" and report.wrapper == "state_dict"
+    assert not report.missing and sorted(report.skipped) == _mmseg_keys({})[1]
+    _assert_same_state(dst, src)
+    # the placeholders were allowed only while loading
+    assert set(torch.serialization.get_safe_globals()) == safe_before
+    # ... and are inert stand-ins that only hold what the file gave them
+    hub = read_checkpoint(path)["message_hub"]
+    buf = hub["log_scalars"]["train/loss"]
+    assert isinstance(buf, RunnerPlaceholder)
+    assert buf.stands_for == "mmengine.logging.history_buffer.HistoryBuffer"
+    assert buf.state["max_length"] == 1000000
+    assert isinstance(buf.state["_log_history"], RunnerPlaceholder)
+    assert isinstance(hub["runtime_info"]["best_score"], RunnerPlaceholder)
+    assert hub["runtime_info"]["iter"] == 80000
+
+
+def test_runner_checkpoint_with_an_unknown_class_is_refused(tmp_path):
+    ckpt = _runner_checkpoint(_random_model(), hub=MessageHub())
+    path = tmp_path / "iter_80000.pth"
+    with _fake_module("mmengine.logging.history_buffer", HistoryBuffer), \
+            _fake_module("mmengine.logging.message_hub", MessageHub):
+        torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(_fresh(), path)
+    msg = str(e.value)
+    assert "arbitrary Python objects" in msg and "mmengine.logging.message_hub.MessageHub" in msg
+    assert "trusted source" in msg
+
+
+class Thing:
+    pass
+
+
+def test_class_names_from_the_file_reach_the_message_without_escapes(tmp_path):
+    # A file decides the class names torch quotes; a name can carry terminal escape sequences.
+    path = tmp_path / "colour.pth"
+    with _fake_module("\x1b[31mevil", Thing):
+        torch.save({"state_dict": _random_model().state_dict(), "x": Thing()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(_fresh(), path)
+    msg = str(e.value)
+    assert "\x1b" not in msg and "a pickled evil.Thing" in msg
+
+
+def test_torch_reasons_lose_their_escape_sequences(tmp_path, monkeypatch):
+    path = tmp_path / "x.pth"
+    path.write_bytes(b"PK")
+
+    def load(*args, **kwargs):  # torch's messages put advice in bold (\x1b[1m ... \x1b[0m)
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: \x1b[1mfailed finding "
+                           "central directory\x1b[0m")
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(_fresh(), path)
+    msg = str(e.value)
+    assert "\x1b" not in msg and "failed finding central directory" in msg

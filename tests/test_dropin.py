@@ -13,9 +13,11 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.nn.utils import prune
 
-from hrnet_fast import HRNet, HRNetConfig, HRNetEngine, load_checkpoint
+from hrnet_fast import HRNet, HRNetConfig, HRNetEngine, load_checkpoint, optimize
+from hrnet_fast.check import clone_as
 from hrnet_fast.reference import HighResolutionNet
 from helpers import randomize_bn, rel_err
+from oracles import assert_close_to_oracle
 
 TOL = 1e-5
 X = torch.randn(2, 3, 61, 83, generator=torch.Generator().manual_seed(5))
@@ -310,3 +312,29 @@ def test_onnx_export_exports_the_reference(engine_calls):
     with torch.no_grad():
         torch.onnx.export(m, (X,), io.BytesIO())
     assert not engine_calls and m.engine is None
+
+
+# ------------------------------- 7. engines against the reference forward, not against model(x)
+# (the drop-in's no-grad call runs the engine: comparing with it compares the engine with itself)
+
+def test_compile_backend_matches_reference():
+    m = _model()
+    x = X[:1, :, :40, :48].contiguous()
+    engine = optimize(m, backend="compile")
+    assert engine.backend == "compile"
+    with torch.no_grad():
+        got = engine(x)
+    assert rel_err(got, _reference(m, x)) < TOL
+
+
+def test_bfloat16_dropin_within_twice_the_reference_error(engine_calls):
+    """The design's low-precision rule against fp64: the engine's bf16 error at most twice the bf16
+    reference model's (with the oracles' floor for an exact reference)."""
+    m = _model()
+    ref64 = _reference(clone_as(m, torch.float64), X.double())
+    m.to(torch.bfloat16)
+    x = X.to(torch.bfloat16)
+    ref_bf16 = _reference(m, x)
+    got = _fast(m, x)
+    assert len(engine_calls) == 1 and m.engine.dtype == torch.bfloat16  # the engine served it
+    assert_close_to_oracle(got, ref64, ref_bf16, dtype=torch.bfloat16, what="bf16 drop-in")

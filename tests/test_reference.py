@@ -84,17 +84,44 @@ def test_odd_sizes_all_heads(size, branches, mode):
         torch.testing.assert_close(out, seg.last_layer(torch.cat(up, 1)), rtol=1e-5, atol=1e-5)
 
 
+def _features_of(model, x):
+    """The branch outputs of ``model``'s backbone, computed by a features model with its weights."""
+    feats = HRNet(model.config.replace(head="features", upsample=model.config.upsample), fast=False)
+    feats.load_state_dict(model.state_dict(), strict=False)
+    return feats.eval()(x)
+
+
 def test_classification_and_final_conv_kernel_3():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        cls = HRNet(HRNetConfig.preset("w18_small_v1", head="classification", num_classes=10),
-                    fast=False).eval()
-        assert tuple(cls(x).shape) == (2, 10)
-        seg3 = HRNet(HRNetConfig.preset("w18_small_v1", final_conv_kernel=3, num_classes=5),
-                     fast=False).eval()
+        cls = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1", head="classification",
+                                                     num_classes=10), fast=False)).eval()
+        logits = cls(x)
+        assert tuple(logits.shape) == (2, 10)
+        # The official ImageNet head: incremental blocks, strided sums, final conv, global mean, fc.
+        f = _features_of(cls, x)
+        y = cls.incre_modules[0](f[0])
+        for i in range(3):
+            y = cls.incre_modules[i + 1](f[i + 1]) + cls.downsamp_modules[i](y)
+        y = F.adaptive_avg_pool2d(cls.final_layer(y), 1).flatten(1)
+        torch.testing.assert_close(logits, F.linear(y, cls.classifier.weight, cls.classifier.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+        seg3 = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1", final_conv_kernel=3,
+                                                      num_classes=5), fast=False)).eval()
         assert seg3.last_layer[3].kernel_size == (3, 3)
-        assert tuple(seg3(x).shape) == (2, 5, 16, 24)
+        out = seg3(x)
+        assert tuple(out.shape) == (2, 5, 16, 24)
+        # concat of the resized branches, 1x1 conv, BN, ReLU, then a 3x3 conv with padding 1
+        f = _features_of(seg3, x)
+        cat = torch.cat([f[0]] + [F.interpolate(t, size=(16, 24), mode="bilinear",
+                                                align_corners=False) for t in f[1:]], 1)
+        conv, bn, cls3 = seg3.last_layer[0], seg3.last_layer[1], seg3.last_layer[3]
+        act = torch.relu(F.batch_norm(F.conv2d(cat, conv.weight, conv.bias), bn.running_mean,
+                                      bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+        torch.testing.assert_close(out, F.conv2d(act, cls3.weight, cls3.bias, padding=1),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_nearest_mode_equals_seed_scale_factor_upsample():
@@ -133,12 +160,25 @@ def test_check_branches_messages():
 
 
 def test_module_helpers_and_single_scale_output():
-    m = HighResolutionModule(3, BasicBlock, [1, 1, 1], [8, 16, 32], [8, 16, 32], "SUM",
-                             multi_scale_output=False)
+    torch.manual_seed(0)
+    args = (3, BasicBlock, [1, 1, 1], [8, 16, 32], [8, 16, 32], "SUM")
+    m = randomize_bn(HighResolutionModule(*args, multi_scale_output=False)).eval()
     assert m.get_num_inchannels() == [8, 16, 32]
     assert len(m.fuse_layers) == 1
-    out = m([torch.randn(1, 8, 16, 16), torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4)])
-    assert len(out) == 1 and out[0].shape == (1, 8, 16, 16)
+    xs = [torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4)]
+    with torch.no_grad():
+        out = m([x.clone() for x in xs])
+        assert len(out) == 1 and out[0].shape == (2, 8, 16, 16)
+        # output 0 of the multi-scale module with the same weights ...
+        multi = HighResolutionModule(*args, multi_scale_output=True).eval()
+        missing = multi.load_state_dict(m.state_dict(), strict=False).missing_keys
+        assert missing and all(k.startswith(("fuse_layers.1.", "fuse_layers.2.")) for k in missing)
+        torch.testing.assert_close(out[0], multi([x.clone() for x in xs])[0], rtol=0, atol=0)
+        # ... and the fuse rule: relu(b_0 + sum_j up(conv_bn_j(b_j))), nearest (the module default)
+        b = [m.branches[i](xs[i]) for i in range(3)]
+        want = torch.relu(b[0] + sum(F.interpolate(m.fuse_layers[0][j](b[j]), size=(16, 16))
+                                     for j in (1, 2)))
+        torch.testing.assert_close(out[0], want, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input_is_named():
@@ -152,10 +192,33 @@ def test_bad_input_is_named():
 
 
 def test_reference_trains():
-    model = HRNet(HRNetConfig.preset("w18_small_v1", num_classes=3)).train()
-    out = model(torch.randn(2, 3, 64, 64))
-    out.mean().backward()
-    assert model.conv1.weight.grad is not None and model.last_layer[3].weight.grad is not None
+    """Its gradients are the derivatives of its output: a central difference along a random
+    direction (float64, training-mode BatchNorm) matches autograd, also through a fuse layer."""
+    torch.manual_seed(0)
+    model = HRNet(HRNetConfig.preset("w18_small_v1", num_classes=3)).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out = model(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    # the stem, a resized and a strided fuse path, the head
+    params = [model.conv1.weight, model.stage3[0].fuse_layers[0][2][0].weight,
+              model.stage3[0].fuse_layers[2][0][0][0].weight, model.last_layer[0].weight,
+              model.last_layer[3].weight]
+    assert all(p.grad is not None for p in params)
+    # d loss / d bias_c of the classifier is the sum of the loss weights of class c
+    torch.testing.assert_close(model.last_layer[3].bias.grad, weights.sum((0, 2, 3)))
+    dirs = [torch.randn_like(p) for p in params]
+    slope = sum(float((p.grad * d).sum()) for p, d in zip(params, dirs))
+    h = 1e-9  # small enough that no ReLU kink lies within the step (float64: rounding ~1e-7)
+    with torch.no_grad():
+        losses = []
+        for sign in (1, -1):
+            for p, d in zip(params, dirs):
+                p.add_(sign * h * d)
+            losses.append(float((model(x) * weights).sum()))
+            for p, d in zip(params, dirs):
+                p.sub_(sign * h * d)
+    assert abs((losses[0] - losses[1]) / (2 * h) - slope) <= 1e-5 * abs(slope)
 
 
 def test_hrnet_accepts_preset_name():
