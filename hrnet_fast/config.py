@@ -9,12 +9,14 @@ from typing import Any, Mapping, Optional, Tuple
 
 BLOCKS = ("BASIC", "BOTTLENECK")
 FUSE_METHODS = ("SUM",)
-UPSAMPLE_MODES = ("bilinear", "nearest")
-HEADS = ("seg", "features", "classification")
+UPSAMPLE_MODES = ("bilinear", "nearest", "mmseg")
+HEADS = ("seg", "features", "classification", "pose")
 # The resize each head's published models were trained with: the official segmentation model
-# bilinear, the official and timm ImageNet classification models nearest. "features" (the backbone
-# alone) keeps the package's long-standing default, bilinear.
-DEFAULT_UPSAMPLE = {"seg": "bilinear", "classification": "nearest", "features": "bilinear"}
+# bilinear, the official and timm ImageNet classification models and the official (and mmpose)
+# top-down pose models nearest. "features" (the backbone alone) keeps the package's long-standing
+# default, bilinear.
+DEFAULT_UPSAMPLE = {"seg": "bilinear", "classification": "nearest", "features": "bilinear",
+                    "pose": "nearest"}
 PRESET_NAMES = (
     "w18_small_v1", "w18_small_v2", "w18", "w30", "w32", "w40", "w44", "w48", "w64",
 )
@@ -113,14 +115,27 @@ _PRESET_STAGES = {
 class HRNetConfig:
     """A whole HRNet: four stages, the head and the resize convention of the fuse step.
 
+    ``head``: "seg" (the official segmentation ``last_layer``, ``num_classes`` classes), "features"
+    (the four branch outputs), "classification" (the ImageNet head, ``num_classes`` logits) or
+    "pose" (the official top-down keypoint model: stage 4's last module fuses only the
+    highest-resolution branch and ``final_layer``, a ``final_conv_kernel`` conv, gives one heatmap
+    per joint at 1/4 of the input). For "pose", ``num_classes`` is the number of joints: pass 17
+    for COCO or 16 for MPII (the default, 19, is the generic one of every head).
+    ``final_conv_kernel`` (1 or 3) is the kernel of the seg and pose heads' last conv.
+
     ``upsample`` is the resize used wherever a lower-resolution branch meets a higher one (fuse step
     and head): "bilinear" as the official segmentation model, "nearest" as the seed, classification
     and pose models. Resizing is size based, so any input size works. Left out (None), it follows
     the head: "nearest" for ``head="classification"`` (as the official and timm ImageNet models,
-    whose weights give other logits under bilinear), "bilinear" for "seg" and for "features"
-    (unchanged default), "bilinear" also whenever ``align_corners=True`` asks for it. An explicit
-    value always wins. ``replace(head=...)`` derives it again for the new head unless it was given
-    explicitly (``upsample_from_head`` says which).
+    whose weights give other logits under bilinear) and ``head="pose"`` (as the official and mmpose
+    pose models), "bilinear" for "seg" and for "features" (unchanged default), "bilinear" also
+    whenever ``align_corners=True`` asks for it. An explicit value always wins. "mmseg" is
+    OpenMMLab mmsegmentation's fuse step: a contribution from a branch 2^k times coarser is resized
+    bilinearly by scale factor 2^k (to floor(size * 2^k)), then bilinearly to the exact size; the
+    head resizes once, bilinearly. At input sizes divisible by 32 both steps are one and "mmseg"
+    equals "bilinear"; at other sizes an mmseg checkpoint gives mmseg's numbers only with "mmseg".
+    ``replace(head=...)`` derives it again for the new head unless it was given explicitly
+    (``upsample_from_head`` says which).
     """
 
     stage1: StageConfig
@@ -171,8 +186,9 @@ class HRNetConfig:
             raise ValueError(f"in_channels must be a positive integer, got {self.in_channels!r}")
         if not isinstance(self.align_corners, bool):
             raise ValueError(f"align_corners must be a bool, got {self.align_corners!r}")
-        if self.align_corners and self.upsample == "nearest":
-            raise ValueError("align_corners=True is only defined for upsample='bilinear'")
+        if self.align_corners and self.upsample != "bilinear":
+            raise ValueError(f"align_corners=True is only defined for upsample='bilinear', "
+                             f"not {self.upsample!r}")
 
     @property
     def stages(self) -> Tuple[StageConfig, StageConfig, StageConfig, StageConfig]:

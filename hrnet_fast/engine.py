@@ -18,7 +18,7 @@ from torch import nn
 from .backends import selection
 from .backends.base import Backend, BackendUnavailable
 from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
-from .reference import HighResolutionNet, check_image_batch, resize
+from .reference import HighResolutionNet, check_image_batch, fuse_resize, resize
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,14 @@ def run_blocks(be: Backend, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.T
     return x
 
 
-def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan):
-    """A module's branches and the contributions each fuse output receives (None: no fuse)."""
+def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str = "",
+                        align: bool = False):
+    """A module's branches and the contributions each fuse output receives (None: no fuse).
+
+    ``mode="mmseg"``: a resized contribution whose source is not exactly 2^k times smaller than its
+    target (input sizes not divisible by 32) is resized here in mmseg's two steps, to the target's
+    size; every other contribution goes to the fuse op as it is (there the first step alone reaches
+    the target and equals the fuse op's size-based bilinear resize)."""
     xs = [run_blocks(be, x, blocks) for x, blocks in zip(xs, m.branches)]
     f = m.fuse
     if f is None:
@@ -80,15 +86,27 @@ def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan):
     for j, batched in sorted(f.up.items()):
         y = be.conv(xs[j], batched.conv)
         for s in batched.splits:
-            contributions[s.target].append(y[:, s.start:s.end])
+            z = y[:, s.start:s.end]
+            if mode == "mmseg":
+                factor, size = 2 ** (j - s.target), xs[s.target].shape[-2:]
+                if (z.shape[-2] * factor, z.shape[-1] * factor) != tuple(size):
+                    z = fuse_resize(z, size, mode, align, factor)
+            contributions[s.target].append(z)
     return xs, contributions
 
 
+def kernel_mode(mode: str) -> str:
+    """The resize the backends' fuse and head ops do: "mmseg" is bilinear there (run_module_branches
+    does mmseg's extra step)."""
+    return "bilinear" if mode == "mmseg" else mode
+
+
 def run_module(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str, align: bool):
-    xs, contributions = run_module_branches(be, xs, m)
+    xs, contributions = run_module_branches(be, xs, m, mode, align)
     if contributions is None:
         return xs
-    return [be.fuse(xs[i], c, mode, align, True) for i, c in enumerate(contributions)]
+    op_mode = kernel_mode(mode)
+    return [be.fuse(xs[i], c, op_mode, align, True) for i, c in enumerate(contributions)]
 
 
 def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
@@ -105,16 +123,17 @@ def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
         for k, m in enumerate(stage):
             if pose and s == last and k == len(stage) - 1 and m.fuse is not None:
                 # The last module fuses branch 0 only; its fuse and final_layer are one head op.
-                xs, contributions = run_module_branches(be, xs, m)
+                xs, contributions = run_module_branches(be, xs, m, mode, align)
                 final = plan.head.final
-                return be.head(xs[0], contributions[0], final.weight, final.bias, mode, align)
+                return be.head(xs[0], contributions[0], final.weight, final.bias,
+                               kernel_mode(mode), align)
             xs = run_module(be, xs, m, mode, align)
     if plan.head_kind == "features":
         # A padded plan (build_plan's channel_multiple) carries zero channels past the real widths.
         return [x if x.shape[1] == c else x[:, :c] for x, c in zip(xs, plan.branch_channels)]
     head = plan.head
     if plan.head_kind == "seg":
-        return run_seg_head(be, head, xs, mode, align)
+        return run_seg_head(be, head, xs, kernel_mode(mode), align)
     y = run_blocks(be, xs[0], head.incre[0])
     for i, spec in enumerate(head.downsamp):
         y = run_blocks(be, xs[i + 1], head.incre[i + 1]) + be.conv(y, spec)

@@ -8,7 +8,9 @@ never made faster at the cost of clarity. Two deliberate generalisations of the 
   inputs whose branch sizes are exact powers of two apart, ``mode="nearest"`` gives the same numbers
   as the seed's ``nn.Upsample(scale_factor=2**(j-i))``;
 * the head is chosen by the config: "seg" (official ``last_layer``), "features" (the four branch
-  outputs) or "classification" (the ImageNet head with the official/timm key names).
+  outputs), "classification" (the ImageNet head with the official/timm key names) or "pose" (the
+  official top-down keypoint model, ``PoseHighResolutionNet``: stage 4's last module fuses only
+  branch 0 and ``final_layer`` maps it to one heatmap per joint).
 """
 from __future__ import annotations
 
@@ -35,12 +37,25 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 def resize(x: torch.Tensor, size, mode: str, align_corners: bool) -> torch.Tensor:
-    """Size-based resize with the package's conventions (legacy nearest, or bilinear)."""
+    """Size-based resize with the package's conventions (legacy nearest, or bilinear; "mmseg"
+    resizes bilinearly here, as mmseg's head does)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if mode == "nearest":
         return F.interpolate(x, size=tuple(size), mode="nearest")
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def fuse_resize(x: torch.Tensor, size, mode: str, align_corners: bool, factor: int) -> torch.Tensor:
+    """The fuse step's resize of a contribution from a branch ``factor`` (2^k) times coarser:
+    size-based (:func:`resize`), or for "mmseg" bilinear by ``scale_factor=factor`` first, then
+    bilinear to the exact size (mmseg's ``nn.Upsample`` in the fuse layer and ``resize`` in
+    ``HRModule.forward``). The first step alone reaches ``size`` whenever ``size`` is exactly
+    ``factor`` times the input, and then equals the size-based resize (same scale, 1/factor)."""
+    if mode == "mmseg":
+        x = F.interpolate(x, scale_factor=float(factor), mode="bilinear", align_corners=align_corners)
+        mode = "bilinear"
+    return resize(x, size, mode, align_corners)
 
 
 def check_image_batch(x, in_channels: int) -> None:
@@ -230,7 +245,8 @@ class HighResolutionModule(nn.Module):
                 if j == i:
                     z = x[j]
                 elif j > i:
-                    z = resize(self.fuse_layers[i][j](x[j]), size, self.upsample, self.align_corners)
+                    z = fuse_resize(self.fuse_layers[i][j](x[j]), size, self.upsample,
+                                    self.align_corners, 2 ** (j - i))
                 else:
                     z = self.fuse_layers[i][j](x[j])
                 y = z if y is None else y + z
@@ -239,7 +255,7 @@ class HighResolutionModule(nn.Module):
 
 
 class HighResolutionNet(nn.Module):
-    """HRNet (V2) with the head chosen by ``config.head``; keys match the official models."""
+    """HRNet with the head chosen by ``config.head``; keys match the official models."""
 
     def __init__(self, config: HRNetConfig) -> None:
         super().__init__()
@@ -260,7 +276,9 @@ class HighResolutionNet(nn.Module):
         for idx, stage_cfg in ((1, config.stage2), (2, config.stage3), (3, config.stage4)):
             channels = [c * BLOCKS[stage_cfg.block].expansion for c in stage_cfg.num_channels]
             setattr(self, f"transition{idx}", self._make_transition_layer(pre_channels, channels))
-            stage, pre_channels = self._make_stage(stage_cfg, channels)
+            # The pose model reads only branch 0: its last module fuses nothing else (official).
+            multi_scale = not (idx == 3 and config.head == "pose")
+            stage, pre_channels = self._make_stage(stage_cfg, channels, multi_scale)
             setattr(self, f"stage{idx + 1}", stage)
         self.pre_stage_channels = list(pre_channels)
 
@@ -277,6 +295,10 @@ class HighResolutionNet(nn.Module):
             self.incre_modules, self.downsamp_modules, self.final_layer = \
                 self._make_classification_head(pre_channels)
             self.classifier = nn.Linear(CLASSIFICATION_FEATURES, config.num_classes)
+        elif config.head == "pose":
+            k = config.final_conv_kernel
+            self.final_layer = nn.Conv2d(pre_channels[0], config.num_classes, k, 1,
+                                         1 if k == 3 else 0)
 
     def _make_transition_layer(self, num_channels_pre_layer, num_channels_cur_layer) -> nn.ModuleList:
         num_branches_cur = len(num_channels_cur_layer)
@@ -341,7 +363,8 @@ class HighResolutionNet(nn.Module):
         check_image_batch(x, self.config.in_channels)
 
     def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Stem, layer1 and stages 2-4: the four branch outputs, highest resolution first."""
+        """Stem, layer1 and stages 2-4: the four branch outputs, highest resolution first (only
+        branch 0 for the pose head, whose last module fuses nothing else)."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.layer1(x)
@@ -366,6 +389,8 @@ class HighResolutionNet(nn.Module):
             up = [feats[0]] + [resize(f, size, self.config.upsample, self.config.align_corners)
                                for f in feats[1:]]
             return self.last_layer(torch.cat(up, 1))
+        if head == "pose":
+            return self.final_layer(feats[0])
         y = self.incre_modules[0](feats[0])
         for i in range(len(self.downsamp_modules)):
             y = self.incre_modules[i + 1](feats[i + 1]) + self.downsamp_modules[i](y)

@@ -32,7 +32,7 @@ def test_overrides_and_aliases():
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"upsample": "bicubic"}, "upsample"),
-    ({"head": "pose"}, "head"),
+    ({"head": "keypoints"}, "head"),
     ({"final_conv_kernel": 5}, "final_conv_kernel"),
     ({"num_classes": 0}, "num_classes"),
     ({"num_clases": 3}, "num_clases"),
@@ -100,6 +100,7 @@ def test_stage_config_validation():
     ("classification", "nearest"),  # the official and timm ImageNet models: nearest
     ("seg", "bilinear"),  # the official segmentation model
     ("features", "bilinear"),  # the backbone alone keeps the package's long-standing default
+    ("pose", "nearest"),  # the official and mmpose top-down pose models
 ])
 def test_upsample_default_follows_the_head(head, want):
     cfg = HRNetConfig.preset("w30", head=head)
@@ -107,7 +108,7 @@ def test_upsample_default_follows_the_head(head, want):
     assert HRNetConfig.from_yaml_extra(_extra(), head=head).upsample == want
 
 
-@pytest.mark.parametrize("head", ["classification", "seg", "features"])
+@pytest.mark.parametrize("head", ["classification", "seg", "features", "pose"])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_explicit_upsample_always_wins(head, mode):
     assert HRNetConfig.preset("w18", head=head, upsample=mode).upsample == mode
@@ -146,3 +147,15 @@ def test_drop_in_classification_model_uses_nearest():
     assert HRNet(HRNetConfig.preset("w18_small_v1"), head="classification",
                  fast=False).config.upsample == "nearest"
     assert HRNet("w18_small_v1", fast=False).config.upsample == "bilinear"
+
+
+def test_pose_head_config():
+    for name in PRESET_NAMES:  # every preset takes the pose head
+        cfg = HRNetConfig.preset(name, head="pose", num_classes=17, final_conv_kernel=3)
+        assert cfg.head == "pose" and cfg.upsample == "nearest" and cfg.num_classes == 17
+    seg = HRNetConfig.preset("w32")
+    assert seg.replace(head="pose").upsample == "nearest"
+    assert seg.replace(head="pose").replace(head="seg").upsample == "bilinear"
+    assert HRNetConfig.preset("w32", head="pose", upsample="bilinear").upsample == "bilinear"
+    pose = HRNetConfig.from_yaml_extra(_extra(32), head="pose", num_classes=16)
+    assert pose == HRNetConfig.preset("w32", head="pose", num_classes=16)
