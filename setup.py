@@ -101,7 +101,12 @@ if __name__ == "__main__":
                 # triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.3.
                 "numpy<2.3",
                 "triton>=3.6,<3.7; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                # tests/test_peers.py runs the CPU peers (ONNX Runtime, OpenVINO) on a tiny model.
+                "onnx", "onnxruntime", "openvino",
             ],
+            # hrnet-fast bench --peers onnxruntime openvino-fp32 openvino: CPU peers run on an ONNX
+            # export of the same reference model.
+            "peers": ["onnx", "onnxruntime", "openvino"],
             # hrnet-fast segment reads PNG/JPEG with Pillow (PPM and .npy work without it).
             "image": ["Pillow"],
         },

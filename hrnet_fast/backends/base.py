@@ -12,7 +12,6 @@ The default methods here are the plain torch compositions, which every backend m
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -22,22 +21,8 @@ import torch.nn.functional as F
 from ..ops.conv import conv2d_bias_act_torch
 from ..ops.fuse import seg_head_torch, upsample_add_relu_torch
 from ..plan import ConvSpec, FusePlan, HRNetPlan
+from ..side_path import in_side_path  # noqa: F401  (re-exported)
 from . import BackendUnavailable  # noqa: F401  (re-exported)
-
-
-def in_side_path() -> bool:
-    """True while tracing (``torch.jit.trace``), exporting (ONNX, ``torch.export``) or compiling
-    (``torch.compile``): a failure there says nothing about the fast path of ordinary calls."""
-    try:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return True
-        is_exporting = getattr(torch.compiler, "is_exporting", None)
-        if is_exporting is not None and is_exporting():
-            return True
-        onnx = sys.modules.get("torch.onnx")  # never imported: no export can be running
-        return bool(onnx is not None and onnx.is_in_onnx_export())
-    except Exception:  # an API this torch lacks or that fails: assume ordinary inference
-        return False
 
 
 def warn_once(cause, message: str, warned: set) -> None:

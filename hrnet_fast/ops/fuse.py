@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import resize
+from ..side_path import in_side_path
 from ._validate import check_fuse_args, check_image
 
 
@@ -23,9 +24,13 @@ def upsample_add_relu_torch(base, contributions, mode="bilinear", align_corners=
     size = base.shape[-2:]
     fmt = _memory_format(base)
     out = None
+    # Traces and exports get out-of-place adds: the ONNX exporter has no add with out=.
+    functional = in_side_path()
     for c in contributions:
         z = resize(c, size, mode, align_corners)
-        if out is not None:
+        if functional:
+            out = (base if out is None else out) + z
+        elif out is not None:
             out.add_(z)
         elif z is not c and fmt is not torch.preserve_format and z.is_contiguous(memory_format=fmt):
             # The resized tensor is a fresh buffer in base's layout: accumulate into it rather than
