@@ -1,9 +1,17 @@
-"""A/B of the Triton conv kernels against cuDNN on every distinct conv shape of HRNet w18 / w48.
+"""A/B of the Triton conv kernels against cuDNN on every distinct conv of HRNet presets (default w18 and w48).
 
     python benchmarks/bench_conv_kernels.py                       # w18 and w48 at 1x3x1024x2048, fp16
     python benchmarks/bench_conv_kernels.py --presets w48 --json results/conv_ab.json
     python benchmarks/bench_conv_kernels.py --compile              # + torch.compile max-autotune (slow)
     python benchmarks/bench_conv_kernels.py --flat-k-ab            # + Triton with the other K walk
+    python benchmarks/bench_conv_kernels.py --list --presets w18_small_v2   # the shapes, no GPU
+    python benchmarks/bench_conv_kernels.py --cpu-smoke --presets w18_small_v1 --size 32x32
+
+Shapes are the convs the engine runs in one forward of the preset's plan (``--channel-multiple`` 8,
+the CUDA plan's padding, by default), recorded on the ``meta`` device (``benchmarks/kernel_ab.py``);
+a conv that reads a channel slice of a batched conv's output (the later steps of a stride-2 chain)
+reads the same slice here. The head's classifier (inside the fused head op) is listed as a conv too.
+Chains are the stride-2 fuse chains of 2 or more convs of the plan's fuse steps (``down_chains``).
 
 Variants per conv (same inputs, channels_last, the epilogue the inference plan needs):
   triton       hrnet_fast.kernels.conv.conv2d_bias_act (bias + residual + ReLU fused, one launch)
@@ -25,18 +33,17 @@ input, weight, residual and output once each. Ceilings (H200 measurements): 761 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import os
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:      # run as `python benchmarks/bench_conv_kernels.py` from anywhere
-    sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_ab, beside this file
+import kernel_ab  # noqa: E402  (puts the repository root on sys.path)
+from hrnet_fast.backends.recording import ConvProblem, FuseProblem, HeadProblem  # noqa: E402
 
 _DEVICE = "cuda"          # the --cpu-smoke option switches to "cpu" (Triton interpreter, tiny sizes)
 _TIMER = "graph"          # --timer: "graph" (do_bench_cudagraph) or "events" (do_bench)
@@ -44,12 +51,10 @@ _TIMER = "graph"          # --timer: "graph" (do_bench_cudagraph) or "events" (d
 PEAK_TFLOPS = 761.0
 PEAK_GBPS = 4200.0
 
-WIDTHS = {"w18": 18, "w30": 30, "w32": 32, "w40": 40, "w44": 44, "w48": 48, "w64": 64}
-
 
 @dataclass
 class ConvShape:
-    name: str                 # where it occurs in HRNet
+    name: str                 # where it occurs in HRNet (stages, branch of its input)
     cin: int
     cout: int
     k: int
@@ -58,17 +63,24 @@ class ConvShape:
     w: int                    # input width
     residual: bool = False
     relu: bool = True
-    relu_ranges: Optional[List[Tuple[int, int]]] = None
+    relu_ranges: Optional[Tuple[Tuple[int, int], ...]] = None
     batch: int = 1
-    count: int = 1            # how many times it occurs in one forward pass (informational)
+    count: int = 1            # how many times it occurs in one forward pass
+    padding: Optional[int] = None  # None: k // 2
+    # (channels of the batched conv output x is a slice of, first channel); None: dense x
+    x_slice: Optional[Tuple[int, int]] = None
+
+    @property
+    def pad(self) -> int:
+        return self.k // 2 if self.padding is None else self.padding
 
     @property
     def ho(self) -> int:
-        return (self.h + 2 * (self.k // 2) - self.k) // self.stride + 1
+        return (self.h + 2 * self.pad - self.k) // self.stride + 1
 
     @property
     def wo(self) -> int:
-        return (self.w + 2 * (self.k // 2) - self.k) // self.stride + 1
+        return (self.w + 2 * self.pad - self.k) // self.stride + 1
 
     def flops(self) -> float:
         return 2.0 * self.batch * self.ho * self.wo * self.cout * self.cin * self.k * self.k
@@ -89,8 +101,10 @@ class ChainShape:
     w: int
     batch: int = 1
     accumulate: bool = True
+    count: int = 1            # how many times it occurs in one forward pass
 
     def sizes(self) -> List[Tuple[int, int]]:
+        """Input size, then the output size of each 3x3 stride-2 conv (padding 1)."""
         s = [(self.h, self.w)]
         for _ in range(self.steps):
             s.append(((s[-1][0] + 1) // 2, (s[-1][1] + 1) // 2))
@@ -113,116 +127,112 @@ class ChainShape:
         return float(n * elem)
 
 
-def _half(s: int) -> int:
-    return (s + 1) // 2
+def _sections(problems) -> List[str]:
+    """Per recorded call, the part of the forward it belongs to: "stageS" for every call after
+    stage S-1's fuse step up to stage S's (stage S fuses S branches; this includes the transition
+    into it, and layer1 for stage 2), "head" after the last fuse step."""
+    labels, label = [], "head"
+    for p in reversed(problems):
+        if isinstance(p, FuseProblem):
+            label = f"stage{len(p.contributions) + 1}"
+        labels.append(label)
+    return labels[::-1]
+
+
+def _merge(found: Dict[tuple, tuple], key: tuple, shape, section: str) -> None:
+    """Count a repeat of ``key`` and remember every section it occurs in."""
+    if key in found:
+        old, sections = found[key]
+        found[key] = (replace(old, count=old.count + 1),
+                      sections + [section] if section not in sections else sections)
+    else:
+        found[key] = (shape, [section])
 
 
 def build_shapes(preset: str = "w48", height: int = 1024, width: int = 2048, batch: int = 1,
-                 num_classes: int = 19) -> List[ConvShape]:
-    """Every distinct conv of the BN-folded segmentation HRNet-``preset`` plan (wC presets: stage 1 one
-    Bottleneck module of 4 blocks, stages 2-4 of 1/4/3 modules of 4 BasicBlocks per branch), with the
-    plan's rewrites: horizontally stacked fuse convs, and the head 1x1 conv applied per branch."""
-    C = WIDTHS[preset]
-    chans = [C, 2 * C, 4 * C, 8 * C]
-    h1, w1 = _half(height), _half(width)
-    h2, w2 = _half(h1), _half(w1)
-    res = [(h2, w2)]
-    for _ in range(3):
-        res.append((_half(res[-1][0]), _half(res[-1][1])))
-    s: List[ConvShape] = []
-
-    def add(*a, **kw):
-        s.append(ConvShape(*a, batch=batch, **kw))
-
-    add("stem.conv1", 3, 64, 3, 2, height, width)
-    add("stem.conv2", 64, 64, 3, 2, h1, w1)
-    H, W = res[0]
-    add("layer1.conv1 (block 0)", 64, 64, 1, 1, H, W)
-    add("layer1.conv2", 64, 64, 3, 1, H, W, count=4)
-    add("layer1.conv3 +res", 64, 256, 1, 1, H, W, residual=True, count=4)
-    add("layer1.downsample", 64, 256, 1, 1, H, W, relu=False)
-    add("layer1.conv1 (blocks 1-3)", 256, 64, 1, 1, H, W, count=3)
-    add("transition1.0", 256, C, 3, 1, H, W)
-    add("transition1.1 s2", 256, 2 * C, 3, 2, H, W)
-    add("transition2.2 s2", 2 * C, 4 * C, 3, 2, *res[1])
-    add("transition3.3 s2", 4 * C, 8 * C, 3, 2, *res[2])
-    blocks = {0: 4 * (1 + 4 + 3), 1: 4 * (1 + 4 + 3), 2: 4 * (4 + 3), 3: 4 * 3}
-    for b in range(4):
-        add(f"branch{b}.conv1", chans[b], chans[b], 3, 1, *res[b], count=blocks[b])
-        add(f"branch{b}.conv2 +res", chans[b], chans[b], 3, 1, *res[b], residual=True, count=blocks[b])
-    # Fuse 1x1 convs, stacked per source j over the targets i < j (no ReLU; upsample-add follows).
-    add("fuse1x1 src1 (2C->C)", 2 * C, C, 1, 1, *res[1], relu=False, count=1 + 4 + 3)
-    add("fuse1x1 src2 (4C->C+2C)", 4 * C, 3 * C, 1, 1, *res[2], relu=False, count=4 + 3)
-    add("fuse1x1 src3 (8C->C+2C+4C)", 8 * C, 7 * C, 1, 1, *res[3], relu=False, count=3)
-    # Fuse stride-2 convs: first convs of all chains leaving j, stacked; ReLU on the non-final ranges.
-    add("fuse s2 src0->1 (stage 2)", C, 2 * C, 3, 2, *res[0], relu=False, count=1)
-    add("fuse s2 src0 stacked (stage 3)", C, 2 * C + C, 3, 2, *res[0], relu_ranges=[(2 * C, 3 * C)], count=4)
-    add("fuse s2 src0 stacked (stage 4)", C, 2 * C + 2 * C, 3, 2, *res[0],
-        relu_ranges=[(2 * C, 4 * C)], count=3)
-    add("fuse s2 src1->2", 2 * C, 4 * C, 3, 2, *res[1], relu=False, count=4)
-    add("fuse s2 src1 stacked (stage 4)", 2 * C, 4 * C + 2 * C, 3, 2, *res[1],
-        relu_ranges=[(4 * C, 6 * C)], count=3)
-    add("fuse s2 src2->3", 4 * C, 8 * C, 3, 2, *res[2], relu=False, count=3)
-    # Remaining chain steps (when not run by the chain kernel).
-    add("chain step C->C s2 (0->3)", C, C, 3, 2, *res[1], count=3)
-    add("chain last C->4C s2 (0->2)", C, 4 * C, 3, 2, *res[1], relu=False, count=4 + 3)
-    add("chain last C->8C s2 (0->3)", C, 8 * C, 3, 2, *res[2], relu=False, count=3)
-    add("chain last 2C->8C s2 (1->3)", 2 * C, 8 * C, 3, 2, *res[2], relu=False, count=3)
-    # Head: the official last_layer on the concat, and the rewrite (1x1 per branch at its resolution).
-    cs = sum(chans)
-    add(f"head last_layer.0 concat ({cs}->{cs})", cs, cs, 1, 1, *res[0])
-    for b in range(4):
-        add(f"head rewrite branch{b} ({chans[b]}->{cs})", chans[b], cs, 1, 1, *res[b], relu=False)
-    add(f"head classifier ({cs}->{num_classes})", cs, num_classes, 1, 1, *res[0], relu=False)
-    # Deduplicate identical problems (keep the first name, add counts).
-    out: Dict[Tuple, ConvShape] = {}
-    for c in s:
-        key = (c.cin, c.cout, c.k, c.stride, c.h, c.w, c.residual, c.relu,
-               tuple(c.relu_ranges) if c.relu_ranges else None, c.batch)
-        if key in out:
-            out[key].count += c.count
-            out[key].name += " = " + c.name
+                 num_classes: int = 19, channel_multiple: int = 8) -> List[ConvShape]:
+    """Every distinct conv of one forward of the BN-folded segmentation HRNet-``preset`` plan at
+    ``batch x 3 x height x width``, in order of first use, ``count`` = how often it runs; names say
+    where (:func:`_sections`; ``bK``: its input is branch K's, ``kernel_ab.branch_of``)."""
+    problems = kernel_ab.recorded(preset, batch, height, width, channel_multiple, num_classes)
+    branches = kernel_ab.branch_shapes(problems)
+    found: Dict[tuple, tuple] = {}
+    for p, section in zip(problems, _sections(problems)):
+        if isinstance(p, ConvProblem):
+            n, cin, h, w = p.x.shape
+            cout, _, k, _ = p.weight
+            ranges = tuple(tuple(r) for r in p.relu_ranges) if p.relu_ranges else None
+            shape = ConvShape("", cin, cout, k, p.stride, h, w, p.residual, p.relu, ranges, n, 1,
+                              p.padding, kernel_ab.channel_slice(p.x))
+            b = kernel_ab.branch_of(p.x.shape, branches)
+            where = "" if b is None else f"b{b}"
+            section = section if where else "stem"  # above branch 0's resolution
+        elif isinstance(p, HeadProblem):  # the classifier of the fused head, as a conv
+            n, cin, h, w = p.base.shape
+            cout, _, k, _ = p.weight
+            shape = ConvShape("", cin, cout, k, 1, h, w, relu=False, batch=n, padding=k // 2)
+            where = "classifier"
         else:
-            out[key] = c
-    return list(out.values())
+            continue
+        key = tuple(getattr(shape, f) for f in ("cin", "cout", "k", "stride", "h", "w", "residual",
+                                                 "relu", "relu_ranges", "batch", "padding",
+                                                 "x_slice"))
+        _merge(found, key, replace(shape, name=where), section)
+    return [replace(s, name=" ".join(filter(None, ("/".join(sections), s.name, _flags(s)))))
+            for s, sections in found.values()]
 
 
-def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, batch: int = 1) -> List[ChainShape]:
-    """The fuse-step stride-2 chains of 2 and 3 steps: 0->2, 1->3, 0->3."""
-    C = WIDTHS[preset]
-    chans = [C, 2 * C, 4 * C, 8 * C]
-    h, w = _half(_half(height)), _half(_half(width))
-    res = [(h, w)]
-    for _ in range(3):
-        res.append((_half(res[-1][0]), _half(res[-1][1])))
-    return [
-        ChainShape("chain 0->2", chans[0], chans[2], 2, *res[0], batch=batch),
-        ChainShape("chain 1->3", chans[1], chans[3], 2, *res[1], batch=batch),
-        ChainShape("chain 0->3", chans[0], chans[3], 3, *res[0], batch=batch),
-    ]
+def _flags(c: ConvShape) -> str:
+    relu = (" relu[" + ",".join(f"{a}:{e}" for a, e in c.relu_ranges) + "]" if c.relu_ranges
+            else " relu" if c.relu else "")
+    sliced = f" x=[{c.x_slice[1]}:{c.x_slice[1] + c.cin} of {c.x_slice[0]}]" if c.x_slice else ""
+    return ((" +res" if c.residual else "") + relu + sliced).strip()
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_plan(preset: str, channel_multiple: int):
+    """The preset's plan on the ``meta`` device (shapes only), as the recording builds it."""
+    import torch
+    from hrnet_fast.config import HRNetConfig
+    from hrnet_fast.plan import build_plan
+    from hrnet_fast.reference import HighResolutionNet
+    with torch.device("meta"):
+        model = HighResolutionNet(HRNetConfig.preset(preset))
+    return build_plan(model.eval(), channel_multiple=channel_multiple)
+
+
+def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, batch: int = 1,
+                 channel_multiple: int = 8) -> List[ChainShape]:
+    """The plan's stride-2 fuse chains of 2 or more convs (``FusePlan.down_chains``; one-conv chains
+    are plain convs, in :func:`build_shapes`), ``count`` = modules that run it. A chain j -> i reads
+    branch j: its size is that of the recorded fuse into target j of the same module."""
+    problems = kernel_ab.recorded(preset, batch, height, width, channel_multiple)
+    plan = _meta_plan(preset, channel_multiple)
+    fuses = [m.fuse for stage in plan.stages for m in stage if m.fuse is not None]
+    groups = kernel_ab.fuse_modules(problems)
+    if [f.num_outputs for f in fuses] != [len(g) for g in groups]:
+        raise RuntimeError(f"{preset}: the plan's fuse steps {[f.num_outputs for f in fuses]} do "
+                           f"not match the recorded fuse calls {[len(g) for g in groups]}")
+    found: Dict[tuple, tuple] = {}
+    for fuse, group in zip(fuses, groups):
+        stage = f"stage{len(group[0].contributions) + 1}"
+        for (j, i), chain in sorted(fuse.down_chains.items()):
+            if len(chain) < 2:
+                continue
+            cj, ci = chain[0].weight.shape[1], chain[-1].weight.shape[0]
+            geometry = {(tuple(s.weight.shape[1:]), s.stride, s.padding) for s in chain}
+            if geometry != {((cj, 3, 3), 2, 1)} or any(s.weight.shape[0] != cj for s in chain[:-1]):
+                raise ValueError(f"{preset} chain {j}->{i}: not 3x3 stride-2 convs {cj} -> ... -> "
+                                 f"{ci} channels: {[tuple(s.weight.shape) for s in chain]}")
+            n, _, h, w = group[j].base.shape
+            shape = ChainShape(f"chain {j}->{i}", cj, ci, len(chain), h, w, batch=n)
+            _merge(found, (cj, ci, len(chain), h, w, n), shape, stage)
+    return [replace(c, name=f"{c.name} ({'/'.join(sections)})") for c, sections in found.values()]
 
 
 # --------------------------------------------------------------------------------------------------
 # Measuring (GPU only)
 # --------------------------------------------------------------------------------------------------
-
-def _bench(fn) -> float:
-    if _DEVICE != "cuda":  # smoke run: one timed call, no statistics
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton.testing
-    if _TIMER == "graph":
-        # GPU time of back-to-back replays in one CUDA graph: no launch / dispatch overhead (the engine
-        # runs the network as a CUDA graph too); L2 is not flushed between replays.
-        try:
-            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-        except Exception as exc:  # capture failed: fall back to event timing and say so
-            print(f"  (CUDA graph timing failed: {type(exc).__name__}: {str(exc)[:120]}; using events)")
-    # Event timing around eager calls, L2 flushed before each call; includes launch overhead when the
-    # kernel is shorter than the host-side dispatch.
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
 
 def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
     import torch
@@ -231,14 +241,16 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
 
     dev = torch.device(_DEVICE)
     cl = torch.channels_last
-    x = torch.randn(c.batch, c.cin, c.h, c.w, device=dev).to(dtype).contiguous(memory_format=cl)
+    total, start = c.x_slice or (c.cin, 0)  # the engine's layout: maybe a slice of a wider tensor
+    x = torch.randn(c.batch, total, c.h, c.w, device=dev).to(dtype).contiguous(memory_format=cl)
+    x = x[:, start:start + c.cin]
     wt = (torch.randn(c.cout, c.cin, c.k, c.k, device=dev) / math.sqrt(c.cin * c.k * c.k)).to(dtype)
     wt = wt.contiguous(memory_format=cl)
     b = (torch.randn(c.cout, device=dev) * 0.1).to(dtype)
     r = (torch.randn(c.batch, c.cout, c.ho, c.wo, device=dev).to(dtype).contiguous(memory_format=cl)
          if c.residual else None)
     wp = kconv.pack_weight(wt)
-    pad = c.k // 2
+    pad = c.pad
     mask = kconv.relu_mask(c.relu_ranges, c.cout, dev) if c.relu_ranges else None
 
     def triton_fn():
@@ -257,7 +269,7 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
         return y
 
     variants = {"triton": triton_fn, "cudnn": cudnn_fn}
-    if c.relu and not c.relu_ranges:
+    if c.relu and not c.relu_ranges and dev.type == "cuda":
         if r is None:
             variants["cudnn_fused"] = lambda: torch.cudnn_convolution_relu(
                 x, wt, b, (c.stride, c.stride), (pad, pad), (1, 1), 1)
@@ -329,22 +341,26 @@ def _chain_variants(ch: ChainShape, dtype):
     return {"triton_chain": fused, "cudnn": unfused_cudnn, "triton_per_step": per_step_triton}, unfused_cudnn
 
 
-def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab, check=True) -> List[dict]:
+def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
+        channel_multiple: int = 8) -> List[kernel_ab.CaseResult]:
+    """Measure every conv and chain of every preset (``kernel_ab.measure_case``)."""
     import torch
     from hrnet_fast.kernels import triton_status
 
     ok, why = triton_status(_DEVICE)
     if not ok:
         raise SystemExit(f"bench_conv_kernels: {why}")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    dtype = kernel_ab.DTYPES[dtype_name]
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     elem = torch.empty((), dtype=dtype).element_size()
-    rows: List[dict] = []
+    results: List[kernel_ab.CaseResult] = []
     for preset in presets:
-        work = [("conv", c) for c in build_shapes(preset, height, width, batch)]
-        work += [("chain", c) for c in build_chains(preset, height, width, batch)]
+        work = [("conv", c) for c in build_shapes(preset, height, width, batch,
+                                                  channel_multiple=channel_multiple)]
+        work += [("chain", c) for c in build_chains(preset, height, width, batch,
+                                                    channel_multiple=channel_multiple)]
         for kind, c in work:
             torch.manual_seed(0)
             if kind == "conv":
@@ -353,75 +369,76 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab, check
             else:
                 variants, ref_fn = _chain_variants(c, dtype)
                 desc = f"{c.cj}->{c.ci} x{c.steps} s2 {c.h}x{c.w}"
-            row = {"preset": preset, "kind": kind, "name": c.name, "shape": desc, "dtype": dtype_name,
-                   "flops": c.flops(), "bytes": c.bytes(elem), "ms": {}, "max_rel_err": None}
-            if kind == "conv":
-                row["count"] = c.count
-            ref = ref_fn().float()
-            worst = 0.0
-            for vname, fn in variants.items():
-                try:
-                    out = fn()          # warm-up: JIT compile + autotune happen here, not in the timing
-                    if check:
-                        e = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-                        worst = max(worst, e) if vname.startswith("triton") else worst
-                    row["ms"][vname] = _bench(fn)
-                except Exception as exc:  # a variant that does not apply / fails is reported, not fatal
-                    row["ms"][vname] = None
-                    row.setdefault("errors", {})[vname] = f"{type(exc).__name__}: {exc}"[:200]
-            row["max_rel_err"] = worst
-            rows.append(row)
-            _print_row(row, header=len(rows) == 1)
+            info = {"kind": kind, "preset": preset, "input": f"{batch}x3x{height}x{width}",
+                    "shape": desc, "calls_per_forward": c.count}
+            r = kernel_ab.measure_case(c.name, info, c.bytes(elem), c.flops(), variants, ref_fn,
+                                       timer=_TIMER, rep=100, device=_DEVICE)
+            results.append(r)
+            _print_row(r, header=len(results) == 1)
             sys.stdout.flush()
-    return rows
+    return results
 
 
-def _print_row(row: dict, header: bool = False) -> None:
+def _print_row(r: kernel_ab.CaseResult, header: bool = False) -> None:
     if header:
         print(f"{'preset':6} {'shape':32} {'variant ms':60} {'TFLOP/s':>8} {'GB/s':>7} {'%roof':>6} "
               f"{'vs best cudnn':>13} {'err~cudnn':>9}  name")
-    ms = row["ms"]
-    parts = [f"{k}={v:.4f}" for k, v in ms.items() if v is not None]
-    tri = ms.get("triton", ms.get("triton_chain"))
-    cud = [v for k, v in ms.items() if k.startswith("cudnn") and v is not None]
+    parts = [f"{k}={v:.4f}" for k, v in r.ms.items()]
+    tri = "triton" if "triton" in r.ms else "triton_chain" if "triton_chain" in r.ms else None
+    cud = [v for k, v in r.ms.items() if k.startswith("cudnn")]
+    worst = max([v for k, v in r.rel_err.items() if k.startswith("triton")], default=float("nan"))
+    head = f"{r.info['preset']:6} {r.info['shape']:32} {' '.join(parts):60}"
     if tri:
-        tfl = row["flops"] / tri / 1e9
-        gbs = row["bytes"] / tri / 1e6
+        tfl, gbs = r.tflops(tri), r.gbps(tri)
         roof = max(tfl / PEAK_TFLOPS, gbs / PEAK_GBPS) * 100
-        sp = f"{min(cud) / tri:.2f}x" if cud else "-"
-        print(f"{row['preset']:6} {row['shape']:32} {' '.join(parts):60} {tfl:8.1f} {gbs:7.0f} {roof:5.0f}% "
-              f"{sp:>13} {row['max_rel_err']:9.1e}  {row['name']}")
+        sp = f"{min(cud) / r.ms[tri]:.2f}x" if cud else "-"
+        print(f"{head} {tfl:8.1f} {gbs:7.0f} {roof:5.0f}% {sp:>13} {worst:9.1e}  {r.case}")
     else:
-        print(f"{row['preset']:6} {row['shape']:32} {' '.join(parts):60}  (triton failed: "
-              f"{row.get('errors')})  {row['name']}")
+        print(f"{head}  (triton failed: {r.errors})  {r.case}")
 
 
-def _summary(rows: List[dict]) -> None:
+def _summary(results: List[kernel_ab.CaseResult]) -> None:
     print("\nWeighted by occurrence count (convs only), sum of medians in ms:")
-    for preset in sorted({r["preset"] for r in rows}):
+    for preset in sorted({r.info["preset"] for r in results}):
         tot: Dict[str, float] = {}
-        for r in rows:
-            if r["preset"] != preset or r["kind"] != "conv":
+        for r in results:
+            if r.info["preset"] != preset or r.info["kind"] != "conv":
                 continue
-            best_cudnn = min([v for k, v in r["ms"].items() if k.startswith("cudnn") and v], default=None)
-            for k, v in (("triton", r["ms"].get("triton")), ("cudnn", r["ms"].get("cudnn")),
+            best_cudnn = min([v for k, v in r.ms.items() if k.startswith("cudnn")], default=None)
+            for k, v in (("triton", r.ms.get("triton")), ("cudnn", r.ms.get("cudnn")),
                          ("best_cudnn", best_cudnn)):
                 if v is not None:
-                    tot[k] = tot.get(k, 0.0) + v * r.get("count", 1)
+                    tot[k] = tot.get(k, 0.0) + v * r.info["calls_per_forward"]
         print(f"  {preset}: " + "  ".join(f"{k}={v:.3f}" for k, v in tot.items()))
 
 
+def list_shapes(presets: Sequence[str], height: int, width: int, batch: int,
+                channel_multiple: int = 8) -> List[str]:
+    """The ``--list`` lines: one per conv and chain (preset, then the shape's fields)."""
+    lines = []
+    for pr in kernel_ab.check_presets(presets):
+        for c in build_shapes(pr, height, width, batch, channel_multiple=channel_multiple):
+            lines.append(f"{pr} {asdict(c)}")
+        for c in build_chains(pr, height, width, batch, channel_multiple=channel_multiple):
+            lines.append(f"{pr} {asdict(c)}")
+    return lines
+
+
 def main(argv=None) -> int:
+    global _DEVICE, _TIMER
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="w18,w48")
+    p.add_argument("--presets", default="w18,w48",
+                   help="comma list of preset names (w18_small_v1 ... w64)")
     p.add_argument("--size", default="1024x2048", help="input HxW")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", default="fp16", choices=list(kernel_ab.DTYPES))
     p.add_argument("--compile", action="store_true", help="add torch.compile max-autotune-no-cudagraphs (slow)")
     p.add_argument("--flat-k-ab", action="store_true",
                    help="add Triton with the other K walk: per-tap where flat K is the default "
                         "(Cin %% 8 == 0, Cin %% 32 != 0), flat K for other Cin %% 16 != 0, Cin < 64")
-    p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
+    p.add_argument("--channel-multiple", type=int, default=8,
+                   help="branch width padding of the plan (8 on CUDA; 1 = the raw widths)")
+    p.add_argument("--json", default=None, help="save the results as JSON (kernel_ab format)")
     p.add_argument("--list", action="store_true", help="print the shape list and exit (no GPU needed)")
     p.add_argument("--timer", default="graph", choices=["graph", "events"],
                    help="graph: median GPU time of CUDA-graph replays (default); events: do_bench on eager "
@@ -429,47 +446,44 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise this script on the CPU (Triton interpreter; use a tiny --size): no timings")
     a = p.parse_args(argv)
-    h, w = (int(v) for v in a.size.lower().split("x"))
+    try:
+        h, w = (int(v) for v in a.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--size must be HxW, got {a.size!r}")
     presets = [s.strip() for s in a.presets.split(",") if s.strip()]
-    if a.list:
-        for pr in presets:
-            for c in build_shapes(pr, h, w, a.batch):
-                print(pr, asdict(c))
-            for c in build_chains(pr, h, w, a.batch):
-                print(pr, asdict(c))
-        return 0
-    global _TIMER
-    _TIMER = a.timer
     if a.cpu_smoke:
-        global _DEVICE
-        _DEVICE = "cpu"
-        os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported (hrnet_fast.kernels.conv)
-        if "triton" in sys.modules:
+        # The kernels must be defined under the interpreter: before triton is first imported.
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("bench_conv_kernels: --cpu-smoke needs triton not imported yet", file=sys.stderr)
             return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+        _DEVICE = "cpu"
     import torch
-    if not a.cpu_smoke and not torch.cuda.is_available():
+    if not (a.list or a.cpu_smoke) and not torch.cuda.is_available():
         print("bench_conv_kernels: no CUDA GPU available; this A/B needs one (use --list to see the shapes).",
               file=sys.stderr)
         return 2
+    try:
+        listing = list_shapes(presets, h, w, a.batch, a.channel_multiple)
+    except ValueError as e:
+        p.error(str(e))
+    if a.list:
+        print("\n".join(listing))
+        return 0
+    _TIMER = a.timer
     t0 = time.time()
-    rows = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab)
-    _summary(rows)
-    import triton
-    env = {"device": torch.cuda.get_device_name() if _DEVICE == "cuda" else "cpu (interpreter smoke run)",
-           "torch": torch.__version__, "triton": triton.__version__,
-           "cudnn": torch.backends.cudnn.version() if _DEVICE == "cuda" else None,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "command": " ".join(sys.argv), "size": a.size, "batch": a.batch, "dtype": a.dtype,
-           "memory_format": "channels_last", "seconds": time.time() - t0, "timer": _TIMER,
-           "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS}}
-    print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "
-          f"({env['seconds']:.0f} s)")
+    results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple)
+    _summary(results)
+    env = kernel_ab.environment(_DEVICE, argv)
+    settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
+                "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
+                "channel_multiple": a.channel_multiple,
+                "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
+                "seconds": round(time.time() - t0, 1)}
+    print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "
+          f"({settings['seconds']:.0f} s)")
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
-        print(f"wrote {a.json}")
+        kernel_ab.write_results(a.json, "conv", results, env, settings)
     return 0
 
 

@@ -1,51 +1,45 @@
 """Kernel-level A/B of the fused fuse-step (``upsample_add_relu``) and segmentation-head (``seg_head``)
 kernels against the torch composition and torch.compile of it, for every distinct fuse-step and head
-shape of HRNet w18 and w48 at 1x3x1024x2048 and 8x3x512x1024 (fp16, channels_last by default).
+shape of HRNet presets (default w18 and w48) at 1x3x1024x2048 and 8x3x512x1024 (fp16,
+channels_last by default).
 
     python benchmarks/bench_fuse_kernels.py                        # full table
     python benchmarks/bench_fuse_kernels.py --no-compile --json results/fuse.json
     python benchmarks/bench_fuse_kernels.py --presets w48 --inputs 1x3x1024x2048 --impls torch,triton
+    python benchmarks/bench_fuse_kernels.py --list --presets w18_small_v2     # the cases, no GPU
+    python benchmarks/bench_fuse_kernels.py --cpu-smoke --presets w18_small_v1 --inputs 1x3x32x32
 
-Shapes (see :func:`build_cases`): branch b of a wC model has C * 2**b channels at 1/4, 1/8, 1/16,
-1/32 of the input ((s + 1) // 2 per halving). The fuse step into target branch i of a module with B
-branches reads base x_i and one contribution per source j != i, already converted to C_i channels:
-j > i at branch j's size (resized), j < i at branch i's size (added as is). The head (after the
-head rewrite) reads base W0 x0 + b at branch 0's size with Cs = 15C channels and the per-branch
-projections at their own sizes (also Cs channels), then the 19-class 1x1 classifier.
+Shapes (:func:`build_cases`) are the fuse and head calls the engine makes in one forward of the
+preset's plan, recorded on the ``meta`` device (``benchmarks/kernel_ab.py``); each distinct call is
+one case, ``calls_per_forward`` says how often it runs. Inputs have the layout the engine feeds the
+kernels on CUDA: branch widths padded to multiples of 8 (``--channel-multiple``) and contributions
+that are channel slices of batched conv outputs (``--dense`` for dense tensors).
 
-Timing: ``triton.testing.do_bench`` median (it clears L2 before every call: cold-cache figures), or
-``do_bench_cudagraph`` with ``--graphs`` (launch overhead removed). GB/s counts every input byte read
-once and every output byte written once; the ceiling is the device copy rate, measured on the card
-at start (a 1 GiB copy; 4.19-4.21 TB/s on an H200) unless ``--ceiling-tbs`` gives it. Inputs
-have the layout the engine feeds the kernels on CUDA: branch widths padded to multiples of 8 and
-contributions that are channel slices of batched conv outputs (``--dense`` for dense tensors). Implementations are entries of ``IMPLEMENTATIONS``
-(name -> factory(case, tensors) -> zero-argument callable); a ``cuda`` column is one more entry.
+Timing (``benchmarks/kernel_ab.py``): ``triton.testing.do_bench`` median (it clears L2 before every
+call: cold-cache figures), or ``do_bench_cudagraph`` with ``--graphs`` (launch overhead removed).
+GB/s counts every input byte read once and every output byte written once; the ceiling is the
+device copy rate, measured on the card at start (a 1 GiB copy; 4.19-4.21 TB/s on an H200) unless
+``--ceiling-tbs`` gives it. Implementations are entries of ``IMPLEMENTATIONS`` (name ->
+factory(case, tensors) -> zero-argument callable).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-import torch._dynamo
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_ab, beside this file
+import kernel_ab  # noqa: E402  (puts the repository root on sys.path)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hrnet_fast.backends.recording import HeadProblem  # noqa: E402
 
-try:  # run as a plain script from the repository root or from benchmarks/
-    import hrnet_fast  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# wC presets: stage 2..4 have 2..4 branches; modules per stage (how often each fuse shape runs).
-PRESET_WIDTHS = {"w18": 18, "w48": 48}
-MODULES_PER_STAGE = {2: 1, 3: 4, 4: 3}  # branches -> modules (wC presets)
+DEFAULT_PRESETS = ("w18", "w48")
 DEFAULT_INPUTS = ((1, 3, 1024, 2048), (8, 3, 512, 1024))
-HEAD_CHANNEL_FACTOR = 15  # C + 2C + 4C + 8C
 COPY_CEILING_TBS = 4.2
+Shape = Tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -53,10 +47,10 @@ class Case:
     """One kernel shape. base/contributions are [N, C, H, W]; classes > 0 makes it a head case."""
     kind: str                                   # "fuse" | "head"
     preset: str
-    input: Tuple[int, int, int, int]
+    input: Shape
     name: str
-    base: Tuple[int, int, int, int]
-    contributions: Tuple[Tuple[int, int, int, int], ...]
+    base: Shape
+    contributions: Tuple[Shape, ...]
     classes: int = 0
     calls_per_forward: int = 1
     # Per contribution, (channels of the batched conv output it is a slice of, first channel), or
@@ -64,7 +58,7 @@ class Case:
     slices: Tuple[Optional[Tuple[int, int]], ...] = ()
 
     @property
-    def out_shape(self) -> Tuple[int, int, int, int]:
+    def out_shape(self) -> Shape:
         n, c, h, w = self.base
         return (n, self.classes, h, w) if self.kind == "head" else self.base
 
@@ -81,94 +75,63 @@ class Case:
         return total * elem_size
 
 
-def branch_sizes(height: int, width: int, branches: int = 4) -> List[Tuple[int, int]]:
-    """Spatial size of each branch: the stem halves twice, every further branch once ((s+1)//2)."""
-    h, w = (height + 1) // 2, (width + 1) // 2
-    h, w = (h + 1) // 2, (w + 1) // 2
-    sizes = [(h, w)]
-    for _ in range(branches - 1):
-        h, w = (h + 1) // 2, (w + 1) // 2
-        sizes.append((h, w))
-    return sizes
+def _case(kind: str, preset: str, inp: Shape, name: str, p, classes: int,
+          model_layout: bool) -> Case:
+    """A Case from a recorded FuseProblem / HeadProblem."""
+    if kernel_ab.channel_slice(p.base) is not None:
+        raise ValueError(f"{name}: the base is a channel slice ({p.base}); cases have dense bases")
+    slices = tuple(kernel_ab.channel_slice(c) for c in p.contributions)
+    return Case(kind, preset, inp, name, p.base.shape, tuple(c.shape for c in p.contributions),
+                classes, 1, slices if model_layout else ())
 
 
-def _round_up(c: int, m: int) -> int:
-    return (c + m - 1) // m * m
-
-
-def _stacked(widths: Sequence[int], m: int) -> Tuple[int, List[int]]:
-    """Channels and split starts of a horizontally batched conv whose splits have ``widths``,
-    each split starting at a multiple of m (the plan's aligned stacking)."""
-    starts, end = [], 0
-    for w in widths:
-        start = _round_up(end, m)
-        starts.append(start)
-        end = start + w
-    return end, starts
-
-
-def model_slices(chans: Sequence[int], nb: int, i: int, m: int) -> List[Optional[Tuple[int, int]]]:
-    """How the engine's plan hands the fuse into target i (of nb branches) its contributions, in
-    the order j != i: j > i is a slice of source j's batched 1x1 convs (targets 0..j-1); j = i-1 is
-    the first slice of source j's batched stride-2 convs (targets j+1..nb-1; the chains to j+2 and
-    beyond carry C_j channels); a longer chain ends in a conv of its own (dense)."""
-    out: List[Optional[Tuple[int, int]]] = []
-    for j in range(nb):
-        if j == i:
-            continue
-        if j > i:
-            total, starts = _stacked([chans[t] for t in range(j)], m)
-            out.append((total, starts[i]))
-        elif j == i - 1:
-            widths = [chans[j + 1]] + [chans[j]] * (nb - j - 2)
-            total, starts = _stacked(widths, m)
-            out.append((total, starts[0]))
-        else:
-            out.append(None)
-    return out
-
-
-def build_cases(presets: Sequence[str] = ("w18", "w48"),
-                inputs: Sequence[Tuple[int, int, int, int]] = DEFAULT_INPUTS,
+def build_cases(presets: Sequence[str] = DEFAULT_PRESETS,
+                inputs: Sequence[Shape] = DEFAULT_INPUTS,
                 num_classes: int = 19, channel_multiple: int = 8,
                 model_layout: bool = True) -> List[Case]:
-    """Every distinct fuse-step and head shape of the given wC presets at the given input sizes.
+    """Every distinct fuse-step and head call of one forward of each preset at each input size,
+    with ``calls_per_forward`` = how often the engine makes it.
 
     ``channel_multiple`` pads branch widths as the engine's plan does on CUDA (8: w18's 18/36
-    channels run as 24/40); ``model_layout`` makes contributions the channel slices of batched
-    conv outputs that the plan produces (dense tensors otherwise, which flatter the kernel)."""
+    channels run as 24/40; 1: the raw widths); ``model_layout`` keeps contributions the channel
+    slices of batched conv outputs that the plan produces (dense tensors otherwise, which flatter
+    the kernel). Names: preset, input, stage (stage s fuses s branches) and target branch."""
     cases: List[Case] = []
-    seen = set()
-    for preset in presets:
-        if preset not in PRESET_WIDTHS:
-            raise ValueError(f"unknown preset {preset!r} (choose from {sorted(PRESET_WIDTHS)})")
-        c = PRESET_WIDTHS[preset]
+    for preset in kernel_ab.check_presets(presets):
         for inp in inputs:
-            n, _, height, width = inp
-            sizes = branch_sizes(height, width)
-            chans = [_round_up(c * 2 ** b, channel_multiple) for b in range(4)]
-            tag = f"{preset} {n}x{inp[1]}x{height}x{width}"
-            for nb in (2, 3, 4):
-                for i in range(nb):
-                    base = (n, chans[i]) + sizes[i]
-                    contribs = tuple((n, chans[i]) + (sizes[j] if j > i else sizes[i])
-                                     for j in range(nb) if j != i)
-                    key = ("fuse", base, contribs)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    slices = tuple(model_slices(chans, nb, i, channel_multiple)) if model_layout else ()
-                    cases.append(Case("fuse", preset, tuple(inp), f"{tag} stage{nb} ->b{i}", base,
-                                      contribs, 0, MODULES_PER_STAGE[nb], slices))
-            cs = _round_up(HEAD_CHANNEL_FACTOR * c, channel_multiple)
-            base = (n, cs) + sizes[0]
-            contribs = tuple((n, cs) + sizes[j] for j in range(1, 4))
-            key = ("head", base, contribs, num_classes)
-            if key not in seen:
-                seen.add(key)
-                cases.append(Case("head", preset, tuple(inp), f"{tag} head", base, contribs,
-                                  num_classes, 1))
+            n, c, height, width = inp
+            problems = kernel_ab.recorded(preset, n, height, width, channel_multiple, num_classes, c)
+            tag = f"{preset} {kernel_ab.size_tag(inp)}"
+            found: Dict[tuple, Case] = {}
+
+            def add(case: Case) -> None:
+                key = (case.kind, case.base, case.contributions, case.slices, case.classes)
+                old = found.get(key)
+                found[key] = case if old is None else replace(
+                    old, calls_per_forward=old.calls_per_forward + 1)
+
+            for module in kernel_ab.fuse_modules(problems):
+                for target, p in enumerate(module):
+                    stage = len(p.contributions) + 1
+                    add(_case("fuse", preset, tuple(inp), f"{tag} stage{stage} ->b{target}", p, 0,
+                              model_layout))
+            for p in problems:
+                if isinstance(p, HeadProblem):
+                    add(_case("head", preset, tuple(inp), f"{tag} head", p, p.weight[0],
+                              model_layout))
+            cases.extend(found.values())
     return cases
+
+
+def describe_case(case: Case) -> str:
+    """One line for ``--list``: name, calls per forward, base and contributions (slices)."""
+    parts = []
+    for shape, where in zip(case.contributions, case.slices or (None,) * len(case.contributions)):
+        layout = f"[{where[1]}:{where[1] + shape[1]} of {where[0]}]" if where else ""
+        parts.append(kernel_ab.size_tag(shape) + layout)
+    cls = f" K{case.classes}" if case.kind == "head" else ""
+    return (f"{case.name:<36} x{case.calls_per_forward:<2} base {kernel_ab.size_tag(case.base)}"
+            f"{cls} <- {', '.join(parts) or '-'}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,6 +202,7 @@ COMPILE_MODE: Optional[str] = None  # torch.compile mode (--compile-mode)
 def impl_compile(case: Case, t: CaseTensors) -> Callable[[], torch.Tensor]:
     # Every case recompiles the same function: start from a clean Dynamo cache so the recompile
     # limit never silently turns this column into eager.
+    import torch._dynamo  # imports triton: not before a --cpu-smoke run sets the interpreter
     torch._dynamo.reset()
     fn = torch.compile(torch_composition, dynamic=False, mode=COMPILE_MODE)
     return lambda: fn(t.base, t.contributions, t.weight, t.bias, t.mode, t.align_corners)
@@ -326,62 +290,34 @@ REFERENCE_IMPL = "torch"
 # ------------------------------------------------------------------------------------------------
 # measuring
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Row:
-    case: Case
-    bytes: int
-    ms: Dict[str, float] = field(default_factory=dict)
-    rel_err: Dict[str, float] = field(default_factory=dict)
-    errors: Dict[str, str] = field(default_factory=dict)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+Result = Tuple[Case, kernel_ab.CaseResult]
 
 
 def measure(cases: Sequence[Case], impls: Sequence[str], dtype: torch.dtype, channels_last: bool,
-            mode: str, align_corners: bool, graphs: bool, rep: int, device: str = "cuda",
-            verbose: bool = True) -> List[Row]:
-    """Time every implementation on every case; also records each output's relative error against
-    the torch composition (a sanity check, not a test)."""
-    import triton.testing
-
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-
-    rows = []
+            mode: str, align_corners: bool, timer: str, rep: int, device: str = "cuda",
+            verbose: bool = True) -> List[Result]:
+    """Time every implementation on every case (``kernel_ab.measure_case``); each output's
+    relative error is against the torch composition (a sanity check, not a test)."""
+    results = []
     for case in cases:
         t = make_tensors(case, dtype, channels_last, device=device, mode=mode,
                          align_corners=align_corners)
-        row = Row(case, case.bytes_moved(t.base.element_size()))
-        ref = impl_torch(case, t)()
+        fns = {}
         for name in impls:
-            try:
-                fn = IMPLEMENTATIONS[name](case, t)
-                if fn is None:
-                    continue
-                out = fn()  # warm-up / compile
-                sync()
-                row.rel_err[name] = _rel_err(out, ref)
-                if graphs:
-                    ms = triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
-                else:
-                    ms = triton.testing.do_bench(fn, warmup=max(rep // 4, 5), rep=rep,
-                                                 return_mode="median")
-                row.ms[name] = float(ms)
-            except Exception as e:  # report and go on: one failing column must not hide the rest
-                row.errors[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        rows.append(row)
+            fn = IMPLEMENTATIONS[name](case, t)
+            if fn is not None:
+                fns[name] = fn
+        info = {"kind": case.kind, "preset": case.preset, "input": kernel_ab.size_tag(case.input),
+                "shape": _shape_str(case), "calls_per_forward": case.calls_per_forward}
+        r = kernel_ab.measure_case(case.name, info, case.bytes_moved(t.base.element_size()), 0.0,
+                                   fns, impl_torch(case, t), timer=timer, rep=rep, device=device)
+        results.append((case, r))
         if verbose:
-            print(_format_row(row, impls), flush=True)
-        del t, ref
+            print(_format_row(case, r, impls), flush=True)
+        del t
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return results
 
 
 def _shape_str(case: Case) -> str:
@@ -399,7 +335,7 @@ def _width(name: str) -> int:
 
 
 def _speedup_cols(impls: Sequence[str]) -> List[str]:
-    """Speedup of "triton" over every non-Triton column (torch, compile, a future cuda)."""
+    """Speedup of "triton" over every non-Triton column (torch, compile, cuda)."""
     if "triton" not in impls:
         return []
     return [n for n in impls if n != "triton" and not n.startswith("tr[")]
@@ -411,51 +347,44 @@ def _format_header(impls: Sequence[str]) -> str:
     return f"{'case':<34} {'shape':<44} {'MB':>7}{cols}{sp}"
 
 
-def _format_row(row: Row, impls: Sequence[str]) -> str:
-    s = f"{row.case.name:<34} {_shape_str(row.case):<44} {row.bytes / 1e6:7.1f}"
+def _format_row(case: Case, r: kernel_ab.CaseResult, impls: Sequence[str]) -> str:
+    s = f"{case.name:<34} {_shape_str(case):<44} {r.bytes / 1e6:7.1f}"
     for n in impls:
         w = _width(n)
-        if n in row.ms:
-            gbs = row.bytes / (row.ms[n] * 1e-3) / 1e9
-            s += f" | {row.ms[n]:{w}.4f} {gbs:6.0f} {100 * gbs / (_CEILING_TBS * 1e3):5.1f}"
+        if n in r.ms:
+            gbs = r.gbps(n)
+            s += f" | {r.ms[n]:{w}.4f} {gbs:6.0f} {100 * gbs / (_CEILING_TBS * 1e3):5.1f}"
         else:
-            s += f" | {'ERR' if n in row.errors else '-':>{w}} {'':>6} {'':>5}"
+            s += f" | {'ERR' if n in r.errors else '-':>{w}} {'':>6} {'':>5}"
     for n in _speedup_cols(impls):
-        if n in row.ms and "triton" in row.ms:
-            s += f" | {row.ms[n] / row.ms['triton']:12.2f}"
+        if n in r.ms and "triton" in r.ms:
+            s += f" | {r.ms[n] / r.ms['triton']:12.2f}"
         else:
             s += f" | {'-':>12}"
     return s
 
 
-def _summary(rows: Sequence[Row], impls: Sequence[str]) -> List[str]:
+def _summary(results: Sequence[Result], impls: Sequence[str]) -> List[str]:
     """Time per forward pass (each shape times how often it runs) per preset/input and impl."""
     lines = ["", "per forward (sum of shape time x calls per forward), ms:"]
-    groups: Dict[Tuple[str, Tuple[int, ...]], List[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.case.preset, r.case.input), []).append(r)
+    groups: Dict[Tuple[str, Tuple[int, ...]], List[Result]] = {}
+    for case, r in results:
+        groups.setdefault((case.preset, case.input), []).append((case, r))
     for (preset, inp), rs in groups.items():
         parts = []
         for n in impls:
-            if all(n in r.ms for r in rs):
-                parts.append(f"{n} {sum(r.ms[n] * r.case.calls_per_forward for r in rs):.3f}")
-        lines.append(f"  {preset} {'x'.join(map(str, inp))}: " + ", ".join(parts))
-    errs = [(r.case.name, n, e) for r in rows for n, e in r.errors.items()]
+            if all(n in r.ms for _, r in rs):
+                parts.append(f"{n} {sum(r.ms[n] * c.calls_per_forward for c, r in rs):.3f}")
+        lines.append(f"  {preset} {kernel_ab.size_tag(inp)}: " + ", ".join(parts))
+    errs = [(c.name, n, e) for c, r in results for n, e in r.errors.items()]
     if errs:
         lines.append("errors:")
         lines += [f"  {c} [{n}]: {e}" for c, n, e in errs]
-    bad = [(r.case.name, n, v) for r in rows for n, v in r.rel_err.items() if not v <= 5e-3]
+    bad = [(c.name, n, v) for c, r in results for n, v in r.rel_err.items() if not v <= 5e-3]
     if bad:
         lines.append("WARNING, outputs that differ from the torch composition (rel err > 5e-3):")
         lines += [f"  {c} [{n}]: {v:.3g}" for c, n, v in bad]
     return lines
-
-
-def _parse_input(s: str) -> Tuple[int, int, int, int]:
-    parts = tuple(int(x) for x in s.lower().split("x"))
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"input size must be NxCxHxW, got {s!r}")
-    return parts  # type: ignore[return-value]
 
 
 def measure_copy_tbs() -> float:
@@ -471,14 +400,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global _CEILING_TBS, COMPILE_MODE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="w18,w48")
-    p.add_argument("--inputs", default=",".join("x".join(map(str, i)) for i in DEFAULT_INPUTS))
-    p.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
-                   help=f"comma list from {list(IMPLEMENTATIONS)}")
+    p.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
+                   help="comma list of preset names (w18_small_v1 ... w64)")
+    p.add_argument("--inputs", default=",".join(kernel_ab.size_tag(i) for i in DEFAULT_INPUTS),
+                   help="comma list of NxCxHxW input sizes")
+    p.add_argument("--impls", default=None,
+                   help=f"comma list from {list(IMPLEMENTATIONS)} (default: all; torch,triton "
+                        "with --cpu-smoke)")
     p.add_argument("--no-compile", action="store_true", help="drop the torch.compile column")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compile column (default: torch's default)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", default="fp16", choices=list(kernel_ab.DTYPES))
     p.add_argument("--nchw", action="store_true", help="contiguous NCHW instead of channels_last")
     p.add_argument("--mode", default="bilinear", choices=["bilinear", "nearest"])
     p.add_argument("--align-corners", action="store_true")
@@ -495,16 +427,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--triton-configs", default="", metavar="SPECS",
                    help="extra Triton columns with fixed blocks, ';'-separated: "
                         "fuse:BLOCK_P,BLOCK_C,WARPS or head:BLOCK_P,BLOCK_C,BLOCK_K,WARPS,STAGES")
-    p.add_argument("--json", metavar="PATH", help="save the results as JSON")
+    p.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="exercise this script on the CPU (Triton interpreter; use a tiny preset "
+                        "and input): timings mean nothing")
+    p.add_argument("--json", metavar="PATH", help="save the results as JSON (kernel_ab format)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_fuse_kernels: needs a CUDA GPU and none is available; nothing was measured.",
-              file=sys.stderr)
-        return 2
     if args.mode == "nearest" and args.align_corners:
         p.error("--align-corners only applies to --mode bilinear")
-    impls = [s for s in args.impls.split(",") if s]
+    if args.cpu_smoke:
+        # The kernels must be defined under the interpreter: before triton is first imported.
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("bench_fuse_kernels: --cpu-smoke needs triton not imported yet", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not args.list and not torch.cuda.is_available():
+        print("bench_fuse_kernels: needs a CUDA GPU and none is available; nothing was measured "
+              "(--list shows the cases, --cpu-smoke exercises the script).", file=sys.stderr)
+        return 2
+    try:
+        inputs = [kernel_ab.parse_input(s) for s in args.inputs.split(",") if s]
+        cases = build_cases([s for s in args.presets.split(",") if s], inputs, args.classes,
+                            channel_multiple=args.channel_multiple, model_layout=not args.dense)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        p.error(str(e))
+    if args.kind != "all":
+        cases = [c for c in cases if c.kind == args.kind]
+    if args.list:
+        for c in cases:
+            print(describe_case(c))
+        return 0
+    device = "cpu" if args.cpu_smoke else "cuda"
+
+    default_impls = ["torch", "triton"] if args.cpu_smoke else list(IMPLEMENTATIONS)
+    impls = [s for s in args.impls.split(",") if s] if args.impls else default_impls
     if args.no_compile:
         impls = [s for s in impls if s != "compile"]
     for spec in (x.strip() for x in args.triton_configs.split(";")):
@@ -518,53 +475,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [s for s in impls if s not in IMPLEMENTATIONS]
     if unknown:
         p.error(f"unknown implementations {unknown}; known: {list(IMPLEMENTATIONS)}")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if dtype == torch.float32:
+    dtype = kernel_ab.DTYPES[args.dtype]
+    if dtype == torch.float32 and not args.cpu_smoke:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    _CEILING_TBS = args.ceiling_tbs or measure_copy_tbs()
-    args.ceiling_tbs = _CEILING_TBS
+    _CEILING_TBS = args.ceiling_tbs or (COPY_CEILING_TBS if args.cpu_smoke else measure_copy_tbs())
     COMPILE_MODE = args.compile_mode
-    cases = build_cases([s for s in args.presets.split(",") if s],
-                        [_parse_input(s) for s in args.inputs.split(",") if s], args.classes,
-                        channel_multiple=args.channel_multiple, model_layout=not args.dense)
-    if args.kind != "all":
-        cases = [c for c in cases if c.kind == args.kind]
+    timer = "graph" if args.graphs else "events"  # on the CPU (smoke run): one call
 
-    import triton
-    props = torch.cuda.get_device_properties(0)
-    meta = {
-        "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + list(argv if argv is not None
-                                                                     else sys.argv[1:])),
+    env = kernel_ab.environment(device, argv)
+    settings = {
         "dtype": args.dtype, "memory_format": "nchw" if args.nchw else "channels_last",
-        "mode": args.mode, "align_corners": args.align_corners,
-        "timer": "do_bench_cudagraph median" if args.graphs else "do_bench median (L2 cleared)",
-        "ceiling_tbs": args.ceiling_tbs, "reference": REFERENCE_IMPL,
-        "compile_mode": args.compile_mode or "default",
+        "mode": args.mode, "align_corners": args.align_corners, "timer": timer,
+        "timer_detail": ("cpu smoke: one call" if args.cpu_smoke else "do_bench_cudagraph median"
+                         if args.graphs else "do_bench median (L2 cleared)"),
+        "ceiling_tbs": _CEILING_TBS, "reference": REFERENCE_IMPL,
+        "compile_mode": args.compile_mode or "default", "channel_multiple": args.channel_multiple,
+        "layout": "dense" if args.dense else "plan slices",
     }
-    print(" ".join(f"{k}={v}" for k, v in meta.items()))
+    print(" ".join(f"{k}={v}" for k, v in {**env, **settings}.items()))
     print(_format_header(impls))
-    rows = measure(cases, impls, dtype, not args.nchw, args.mode, args.align_corners, args.graphs,
-                   args.rep)
-    for line in _summary(rows, impls):
+    results = measure(cases, impls, dtype, not args.nchw, args.mode, args.align_corners, timer,
+                      args.rep, device=device)
+    for line in _summary(results, impls):
         print(line)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        out = {"meta": meta, "rows": []}
-        for r in rows:
-            d = {"case": asdict(r.case), "bytes": r.bytes, "ms": r.ms, "rel_err": r.rel_err,
-                 "errors": r.errors,
-                 "gbps": {n: r.bytes / (v * 1e-3) / 1e9 for n, v in r.ms.items()}}
-            if "triton" in r.ms:
-                d["speedup_triton_vs"] = {n: v / r.ms["triton"] for n, v in r.ms.items()
-                                          if n != "triton"}
-            out["rows"].append(d)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"saved {args.json}")
+        kernel_ab.write_results(args.json, "fuse", [r for _, r in results], env, settings)
     return 0
 
 
