@@ -103,12 +103,16 @@ if __name__ == "__main__":
                 "triton>=3.6,<3.7; platform_system == 'Linux' and platform_machine == 'x86_64'",
                 # tests/test_peers.py runs the CPU peers (ONNX Runtime, OpenVINO) on a tiny model.
                 "onnx", "onnxruntime", "openvino",
+                # PNG images and label maps, the progress bar: their tests run instead of skipping.
+                "Pillow", "tqdm",
             ],
             # hrnet-fast bench --peers onnxruntime openvino-fp32 openvino: CPU peers run on an ONNX
             # export of the same reference model.
             "peers": ["onnx", "onnxruntime", "openvino"],
             # hrnet-fast segment reads PNG/JPEG with Pillow (PPM and .npy work without it).
             "image": ["Pillow"],
+            # segment/eval over folders: PNG label maps and a progress bar.
+            "data": ["Pillow", "tqdm"],
         },
         entry_points={"console_scripts": ["hrnet-fast = hrnet_fast.cli:main"]},
         **cuda_extension_kwargs(),

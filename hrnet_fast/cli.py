@@ -1,7 +1,9 @@
-"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check``, ``segment`` and ``info``.
+"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check``, ``segment``, ``eval`` and ``info``.
 
 Errors never show a traceback: ``main`` reports each as one line ``hrnet-fast: error: ...`` on stderr
-and returns 1 (argparse's usage errors exit with 2, as argparse does). ``HRNET_FAST_DEBUG=1`` lets the
+and returns 1 (argparse's usage errors, and arguments that contradict each other, exit with 2, as
+argparse does; ``segment`` returns 3 when it skipped unreadable images). Under torchrun only rank 0
+prints results and errors that every rank sees alike. ``HRNET_FAST_DEBUG=1`` lets the
 exception through, traceback and all. Arguments are checked when they are parsed, and paths before any
 model is built; outputs are written to temporary files beside their targets and moved into place only
 when every output of the command is complete.
@@ -9,6 +11,7 @@ when every output of the command is complete.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -21,13 +24,18 @@ from .bench import PEERS, default_impls, default_peers, format_table, run_bench,
 from .check import clone_as, randomize_batchnorm, rel_err, run_check
 from .checkpoints import CheckpointError
 from .config import PRESET_NAMES, HRNetConfig
+from .distributed import Group, LaunchError, RankFailed, rank_device, ranks_from_env
 from .engine import ENGINE_BACKENDS, optimize, parse_dtype
+from .evaluate import LABEL_MAPS, MAX_CLASSES, DatasetError
 from .imageio import ImageReadError
+# IMAGENET_MEAN / IMAGENET_STD: still importable from here, as before they moved to infer.py.
+from .infer import EXIT_SKIPPED, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, InputError  # noqa: F401
 from .model import HRNet
 from .backends import BackendUnavailable
 from .reference import HighResolutionNet
 from .stats import count_macs, count_parameters
 from .timing import environment, measure
+from .tta import TTA
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -49,6 +57,11 @@ DEBUG_ENV = "HRNET_FAST_DEBUG"
 
 class CLIError(Exception):
     """A problem with the command's input that the user can fix: reported as one line, no traceback."""
+
+
+class UsageError(CLIError):
+    """Arguments that parse one by one but contradict each other: argparse's usage error, exit 2.
+    The message starts with "argument OPTION:" as argparse's own do."""
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:
@@ -75,6 +88,24 @@ def label_classes(text: str) -> int:
     if value > 256:
         raise argparse.ArgumentTypeError(f"must be 1..256 (class ids are written as 8-bit PNG), got {value}")
     return value
+
+
+def eval_classes(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_CLASSES:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_CLASSES}, got {value}")
+    return value
+
+
+def scales_arg(text: str) -> Tuple[float, ...]:
+    """``"0.5,0.75,1"`` -> (0.5, 0.75, 1.0); every scale a positive number."""
+    try:
+        scales = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
+    if not all(0 < v < float("inf") for v in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return scales
 
 
 def dtype_arg(text: str) -> torch.dtype:
@@ -297,54 +328,104 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+def tta_from_args(args) -> TTA:
+    """The TTA of ``--scales --flip --crop --stride --crop-batch``; contradictions are usage errors."""
+    if args.stride is not None and args.crop is None:
+        raise UsageError("argument --stride: needs --crop (sliding windows are off without a crop)")
+    try:
+        return TTA(scales=args.scales, flip=args.flip, crop=args.crop, stride=args.stride,
+                   crop_batch=args.crop_batch)
+    except ValueError as e:
+        raise UsageError(f"argument --stride: {e}") from None
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if dtype != torch.float32 and device.type != "cuda":
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        raise CLIError(f"--dtype {name} needs a CUDA GPU; use fp32 on the CPU")
+
+
+def build_model(args, device: torch.device, verbose: bool = True) -> HRNet:
+    """The preset with ``--checkpoint``'s weights, or random ones (the same on every rank: seed 0)."""
+    from .checkpoints import load_checkpoint
+
+    cfg = HRNetConfig.preset(args.preset, num_classes=args.num_classes, align_corners=args.align_corners)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = HRNet(cfg, fast_backend=args.backend)
+    if args.checkpoint:
+        report = load_checkpoint(model, args.checkpoint)
+        if verbose:
+            print(report)
+    elif verbose:
+        print("warning: no --checkpoint given: random weights, the segmentation is meaningless",
+              file=sys.stderr)
+    return model.to(device=device, dtype=args.dtype).eval()
+
+
+def default_workers() -> int:
+    """Decoding processes per rank: up to 4, sharing the CPU cores with the other ranks of the node."""
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(4, (os.cpu_count() or 1) // per_node))
+
+
+def _several_images(args) -> Optional[str]:
+    """Why ``segment`` writes a folder of outputs (None: one image to one file, as before)."""
+    folders = [p for p in args.inputs if os.path.isdir(p)]
+    if folders:
+        return f"{folders[0]} is a directory of images"
+    patterns = [p for p in args.inputs if glob.has_magic(p) and not os.path.exists(p)]
+    if patterns:
+        return f"{patterns[0]} is a pattern"
+    if len(args.inputs) > 1:
+        return f"{len(args.inputs)} images were given"
+    if args.out and args.out.endswith(("/", os.sep)):
+        return "--out ends with a separator"
+    return None
 
 
 def cmd_segment(args) -> int:
-    import numpy as np
-    import torch.nn.functional as F
+    tta = tta_from_args(args)
+    reason = _several_images(args)
+    if reason:
+        return _segment_many(args, tta, reason)
+    return _segment_one(args, tta)
 
-    from .checkpoints import load_checkpoint
+
+def _segment_one(args, tta: TTA) -> int:
+    import numpy as np
+
     from .imageio import CITYSCAPES_CLASSES, palette, read_rgb, write_png
+    from .infer import predict_labels
 
     # Every path and argument first: a mistake costs no model build and leaves no output.
-    check_input_file(args.image, "image")
+    image_path = args.inputs[0]
+    args.out = args.out or "segmentation.png"
+    check_input_file(image_path, "image")
     if args.checkpoint:
         check_input_file(args.checkpoint, "--checkpoint")
     outputs = [("--out", args.out)] + ([("--labels", args.labels)] if args.labels else [])
     for option, path in outputs:
         check_output_file(path, option)
-        if _same_file(path, args.image):
+        if _same_file(path, image_path):
             raise CLIError(f"{option} {path} would overwrite the input image")
     if args.labels and _same_file(args.labels, args.out):
         raise CLIError(f"--labels {args.labels} is the same file as --out")
-    device = pick_device(args.device)
-    dtype = args.dtype
-    if dtype != torch.float32 and device.type != "cuda":
-        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-        raise CLIError(f"--dtype {name} needs a CUDA GPU; use fp32 on the CPU")
-    image = read_rgb(args.image)
-    cfg = HRNetConfig.preset(args.preset, num_classes=args.num_classes,
-                             align_corners=args.align_corners)
-    model = HRNet(cfg, fast_backend=args.backend)
-    if args.checkpoint:
-        print(load_checkpoint(model, args.checkpoint))
-    else:
-        print("warning: no --checkpoint given: random weights, the segmentation is meaningless",
-              file=sys.stderr)
-    model = model.to(device=device, dtype=dtype).eval()
-    x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    x = ((x - mean) / std).to(dtype)
+    ranks = ranks_from_env()
+    device = rank_device(ranks, args.device)
+    check_dtype(args.dtype, device)
+    if not ranks.is_main:  # one image under torchrun: rank 0 does it all
+        return 0
+    if args.resume and all(os.path.exists(p) for _, p in outputs):
+        print(f"{args.out} exists: nothing to do (--resume)")
+        return 0
+    image = read_rgb(image_path)
+    model = build_model(args, device)
     with torch.inference_mode():
-        logits = model(x)
-        # Logits come at 1/4 of the input: resize to the image as the official evaluation does.
-        logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear",
-                               align_corners=cfg.align_corners)
-        labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-    colours = palette(cfg.num_classes)[labels]
+        images = torch.from_numpy(image).to(device)[None]
+        labels = predict_labels(model, images, tta, model.config.align_corners, args.dtype)
+        labels = labels[0].to(torch.uint8).cpu().numpy()
+    colours = palette(model.config.num_classes)[labels]
     if args.overlay:
         colours = (0.5 * colours + 0.5 * image).astype(np.uint8)
     with StagedOutputs() as staged:  # all outputs or none
@@ -352,13 +433,114 @@ def cmd_segment(args) -> int:
         if args.labels:
             write_png(staged.stage(args.labels), labels)
         staged.commit()
-    counts = np.bincount(labels.ravel(), minlength=cfg.num_classes)
-    names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
+    num_classes = model.config.num_classes
+    counts = np.bincount(labels.ravel(), minlength=num_classes)
+    names = CITYSCAPES_CLASSES if num_classes == len(CITYSCAPES_CLASSES) else None
     top = np.argsort(counts)[::-1][:5]
     print(f"{image.shape[1]}x{image.shape[0]} image -> {args.out}"
           + (f" (class ids in {args.labels})" if args.labels else ""))
     print_table(["class", "pixels"], [[names[c] if names else str(c), f"{100 * counts[c] / labels.size:.1f}%"]
                                       for c in top if counts[c]])
+    return 0
+
+
+def check_output_folder_name(out: str, reason: str) -> None:
+    """``--out`` for several images must name a folder, not a file."""
+    if os.path.isfile(out):
+        raise CLIError(f"--out {out}: is a file, but {reason}: give an output folder")
+    if not os.path.isdir(out) and os.path.splitext(out)[1].lower() in IMAGE_EXTENSIONS:
+        raise CLIError(f"--out {out} names an image file, but {reason}: give an output folder "
+                       f"(end it with {os.sep} to make that clear)")
+
+
+def make_output_folder(out: str) -> None:
+    """The folder exists (made if needed) and takes new files."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
+    check_output_file(os.path.join(out, "probe.png"), "--out")
+
+
+def _segment_many(args, tta: TTA, reason: str) -> int:
+    from .infer import check_outputs, expand_inputs, segment_files
+
+    if args.labels:
+        raise CLIError(f"--labels names one file, but {reason}: label-id PNGs are written into --out")
+    if not args.out:
+        raise CLIError(f"{reason}: give an output folder with --out DIR")
+    check_output_folder_name(args.out, reason)
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
+    items = expand_inputs(args.inputs, args.out)
+    check_outputs(items, args.out, args.colour, args.overlay)
+    ranks = ranks_from_env()
+    device = rank_device(ranks, args.device)
+    check_dtype(args.dtype, device)
+    make_output_folder(args.out)
+    workers = default_workers() if args.workers is None else args.workers
+    with Group(ranks, device) as group:
+        model = build_model(args, device, verbose=ranks.is_main)
+        result = segment_files(items, args.out, model, tta=tta, batch_size=args.batch, workers=workers,
+                               colour=args.colour, overlay=args.overlay, resume=args.resume,
+                               progress=not args.quiet, sync_timing=args.timing, group=group)
+    if ranks.is_main:
+        for path, message in result.skipped:
+            print(f"hrnet-fast: skipped {message}", file=sys.stderr)
+        print(f"{len(result.written)} of {len(items)} images segmented -> {args.out}"
+              + (f"; {len(result.existing)} already done (--resume)" if result.existing else "")
+              + (f"; {len(result.skipped)} skipped" if result.skipped else "")
+              + (f"; {ranks.world_size} ranks" if ranks.distributed else ""))
+        print(result.timings.summary(ranks.world_size))
+        if result.skipped:
+            print(f"hrnet-fast: {len(result.skipped)} image(s) could not be read and were skipped "
+                  f"(exit status {result.exit_status})", file=sys.stderr)
+    return result.exit_status
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import (evaluate_files, format_percent, metrics_table, pair_images_and_labels)
+
+    tta = tta_from_args(args)
+    if args.checkpoint and args.random_weights:
+        raise UsageError("argument --random-weights: not allowed with --checkpoint")
+    if not args.checkpoint and not args.random_weights:
+        raise UsageError("argument --checkpoint: required (or --random-weights to try the pipeline "
+                         "with random weights; the metrics are then meaningless)")
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
+    ranks = ranks_from_env()
+    if args.json and ranks.is_main:
+        check_output_file(args.json, "--json")
+    items = pair_images_and_labels(args.images, args.labels)
+    device = rank_device(ranks, args.device)
+    check_dtype(args.dtype, device)
+    workers = default_workers() if args.workers is None else args.workers
+    with Group(ranks, device) as group:
+        model = build_model(args, device, verbose=ranks.is_main)
+        result = evaluate_files(items, model, num_classes=args.num_classes, ignore_index=args.ignore_index,
+                                label_map=args.label_map, tta=tta, batch_size=args.batch, workers=workers,
+                                progress=not args.quiet, sync_timing=args.timing, group=group)
+    if not ranks.is_main:
+        return 0
+    m = result.metrics
+    print(f"{args.preset}{' (random weights)' if args.random_weights else ''}: {m['images']} images, "
+          f"scales {','.join(f'{v:g}' for v in tta.scales)}{', flip' if tta.flip else ''}"
+          + (f", {tta.crop[0]}x{tta.crop[1]} windows every {tta.stride[0]}x{tta.stride[1]}" if tta.crop else "")
+          + (f", {ranks.world_size} ranks" if ranks.distributed else ""))
+    headers, rows = metrics_table(m)
+    print_table(headers, rows)
+    print(f"mIoU {format_percent(m['miou'])}, pixel accuracy {format_percent(m['pixel_accuracy'])}, "
+          f"mean accuracy {format_percent(m['mean_accuracy'])}")
+    print(result.timings.summary(ranks.world_size))
+    if args.json:
+        with StagedOutputs() as staged:
+            with open(staged.stage(args.json), "w") as f:
+                json.dump(m, f, indent=1)
+            staged.commit()
+        print(f"saved {args.json}")
     return 0
 
 
@@ -375,6 +557,34 @@ def cmd_info(args) -> int:
           f"MACs of conv+linear layers at 1x3x{size[0]}x{size[1]}")
     print_table(["preset", "params (M)", "MACs (G)", "branch channels"], rows)
     return 0
+
+
+def _model_options(p, default_classes: int, classes_type, classes_help: str) -> None:
+    p.add_argument("--checkpoint", default=None, help="weights in any format load_checkpoint reads")
+    p.add_argument("--preset", default="w48", choices=PRESET_NAMES)
+    p.add_argument("--num-classes", type=classes_type, default=default_classes, help=classes_help)
+    p.add_argument("--align-corners", action="store_true")
+    p.add_argument("--backend", default=None, choices=ENGINE_BACKENDS)
+    p.add_argument("--dtype", type=dtype_arg, default="fp32", help="fp32, or fp16/bf16 on a GPU")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, or cpu)")
+
+
+def _data_options(p) -> None:
+    p.add_argument("--scales", type=scales_arg, default=(1.0,),
+                   help="multi-scale test, e.g. 0.5,0.75,1,1.25,1.5,1.75 (logits summed; default 1)")
+    p.add_argument("--flip", action="store_true", help="add the logits of the mirrored image")
+    p.add_argument("--crop", type=parse_size, default=None,
+                   help="sliding windows of HxW (e.g. 1024x1024) over each scaled image")
+    p.add_argument("--stride", type=parse_size, default=None,
+                   help="window step HxW (default: 2/3 of --crop, rounded up)")
+    p.add_argument("--crop-batch", type=positive_int, default=8, help="windows per model call")
+    p.add_argument("--batch", type=positive_int, default=1, help="images of one size per model call")
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help="decoding processes (default: up to 4 per rank; 0 decodes in the main process)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--timing", action="store_true",
+                   help="synchronise the GPU between phases so the decode/copy/model/write split is exact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,19 +634,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
     c.set_defaults(func=cmd_check)
 
-    g = sub.add_parser("segment", help="segment one image and write a colour PNG")
-    g.add_argument("image", help="PNG/JPEG (needs Pillow), PPM (P6) or .npy (HxWx3 uint8)")
-    g.add_argument("--checkpoint", default=None, help="weights in any format load_checkpoint reads")
-    g.add_argument("--preset", default="w48", choices=PRESET_NAMES)
-    g.add_argument("--num-classes", type=label_classes, default=19, help="1..256 (default 19)")
-    g.add_argument("--align-corners", action="store_true")
-    g.add_argument("--backend", default=None, choices=ENGINE_BACKENDS)
-    g.add_argument("--dtype", type=dtype_arg, default="fp32", help="fp32, or fp16/bf16 on a GPU")
-    g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
-    g.add_argument("--out", default="segmentation.png", help="colour PNG of the classes")
+    g = sub.add_parser(
+        "segment", help="segment images: one to a colour PNG, or files/folders/globs into a folder",
+        description="One image: --out FILE gets a colour PNG (--labels FILE: the class ids too). Several "
+                    "images, a folder, a glob or --out ending with /: --out DIR gets one label-id PNG per "
+                    "image (DIR/<name>.png, folders keep their subfolders), plus <name>_colour.png with "
+                    "--colour and <name>_overlay.png with --overlay. Unreadable images are reported and "
+                    f"skipped; the exit status is then {EXIT_SKIPPED}.")
+    g.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files (PNG/JPEG need Pillow; PPM P6 and .npy HxWx3 uint8 work without), "
+                        "folders or glob patterns")
+    _model_options(g, default_classes=19, classes_type=label_classes,
+                   classes_help="1..256 (class ids are written as 8-bit PNG; default 19)")
+    g.add_argument("--out", default=None,
+                   help="one image: the colour PNG (default segmentation.png); several: the output folder")
     g.add_argument("--overlay", action="store_true", help="blend the colours over the image")
-    g.add_argument("--labels", default=None, help="also write the class ids as a grey PNG")
-    g.set_defaults(func=cmd_segment)
+    g.add_argument("--colour", "--color", dest="colour", action="store_true",
+                   help="several images: also write <name>_colour.png")
+    g.add_argument("--labels", default=None, help="one image: also write the class ids as a grey PNG")
+    g.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
+    _data_options(g)
+    g.set_defaults(func=cmd_segment, command_parser=g)
+
+    e = sub.add_parser(
+        "eval", help="mIoU of a checkpoint on a folder of images and label maps",
+        description="Pairs images with label maps by name (a trailing _leftImg8bit / _gtFine_labelIds is "
+                    "ignored, so the Cityscapes layout works as it is), predicts every image and prints "
+                    "per-class IoU. Under torchrun each rank evaluates its share; rank 0 prints.")
+    e.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    e.add_argument("--labels", required=True, help="folder of label maps (class ids, one channel)")
+    _model_options(e, default_classes=19, classes_type=eval_classes, classes_help="default 19")
+    e.add_argument("--random-weights", action="store_true",
+                   help="no checkpoint: random weights (seed 0), to try the pipeline; meaningless metrics")
+    e.add_argument("--ignore-index", type=int, default=255, help="label value left out (default 255)")
+    e.add_argument("--label-map", default="none", choices=LABEL_MAPS,
+                   help="cityscapes: label ids (0..33, *_labelIds.png) -> the 19 train ids")
+    e.add_argument("--json", default=None, help="write the metrics to this file")
+    _data_options(e)
+    e.set_defaults(func=cmd_eval, command_parser=e)
 
     i = sub.add_parser("info", help="presets with parameter counts and MACs")
     i.add_argument("--size", type=parse_size, default=(1024, 2048))
@@ -447,32 +682,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EPILOG = f"""\
+exit status:
+  0 done; 1 an error; 2 bad arguments (argparse's usage message); 3 segment skipped unreadable images
+  (each named on stderr, the others were written); 130 interrupted.
+
 errors:
-  Every error is one line, "hrnet-fast: error: ...", on stderr, with exit status 1 (bad arguments:
-  exit status 2 with argparse's usage message). Arguments and paths are checked before any model is
-  built. Outputs are written to temporary files beside their targets and moved into place only when
-  all of them are complete: a failed command leaves no partial output (bench --json excepted: it
-  saves partial results as it goes, marked "complete": false, so that a killed run keeps them).
+  Every error is one line, "hrnet-fast: error: ...", on stderr. Arguments and paths are checked before
+  any model is built. Outputs are written to temporary files beside their targets and moved into place
+  only when all of them are complete: a failed command leaves no partial output (bench --json excepted:
+  it saves partial results as it goes, marked "complete": false, so that a killed run keeps them;
+  segment into a folder keeps the images it finished, so that --resume can go on from there).
   Set {DEBUG_ENV}=1 to get the full Python traceback instead of the one-line message.
+
+torchrun:
+  torchrun --nproc-per-node N -m hrnet_fast eval|segment ... shards the images across the ranks (each
+  image once), each rank on cuda:LOCAL_RANK (NCCL) or the CPU (gloo); rank 0 prints and writes --json.
 """
 
 # Errors whose message says all there is to say; any other exception is unexpected (a bug, or a
 # failure deep in a library) and its one-line report names its type and suggests the traceback.
-KNOWN_ERRORS = (CLIError, ImageReadError, CheckpointError, BackendUnavailable, OSError)
+KNOWN_ERRORS = (CLIError, ImageReadError, CheckpointError, BackendUnavailable, OSError, InputError,
+                DatasetError, LaunchError, RankFailed)
 
 
 def _debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _error(message: str) -> int:
-    print(f"hrnet-fast: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _rank() -> int:
+    try:
+        return ranks_from_env().rank
+    except LaunchError:
+        return 0
+
+
+def _error(message: str, every_rank: bool = False) -> int:
+    """One line on stderr. Under torchrun only rank 0 reports, since every rank meets the same input
+    errors (and errors of other ranks reach rank 0 as RankFailed), unless ``every_rank``."""
+    rank = _rank()
+    if rank == 0 or every_rank:
+        prefix = f"[rank {rank}] " if rank else ""
+        print(f"hrnet-fast: error: {prefix}{' '.join(str(message).split())}", file=sys.stderr)
     return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status. Usage errors exit via argparse (status 2)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -480,6 +737,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         _error("interrupted")
         return 130
+    except UsageError as e:
+        if _debugging():
+            raise
+        getattr(args, "command_parser", parser).error(str(e))  # exits with 2, as argparse does
     except KNOWN_ERRORS as e:
         if _debugging():
             raise
@@ -489,7 +750,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         detail = str(e)
         return _error(f"unexpected {type(e).__name__}{': ' + detail if detail.strip() else ''} "
-                      f"(rerun with {DEBUG_ENV}=1 to see the traceback)")
+                      f"(rerun with {DEBUG_ENV}=1 to see the traceback)", every_rank=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Image reading and writing for ``hrnet-fast segment``.
+"""Image reading and writing for ``hrnet-fast segment`` and ``hrnet-fast eval``.
 
 PNG/JPEG and other formats are read with Pillow when it is installed (``pip install Pillow``); binary
 PPM (P6) and ``.npy`` (HxWx3 uint8) work without it. Label maps and colour images are written as
@@ -13,6 +13,11 @@ actually holds is ever allocated.
 PPM: binary P6 only, with maxval 1..65535 (maxval < 256: one byte per sample; 256..65535: two bytes,
 big-endian, as Netpbm defines). Samples are scaled to 8 bits as round(v * 255 / maxval); a sample
 above maxval is an error. Comments (``#`` to the end of the line) may stand anywhere in the header.
+
+Label maps (``read_label``): single-channel class ids, HxW. ``.npy`` (any integer dtype up to 32 bits)
+works without Pillow; PNG and other formats need Pillow and must be greyscale (8 or 16 bit, or 32-bit
+integer) or palette images (the palette indices are the ids). An RGB file is refused: it is a colour
+rendering, not ids.
 """
 from __future__ import annotations
 
@@ -154,8 +159,8 @@ def _read_ppm(f, size: int, name: str) -> np.ndarray:
     return samples.reshape(h, w, 3)
 
 
-def _read_npy(f, size: int, name: str) -> np.ndarray:
-    """An HxWx3 uint8 array from a .npy file; header parsed by numpy, everything else checked here."""
+def _read_npy_header(f, size: int, name: str):
+    """(shape, fortran_order, dtype) of a .npy file, parsed by numpy; a bad header is an ImageReadError."""
     from numpy.lib import format as npy_format
 
     if size == 0:
@@ -171,6 +176,26 @@ def _read_npy(f, size: int, name: str) -> np.ndarray:
     except Exception as e:  # numpy raises ValueError, SyntaxError, TypeError, ... on bad headers
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise _fail(name, f"not a valid .npy file: {reason}") from None
+    return shape, fortran, dtype
+
+
+def _read_npy_payload(f, size: int, name: str, shape, fortran: bool, dtype) -> np.ndarray:
+    """The array the header declared, after checking the file holds that many bytes."""
+    need = int(np.prod(shape)) * dtype.itemsize
+    have = size - f.tell()
+    declared = f"the header declares shape {shape}"
+    if have < need:
+        raise _fail(name, f"truncated: {declared}, which needs {need} bytes of data; "
+                          f"the file has {max(have, 0)}")
+    arr = np.frombuffer(_read_exactly(f, need, name, declared), dtype=dtype)
+    if fortran:
+        return np.ascontiguousarray(arr.reshape(shape, order="F"))
+    return arr.reshape(shape).copy()
+
+
+def _read_npy(f, size: int, name: str) -> np.ndarray:
+    """An HxWx3 uint8 array from a .npy file; header parsed by numpy, everything else checked here."""
+    shape, fortran, dtype = _read_npy_header(f, size, name)
     if dtype != np.dtype(np.uint8):
         raise _fail(name, f"expected an HxWx3 uint8 RGB image, got dtype {dtype}")
     if len(shape) != 3 or shape[2] != 3:
@@ -179,16 +204,7 @@ def _read_npy(f, size: int, name: str) -> np.ndarray:
     if h < 1 or w < 1:
         raise _fail(name, f"shape {shape} has no pixels: height and width must be positive")
     _check_size(name, h, w)
-    need = h * w * 3
-    have = size - f.tell()
-    declared = f"the header declares shape {shape}"
-    if have < need:
-        raise _fail(name, f"truncated: {declared}, which needs {need} bytes of data; "
-                          f"the file has {max(have, 0)}")
-    arr = np.frombuffer(_read_exactly(f, need, name, declared), dtype=np.uint8)
-    if fortran:
-        return np.ascontiguousarray(arr.reshape((h, w, 3), order="F"))
-    return arr.reshape(h, w, 3).copy()
+    return _read_npy_payload(f, size, name, (h, w, 3), fortran, dtype)
 
 
 def _read_with_pillow(path: Path, name: str) -> np.ndarray:
@@ -213,20 +229,25 @@ def _read_with_pillow(path: Path, name: str) -> np.ndarray:
                     ) from None
 
 
+def _check_regular_file(path: Path, name: str, what: str) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise _fail(name, f"{what} not found") from None
+    except OSError as e:
+        raise _fail(name, f"cannot access the {what}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        article = "an" if what[0] in "aeiou" else "a"
+        raise _fail(name, f"is a directory, not {article} {what} file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device could block forever or never end
+        raise _fail(name, "not a regular file")
+
+
 def read_rgb(path) -> np.ndarray:
     """An HxWx3 uint8 RGB array from ``path``; any failure is an ``ImageReadError`` naming the file."""
     path = Path(path)
     name = str(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise _fail(name, "image not found") from None
-    except OSError as e:
-        raise _fail(name, f"cannot access the image: {e.strerror or e}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise _fail(name, "is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device could block forever or never end
-        raise _fail(name, "not a regular file")
+    _check_regular_file(path, name, "image")
     suffix = path.suffix.lower()
     try:
         if suffix in (".npy", ".ppm", ".pnm"):
@@ -239,6 +260,66 @@ def read_rgb(path) -> np.ndarray:
         raise _fail(name, f"cannot read the image: {e.strerror or e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or 0 in arr.shape:
         raise _fail(name, f"expected an HxWx3 uint8 RGB image, got {arr.shape} {arr.dtype}")
+    return arr
+
+
+# Pillow modes that hold class ids: greyscale 8/16/32 bit and palette (the indices are the ids).
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+_MAX_LABEL_ITEMSIZE = 4
+
+
+def _read_npy_label(f, size: int, name: str) -> np.ndarray:
+    shape, fortran, dtype = _read_npy_header(f, size, name)
+    if dtype.kind not in "iub" or dtype.itemsize > _MAX_LABEL_ITEMSIZE:
+        raise _fail(name, f"expected an HxW integer label map, got dtype {dtype}")
+    if len(shape) != 2:
+        raise _fail(name, f"expected an HxW integer label map, got shape {shape}")
+    h, w = int(shape[0]), int(shape[1])
+    _check_size(name, h, w)
+    return _read_npy_payload(f, size, name, (h, w), fortran, dtype)
+
+
+def _read_label_with_pillow(path: Path, name: str) -> np.ndarray:
+    suffix = path.suffix.lower()
+    try:
+        from PIL import Image
+    except ImportError:
+        raise _fail(name, f"reading {suffix or 'extension-less'} label maps needs Pillow (pip install "
+                          "Pillow); without it, .npy (HxW integers) works") from None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            _check_size(name, h, w)
+            if im.mode not in _LABEL_MODES:
+                raise _fail(name, f"a label map must be one channel of class ids (greyscale or palette), "
+                                  f"got a {im.mode} image")
+            return np.array(im)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise _fail(name, "out of memory while decoding the label map") from None
+    except Exception as e:  # Pillow's many exception types, as in _read_with_pillow
+        reason = " ".join(str(e).split())[:200]
+        raise _fail(name, f"cannot decode the label map ({type(e).__name__}"
+                          f"{': ' + reason if reason else ''})") from None
+
+
+def read_label(path) -> np.ndarray:
+    """An HxW integer array of class ids from ``path`` (``.npy``, or PNG etc. with Pillow); any failure
+    is an ``ImageReadError`` naming the file."""
+    path = Path(path)
+    name = str(path)
+    _check_regular_file(path, name, "label map")
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                arr = _read_npy_label(f, os.fstat(f.fileno()).st_size, name)
+        else:
+            arr = _read_label_with_pillow(path, name)
+    except OSError as e:
+        raise _fail(name, f"cannot read the label map: {e.strerror or e}") from None
+    if arr.ndim != 2 or arr.dtype.kind not in "iub":
+        raise _fail(name, f"expected an HxW integer label map, got {arr.shape} {arr.dtype}")
     return arr
 
 

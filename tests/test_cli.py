@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hrnet_fast.cli import main
@@ -53,6 +54,25 @@ def _read_png(path):
     return rows[:, 1:].reshape(h, w, ch) if ch == 3 else rows[:, 1:].reshape(h, w)
 
 
+def varied_classes(model, x):
+    """Random HRNets predict one class everywhere (the classifier sees mostly the mean feature), which
+    hides mistakes such as a wrong normalisation. Remove the mean feature of ``x`` from the classifier
+    (and its bias) so that the argmax varies over the image."""
+    import torch
+    last = model.last_layer[3]
+    feats = []
+    hook = last.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    with torch.no_grad():
+        model.eval()(x)
+        hook.remove()
+        mean = feats[0].mean((0, 2, 3))
+        w = last.weight[:, :, 0, 0]
+        w -= torch.outer(w @ mean, mean) / mean.dot(mean)
+        last.bias.zero_()
+    model.rebuild_fast()
+    return model
+
+
 def test_segment_writes_the_reference_argmax(tmp_path, capsys):
     import numpy as np
     import torch
@@ -60,29 +80,36 @@ def test_segment_writes_the_reference_argmax(tmp_path, capsys):
 
     from hrnet_fast import HRNet, HRNetConfig
     from hrnet_fast.cli import IMAGENET_MEAN, IMAGENET_STD
+    from hrnet_fast.imageio import palette
     from helpers import randomize_bn
 
     torch.manual_seed(0)
     ref = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1", num_classes=5), fast=False)).eval()
+    img = (np.random.default_rng(0).random((45, 61, 3)) * 255).astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    varied_classes(ref, x)
     ckpt = tmp_path / "w.pth"
     torch.save({"state_dict": ref.state_dict()}, ckpt)
-    img = (np.random.default_rng(0).random((45, 61, 3)) * 255).astype(np.uint8)
     ppm = tmp_path / "img.ppm"
     ppm.write_bytes(b"P6\n# test\n61 45\n255\n" + img.tobytes())
     np.save(tmp_path / "img.npy", img)
-    for src in (ppm, tmp_path / "img.npy"):
+    colours = palette(5)
+    for src, overlay in ((ppm, []), (tmp_path / "img.npy", ["--overlay"])):
         out, labels = tmp_path / "seg.png", tmp_path / "labels.png"
         assert main(["segment", str(src), "--checkpoint", str(ckpt), "--preset", "w18_small_v1",
-                     "--num-classes", "5", "--out", str(out), "--labels", str(labels)]) == 0
+                     "--num-classes", "5", "--out", str(out), "--labels", str(labels)] + overlay) == 0
         got = _read_png(labels)
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        assert len(np.unique(got)) >= 4  # a map that a wrong input or wrong resize would change
         with torch.no_grad():
             logits = F.interpolate(ref(x), size=(45, 61), mode="bilinear", align_corners=False)
         want = logits.argmax(1)[0].numpy()
         assert got.shape == (45, 61) and (got == want).mean() > 0.999
-        colour = _read_png(out)
-        assert colour.shape == (45, 61, 3)
+        if overlay:  # half the colour of each written class id, half the image
+            assert np.array_equal(_read_png(out), (0.5 * colours[got] + 0.5 * img).astype(np.uint8))
+        else:  # the colour of each written class id
+            assert np.array_equal(_read_png(out), colours[got])
+            assert (_read_png(out) == colours[want]).all(-1).mean() > 0.999
     assert "checkpoint format: plain" in capsys.readouterr().out
 
 
@@ -111,6 +138,23 @@ def test_bench_json(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and "eager" in r["speedup"] for r in torch_rows)
     assert all("skipped" in r for r in rows if r["name"] == "cuda")  # no GPU here: said, not faked
     assert data["environment"]["torch"]
+    # The figures agree with each other and with the printed table.
+    timed = [r for r in rows if "skipped" not in r]
+    assert len(timed) == 4  # eager and torch at batch 1 and 2
+    printed = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells[:1] == ["w18_small_v1"] and "skipped" not in cells:
+            printed[(int(cells[2]), cells[4])] = cells
+    for r in timed:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["median_ms"], rel=1e-9)
+        eager = next(e for e in timed if e["name"] == "eager" and e["batch"] == r["batch"])
+        assert r["speedup"]["eager"] == pytest.approx(eager["median_ms"] / r["median_ms"], rel=1e-9)
+        assert r["rel_err"] < 1e-5 and (r["rel_err"] == 0) == (r["name"] == "eager")
+        cells = printed[(r["batch"], ("ref:" if r["kind"] == "peer" else "fast:") + r["name"])]
+        assert cells[5:8] == [f"{r['median_ms']:.2f}", f"{r['images_per_s']:.1f}",
+                              f"{r['speedup']['eager']:.2f}"]
 
 
 def test_check_reports_and_exit_code(capsys, monkeypatch):
@@ -369,3 +413,152 @@ def test_help_documents_the_debug_variable(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "HRNET_FAST_DEBUG" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# segment into a folder, eval: end to end through the CLI, and their errors
+
+def _tiny_checkpoint(tmp_path, num_classes):
+    import torch
+    from hrnet_fast import HRNet, HRNetConfig
+    from helpers import randomize_bn
+    torch.manual_seed(1)
+    model = randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1", num_classes=num_classes), fast=False))
+    varied_classes(model, torch.randn(1, 3, 20, 28))
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    return str(tmp_path / "w.pth")
+
+
+def test_segment_a_folder_skips_a_corrupt_image_and_resumes(tmp_path, capsys):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b"):
+        _ppm(tmp_path / "in" / f"{name}.ppm", h=20, w=28)
+    (tmp_path / "in" / "broken.ppm").write_bytes(b"P6\n8 8\n255\n" + bytes(10))
+    ckpt = _tiny_checkpoint(tmp_path, 3)
+    argv = ["segment", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--checkpoint", ckpt,
+            "--num-classes", "3", "--colour", "--batch", "2", "--workers", "0", "--quiet"] + TINY
+    assert main(argv) == 3
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    skipped = [ln for ln in cap.err.splitlines() if ln.startswith("hrnet-fast: skipped")]
+    assert len(skipped) == 1 and "broken.ppm" in skipped[0] and "truncated" in skipped[0]
+    assert "exit status 3" in cap.err and "2 of 3 images segmented" in cap.out
+    assert "images/s" in cap.out and "decode" in cap.out and "write" in cap.out
+    # The same class ids as segmenting the image on its own, the colours those of the ids.
+    assert main(["segment", str(tmp_path / "in" / "a.ppm"), "--out", str(tmp_path / "a_col.png"),
+                 "--labels", str(tmp_path / "a_ids.png"), "--checkpoint", ckpt, "--num-classes", "3"]
+                + TINY) == 0
+    assert len(np.unique(_read_png(tmp_path / "a_ids.png"))) == 3
+    assert np.array_equal(_read_png(tmp_path / "out" / "a.png"), _read_png(tmp_path / "a_ids.png"))
+    assert np.array_equal(_read_png(tmp_path / "out" / "a_colour.png"), _read_png(tmp_path / "a_col.png"))
+    assert (tmp_path / "out" / "sub" / "b.png").exists()
+    capsys.readouterr()
+    before = os.path.getmtime(tmp_path / "out" / "a.png")
+    assert main(argv + ["--resume"]) == 3  # the corrupt image is still there, still skipped
+    assert "0 of 3 images segmented" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "out" / "a.png") == before
+
+
+def _eval_dataset(tmp_path, sizes=((20, 28), (20, 28), (20, 28))):
+    """Cityscapes layout: leftImg8bit/val/<city>/*_leftImg8bit.ppm, gtFine/val/<city>/*_labelIds.npy."""
+    rng = np.random.default_rng(7)
+    for k, (h, w) in enumerate(sizes):
+        city = "aachen" if k % 2 == 0 else "bonn"
+        stem = f"{city}_{k:06d}_000019"
+        img_dir = tmp_path / "leftImg8bit" / "val" / city
+        gt_dir = tmp_path / "gtFine" / "val" / city
+        img_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        (img_dir / f"{stem}_leftImg8bit.ppm").write_bytes(f"P6\n{w} {h}\n255\n".encode() + img.tobytes())
+        # ids 0..26: every Cityscapes class up to car, none of truck ... bicycle (27..33)
+        np.save(gt_dir / f"{stem}_gtFine_labelIds.npy", rng.integers(0, 27, (h, w)).astype(np.uint8))
+    return str(tmp_path / "leftImg8bit" / "val"), str(tmp_path / "gtFine" / "val")
+
+
+def test_eval_writes_the_metrics_of_the_checkpoint(tmp_path, capsys):
+    import json
+
+    import torch
+    from hrnet_fast import HRNet, HRNetConfig, load_checkpoint
+    from hrnet_fast.evaluate import METRIC_KEYS, label_lookup_table, pair_images_and_labels
+    from hrnet_fast.imageio import read_rgb
+    from hrnet_fast.infer import normalize
+    from test_evaluate import brute_force_metrics
+
+    images, labels = _eval_dataset(tmp_path)
+    ckpt = _tiny_checkpoint(tmp_path, 19)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--images", images, "--labels", labels, "--checkpoint", ckpt, "--label-map",
+                 "cityscapes", "--json", str(out), "--workers", "0", "--quiet"] + TINY) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    assert list(got) == list(METRIC_KEYS)
+    # The same model predicting each image on its own; metrics counted pixel by pixel.
+    model = HRNet(HRNetConfig.preset("w18_small_v1", num_classes=19))
+    load_checkpoint(model, ckpt)
+    model.eval()
+    table = label_lookup_table("cityscapes", 255)
+    preds, targets = [], []
+    with torch.inference_mode():
+        for item in pair_images_and_labels(images, labels):
+            img = read_rgb(item.path)
+            logits = model(normalize(torch.from_numpy(img)[None], torch.float32))
+            logits = torch.nn.functional.interpolate(logits, size=img.shape[:2], mode="bilinear")
+            preds.append(logits.argmax(1)[0].numpy())
+            targets.append(table[np.load(item.label)])
+    want = brute_force_metrics(preds, targets, 19, 255)
+    assert got["confusion_matrix"] == want["confusion_matrix"] and got["images"] == 3
+    assert got["iou"] == pytest.approx(want["iou"], rel=1e-12)
+    assert None in want["iou"] and out.read_text().count("null") == want["iou"].count(None)
+    assert got["miou"] == pytest.approx(want["miou"], rel=1e-12)
+    for name in ("road", "traffic light", "bicycle"):  # the table names the Cityscapes classes
+        assert f"\n{name} " in printed
+    assert f"mIoU {100 * want['miou']:.2f}%" in printed
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--label-map", "ade20k"], "--label-map"),
+    (["--crop", "12xq"], "--crop"),
+    (["--stride", "8x8"], "--stride"),                        # no --crop
+    (["--crop", "8x8", "--stride", "9x8"], "--stride"),       # a gap between windows
+    (["--scales", "1,-0.5"], "--scales"),
+    (["--random-weights", "--checkpoint", "w.pth"], "--random-weights"),
+    ([], "--checkpoint"),                                     # neither weights nor --random-weights
+])
+def test_eval_bad_arguments_are_usage_errors(tmp_path, capsys, no_model, extra, option):
+    images, labels = _eval_dataset(tmp_path)
+    assert_usage_error(capsys, ["eval", "--images", images, "--labels", labels] + TINY + extra, option)
+    assert not no_model
+
+
+def test_eval_missing_label_is_one_error_before_any_model(tmp_path, capsys, no_model):
+    images, labels = _eval_dataset(tmp_path)
+    os.remove(os.path.join(labels, "bonn", "bonn_000001_000019_gtFine_labelIds.npy"))
+    assert_one_line_error(capsys, ["eval", "--images", images, "--labels", labels, "--random-weights"]
+                          + TINY, "no label map", "bonn_000001_000019_leftImg8bit.ppm")
+    assert not no_model
+
+
+def test_eval_label_of_another_size_is_one_error(tmp_path, capsys):
+    images, labels = _eval_dataset(tmp_path)
+    np.save(os.path.join(labels, "aachen", "aachen_000002_000019_gtFine_labelIds.npy"),
+            np.zeros((20, 27), np.uint8))
+    line = assert_one_line_error(
+        capsys, ["eval", "--images", images, "--labels", labels, "--random-weights", "--workers", "0",
+                 "--quiet", "--label-map", "cityscapes", "--json", str(tmp_path / "m.json")] + TINY,
+        "aachen_000002_000019_gtFine_labelIds.npy", "27x20")
+    assert "28x20" in line and not (tmp_path / "m.json").exists()
+
+
+def test_segment_folder_argument_errors(tmp_path, capsys, no_model):
+    (tmp_path / "in").mkdir()
+    _ppm(tmp_path / "in" / "a.ppm")
+    assert_one_line_error(capsys, ["segment", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                   "--labels", str(tmp_path / "l.png")] + TINY, "--labels")
+    assert_one_line_error(capsys, ["segment", str(tmp_path / "in")] + TINY, "--out DIR")
+    assert_one_line_error(capsys, ["segment", str(tmp_path / "in" / "*.jpg"), "--out",
+                                   str(tmp_path / "o")] + TINY, "no image matches")
+    assert_one_line_error(capsys, ["segment", str(tmp_path / "in"), str(tmp_path / "nope.ppm"),
+                                   "--out", str(tmp_path / "o")] + TINY, "not found", "nope.ppm")
+    assert not no_model and not (tmp_path / "o").exists()
