@@ -2,6 +2,7 @@
 from .checkpoints import CheckpointError, LoadReport, load_checkpoint
 from .config import PRESET_NAMES, HRNetConfig, StageConfig
 from .engine import HRNetEngine, optimize
+from .export import export_onnx
 from .model import HRNet
 from .backends import BackendUnavailable
 
@@ -9,5 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HRNet", "HRNetConfig", "StageConfig", "PRESET_NAMES", "load_checkpoint", "LoadReport",
-    "CheckpointError", "optimize", "HRNetEngine", "BackendUnavailable", "__version__",
+    "CheckpointError", "optimize", "HRNetEngine", "export_onnx", "BackendUnavailable", "__version__",
 ]

@@ -264,6 +264,7 @@ class HRNetEngine(nn.Module):
         self._seen_shapes: Dict[Tuple, None] = {}  # shapes run once eagerly: captured on the next call
         self._compiled: Optional[Callable] = None
         self.rebuild()
+        self.eval()  # inference only: exporters and tracers see an eval-mode module
 
     def rebuild(self) -> None:
         """Fold the source model's current weights again (drops captured CUDA graphs)."""
