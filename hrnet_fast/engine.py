@@ -248,6 +248,11 @@ class HRNetEngine(nn.Module):
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         self.channels_last = True if channels_last is None else bool(channels_last)
+        if self.device.type == "cpu":
+            from .backends.torch_cpu import native_precision
+            ok, why = native_precision(self.dtype)
+            if not ok:
+                raise BackendUnavailable(why)
         self.backend = resolve_engine_backend(backend, self.device)
         self.auto = (backend or selection.default_backend()).lower() == "auto"
         if cuda_graphs and self.device.type != "cuda":

@@ -132,9 +132,14 @@ class HRNet(HighResolutionNet):
         if any(map(_TRAINING, tree.modules)):
             name = next(n for n, m in zip(tree.names, tree.modules) if m.training)
             return f"submodule {name!r} is in training mode"
-        dtype = next(self.parameters()).dtype
-        if dtype not in ENGINE_DTYPES:
-            return f"the engine does not run {dtype} (only float32, float16, bfloat16)"
+        param = next(self.parameters())
+        if param.dtype not in ENGINE_DTYPES:
+            return f"the engine does not run {param.dtype} (only float32, float16, bfloat16)"
+        if param.device.type == "cpu" and param.dtype != torch.float32:
+            from .backends.torch_cpu import native_precision
+            ok, why = native_precision(param.dtype)
+            if not ok:
+                return why
         return None
 
     def _warn_fallback(self, reason: str) -> None:

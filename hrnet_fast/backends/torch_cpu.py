@@ -15,6 +15,7 @@ process, falls back to ``F.conv2d`` (same results, slower) and says so once with
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -31,6 +32,28 @@ _WARNED: set = set()  # causes already warned about in this process
 # Input shapes per conv whose reordered weights are kept (oneDNN picks the layout per problem);
 # enough for a fixed-size service plus a second size, without growing with every image size.
 MAX_SHAPES = 2
+
+
+@lru_cache(maxsize=None)
+def native_precision(dtype: torch.dtype) -> Tuple[bool, str]:
+    """Whether this CPU runs ``dtype`` convolutions natively (oneDNN): float32 always; bfloat16 with
+    AVX512-BF16 or AMX; float16 with AVX512-FP16 or AMX-FP16. Without it oneDNN emulates them, many
+    times slower than float32, so the engine refuses rather than run slowly."""
+    if dtype == torch.float32:
+        return True, ""
+    probe = {torch.bfloat16: ("_is_mkldnn_bf16_supported", "bfloat16 (AVX512-BF16 or AMX)"),
+             torch.float16: ("_is_mkldnn_fp16_supported", "float16 (AVX512-FP16 or AMX-FP16)")}
+    if dtype not in probe:
+        return False, f"the CPU engine runs float32, bfloat16 or float16, not {dtype}"
+    name, what = probe[dtype]
+    try:
+        ok = bool(getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):
+        ok = False
+    if ok:
+        return True, ""
+    return False, (f"this CPU has no native {what} support: its {dtype} convolutions would run "
+                   "emulated, slower than float32; use dtype=torch.float32")
 
 
 def onednn_available() -> bool:
