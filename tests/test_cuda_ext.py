@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
+from gpu_backends import require_backend
+from nearest_sweep import assert_sweep_bit_exact, sweep_pairs
 from oracles import GPU_AC_FP32_TOL, assert_close_to_oracle, fuse_fp64, fuse_same_dtype, rel_err
 
 from hrnet_fast import cuda_ext
@@ -212,12 +214,16 @@ def test_emulated_no_contributions_and_no_bias(emulator):
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_emulated_nearest_is_bit_exact(emulator, layout):
-    # nearest does no arithmetic: with a zero base the output must equal F.interpolate bit for bit
-    for size, src in [((15, 17), (4, 5)), ((119, 119), (60, 60)), ((119, 119), (15, 15)), ((130, 65), (17, 33))]:
-        base, contribs, _ = make_inputs(1, 8, size, [src], torch.float32, layout, "cpu", bias=False)
-        base.zero_()
-        out, _ = emulate(emulator, base, contribs, "nearest", False, False)
-        assert torch.equal(out, F.interpolate(contribs[0], size=size, mode="nearest"))
+    """nearest does no arithmetic on values: every pair of the sweep (tests/nearest_sweep.py,
+    in <= 64 -> out <= 130, including those where a float64 index product picks other rows) must
+    equal F.interpolate bit for bit."""
+    def run(base, contribs):
+        return emulate(emulator, base, contribs, "nearest", False, False)[0]
+
+    checked = assert_sweep_bit_exact(run, "cpu", channels=4 if layout == "cl" else 1,
+                                     channels_last=layout == "cl",
+                                     what=f"emulated CUDA kernel ({layout})")
+    assert checked == len(sweep_pairs())
 
 
 def test_emulated_odd_hrnet_sizes(emulator):
@@ -381,10 +387,10 @@ def test_fake_kernel_shapes_and_layout():
     base_cl = base.contiguous(memory_format=torch.channels_last)
     out = cuda_ext._upsample_add_relu_fake(base_cl, cs, "nearest", False, True, torch.empty(8, device="meta"))
     assert out.is_contiguous(memory_format=torch.channels_last) and out.stride(1) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match=r"contributions\[0\] .* is larger than base"):
         cuda_ext._upsample_add_relu_fake(base, [torch.empty(2, 8, 16, 9, device="meta")], "bilinear",
                                          False, True, None)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="mode must be 'nearest' or 'bilinear', got 'bicubic'"):
         cuda_ext._upsample_add_relu_fake(base, cs, "bicubic", False, True, None)
 
 
@@ -400,7 +406,7 @@ def test_setup_decision_env_and_cpu_torch():
     setup_mod = _load_setup_module()
     build, reason = setup_mod.cuda_build_decision({"HRNET_FAST_BUILD_CUDA": "0"})
     assert build is False and "HRNET_FAST_BUILD_CUDA=0" in reason
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="HRNET_FAST_BUILD_CUDA must be 0 or 1, got 'maybe'"):
         setup_mod.cuda_build_decision({"HRNET_FAST_BUILD_CUDA": "maybe"})
     if torch.version.cuda is None:
         build, reason = setup_mod.cuda_build_decision({})
@@ -466,6 +472,7 @@ def test_pure_python_wheel_builds(tmp_path):
 # ================================================================================== GPU tests
 @pytest.fixture(scope="module")
 def ext():
+    require_backend("cuda")  # fails where the extension can be built but does not load
     module = cuda_ext.load_extension()
     ok, reason = cuda_ext.cuda_ext_status()
     assert module is not None and ok, f"CUDA extension did not load: {reason}"
@@ -539,25 +546,39 @@ def test_gpu_chains_more_than_four_contributions(ext, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_gpu_nearest_is_bit_exact(ext, layout):
-    for size, src in [((15, 17), (4, 5)), ((119, 119), (60, 60)), ((256, 512), (32, 64))]:
-        base, contribs, _ = make_inputs(1, 16, size, [src], torch.float32, layout, DEVICE, bias=False)
-        base.zero_()
-        out = _run(base, contribs, "nearest", False, False, None)
-        assert torch.equal(out, F.interpolate(contribs[0], size=size, mode="nearest"))
+    """Every pair of the sweep (tests/nearest_sweep.py) and one full-size HRNet pair, bit for bit."""
+    def run(base, contribs):
+        return _run(base, contribs, "nearest", False, False, None)
+
+    checked = assert_sweep_bit_exact(run, DEVICE, channels=4 if layout == "cl" else 1,
+                                     channels_last=layout == "cl", what=f"CUDA kernel ({layout})")
+    assert checked == len(sweep_pairs())
+    base, contribs, _ = make_inputs(1, 16, (256, 512), [(32, 64)], torch.float32, layout, DEVICE,
+                                    bias=False)
+    base.zero_()
+    out = run(base, contribs)
+    assert torch.equal(out, F.interpolate(contribs[0], size=(256, 512), mode="nearest"))
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason="bit-exact only if nvcc contracts FMAs as in PyTorch's kernel")
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_gpu_bilinear_is_bit_exact(ext, layout, align_corners):
+def test_gpu_bilinear_matches_interpolate(ext, layout, align_corners):
+    """Against CUDA's F.interpolate itself (zero base, no ReLU): the same indices and weights, so
+    only the float32 rounding of the blend may differ; bit-exactness would need nvcc to contract
+    the same FMAs as in PyTorch's kernel, which nothing guarantees. The stated bound is the fp32
+    rule of tests/oracles.py: 1e-6, and GPU_AC_FP32_TOL for align_corners=True (its reason is
+    there); a wrong neighbour or weight shows as 1e-2 or more. The count of values that are not
+    bit-equal is printed."""
+    override = {"fp32_tol": GPU_AC_FP32_TOL, "reason": "GPU bilinear align_corners=True"}
     for size, src in [((15, 17), (8, 9)), ((119, 119), (60, 60)), ((256, 512), (128, 256))]:
         base, contribs, _ = make_inputs(1, 16, size, [src], torch.float32, layout, DEVICE, bias=False)
         base.zero_()
         out = _run(base, contribs, "bilinear", align_corners, False, None)
         ref = F.interpolate(contribs[0], size=size, mode="bilinear", align_corners=align_corners)
-        mismatched = int((out != ref).sum())
-        assert mismatched == 0, f"{mismatched} of {out.numel()} values differ, max {(out - ref).abs().max()}"
+        print(f"\n{src} -> {size}: {int((out != ref).sum())} of {out.numel()} values not bit-equal")
+        assert_close_to_oracle(out, ref.double(), dtype=torch.float32, what=f"{src} -> {size}",
+                               **(override if align_corners else {}))
 
 
 @pytest.mark.gpu
@@ -574,9 +595,11 @@ def test_gpu_argument_errors(ext):
         op(base, [torch.randn(1, 3, 3, 4, device=DEVICE)], "bilinear", False, True, None)
     with pytest.raises(RuntimeError, match="bias"):
         op(base, contribs, "bilinear", False, True, torch.randn(5, device=DEVICE))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"contributions\[0\] is on cpu but base is on cuda"):
         op(base, [contribs[0].cpu()], "bilinear", False, True, None)
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    # CPU tensors only: the op has no CPU kernel (the dispatcher's NotImplementedError, a
+    # RuntimeError) or, should a CPU kernel ever be registered, the binding's own check
+    with pytest.raises(RuntimeError, match="'CPU' backend|base must be a CUDA tensor"):
         op(base.cpu(), [contribs[0].cpu()], "bilinear", False, True, None)
 
 

@@ -5,6 +5,7 @@ import torch
 from hrnet_fast import BackendUnavailable, HRNet, HRNetConfig, load_checkpoint, optimize
 from hrnet_fast.check import clone_as
 from hrnet_fast.reference import HighResolutionNet
+from gpu_backends import require_backend
 from helpers import randomize_bn, rel_err
 from oracles import assert_model_close
 
@@ -290,13 +291,13 @@ def test_cuda_graph_low_precision_keeps_fused_epilogues(backend, dtype):
 @pytest.mark.parametrize("preset", ["w18", "w48"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_full_size_model_equality_on_gpu(preset, backend):
-    """fp32 (TF32 off) within 1e-5 and fp16 within 2x the reference's own fp16 error, 1024x2048."""
+    """fp32 (TF32 off) within 1e-5 and fp16 within 2x the reference's own fp16 error, 1024x2048.
+    torch and triton must run on a CUDA machine; cuda skips only where the extension cannot be
+    built (tests/gpu_backends.py)."""
+    require_backend(backend)
     model = _model(preset).cuda()
     x = torch.randn(1, 3, 1024, 2048, device="cuda")
-    try:
-        fast32 = optimize(model, backend=backend)
-    except BackendUnavailable as e:
-        pytest.skip(str(e))
+    fast32 = optimize(model, backend=backend)
     with torch.no_grad():
         ref32 = _reference_forward(model, x)
         assert rel_err(fast32(x), ref32) < TOL
@@ -304,3 +305,67 @@ def test_full_size_model_equality_on_gpu(preset, backend):
         own16 = clone_as(model, torch.float16)(x.half())
         out16 = optimize(model, backend=backend, dtype=torch.float16)(x.half())
     assert_model_close(out16, ref64, own16, dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
+def w18_half_size_fp16():
+    """w18 at 1x3x512x1024 (fp16 input), its fp64 reference and the reference run in fp16."""
+    model = _model("w18").cuda()
+    x = torch.randn(1, 3, 512, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(11))
+    with torch.no_grad():
+        ref64 = clone_as(model, torch.float64)(x.double())
+        own16 = clone_as(model, torch.float16)(x.half())
+    return model, x.half(), ref64, own16
+
+
+def _conv_variant(spec, residual) -> str:
+    if spec.relu_ranges is not None:
+        return "relu ranges"
+    act = "relu" if spec.relu else "no relu"
+    return act if residual is None else f"residual + {act}"
+
+
+def _record_candidates(op, calls, describe):
+    """Wrap every candidate of a measured choice (selection.SelectingOp) so that each call appends
+    ``(candidate name, describe(*args))`` to ``calls``."""
+    from hrnet_fast.backends.selection import SelectingOp
+    assert isinstance(op, SelectingOp), f"expected a measured choice, got {op!r}"
+
+    def recorded(name, fn):
+        def run(*args, **kwargs):
+            calls.append((name, describe(*args, **kwargs)))
+            return fn(*args, **kwargs)
+        return run
+
+    for name, fn in list(op.candidates.items()):
+        op.candidates[name] = recorded(name, fn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("down", ["batched", "chain"])
+@pytest.mark.parametrize("conv", ["torch", "triton"])
+def test_triton_backend_each_forced_implementation(conv, down, monkeypatch, w18_half_size_fp16):
+    """backend="triton" times the candidates per shape, so a test that leaves the choice to timing
+    checks only the winner. Here every conv and every strided fuse chain is forced onto one
+    implementation (HRNET_FAST_FORCE_*), on w18 at 1x3x512x1024 in fp16, checked against fp64 with
+    tests/oracles.py's rule. The calls are recorded: only the forced implementations run, and the
+    forced conv runs every variant (ReLU without residual, neither ReLU nor residual, residual +
+    ReLU, and with the batched down path the per-channel ReLU ranges)."""
+    require_backend("triton")
+    monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT", conv)
+    monkeypatch.setenv("HRNET_FAST_FORCE_FUSE_DOWN", down)
+    model, x, ref64, own16 = w18_half_size_fp16
+    engine = optimize(model, backend="triton", dtype=torch.float16, cuda_graphs=False)
+    assert engine.backend == "triton"
+    conv_calls, down_calls = [], []
+    _record_candidates(engine._be.conv, conv_calls,
+                       lambda x, spec, residual=None: _conv_variant(spec, residual))
+    _record_candidates(engine._be.down, down_calls, lambda *args, **kwargs: None)
+    with torch.no_grad():
+        out = engine(x)
+    assert {name for name, _ in conv_calls} == {conv}
+    assert {name for name, _ in down_calls} == {down}
+    variants = {v for _, v in conv_calls}
+    need = {"relu", "no relu", "residual + relu"} | ({"relu ranges"} if down == "batched" else set())
+    assert need <= variants, f"forced conv {conv} ran only {sorted(variants)}"
+    assert_model_close(out, ref64, own16, dtype=torch.float16, what=f"conv={conv}, down={down}")

@@ -195,16 +195,19 @@ def test_conv_registered_op_and_fake():
 def test_conv_argument_errors():
     x = torch.randn(1, 18, 9, 11).to(DEVICE)
     w = torch.randn(36, 18, 3, 3).to(DEVICE)
-    with pytest.raises(ValueError):
-        kconv.conv2d_bias_act(x, w, relu_ranges=[(0, 40)])           # range beyond Cout
-    with pytest.raises(ValueError):
-        kconv.conv2d_bias_act(x, w, relu_ranges=[0, 5, 7])           # odd flat list
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"relu range \(0, 40\) outside \[0, 36\]"):
+        kconv.conv2d_bias_act(x, w, relu_ranges=[(0, 40)])
+    with pytest.raises(ValueError, match=r"relu_ranges must hold \(start, end\) pairs"):
+        kconv.conv2d_bias_act(x, w, relu_ranges=[0, 5, 7])
+    with pytest.raises(ValueError, match=r"residual has shape \(1, 36, 5, 6\), "
+                                         r"expected \(1, 36, 9, 11\)"):
         kconv.conv2d_bias_act(x, w, residual=torch.randn(1, 36, 5, 6).to(DEVICE))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="weight has Cin=17, x has 18 channels"):
         kconv.conv2d_bias_act(x, torch.randn(36, 17, 3, 3).to(DEVICE))
-    with pytest.raises(ValueError):
-        kconv.conv2d_bias_act(x, torch.randn(5 * 18, 36).to(DEVICE))  # packed K not k*k*Cin
+    with pytest.raises(ValueError, match=r"packed weight \(90, 36\) does not fit Cin=18"):
+        kconv.conv2d_bias_act(x, torch.randn(5 * 18, 36).to(DEVICE))  # 90 rows: not k*k*18
+    with pytest.raises(ValueError, match="bias has 35 entries, expected Cout=36"):
+        kconv.conv2d_bias_act(x, w, torch.randn(35).to(DEVICE))
 
 
 def test_pack_weight_layout():
@@ -443,16 +446,21 @@ def test_chain_fake_and_errors():
             fo = op(fx, *args, None)
             assert tuple(fo.shape) == (1, 36, 3, 3)
             assert fo.is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError):
-        kchain.strided_chain(torch.randn(1, 18, 9, 9), ws[:1], bs[:1])
-    with pytest.raises(ValueError):
-        kchain.strided_chain(torch.randn(1, 18, 9, 9), ws[:2], bs[:2],
-                             accumulate_into=torch.randn(1, 18, 3, 3))    # Ci is 18 here, Hf = 3: ok
-        kchain.strided_chain(torch.randn(1, 18, 9, 9), ws[:2], bs[:2],
-                             accumulate_into=torch.randn(1, 18, 2, 2))    # wrong size
-    with pytest.raises(ValueError):
-        bad = [torch.randn(20, 18, 3, 3), ws[2]]
-        kchain.strided_chain(torch.randn(1, 18, 9, 9), bad, [None, None])
+    x = torch.randn(1, 18, 9, 9)
+    with pytest.raises(ValueError, match="strided_chain needs 2 or 3 weights"):
+        kchain.strided_chain(x, ws[:1], bs[:1])
+    # accumulate_into must be [N, C_i, Hf, Wf]: two steps take 9x9 to 3x3 with C_i = 18 here
+    right = kchain.strided_chain(x.to(DEVICE), [w.to(DEVICE) for w in ws[:2]],
+                                 [b.to(DEVICE) for b in bs[:2]],
+                                 accumulate_into=torch.zeros(1, 18, 3, 3, device=DEVICE))
+    assert tuple(right.shape) == (1, 18, 3, 3)
+    with pytest.raises(ValueError, match=r"accumulate_into has shape \(1, 18, 2, 2\), "
+                                         r"expected \(1, 18, 3, 3\)"):
+        kchain.strided_chain(x, ws[:2], bs[:2], accumulate_into=torch.randn(1, 18, 2, 2))
+    bad = [torch.randn(20, 18, 3, 3), ws[2]]
+    with pytest.raises(ValueError, match="intermediate chain convs must keep C_j=18 channels, "
+                                         "got Cout=20"):
+        kchain.strided_chain(x, bad, [None, None])
 
 
 _TRACE_SCRIPT = r"""

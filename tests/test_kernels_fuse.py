@@ -24,9 +24,15 @@ _ok, _why = triton_status(DEVICE)
 if not _ok:
     pytest.skip(f"Triton kernels cannot run here: {_why}", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from hrnet_fast.kernels.seg_head import _launch_head, seg_head  # noqa: E402
 from hrnet_fast.kernels.upsample_add_relu import (  # noqa: E402
-    _launch, output_like, upsample_add_relu,
+    _launch, _nearest_axis, output_like, resize_scales, upsample_add_relu,
+)
+from nearest_sweep import (  # noqa: E402
+    assert_sweep_bit_exact, float64_product_disagrees, integer_tensor, one_cpu_thread, sweep_pairs,
 )
 
 # The interpreter (numpy < 2.3) warns on loops over a runtime bound; harmless.
@@ -166,16 +172,107 @@ def test_fuse_poisoned_preallocated_output(channels_last):
                            what="poisoned")
 
 
-def test_fuse_nearest_index_arithmetic_exact():
-    # Ratios where float32 and exact arithmetic disagree about floor(dst * in / out): the result
-    # must equal F.interpolate bit for bit (float32, no adds, no ReLU).
-    # (14 -> 46, 6 -> 74, 9 -> 111, 3 -> 123 are such ratios; the others are HRNet branch sizes)
-    for (h, H), (w, W) in [((14, 46), (6, 74)), ((9, 111), (3, 123)), ((60, 119), (30, 119)),
-                           ((33, 130), (17, 130)), ((5, 15), (10, 49))]:
-        c = _rand((1, 3, h, w), torch.float32, False, h * w)
-        base = torch.zeros((1, 3, H, W), device=DEVICE)
-        out = upsample_add_relu(base, [c], mode="nearest", relu=False)
-        assert torch.equal(out, F.interpolate(c, size=(H, W), mode="nearest")), (h, H, w, W)
+# The nearest-index sweep (tests/nearest_sweep.py): the Triton kernel's index helper on every pair,
+# real launches on the pairs where a float64 product would go wrong, and on a GPU the whole sweep
+# through the real kernel.
+@triton.jit
+def _nearest_axis_probe(dst_ptr, in_ptr, scale_ptr, src_ptr, n, BLOCK: tl.constexpr):
+    """src[k] = _nearest_axis(dst[k], in[k], scale[k]): the kernel's own index helper, many
+    (pair, dst) items per launch."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = k < n
+    dst = tl.load(dst_ptr + k, mask=m, other=0)
+    in_size = tl.load(in_ptr + k, mask=m, other=1)
+    scale = tl.load(scale_ptr + k, mask=m, other=1.0)
+    tl.store(src_ptr + k, _nearest_axis(dst, in_size, scale), mask=m)
+
+
+def test_nearest_index_helper_matches_interpolate_on_every_pair():
+    """The kernel's index helper, with the scales the host passes (resize_scales), against
+    F.interpolate's sources on every pair of the sweep: ~500k (pair, dst) items in one launch under
+    the interpreter (a ~1M-wide block is plain numpy there), 1024-wide blocks on a GPU."""
+    dst, ins, outs, scales, want = [], [], [], [], []
+    with one_cpu_thread():
+        for i, o in sweep_pairs():
+            dst.append(torch.arange(o, dtype=torch.int32))
+            ins.append(torch.full((o,), i, dtype=torch.int32))
+            outs.append(torch.full((o,), o, dtype=torch.int32))
+            scales.append(torch.full((o,), resize_scales(i, i, o, o, "nearest", False)[0]))
+            idx = torch.arange(i, dtype=torch.float32).view(1, 1, 1, i)
+            want.append(F.interpolate(idx, size=(1, o), mode="nearest").view(-1).to(torch.int32))
+    dst, ins, outs, scales, want = (torch.cat(t) for t in (dst, ins, outs, scales, want))
+    assert scales.dtype == torch.float32
+    n = dst.numel()
+    got = torch.full_like(dst, -1, device=DEVICE)
+    block = 1024 if DEVICE.type == "cuda" else triton.next_power_of_2(n)
+    _nearest_axis_probe[(triton.cdiv(n, block),)](dst.to(DEVICE), ins.to(DEVICE),
+                                                  scales.to(DEVICE), got, n, BLOCK=block)
+    wrong = got.cpu() != want
+    pairs = torch.unique(torch.stack([ins[wrong], outs[wrong]], 1), dim=0).tolist()
+    assert not pairs, (f"{int(wrong.sum())} of {n} nearest source indices differ from "
+                       f"F.interpolate; {len(pairs)} in->out pairs, e.g. {pairs[:20]}")
+
+
+def _float64_sensitive_launches(n_outs: int = 8, per_out: int = 8):
+    """[(base (H, W), [(h, w), ...])]: each call resizes ``per_out`` contributions into an H x W
+    base, where h -> H and w -> W are pairs whose nearest sources change if the index product is
+    taken in float64. The pairs are found here, by comparing both products (nearest_sweep.py);
+    the known ones from HRNet (6 -> 46, 12 -> 46) and 2 -> 50, 2 -> 58 come first."""
+    known = {46: [6, 12], 50: [2], 58: [2]}
+    sensitive = {}
+    for i, o in sweep_pairs():
+        if float64_product_disagrees(i, o):
+            sensitive.setdefault(o, []).append(i)
+    for o, ins in known.items():
+        assert set(ins) <= set(sensitive.get(o, ())), f"{ins} -> {o} no longer float64-sensitive"
+    others = sorted((o for o in sensitive if o not in known), key=lambda o: -len(sensitive[o]))
+    outs = list(known) + others[:n_outs - len(known)]
+    picks = {o: (known.get(o, []) + [i for i in sensitive[o][::-1] if i not in known.get(o, [])])
+             [:per_out] for o in outs}
+    launches = []
+    for out_h, out_w in zip(outs[0::2], outs[1::2]):
+        hs, ws = picks[out_h], picks[out_w]
+        count = max(len(hs), len(ws))
+        sizes = [(hs[k % len(hs)], ws[k % len(ws)]) for k in range(count)]
+        launches.append(((out_h, out_w), sizes))
+    return launches
+
+
+def test_fuse_nearest_real_launches_on_float64_sensitive_pairs():
+    """The real kernel (more than four contributions: a presum launch, then the final one) on pairs
+    where only PyTorch's float32 product gives the right rows: bit for bit. Integer values keep
+    every sum exact, so any wrong source row or column shows. One channel, NCHW: the layouts
+    share the index arithmetic, and the interpreter's time grows with the programs launched."""
+    launches = _float64_sensitive_launches()
+    covered = {(h, H) for (H, _), sizes in launches for h, _ in sizes}
+    covered |= {(w, W) for (_, W), sizes in launches for _, w in sizes}
+    assert {(6, 46), (12, 46), (2, 50), (2, 58)} <= covered and len(covered) >= 40
+    for (H, W), sizes in launches:
+        base = integer_tensor((1, 1, H, W), DEVICE, seed=H * W)
+        contribs = [integer_tensor((1, 1, h, w), DEVICE, seed=H * W + k + 1)
+                    for k, (h, w) in enumerate(sizes)]
+        out = upsample_add_relu(base, contribs, mode="nearest", relu=False)
+        want = base + torch.stack([F.interpolate(t, size=(H, W), mode="nearest")
+                                   for t in contribs]).sum(0)
+        if not torch.equal(out, want):
+            zero = torch.zeros_like(base)
+            bad = [f"{h}x{w}" for (h, w), t in zip(sizes, contribs) if not torch.equal(
+                upsample_add_relu(zero, [t], mode="nearest", relu=False),
+                F.interpolate(t, size=(H, W), mode="nearest"))]
+            raise AssertionError(f"nearest into {H}x{W}: {int((out != want).sum())} values differ "
+                                 f"from F.interpolate; contributions {bad}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_fuse_nearest_full_sweep(channels_last):
+    """Every pair of the sweep through the real kernel on the GPU, bit for bit."""
+    def run(base, contribs):
+        return upsample_add_relu(base, contribs, mode="nearest", relu=False)
+
+    checked = assert_sweep_bit_exact(run, DEVICE, channels=4 if channels_last else 1,
+                                     channels_last=channels_last, what="Triton upsample_add_relu")
+    assert checked == len(sweep_pairs())
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
