@@ -105,8 +105,8 @@ def run_module(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str, al
     xs, contributions = run_module_branches(be, xs, m, mode, align)
     if contributions is None:
         return xs
-    op_mode = kernel_mode(mode)
-    return [be.fuse(xs[i], c, op_mode, align, True) for i, c in enumerate(contributions)]
+    op_mode, bias = kernel_mode(mode), m.fuse.bias
+    return [be.fuse(xs[i], c, op_mode, align, True, bias.get(i)) for i, c in enumerate(contributions)]
 
 
 def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
@@ -276,7 +276,10 @@ class HRNetEngine(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             # Channel multiples of 8 for tensor-core convs and aligned vector loads; on the CPU the
             # zero channels would only cost time.
-            plan = build_plan(self.source, channel_multiple=8 if self.device.type == "cuda" else 1)
+            # On CUDA the fuse steps' conv biases move into the fuse kernels (cuDNN adds a bias in a
+            # kernel of its own); oneDNN adds it in the conv, so the CPU plan keeps them there.
+            cuda = self.device.type == "cuda"
+            plan = build_plan(self.source, channel_multiple=8 if cuda else 1, hoist_biases=cuda)
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
             def move(t: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,9 @@ class FusePlan:
     unbatched (for the one-launch chain kernel, the alternative to batching)."""
 
     num_outputs: int
+    # Output i's hoisted bias (``hoist_biases``): the summed biases of the last conv of every
+    # contribution into i, which then run without one; the fuse op adds it once per channel.
+    bias: Dict[int, torch.Tensor] = field(default_factory=dict)
     up: Dict[int, BatchedConv] = field(default_factory=dict)
     down_first: Dict[int, BatchedConv] = field(default_factory=dict)
     down_rest: Dict[Tuple[int, int], List[ConvSpec]] = field(default_factory=dict)
@@ -275,9 +278,47 @@ def _stack_convs(convs: List[ConvSpec], targets: List[int], m: int = 1) -> Batch
                                 relu_ranges=relu_ranges), splits)
 
 
-def _fuse_plan(module: HighResolutionModule, m: int) -> Optional[FusePlan]:
+def _fuse_plan(module: HighResolutionModule, m: int, hoist: bool = False) -> Optional[FusePlan]:
     if module.fuse_layers is None:
         return None
+    plan = _fuse_plan_unhoisted(module, m)
+    if hoist:
+        _hoist_biases(plan)
+    return plan
+
+
+def _hoist_biases(plan: FusePlan) -> None:
+    """Move the bias of every contribution's last conv into the fuse of its target:
+    ``relu(x_i + sum_j resize(W x_j + b_j)) = relu(x_i + sum_j b_j + sum_j resize(W x_j))``, exact
+    because resizing keeps a per-channel constant (bilinear weights sum to 1; nearest copies).
+    Why: cuDNN adds a conv's bias in a separate kernel unless ReLU follows (its fused epilogue), so
+    each of these ReLU-free convs cost a launch and a pass over its output (the w18 CUDA plan's
+    convs whose bias cuDNN adds separately go from 70 to 13; an H200 profile put the elementwise
+    kernels, mostly such bias adds, at 0.39-0.70 ms per forward: benchmarks/RESULTS.md); the fuse
+    kernel adds the sum in the pass it makes anyway. A batched conv keeps the biases of its ReLU splits (first steps of
+    longer chains)."""
+    def take(i: int, b: Optional[torch.Tensor]) -> None:
+        if b is not None:
+            plan.bias[i] = b.clone() if i not in plan.bias else plan.bias[i] + b
+
+    for batched in plan.up.values():  # 1x1 convs, no ReLU: every split is a whole contribution
+        for sp in batched.splits:
+            take(sp.target, batched.conv.bias[sp.start:sp.end])
+        batched.conv.bias = None
+    for j, batched in plan.down_first.items():
+        keep = batched.conv.bias.clone()
+        hoisted = [sp for sp in batched.splits if (j, sp.target) not in plan.down_rest]
+        for sp in hoisted:  # one-conv chains: no ReLU, their biases go to the fuse
+            take(sp.target, keep[sp.start:sp.end].clone())
+            keep[sp.start:sp.end] = 0
+            plan.down_chains[(j, sp.target)][0].bias = None
+        batched.conv.bias = None if len(hoisted) == len(batched.splits) else keep
+    for (j, i), rest in plan.down_rest.items():
+        take(i, rest[-1].bias)
+        rest[-1].bias = None  # the same ConvSpec ends down_chains[(j, i)]
+
+
+def _fuse_plan_unhoisted(module: HighResolutionModule, m: int) -> FusePlan:
     nb = module.num_branches
     n_out = len(module.fuse_layers)
     plan = FusePlan(num_outputs=n_out)
@@ -340,12 +381,15 @@ def _classification_head_plan(model: HighResolutionNet, m: int) -> Classificatio
     )
 
 
-def build_plan(model: HighResolutionNet, channel_multiple: int = 1) -> HRNetPlan:
+def build_plan(model: HighResolutionNet, channel_multiple: int = 1,
+               hoist_biases: bool = False) -> HRNetPlan:
     """Fold and rewrite an eval-mode reference model into a plan (float64 tensors on its device).
 
     ``channel_multiple`` m > 1 pads every tensor between the image and the head output to a multiple
     of m channels with zero channels, and aligns split starts of batched convs to m (module
-    docstring); m = 1 leaves every width as the model has it."""
+    docstring); m = 1 leaves every width as the model has it. ``hoist_biases`` moves the biases of
+    the fuse steps' ReLU-free convs into the fuse ops (``FusePlan.bias``; CUDA engines: there cuDNN
+    adds a bias in a kernel of its own); not for the module whose fuse step is the pose head's."""
     m = channel_multiple
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"channel_multiple must be a positive integer, got {channel_multiple!r}")
@@ -363,8 +407,11 @@ def build_plan(model: HighResolutionNet, channel_multiple: int = 1) -> HRNetPlan
         for idx in (1, 2, 3):
             transitions.append(_transition_plan(getattr(model, f"transition{idx}"), n_prev, m))
             stage = getattr(model, f"stage{idx + 1}")
+            pose_last = cfg.head == "pose" and idx == 3
             stages.append([ModulePlan([[_block_plan(b, m) for b in branch] for branch in mod.branches],
-                                      _fuse_plan(mod, m)) for mod in stage])
+                                      _fuse_plan(mod, m, hoist_biases and not (
+                                          pose_last and k == len(stage) - 1)))
+                           for k, mod in enumerate(stage)])
             n_prev = stage[-1].num_branches
         if cfg.head == "seg":
             head = _seg_head_plan(model, m)

@@ -273,10 +273,10 @@ def test_padding_channels_stay_exactly_zero(mode, head):
         check(x)
         return check(torch_ops.conv(x, spec, None if residual is None else check(residual)))
 
-    def fuse(base, contributions, mode, align, relu):
+    def fuse(base, contributions, mode, align, relu, bias=None):
         for t in [base, *contributions]:
             check(t)
-        return check(torch_ops.fuse(base, contributions, mode, align, relu))
+        return check(torch_ops.fuse(base, contributions, mode, align, relu, bias))
 
     def head_op(base, contributions, weight, bias, mode, align):
         for t in [base, *contributions]:
@@ -363,13 +363,13 @@ def test_engine_pads_channels_only_on_cuda(monkeypatch):
     from hrnet_fast import engine as engine_module
     calls = []
 
-    def spy(model, channel_multiple=1):
-        calls.append(channel_multiple)
-        return build_plan(model, channel_multiple)
+    def spy(model, channel_multiple=1, hoist_biases=False):
+        calls.append((channel_multiple, hoist_biases))
+        return build_plan(model, channel_multiple, hoist_biases)
 
     monkeypatch.setattr(engine_module, "build_plan", spy)
     optimize(_model(), backend="torch")
-    assert calls == [1]
+    assert calls == [(1, False)]
 
 
 @pytest.mark.gpu

@@ -26,7 +26,8 @@ def _fuse_cases(dtype):
     contribs = [_rand(2, 8, 5, 6, dtype=dtype), _rand(2, 8, 9, 11, cl=False, dtype=dtype)]
     op = torch.ops.hrnet_fast.upsample_add_relu_triton.default
     return [(op, (base, contribs, mode, align, True))
-            for mode, align in (("bilinear", False), ("bilinear", True), ("nearest", False))]
+            for mode, align in (("bilinear", False), ("bilinear", True), ("nearest", False))] + [
+        (op, (base, contribs, "bilinear", False, True, _rand(8, dtype=dtype)))]  # hoisted bias
 
 
 def _head_cases(dtype):

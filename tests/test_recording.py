@@ -11,7 +11,7 @@ from hrnet_fast.reference import HighResolutionNet
 
 
 def _real_calls(model, x, m):
-    plan = build_plan(model, channel_multiple=m).map_tensors(
+    plan = build_plan(model, channel_multiple=m, hoist_biases=m > 1).map_tensors(
         lambda t: t.float().contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.float())
     rec = Recording.prepare(plan, torch.device("cpu"), torch.float32)
     with torch.no_grad():

@@ -64,8 +64,10 @@ class Backend:
                                    spec.relu, spec.relu_ranges)
 
     def fuse(self, base, contributions: Sequence[torch.Tensor], mode: str, align_corners: bool,
-             relu: bool = True):
-        return upsample_add_relu_torch(base, contributions, mode, align_corners, relu)
+             relu: bool = True, bias: Optional[torch.Tensor] = None):
+        """``act(base [+ bias[c]] + sum_k resize(c_k))``; ``bias`` (the contributions' conv biases,
+        hoisted by a CUDA plan) is contiguous [C]."""
+        return upsample_add_relu_torch(base, contributions, mode, align_corners, relu, bias)
 
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
         return seg_head_torch(base, contributions, weight, bias, mode, align_corners)

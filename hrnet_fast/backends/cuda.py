@@ -16,9 +16,9 @@ def cuda_ext_ready() -> bool:
     return cuda_ext.usable_without_build()
 
 
-def fuse_cuda(base, contributions, mode, align_corners, relu=True):
+def fuse_cuda(base, contributions, mode, align_corners, relu=True, bias=None):
     return cuda_ext.upsample_add_relu_cuda(base, contributions, mode=mode,
-                                           align_corners=align_corners, relu=relu)
+                                           align_corners=align_corners, relu=relu, bias=bias)
 
 
 class CudaExt(Backend):
@@ -36,5 +36,5 @@ class CudaExt(Backend):
         self.conv = self.native.conv
         self.head = fuse_then_classify(self.fuse)
 
-    def fuse(self, base, contributions, mode, align_corners, relu=True):
-        return fuse_cuda(base, contributions, mode, align_corners, relu)
+    def fuse(self, base, contributions, mode, align_corners, relu=True, bias=None):
+        return fuse_cuda(base, contributions, mode, align_corners, relu, bias)

@@ -52,6 +52,7 @@ class FuseProblem:
     contributions: Tuple[TensorInfo, ...]
     mode: str
     align_corners: bool
+    bias: bool = False  # the contributions' conv biases, hoisted into the fuse (CUDA plans)
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,11 @@ class Recording(Backend):
         # Meta convolutions return NCHW; cuDNN and oneDNN keep the engine's channels_last.
         return y.contiguous(memory_format=self.memory_format)
 
-    def fuse(self, base, contributions, mode, align_corners, relu=True):
+    def fuse(self, base, contributions, mode, align_corners, relu=True, bias=None):
         self.calls.append(FuseProblem(TensorInfo.of(base),
                                       tuple(TensorInfo.of(c) for c in contributions), mode,
-                                      bool(align_corners)))
-        return super().fuse(base, contributions, mode, align_corners, relu)
+                                      bool(align_corners), bias is not None))
+        return super().fuse(base, contributions, mode, align_corners, relu, bias)
 
     def head(self, base, contributions, weight, bias, mode, align_corners):
         self.calls.append(HeadProblem(TensorInfo.of(base),
@@ -101,11 +102,13 @@ class Recording(Backend):
 
 def record_problems(model: Union[HighResolutionNet, HRNetConfig, str], batch: int, height: int,
                     width: int, *, channel_multiple: int = 8, channels_last: bool = True,
-                    dtype: torch.dtype = torch.float16) -> List[Problem]:
+                    dtype: torch.dtype = torch.float16,
+                    hoist_biases: Optional[bool] = None) -> List[Problem]:
     """Every backend call of one forward at ``batch x C x height x width``, in order.
 
     ``model``: a model (copied to ``meta``), a config, or a preset name (seg head, bilinear).
-    ``channel_multiple`` 8 is the CUDA plan's padding, 1 the CPU's."""
+    ``channel_multiple`` 8 is the CUDA plan's padding, 1 the CPU's; ``hoist_biases`` (default: as
+    the CUDA plan when ``channel_multiple`` > 1) moves the fuse steps' conv biases into the fuse."""
     from ..engine import run_plan  # the engine imports the backends package: import at call time
     if isinstance(model, str):
         model = HRNetConfig.preset(model)
@@ -121,7 +124,10 @@ def record_problems(model: Union[HighResolutionNet, HRNetConfig, str], batch: in
         t = t.to(device="meta", dtype=dtype)
         return t.contiguous(memory_format=fmt) if t.dim() == 4 else t.contiguous()
 
-    plan = build_plan(model, channel_multiple=channel_multiple).map_tensors(move)
+    if hoist_biases is None:
+        hoist_biases = channel_multiple > 1
+    plan = build_plan(model, channel_multiple=channel_multiple,
+                      hoist_biases=hoist_biases).map_tensors(move)
     rec = Recording.prepare(plan, torch.device("meta"), dtype)
     rec.memory_format = fmt
     x = torch.empty(batch, model.config.in_channels, height, width, device="meta",

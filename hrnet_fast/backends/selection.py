@@ -468,7 +468,7 @@ class SelectingOp:
         return self.candidates[name](*args, **kwargs)
 
 
-def fuse_key(base, contributions, mode, align_corners, relu) -> Hashable:
+def fuse_key(base, contributions, mode, align_corners, relu, bias=None) -> Hashable:
     return (tuple(base.shape), tuple(tuple(c.shape[-2:]) for c in contributions), str(base.dtype),
             mode, bool(align_corners), bool(relu),
-            base.is_contiguous(memory_format=torch.channels_last))
+            base.is_contiguous(memory_format=torch.channels_last), bias is not None)

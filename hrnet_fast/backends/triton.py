@@ -40,10 +40,10 @@ def kernels_status(device: torch.device, module: str = "upsample_add_relu") -> T
     return True, ""
 
 
-def fuse_triton(base, contributions, mode, align_corners, relu=True):
+def fuse_triton(base, contributions, mode, align_corners, relu=True, bias=None):
     kernel_module("upsample_add_relu")
     return torch.ops.hrnet_fast.upsample_add_relu_triton(base, list(contributions), mode,
-                                                         bool(align_corners), bool(relu))
+                                                         bool(align_corners), bool(relu), bias)
 
 
 def seg_head_triton(base, contributions, weight, bias, mode, align_corners):

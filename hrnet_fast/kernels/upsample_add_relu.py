@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._validate import check_fuse_args, check_kernel_dtype
+from ..ops._validate import check_fuse_args, check_fuse_bias, check_kernel_dtype
 
 __all__ = ["upsample_add_relu", "MAX_CONTRIBUTIONS_PER_LAUNCH"]
 
@@ -116,7 +116,7 @@ def _load_term(ptr, n64, oh, ow, hw, coff, mask, in_h, in_w, s_n, s_h, s_w, scal
 
 @triton.jit
 def _upsample_add_relu_kernel(
-    out_ptr, base_ptr,
+    out_ptr, base_ptr, bias_ptr,
     c0_ptr, c1_ptr, c2_ptr, c3_ptr,
     C, H, W,
     o_sn, o_sc, o_sw,
@@ -128,14 +128,14 @@ def _upsample_add_relu_kernel(
     NUM: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
     F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
-    BASE_FLAT: tl.constexpr,
+    BASE_FLAT: tl.constexpr, HAS_BIAS: tl.constexpr,
     MODE: tl.constexpr, ALIGN: tl.constexpr, RELU: tl.constexpr, VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[n, c, y, x] = act(base[n, c, y, x] + sum_{k < NUM} resize(c_k)[n, c, y, x]).
+    """out[n, c, y, x] = act(base[n, c, y, x] [+ bias[c]] + sum_{k < NUM} resize(c_k)[n, c, y, x]).
 
     Math: resize as in the module docstring (PyTorch's index arithmetic, float32 weights); every
-    term is converted to float32, summed in the order base, c_0, c_1, ..., the activation
+    term is converted to float32, summed in the order base, bias, c_0, c_1, ..., the activation
     (ReLU if RELU else identity) applied in float32, and the result rounded once to out's dtype.
 
     Layouts: every tensor is addressed through its own (n, c, h, w) strides, so NCHW-contiguous,
@@ -186,6 +186,8 @@ def _upsample_add_relu_kernel(
 
     acc = _load_term(base_ptr, n64, oh, ow, hw, ch64 * b_sc, mask, H, W, b_sn, b_sh, b_sw, 1.0, 1.0,
                      False, BASE_FLAT, MODE, ALIGN)
+    if HAS_BIAS:  # [C], contiguous: the biases of the contributions' convs, hoisted by the plan
+        acc += tl.load(bias_ptr + ch64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if NUM > 0:
         acc += _load_term(c0_ptr, n64, oh, ow, hw, ch64 * c0_sc, mask, c0_h, c0_w, c0_sn, c0_sh, c0_sw,
                           c0_scale_h, c0_scale_w, R0, F0, MODE, ALIGN)
@@ -337,10 +339,11 @@ def _blocks(C: int, channels_last: bool, vec: int = 16) -> Tuple[int, int, int]:
 
 
 def _launch(out: torch.Tensor, base: torch.Tensor, contribs: Sequence[torch.Tensor], mode: str,
-            align_corners: bool, relu: bool, config: Optional[Tuple[int, int, int]] = None) -> None:
+            align_corners: bool, relu: bool, config: Optional[Tuple[int, int, int]] = None,
+            bias: Optional[torch.Tensor] = None) -> None:
     """Run the kernel once into a preallocated ``out`` (dense per image, NCHW or NHWC) with at most
-    MAX_CONTRIBUTIONS_PER_LAUNCH contributions. ``config`` = (BLOCK_P, BLOCK_C, num_warps)
-    overrides the block choice (benchmarks)."""
+    MAX_CONTRIBUTIONS_PER_LAUNCH contributions and an optional contiguous per-channel ``bias``.
+    ``config`` = (BLOCK_P, BLOCK_C, num_warps) overrides the block choice (benchmarks)."""
     N, C, H, W = base.shape
     if N == 0 or C == 0 or H == 0 or W == 0:
         return
@@ -353,7 +356,7 @@ def _launch(out: torch.Tensor, base: torch.Tensor, contribs: Sequence[torch.Tens
     o_sw = out.stride(3) if W > 1 else (out.stride(2) if H > 1 else 0)
     b_sn, b_sc, b_sh, b_sw = _strides(base)
     torch.library.wrap_triton(_upsample_add_relu_kernel)[grid](
-        out, base, *ptrs,
+        out, base, bias if bias is not None else base, *ptrs,
         C // vec, H, W,
         o_sn // vec, o_sc, o_sw // vec,
         b_sn // vec, b_sc, b_sh // vec, b_sw // vec,
@@ -361,7 +364,7 @@ def _launch(out: torch.Tensor, base: torch.Tensor, contribs: Sequence[torch.Tens
         NUM=len(contribs),
         R0=res[0], R1=res[1], R2=res[2], R3=res[3],
         F0=flat[0], F1=flat[1], F2=flat[2], F3=flat[3],
-        BASE_FLAT=_flat(base),
+        BASE_FLAT=_flat(base), HAS_BIAS=bias is not None,
         MODE=_MODES[mode], ALIGN=bool(align_corners), RELU=bool(relu), VEC=vec,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )
@@ -385,18 +388,20 @@ def presum_surplus(base: torch.Tensor, contribs: List[torch.Tensor], mode: str,
 
 @torch.library.triton_op("hrnet_fast::upsample_add_relu_triton", mutates_args=())
 def upsample_add_relu_triton(base: torch.Tensor, contributions: List[torch.Tensor], mode: str,
-                             align_corners: bool, relu: bool) -> torch.Tensor:
-    """Registered op behind :func:`upsample_add_relu` (same semantics, no validation)."""
+                             align_corners: bool, relu: bool,
+                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Registered op behind :func:`upsample_add_relu` (same semantics, no validation); ``bias``: an
+    optional contiguous [C] tensor added per channel before the contributions."""
     cur, contribs = presum_surplus(base, list(contributions), mode, align_corners)
     out = output_like(base)
-    _launch(out, cur, contribs, mode, align_corners, relu)
+    _launch(out, cur, contribs, mode, align_corners, relu, bias=bias)
     return out
 
 
 def upsample_add_relu(base: torch.Tensor, contributions: Sequence[torch.Tensor], *,
                       mode: str = "bilinear", align_corners: bool = False,
-                      relu: bool = True) -> torch.Tensor:
-    """``act(base + sum_k interpolate(c_k, size=base.shape[-2:], mode, align_corners))``.
+                      relu: bool = True, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(base [+ bias[c]] + sum_k interpolate(c_k, size=base.shape[-2:], mode, align_corners))``.
 
     base: [N, C, H, W]; contributions: any number of [N, C, h_k, w_k] tensors with h_k <= H,
     w_k <= W at any ratio (a contribution at base size is added as is). act is ReLU if ``relu``.
@@ -406,5 +411,7 @@ def upsample_add_relu(base: torch.Tensor, contributions: Sequence[torch.Tensor],
     """
     contributions = list(contributions)
     check_inputs(base, contributions, mode, align_corners, "upsample_add_relu")
+    check_fuse_bias(base, bias)
     return torch.ops.hrnet_fast.upsample_add_relu_triton(base, contributions, mode,
-                                                         bool(align_corners), bool(relu))
+                                                         bool(align_corners), bool(relu),
+                                                         None if bias is None else bias.contiguous())

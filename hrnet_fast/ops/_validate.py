@@ -53,3 +53,15 @@ def check_kernel_dtype(what: str, t: torch.Tensor) -> None:
     """The kernels (Triton, CUDA) run float32, float16 and bfloat16."""
     if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{what}: dtype {t.dtype} is not supported (float32, float16, bfloat16)")
+
+
+def check_fuse_bias(base: torch.Tensor, bias) -> None:
+    """An optional per-channel bias of the fuse op: a [C] floating tensor on base's device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != base.shape[1]:
+        raise ValueError(f"bias must be a [{base.shape[1]}] tensor (one value per channel), got "
+                         f"{tuple(getattr(bias, 'shape', ())) or type(bias).__name__}")
+    if not bias.is_floating_point() or bias.device != base.device:
+        raise ValueError(f"bias must be floating point on {base.device}, got {bias.dtype} on "
+                         f"{bias.device}")

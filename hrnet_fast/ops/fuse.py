@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..reference import resize
 from ..side_path import in_side_path
-from ._validate import check_fuse_args, check_image
+from ._validate import check_fuse_args, check_fuse_bias, check_image
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -20,7 +20,8 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.preserve_format
 
 
-def upsample_add_relu_torch(base, contributions, mode="bilinear", align_corners=False, relu=True):
+def upsample_add_relu_torch(base, contributions, mode="bilinear", align_corners=False, relu=True,
+                            bias=None):
     size = base.shape[-2:]
     fmt = _memory_format(base)
     out = None
@@ -41,6 +42,11 @@ def upsample_add_relu_torch(base, contributions, mode="bilinear", align_corners=
             torch.add(base, z, out=out)
     if out is None:
         out = base.clone()
+    if bias is not None:
+        if functional:
+            out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+        else:
+            out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
     return out.relu_() if relu else out
 
 
@@ -52,18 +58,20 @@ def seg_head_torch(base, contributions, weight, bias, mode="bilinear", align_cor
 
 def upsample_add_relu(base: torch.Tensor, contributions: Sequence[torch.Tensor], *,
                       mode: str = "bilinear", align_corners: bool = False, relu: bool = True,
-                      backend: Optional[str] = None) -> torch.Tensor:
-    """``relu(base + sum(resize(c, base.shape[-2:]) for c in contributions))``.
+                      backend: Optional[str] = None,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu(base [+ bias[c]] + sum(resize(c, base.shape[-2:]) for c in contributions))``.
 
     A contribution already at the base size is added as it is; others are resized up (any ratio)
     with ``F.interpolate`` semantics (legacy nearest, or bilinear with ``align_corners``). Batch,
     channels, dtype and device must agree. The output keeps the base's memory format.
     """
     check_fuse_args(base, contributions, mode, align_corners)
+    check_fuse_bias(base, bias)
     contributions = list(contributions)
     from ..backends.selection import resolve_op
     _, fn = resolve_op("upsample_add_relu", backend, base.device)
-    return fn(base, contributions, mode, align_corners, relu)
+    return fn(base, contributions, mode, align_corners, relu, bias)
 
 
 def seg_head(base: torch.Tensor, contributions: Sequence[torch.Tensor], weight: torch.Tensor,
