@@ -1,4 +1,5 @@
-"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check``, ``segment``, ``eval`` and ``info``.
+"""The ``hrnet-fast`` command line: ``demo``, ``bench``, ``check``, ``segment``, ``pose``, ``eval`` and
+``info``.
 
 Errors never show a traceback: ``main`` reports each as one line ``hrnet-fast: error: ...`` on stderr
 and returns 1 (argparse's usage errors, and arguments that contradict each other, exit with 2, as
@@ -14,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import uuid
 from typing import List, Optional, Sequence, Tuple
@@ -23,7 +25,7 @@ import torch
 from .bench import PEERS, default_impls, default_peers, format_table, run_bench, stderr_progress
 from .check import clone_as, randomize_batchnorm, rel_err, run_check
 from .checkpoints import CheckpointError
-from .config import PRESET_NAMES, HRNetConfig
+from .config import PRESET_NAMES, UPSAMPLE_MODES, HRNetConfig
 from .distributed import Group, LaunchError, RankFailed, rank_device, ranks_from_env
 from .engine import ENGINE_BACKENDS, optimize, parse_dtype
 from .evaluate import LABEL_MAPS, MAX_CLASSES, DatasetError
@@ -244,14 +246,28 @@ def print_table(headers: Sequence[str], rows: List[Sequence]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+# Heads that demo, bench and check run, with their default class (joint) counts and input sizes:
+# Cityscapes' 19 classes, COCO's 17 joints at the published 256x192 crop.
+BENCH_HEADS = ("seg", "pose")
+DEFAULT_CLASSES = {"seg": 19, "pose": 17}
+POSE_SIZE = (256, 192)
+
+
+def num_classes_of(args) -> int:
+    return args.num_classes if args.num_classes is not None else DEFAULT_CLASSES[args.head]
+
+
 def cmd_demo(args) -> int:
     device = pick_device(args.device)
-    size = args.size or ((1024, 2048) if device.type == "cuda" else (512, 1024))
+    seg_size = (1024, 2048) if device.type == "cuda" else (512, 1024)
+    size = args.size or (seg_size if args.head == "seg" else POSE_SIZE)
+    num_classes = num_classes_of(args)
     torch.manual_seed(0)
-    cfg = HRNetConfig.preset(args.preset, num_classes=args.num_classes)
+    cfg = HRNetConfig.preset(args.preset, num_classes=num_classes, head=args.head)
     ref = randomize_batchnorm(HighResolutionNet(cfg)).to(device).eval()
     x = torch.randn(args.batch, 3, *size, device=device)
-    print(f"hrnet-fast demo: {args.preset} ({count_parameters(ref) / 1e6:.2f} M parameters, "
+    head = " pose" if args.head == "pose" else ""
+    print(f"hrnet-fast demo: {args.preset}{head} ({count_parameters(ref) / 1e6:.2f} M parameters, "
           f"{count_macs(ref, size, args.batch) / 1e9:.1f} G MACs), input {args.batch}x3x{size[0]}x{size[1]} "
           f"on {environment(device)['device_name']}, random weights with random BatchNorm statistics")
     dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
@@ -270,7 +286,8 @@ def cmd_demo(args) -> int:
                          str(dtype).replace("torch.float", "fp"), f"{t:.1f}", f"{t_ref / t:.2f}",
                          f"{rel_err(out.float(), ref_out):.2e}"])
     print_table(["model", "dtype", "median ms", "speedup", "rel. error vs reference"], rows)
-    print(f"output: {args.batch}x{args.num_classes}x{ref_out.shape[-2]}x{ref_out.shape[-1]} logits "
+    what = "logits" if args.head == "seg" else "heatmaps (one per joint)"
+    print(f"output: {args.batch}x{num_classes}x{ref_out.shape[-2]}x{ref_out.shape[-1]} {what} "
           "at 1/4 of the input size (median of "
           f"{args.repeats} runs each)")
     return 0
@@ -293,10 +310,14 @@ def cmd_bench(args) -> int:
             stderr_progress(f"    {row['name']}: {row['median_ms']:.2f} ms")
         save({"environment": environment(device), "rows": rows}, complete=False)
 
-    result = run_bench(args.preset, args.size, args.batch, args.dtype, impls, peers, device,
-                       warmup=args.warmup, repeats=args.repeats,
+    sizes = args.size or ([(512, 1024)] if args.head == "seg" else [POSE_SIZE])
+    result = run_bench(args.preset, sizes, args.batch, args.dtype, impls, peers, device,
+                       warmup=args.warmup, repeats=args.repeats, head=args.head,
+                       num_classes=num_classes_of(args),
                        progress=None if args.quiet else stderr_progress, on_row=on_row)
     env = result["environment"]
+    if args.head != "seg":
+        print(f"head: {args.head}, {num_classes_of(args)} joints")
     print(f"device: {env['device_name']}; torch {env['torch']}, triton {env['triton']}"
           + (f", cuDNN {env['cudnn']}" if "cudnn" in env else f", {env['threads']} threads"))
     table = format_table(result)
@@ -311,11 +332,14 @@ def cmd_check(args) -> int:
     device = pick_device(args.device)
     backends = args.backends or (["torch", "triton", "cuda", "compile"] if device.type == "cuda"
                                  else ["torch", "triton", "cuda"])
+    size = args.size or ((257, 385) if args.head == "seg" else POSE_SIZE)
+    num_classes = num_classes_of(args)
+    head = "" if args.head == "seg" else f", head={args.head} ({num_classes} joints)"
     failed = False
     for mode in args.upsample:
-        rows = run_check(args.preset, args.size, args.batch, device, upsample=mode, backends=backends,
-                         dtypes=args.dtype)
-        print(f"{args.preset}, {args.batch}x3x{args.size[0]}x{args.size[1]}, upsample={mode}, on {device}")
+        rows = run_check(args.preset, size, args.batch, device, upsample=mode, head=args.head,
+                         num_classes=num_classes, backends=backends, dtypes=args.dtype)
+        print(f"{args.preset}, {args.batch}x3x{size[0]}x{size[1]}{head}, upsample={mode}, on {device}")
         table = []
         for r in rows:
             if r["status"] == "unavailable":
@@ -498,6 +522,170 @@ def _segment_many(args, tta: TTA, reason: str) -> int:
     return result.exit_status
 
 
+def box_arg(text: str) -> Tuple[float, float, float, float]:
+    from .pose_io import parse_box
+
+    try:
+        return parse_box(text)
+    except ValueError as e:
+        hint = " (give IMAGE before --box)" if "," not in text else ""
+        raise argparse.ArgumentTypeError(f"{e}{hint}") from None
+
+
+def score_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value:
+        raise argparse.ArgumentTypeError("must be a number, got NaN")
+    return value
+
+
+POSE_OUT_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def _check_pose_outputs(args) -> List[Tuple[str, str]]:
+    """(option, path) of each output, checked before any work: writable, distinct, not the input."""
+    if args.out is None and args.json is None:
+        args.out = "pose.png"
+    outputs = [(o, p) for o, p in (("--out", args.out), ("--json", args.json)) if p is not None]
+    for option, path in outputs:
+        check_output_file(path, option)
+        if _same_file(path, args.image):
+            raise CLIError(f"{option} {path} would overwrite the input image")
+    if args.out and args.json and _same_file(args.out, args.json):
+        raise CLIError(f"--json {args.json} is the same file as --out")
+    if args.out:
+        ext = os.path.splitext(args.out)[1].lower()
+        if ext not in POSE_OUT_EXTENSIONS:
+            raise CLIError(f"--out {args.out}: the drawing is written as PNG or JPEG; end the name with "
+                           f"{', '.join(POSE_OUT_EXTENSIONS)}")
+        if ext != ".png":
+            try:
+                import PIL.Image  # noqa: F401
+            except ImportError:
+                raise CLIError(f"--out {args.out}: writing JPEG needs Pillow (pip install Pillow); "
+                               "PNG is written without it") from None
+    return outputs
+
+
+def _pose_flip_pairs(args, num_joints: int):
+    """The flip test's left/right pairs, None without the flip test; says so when none are known."""
+    from .pose_io import flip_pairs_for
+
+    pairs = flip_pairs_for(num_joints)
+    if args.flip is False:
+        return None
+    if pairs is None:
+        if args.flip is None:
+            print(f"note: no left/right joint pairs are known for {num_joints} joints (COCO has 17, "
+                  "MPII 16): flip test off (--flip mirrors without swapping joints)", file=sys.stderr)
+            return None
+        print(f"note: flip test without swapping joints: no left/right pairs are known for "
+              f"{num_joints} joints", file=sys.stderr)
+        return ()
+    return pairs
+
+
+def build_pose_model(args, device: torch.device) -> HRNet:
+    """The pose preset with ``--checkpoint``'s weights (a pose checkpoint: its head must be there), or
+    random ones (seed 0)."""
+    import warnings
+
+    from .checkpoints import head_of_key, load_checkpoint
+
+    cfg = HRNetConfig.preset(args.preset, head="pose", num_classes=args.num_joints)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = HRNet(cfg, fast_backend=args.backend)
+    if args.checkpoint:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                report = load_checkpoint(model, args.checkpoint)
+            except CheckpointError as e:
+                if "shape mismatch for final_layer." not in str(e):
+                    raise
+                raise CheckpointError(f"{args.checkpoint}: {e}; --num-joints ({args.num_joints}) must "
+                                      "match the checkpoint's joints") from None
+        if any(head_of_key(k) == "pose" for k in report.missing):
+            raise CLIError(f"--checkpoint {args.checkpoint} has no pose head (final_layer): it is not a "
+                           f"pose model's checkpoint (format {report.format})")
+        print(report)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    else:
+        print("warning: --random-weights: the keypoints are meaningless", file=sys.stderr)
+    return model.to(device=device, dtype=args.dtype).eval()
+
+
+def cmd_pose(args) -> int:
+    import numpy as np
+
+    from .imageio import read_rgb
+    from .pose_io import box_outside_image, draw_pose, pose_record, predict_keypoints
+
+    # Every argument and path first: a mistake costs no model build and leaves no output.
+    if args.checkpoint and args.random_weights:
+        raise UsageError("argument --random-weights: not allowed with --checkpoint")
+    if not args.checkpoint and not args.random_weights:
+        raise UsageError("argument --checkpoint: required (or --random-weights to try the pipeline "
+                         "with random weights; the keypoints are then meaningless)")
+    check_input_file(args.image, "image")
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
+    _check_pose_outputs(args)
+    device = pick_device(args.device)
+    check_dtype(args.dtype, device)
+    image = read_rgb(args.image)
+    height, width = image.shape[:2]
+    boxes = args.box or [(0.0, 0.0, float(width), float(height))]
+    for box in boxes:
+        if box_outside_image(box, height, width):
+            raise CLIError(f"--box {','.join(f'{v:g}' for v in box)} lies outside the "
+                           f"{width}x{height} image")
+    flip_pairs = _pose_flip_pairs(args, args.num_joints)
+    refine = None if args.refine == "none" else args.refine
+    model = build_pose_model(args, device)
+    with torch.inference_mode():
+        regions, keypoints, scores = predict_keypoints(
+            model, torch.tensor(image, device=device), torch.tensor(boxes, dtype=torch.float64),
+            args.input_size, flip_pairs=flip_pairs, refine=refine, batch_size=args.batch,
+            dtype=args.dtype)
+    with StagedOutputs() as staged:  # all outputs or none
+        if args.out:
+            drawn = draw_pose(image, keypoints.numpy(), scores.numpy(), args.min_score)
+            _write_image(staged.stage(args.out), drawn, args.out)
+        if args.json:
+            record = pose_record(boxes, regions, keypoints, scores, image=args.image,
+                                 image_size=(height, width), preset=args.preset,
+                                 input_size=args.input_size, flip=flip_pairs is not None, refine=refine)
+            with open(staged.stage(args.json), "w") as f:
+                json.dump(record, f, indent=1)
+        staged.commit()
+    shown = int((scores.numpy() >= args.min_score).sum())
+    print(f"{width}x{height} image, {len(boxes)} box{'es' if len(boxes) != 1 else ''}: "
+          f"{shown} of {scores.numel()} joints with score >= {args.min_score:g}"
+          + (", flip test" if flip_pairs is not None else "") + " -> "
+          + " and ".join(p for p in (args.out, args.json) if p))
+    for n, person in enumerate(scores.numpy()):
+        print(f"  box {n}: mean score {float(np.mean(person)):.3f}")
+    return 0
+
+
+def _write_image(tmp_path: str, image, target: str) -> None:
+    """PNG with the standard library; JPEG (by ``target``'s extension) with Pillow."""
+    from .imageio import write_png
+
+    if os.path.splitext(target)[1].lower() == ".png":
+        write_png(tmp_path, image)
+        return
+    from PIL import Image  # checked before any work
+
+    Image.fromarray(image).save(tmp_path, format="JPEG", quality=95)
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -587,6 +775,13 @@ def _data_options(p) -> None:
                    help="synchronise the GPU between phases so the decode/copy/model/write split is exact")
 
 
+def _head_options(p) -> None:
+    p.add_argument("--head", default="seg", choices=BENCH_HEADS,
+                   help="seg (segmentation) or pose (top-down keypoint heatmaps)")
+    p.add_argument("--num-classes", "--num-joints", dest="num_classes", type=positive_int, default=None,
+                   metavar="N", help="classes of seg (default 19) or joints of pose (default 17, COCO)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hrnet-fast", description="Fast, exact HRNet inference.", epilog=EPILOG,
@@ -596,9 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="reference vs hrnet_fast on a random image: error, time, speedup")
     d.add_argument("--preset", default="w18", choices=PRESET_NAMES)
     d.add_argument("--size", type=parse_size, default=None,
-                   help="input HxW (default 1024x2048 on a GPU, 512x1024 on the CPU)")
+                   help="input HxW (default: seg 1024x2048 on a GPU, 512x1024 on the CPU; pose 256x192)")
     d.add_argument("--batch", type=positive_int, default=1)
-    d.add_argument("--num-classes", type=positive_int, default=19)
+    _head_options(d)
     d.add_argument("--backend", default="auto", choices=ENGINE_BACKENDS)
     d.add_argument("--device", type=device_arg, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -607,8 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="presets x sizes x batch x dtype x backends, against peers")
     b.add_argument("--preset", nargs="+", default=["w18"], choices=PRESET_NAMES)
-    b.add_argument("--size", nargs="+", type=parse_size, default=[(512, 1024)])
+    b.add_argument("--size", nargs="+", type=parse_size, default=None,
+                   help="input sizes HxW (default: seg 512x1024, pose 256x192)")
     b.add_argument("--batch", nargs="+", type=positive_int, default=[1])
+    _head_options(b)
     b.add_argument("--dtype", nargs="+", type=dtype_arg, default=[torch.float32],
                    help="fp32 fp16 bf16")
     b.add_argument("--impls", nargs="+", default=None,
@@ -625,10 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="numerical report of every backend against the reference")
     c.add_argument("--preset", default="w18_small_v2", choices=PRESET_NAMES)
-    c.add_argument("--size", type=parse_size, default=(257, 385))
+    c.add_argument("--size", type=parse_size, default=None,
+                   help="input HxW (default: seg 257x385, pose 256x192)")
     c.add_argument("--batch", type=positive_int, default=2)
-    c.add_argument("--upsample", nargs="+", default=["bilinear", "nearest"],
-                   choices=["bilinear", "nearest"])
+    _head_options(c)
+    c.add_argument("--upsample", nargs="+", default=["bilinear", "nearest"], choices=UPSAMPLE_MODES)
     c.add_argument("--backends", nargs="+", default=None, choices=[b for b in ENGINE_BACKENDS if b != "auto"])
     c.add_argument("--dtype", nargs="+", type=dtype_arg, default=None, help="fp32 fp16 bf16")
     c.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
@@ -655,6 +853,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
     _data_options(g)
     g.set_defaults(func=cmd_segment, command_parser=g)
+
+    q = sub.add_parser(
+        "pose", help="top-down human pose: keypoints of the people in given boxes, drawn and as JSON",
+        description="Each --box (x1,y1,x2,y2 in pixels; default: the whole image) is cropped as the "
+                    "published top-down test does (centred, widened or heightened to the input's "
+                    "aspect ratio, padded by 1.25, warped bilinearly to --input-size), normalised "
+                    "as the official pose models (RGB / 255, ImageNet mean and std), run with the "
+                    "flip test (COCO left/right pairs for 17 joints, MPII for 16; off for other "
+                    "counts unless --flip), and its heatmaps decoded and mapped back into the image. "
+                    "--out gets the image with the skeleton drawn (COCO limbs for 17 joints, MPII for "
+                    "16, points only otherwise; joints under --min-score left out), --json the boxes, "
+                    "keypoints [[x, y], ...] and scores.")
+    q.add_argument("image", metavar="IMAGE",
+                   help="image file (PNG/JPEG need Pillow; PPM P6 and .npy HxWx3 uint8 work without)")
+    q.add_argument("--checkpoint", default=None,
+                   help="pose weights: official, mmpose 0.x/1.x or hrnet_fast (head='pose')")
+    q.add_argument("--random-weights", action="store_true",
+                   help="no checkpoint: random weights (seed 0), to try the pipeline")
+    q.add_argument("--preset", default="w32", choices=PRESET_NAMES)
+    q.add_argument("--num-joints", type=positive_int, default=17, help="17 (COCO, default) or 16 (MPII)")
+    q.add_argument("--input-size", type=parse_size, default=POSE_SIZE,
+                   help="model input HxW (default 256x192; the published models also use 384x288)")
+    q.add_argument("--box", nargs="+", action="extend", type=box_arg, default=None, metavar="x1,y1,x2,y2",
+                   help="person boxes in pixels (several after one --box, or --box repeated)")
+    q.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the mirrored crop's heatmaps (default: on for 17 and 16 joints)")
+    q.add_argument("--refine", default="quarter", choices=("quarter", "dark", "none"),
+                   help="sub-pixel refinement of each heatmap peak (default quarter, as published)")
+    q.add_argument("--min-score", type=score_threshold, default=0.3,
+                   help="joints scoring less are not drawn (default 0.3)")
+    q.add_argument("--out", default=None,
+                   help="the image with the skeleton, .png (or .jpg with Pillow); default pose.png "
+                        "unless only --json is given")
+    q.add_argument("--json", default=None, help="write boxes, keypoints and scores to this file")
+    q.add_argument("--batch", type=positive_int, default=32, help="boxes per model call (default 32)")
+    q.add_argument("--backend", default=None, choices=ENGINE_BACKENDS)
+    q.add_argument("--dtype", type=dtype_arg, default="fp32", help="fp32, or fp16/bf16 on a GPU")
+    q.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
+    # A box may start with a minus (-8,20,30,70): take any "-<digit>" word as a value, not as an
+    # option (argparse's own pattern takes only plain negative numbers on older Pythons).
+    if hasattr(q, "_negative_number_matcher"):
+        q._negative_number_matcher = re.compile(r"^-\.?\d")
+    q.set_defaults(func=cmd_pose, command_parser=q)
 
     e = sub.add_parser(
         "eval", help="mIoU of a checkpoint on a folder of images and label maps",
