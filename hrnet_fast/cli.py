@@ -446,7 +446,7 @@ def _segment_one(args, tta: TTA) -> int:
     image = read_rgb(image_path)
     model = build_model(args, device)
     with torch.inference_mode():
-        images = torch.from_numpy(image).to(device)[None]
+        images = torch.from_numpy(np.require(image, requirements="W")).to(device)[None]  # Pillow: read-only
         labels = predict_labels(model, images, tta, model.config.align_corners, args.dtype)
         labels = labels[0].to(torch.uint8).cpu().numpy()
     colours = palette(model.config.num_classes)[labels]

@@ -189,7 +189,7 @@ class ImageDataset(torch.utils.data.Dataset):
             image = read_rgb(item.path)
             if self.prepare_label is not None:
                 sample["label"] = torch.from_numpy(self.prepare_label(item, image.shape[:2]))
-            sample["image"] = torch.from_numpy(image)
+            sample["image"] = torch.from_numpy(np.require(image, requirements="W"))
         except (ImageReadError, ValueError, OSError) as e:
             sample["error"] = str(e)
         sample["decode_s"] = time.perf_counter() - start
