@@ -91,7 +91,8 @@ if __name__ == "__main__":
         long_description_content_type="text/markdown",
         packages=find_packages(include=["hrnet_fast", "hrnet_fast.*"]),
         python_requires=">=3.10",
-        install_requires=["torch>=2.11", "numpy"],
+        # ninja: the CPU fuse kernel and the CUDA extension are JIT-built with it on first use.
+        install_requires=["torch>=2.11", "numpy", "ninja"],
         extras_require={
             "test": [
                 "pytest>=7",

@@ -87,6 +87,12 @@ def cuda_ext_mode() -> str:
     return _env("HRNET_FAST_CUDA_EXT").lower()
 
 
+def cpu_ext_mode() -> str:
+    """``HRNET_FAST_CPU_EXT``: "0" turns the CPU fuse kernel off (no build); "" builds it at first
+    use (hrnet_fast/cpu_ext.py)."""
+    return _env("HRNET_FAST_CPU_EXT").lower()
+
+
 def verbose_build() -> bool:
     return _env("HRNET_FAST_VERBOSE_BUILD") == "1"
 

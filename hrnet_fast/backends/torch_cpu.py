@@ -1,5 +1,6 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
-epilogue fused, torch compositions for the fuse step and the head.
+epilogue fused; the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py)
+where it is built, else torch compositions.
 
 ``F.conv2d`` on the CPU reorders the weight into oneDNN's blocked layout on every call and runs
 bias/residual/ReLU as separate passes. Here the weight is reordered once per (conv, input shape)
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .. import cpu_ext
 from ..plan import ConvSpec
 from ..ops.conv import conv2d_bias_act_torch
-from .base import Backend, in_side_path, warn_once
+from .base import Backend, fuse_then_classify, in_side_path, warn_once
 from .cpu_memory import keep_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,48 @@ def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return None
 
 
+_FUSE = {"on": True}  # False once the CPU fuse kernel failed in ordinary inference
+
+
+def fuse_kernel_fits(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str) -> bool:
+    """Whether the CPU fuse kernel (hrnet_fast/cpu_ext.py) takes these arguments: CPU tensors of
+    one dtype it runs, a channels_last base (its output is channels_last, like the composition's),
+    contributions with channel stride 1 and at most base's size, and no autograd, trace or export
+    in progress (those get the composition). Builds the kernel on first use."""
+    if (not _FUSE["on"] or base.device.type != "cpu" or base.dtype not in cpu_ext.DTYPES
+            or mode not in ("nearest", "bilinear") or base.dim() != 4
+            or not base.is_contiguous(memory_format=torch.channels_last) or in_side_path()):
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and base.requires_grad:
+        return False
+    n, c, h, w = base.shape
+    for t in contributions:
+        if (t.device != base.device or t.dtype != base.dtype or t.dim() != 4
+                or t.shape[0] != n or t.shape[1] != c or not 0 < t.shape[2] <= h
+                or not 0 < t.shape[3] <= w or (c > 1 and t.stride(1) != 1)
+                or (grad and t.requires_grad)):
+            return False
+    return cpu_ext.load_extension()
+
+
+def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
+                align_corners: bool, relu: bool) -> Optional[torch.Tensor]:
+    """The CPU fuse kernel's result, or None when it failed (then it is off for the process and
+    the caller runs the composition, after one warning)."""
+    try:
+        return cpu_ext.upsample_add_relu_cpu(base, contributions, mode=mode,
+                                             align_corners=align_corners, relu=relu)
+    except RuntimeError as e:
+        if in_side_path():
+            return None
+        _FUSE["on"] = False
+        warn_once("cpu-fuse", f"hrnet_fast: the CPU fuse kernel failed ({e}); it is switched off "
+                  "for this process and the fuse step runs as the torch composition (same "
+                  "results, slower)", _WARNED)
+        return None
+
+
 class TorchCPU(Backend):
     """``backend="torch"`` on the CPU (and on any other non-CUDA device, where the oneDNN path
     steps aside and the plain compositions run).
@@ -134,3 +178,17 @@ class TorchCPU(Backend):
                 return y
         return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
                                    spec.relu, spec.relu_ranges)
+
+    def fuse(self, base, contributions, mode: str, align_corners: bool, relu: bool = True,
+             bias: Optional[torch.Tensor] = None):
+        # One pass over memory (csrc/cpu_fuse.cpp) instead of a full-size tensor per resized
+        # contribution plus separate add and ReLU passes. CPU plans keep conv biases in the convs.
+        if bias is None and fuse_kernel_fits(base, contributions, mode):
+            out = fuse_kernel(base, contributions, mode, align_corners, relu)
+            if out is not None:
+                return out
+        return super().fuse(base, contributions, mode, align_corners, relu, bias)
+
+    def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
+        # The fuse step of the seg head through the kernel too, then the classifier.
+        return fuse_then_classify(self.fuse)(base, contributions, weight, bias, mode, align_corners)

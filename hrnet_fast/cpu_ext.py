@@ -1,0 +1,239 @@
+"""The optional CPU fuse kernel (``csrc/cpu_fuse.cpp``): build, status, fake kernel, wrapper.
+
+The kernel computes the fuse step ``act(base + sum_k resize(c_k, base size))`` in one pass over
+memory, reading each contribution at its own resolution (the torch composition allocates a
+full-size tensor per contribution). It is JIT-built with ``torch.utils.cpp_extension.load`` (a C++
+compiler and ninja, 10-15 s on 2 cores) the first time it is needed, and cached like the CUDA
+extension's JIT build: under ``$HRNET_FAST_CACHE_DIR``, else ``$TORCH_EXTENSIONS_DIR``, else
+``~/.cache/hrnet_fast`` (``$XDG_CACHE_HOME/hrnet_fast`` when set), in a subfolder per Python, torch
+and machine architecture. Later processes load the cached library in milliseconds.
+
+Nothing here raises on import. A missing compiler or ninja, or a failed build, warns once
+(``RuntimeWarning``, with the reason) and ``load_extension()`` returns False from then on: callers
+keep the torch composition. A build lock left by a killed build never hangs a process: it is
+waited for at most ``LOCK_WAIT_S`` and removed once older than ``STALE_LOCK_S``.
+``HRNET_FAST_CPU_EXT=0`` turns the kernel off without building; ``HRNET_FAST_VERBOSE_BUILD=1``
+shows the compiler output.
+
+The op is ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` (schema in ``csrc/cpu_fuse.cpp``); its
+fake kernel is registered here once the library is loaded, so torch.compile and opcheck can trace
+it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .cuda_ext import _cache_root, _short, csrc_dir
+
+__all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "jit_build_directory",
+           "SOURCES", "DTYPES"]
+
+LIBRARY = "hrnet_fast_cpu"
+JIT_NAME = "hrnet_fast_cpu_fuse"
+SOURCES = ("cpu_fuse.cpp",)
+# -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
+# compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
+EXTRA_CFLAGS = ["-O3"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# torch's build lock (a file in the build folder) is left behind by a build that was killed, and
+# torch then waits for it forever. A lock older than STALE_LOCK_S is removed; a younger one is
+# waited for up to LOCK_WAIT_S (a build takes ~15 s), then this process goes without the kernel.
+STALE_LOCK_S = 600.0
+LOCK_WAIT_S = 120.0
+
+logger = logging.getLogger(__name__)
+_lock = threading.RLock()
+_state: dict = {"done": False, "ok": False, "reason": "not loaded yet", "fakes": False}
+
+
+def cpu_ext_switch() -> str:
+    """``HRNET_FAST_CPU_EXT``: "0" (off) or "" (default), read by backends/selection.py."""
+    from .backends.selection import cpu_ext_mode
+    return cpu_ext_mode()
+
+
+def openmp_flags() -> list:
+    """``-fopenmp`` where torch's intra-op threads are OpenMP's (Linux wheels): at::parallel_for
+    is inline there and runs on one thread unless the extension is compiled with OpenMP. The
+    extension then shares torch's libgomp (same soname, already loaded), so
+    ``torch.set_num_threads`` applies. Other parallel backends need no flag."""
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if sys.platform.startswith("linux") and openmp else []
+
+
+def jit_build_directory() -> Path:
+    """Where the JIT build goes: one subfolder per Python, torch and machine architecture."""
+    tag = (f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
+           f"_{platform.machine() or 'cpu'}")
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+    return _cache_root() / "torch_extensions" / tag / JIT_NAME
+
+
+# ------------------------------------------------------------------------------------- loading
+def _ops_registered() -> bool:
+    try:
+        getattr(torch.ops, LIBRARY).upsample_add_relu
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _precheck() -> Optional[str]:
+    """Why the kernel cannot be built here, without compiling anything; None if it may."""
+    if cpu_ext_switch() in ("0", "off", "false", "no"):
+        return "disabled by HRNET_FAST_CPU_EXT=0"
+    from torch.utils import cpp_extension
+    src = csrc_dir()
+    missing = [s for s in SOURCES if not (src / s).is_file()]
+    if missing:
+        return (f"the csrc/ sources are not next to the package ({src} lacks "
+                f"{', '.join(missing)}); install from a source checkout with `pip install -e .`")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not found; set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja (needed for the JIT build) is not installed (`pip install ninja`)"
+    return None
+
+
+def _wait_for_lock(build_dir: Path) -> Optional[str]:
+    """None once no other build holds ``build_dir``'s lock (a stale lock is removed), else why."""
+    lock = build_dir / "lock"
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if age > STALE_LOCK_S:
+            try:
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            return None
+        if time.monotonic() > deadline:
+            return (f"another build has held {lock} for {age:.0f} s; if no build is running, "
+                    "delete that file")
+        time.sleep(0.2)
+
+
+def _build() -> Tuple[bool, str]:
+    from .backends.selection import verbose_build
+    from torch.utils import cpp_extension
+    build_dir = jit_build_directory()
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        busy = _wait_for_lock(build_dir)
+        if busy is not None:
+            return False, busy
+        omp = openmp_flags()
+        logger.info("hrnet_fast: loading or building the CPU fuse kernel in %s (a first build "
+                    "takes 10-15 s)", build_dir)
+        cpp_extension.load(name=JIT_NAME, sources=[str(csrc_dir() / s) for s in SOURCES],
+                           extra_cflags=EXTRA_CFLAGS + omp, extra_ldflags=omp,
+                           build_directory=str(build_dir),
+                           verbose=verbose_build(), is_python_module=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure becomes one reason string
+        return False, f"JIT build failed in {build_dir}: {_short(exc)}"
+    if not _ops_registered():
+        return False, f"built in {build_dir}, but torch.ops.{LIBRARY}.upsample_add_relu is missing"
+    return True, f"JIT-built in {build_dir}"
+
+
+def _load_locked() -> None:
+    if _ops_registered():  # loaded by other means (a test, another copy of this module)
+        ok, reason = True, f"torch.ops.{LIBRARY} already registered"
+    else:
+        reason = _precheck()
+        if reason is not None:
+            ok = False
+            if not reason.startswith("disabled"):
+                _warn(reason)
+        else:
+            ok, reason = _build()
+            if not ok:
+                _warn(reason)
+    if ok:
+        _register_fake()
+    _state.update(done=True, ok=ok, reason=reason)
+
+
+def _warn(reason: str) -> None:
+    # Called from _load_locked only, which runs once per process: one warning.
+    warnings.warn(f"hrnet_fast: CPU fuse kernel unavailable: {reason}; the fuse step runs as "
+                  "the torch composition (same results, slower)", RuntimeWarning, stacklevel=5)
+
+
+def load_extension() -> bool:
+    """Whether ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` is ready. Builds (or loads the cached
+    build) once per process; later calls return the remembered answer."""
+    if not _state["done"]:
+        with _lock:
+            if not _state["done"]:
+                _load_locked()
+    return _state["ok"]
+
+
+def cpu_ext_status() -> Tuple[bool, str]:
+    """(available, reason); builds on the first call unless switched off or impossible here."""
+    load_extension()
+    return _state["ok"], _state["reason"]
+
+
+# ---------------------------------------------------------------------------------- fake kernel
+def _upsample_add_relu_fake(base, contributions, mode, align_corners, relu):
+    torch._check(base.dim() == 4, lambda: f"base must be 4-d [N, C, H, W], got {tuple(base.shape)}")
+    torch._check(base.dtype in DTYPES, lambda: f"dtype must be one of {DTYPES}, got {base.dtype}")
+    torch._check(mode in ("nearest", "bilinear"),
+                 lambda: f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    n, c, h, w = base.shape
+    for k, t in enumerate(contributions):
+        torch._check(t.dim() == 4 and t.dtype == base.dtype,
+                     lambda: f"contributions[{k}] must be 4-d with base's dtype {base.dtype}")
+        torch._check(t.shape[0] == n and t.shape[1] == c,
+                     lambda: f"contributions[{k}] batch/channels {tuple(t.shape[:2])} != {(n, c)}")
+        torch._check(t.shape[2] <= h and t.shape[3] <= w,
+                     lambda: f"contributions[{k}] {tuple(t.shape)} is larger than base "
+                             f"{tuple(base.shape)}")
+    return torch.empty(base.shape, dtype=base.dtype, device=base.device,
+                       memory_format=torch.channels_last)
+
+
+def _register_fake() -> None:
+    if _state["fakes"]:
+        return
+    try:
+        torch.library.register_fake(f"{LIBRARY}::upsample_add_relu")(_upsample_add_relu_fake)
+    except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
+        if "already" not in str(exc).lower():
+            raise
+    _state["fakes"] = True
+
+
+# -------------------------------------------------------------------------------------- wrapper
+def upsample_add_relu_cpu(base: torch.Tensor, contributions: Sequence[torch.Tensor], *, mode: str,
+                          align_corners: bool, relu: bool) -> torch.Tensor:
+    """``act(base + sum_k F.interpolate(contributions[k], size=base.shape[-2:]))`` in one pass.
+
+    CPU tensors of one dtype (float32, bfloat16 or float16); base [N, C, H, W] and contributions
+    [N, C, h, w] (h <= H, w <= W) with channel stride 1 (channels_last, or channel slices of
+    channels_last tensors), other strides free; mode "nearest" (legacy) or "bilinear"; act = ReLU
+    if ``relu``. float32 accumulation, one rounding at the store; the result is a new
+    channels_last tensor. Raises RuntimeError when the kernel is unavailable (see
+    ``cpu_ext_status()``) or an argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU fuse kernel is unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.upsample_add_relu(base, list(contributions), str(mode),
+                                                     bool(align_corners), bool(relu))

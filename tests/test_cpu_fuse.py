@@ -1,0 +1,422 @@
+"""The CPU fuse kernel (csrc/cpu_fuse.cpp, hrnet_fast/cpu_ext.py) and its use by the torch
+backend on the CPU (TorchCPU.fuse / head in hrnet_fast/backends/torch_cpu.py).
+
+The kernel is JIT-built once (cached on disk; 10-15 s on 2 cores the first time). Where it cannot be
+built here, every kernel test is skipped with the reason: the kernel is then NOT tested.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import poisoned_allocations, randomize_bn
+from nearest_sweep import assert_sweep_bit_exact, sweep_pairs
+from oracles import assert_close_to_oracle, assert_model_close, fuse_fp64, fuse_same_dtype
+
+from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
+from hrnet_fast.backends import torch_cpu
+from hrnet_fast.check import clone_as
+
+CL = torch.channels_last
+MODES = [("nearest", False), ("bilinear", False), ("bilinear", True)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (base H, W), contribution sizes. 6->46 and 12->46 are pairs where a float64 index product picks
+# other nearest sources than PyTorch's float32 one; 2->3 a non-integer ratio; one axis unchanged;
+# exactly 2x (nearest's special case in PyTorch); a contribution at base size; none at all.
+CASES = [
+    ((46, 46), [(6, 12)]),
+    ((31, 45), [(8, 12)]),
+    ((3, 3), [(2, 2)]),
+    ((16, 24), [(16, 24)]),
+    ((31, 45), [(31, 45), (16, 23), (8, 12)]),
+    ((16, 46), [(16, 12), (8, 46)]),
+    ((24, 32), [(12, 16), (6, 8)]),
+    ((7, 9), []),
+]
+CHANNELS = 19  # one 16-lane vector and a remainder
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    ok, why = cpu_ext.cpu_ext_status()
+    if not ok:
+        pytest.skip(f"the CPU fuse kernel could not be built here ({why}): it is NOT tested")
+    return torch.ops.hrnet_fast_cpu.upsample_add_relu
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def _tensor(shape, dtype, layout, seed):
+    """A random [N, C, H, W] tensor: dense channels_last ("cl"), a channel slice of a wider
+    channels_last tensor ("slice"), or every second column of one ("wstride": W stride 2C)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    if layout == "slice":
+        big = torch.randn(n, c + 5, h, w, generator=g).to(dtype).contiguous(memory_format=CL)
+        t = big[:, 2:2 + c]
+    elif layout == "wstride":
+        big = torch.randn(n, c, h, 2 * w, generator=g).to(dtype).contiguous(memory_format=CL)
+        t = big[..., ::2]
+    else:
+        t = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=CL)
+    assert t.stride(1) == 1
+    return t
+
+
+def _inputs(hw, sizes, dtype, views, n=2, c=CHANNELS, seed=0):
+    base = _tensor((n, c, *hw), dtype, "slice" if views else "cl", seed)
+    layouts = ("slice", "wstride") if views else ("cl",)
+    contribs = [_tensor((n, c, *s), dtype, layouts[k % len(layouts)], seed + 1 + k)
+                for k, s in enumerate(sizes)]
+    return base, contribs
+
+
+def _check(out, base, contribs, mode, ac, relu, what):
+    oracle = fuse_fp64(base, contribs, mode, ac, relu)
+    same = None if base.dtype == torch.float32 else fuse_same_dtype(base, contribs, mode, ac, relu)
+    assert_close_to_oracle(out, oracle, same, dtype=base.dtype, what=what)
+
+
+@contextlib.contextmanager
+def poisoned_malloc():
+    """Within the block, fresh C/C++ heap memory (the kernel's ``at::empty``) holds the bytes 0x7f:
+    3.4e38 in float32 and bfloat16, NaN in float16, so an output value the kernel never writes
+    fails the oracle (``torch.empty`` in Python is covered by tests/helpers.py's
+    poisoned_allocations). glibc only (``mallopt(M_PERTURB)``)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no mallopt (not glibc): the kernel's own allocation is NOT poisoned here")
+    m_perturb = -6
+    mallopt(m_perturb, 0x80)  # glibc fills allocations with 0x80 ^ 0xff = 0x7f
+    try:
+        probe = torch.empty(3, 17, 9, 11)
+        if not bool((probe.view(torch.int32) == 0x7F7F7F7F).all()):
+            pytest.skip("mallopt(M_PERTURB) did not poison torch's allocations here")
+        yield
+    finally:
+        mallopt(m_perturb, 0)
+
+
+# ------------------------------------------------------------------------------- the kernel itself
+@pytest.mark.parametrize("views", [False, True], ids=["dense", "views"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode,ac", MODES, ids=["nearest", "bilinear", "bilinear_ac"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_oracle(kernel, case, mode, ac, dtype, views):
+    """Every case, mode, dtype and layout within the oracles' rule (fp32 1e-6; bf16/fp16 2x the
+    composition in that dtype), batch 2, 1-3 contributions or none, ReLU on and off; output
+    allocations poisoned; on torch's threads (several row tasks where it has more than one)."""
+    hw, sizes = CASES[case]
+    relu = case % 2 == 0
+    base, contribs = _inputs(hw, sizes, dtype, views, seed=case)
+    with poisoned_malloc():
+        out = kernel(base, contribs, mode, ac, relu)
+    assert out.is_contiguous(memory_format=CL) and out.dtype == dtype
+    _check(out, base, contribs, mode, ac, relu, f"{hw} <- {sizes} {mode} ac={ac} relu={relu}")
+
+
+def test_nearest_sweep_bit_exact(kernel):
+    """Nearest does no arithmetic on values: every (in <= 64, out <= 130) pair bit for bit against
+    F.interpolate (tests/nearest_sweep.py), channels_last."""
+    def run(base, contribs):
+        return kernel(base, contribs, "nearest", False, False)
+    checked = assert_sweep_bit_exact(run, "cpu", channels=4, channels_last=True,
+                                     what="CPU fuse kernel")
+    assert checked == len(sweep_pairs())
+
+
+def test_bilinear_large_ratios_and_batch(kernel):
+    """Bigger HRNet-like shapes (8x up, batch 3, 36 channels) in both bilinear modes."""
+    base, contribs = _inputs((64, 96), [(32, 48), (16, 24), (8, 12)], torch.float32, True, n=3,
+                             c=36, seed=7)
+    for ac in (False, True):
+        out = kernel(base, contribs, "bilinear", ac, True)
+        _check(out, base, contribs, "bilinear", ac, True, f"64x96 ac={ac}")
+
+
+_OTHER_ISA = """
+import sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+from oracles import assert_close_to_oracle, fuse_fp64, fuse_same_dtype
+from hrnet_fast import cpu_ext
+assert torch.backends.cpu.get_cpu_capability() == {cap!r}, torch.backends.cpu.get_cpu_capability()
+assert cpu_ext.load_extension(), cpu_ext.cpu_ext_status()
+cl = torch.channels_last
+for dtype in (torch.float32, torch.bfloat16):
+    for mode, ac in (("nearest", False), ("bilinear", False), ("bilinear", True)):
+        base = torch.randn(2, 19, 31, 45).to(dtype).contiguous(memory_format=cl)
+        cs = [torch.randn(2, 19, h, w).to(dtype).contiguous(memory_format=cl)
+              for h, w in ((31, 45), (16, 23), (8, 12))]
+        out = torch.ops.hrnet_fast_cpu.upsample_add_relu(base, cs, mode, ac, True)
+        same = None if dtype == torch.float32 else fuse_same_dtype(base, cs, mode, ac)
+        assert_close_to_oracle(out, fuse_fp64(base, cs, mode, ac), same, dtype=dtype, what=mode)
+"""
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_other_instruction_sets(kernel, capability):
+    """The row kernel's other compiled variants, chosen through torch's ATEN_CPU_CAPABILITY (a new
+    process: torch reads it once)."""
+    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("x86 variants: this CPU or torch build has no AVX2 capability")
+    if capability == torch.backends.cpu.get_cpu_capability():
+        pytest.skip(f"{capability} is this process' own variant, tested by the other tests")
+    tests = Path(__file__).resolve().parent
+    code = _OTHER_ISA.format(root=str(tests.parent), tests=str(tests), cap=capability)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_same_result_on_one_and_two_threads(kernel):
+    base, contribs = _inputs((46, 46), [(6, 12), (23, 23)], torch.float32, True, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(base, contribs, "bilinear", False, True)
+        torch.set_num_threads(2)
+        two = kernel(base, contribs, "bilinear", False, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 8), (torch.float16, 11)],
+                         ids=["bfloat16", "float16"])
+def test_one_rounding_to_nearest_even(kernel, dtype, bits):
+    """base = k / 4 and a same-size contribution j / 2^(bits+2) (|k|, |j| < 2^(bits-1), exact in
+    ``dtype``): their sum needs up to 2*bits significant bits, exact in float32, and must come out
+    rounded once to nearest, ties to even: bit for bit torch's float32 -> dtype conversion. (The
+    oracles' 2x rule does not see a truncating store.)"""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randint(-2 ** (bits - 1) + 1, 2 ** (bits - 1), (2, CHANNELS, 6, 40), generator=g)
+    j = torch.randint(-2 ** (bits - 1) + 1, 2 ** (bits - 1), k.shape, generator=g)
+    base = (k.double() / 4).to(dtype).contiguous(memory_format=CL)
+    contrib = (j.double() / 2 ** (bits + 2)).to(dtype).contiguous(memory_format=CL)
+    exact = base.double() + contrib.double()
+    assert torch.equal(exact.float().double(), exact)  # exact in float32, by construction
+    out = kernel(base, [contrib], "bilinear", False, False)
+    assert torch.equal(out, exact.float().to(dtype))
+    rounded = int((exact.float().to(dtype).double() != exact).sum())
+    nudge = exact.abs() * 2.0 ** -20  # far below half an ulp of dtype: flips ties only
+    ties = int(((exact - nudge).float().to(dtype) != (exact + nudge).float().to(dtype)).sum())
+    assert rounded > 1000 and ties > 20  # the check rounds, ties among them
+
+
+def test_nan_propagates_through_relu(kernel):
+    base, contribs = _inputs((5, 6), [(3, 3)], torch.float32, False)
+    base[0, 0, 1, 2] = float("nan")
+    out = kernel(base, contribs, "bilinear", False, True)
+    assert torch.isnan(out[0, 0, 1, 2]) and int(torch.isnan(out).sum()) == 1
+
+
+def test_opcheck(kernel):
+    """Schema, fake kernel (shapes, strides, dtype) and dispatch agree with the real kernel."""
+    for views in (False, True):
+        base, contribs = _inputs((9, 11), [(4, 5), (9, 11)], torch.float32, views)
+        torch.library.opcheck(kernel.default, (base, contribs, "bilinear", False, True))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", "contributions\\[0\\] has dtype"),
+    ("nchw", "contributions\\[0\\] must have channel stride 1"),
+    ("larger", "larger than base"),
+    ("mode", "mode must be 'nearest' or 'bilinear'"),
+    ("batch", "batch and channels must match"),
+    ("int", "dtype must be float32, bfloat16 or float16"),
+])
+def test_bad_input_gets_one_clear_error(kernel, bad, match):
+    base, (c,) = _inputs((8, 8), [(4, 4)], torch.float32, False)
+    mode = "bilinear"
+    if bad == "dtype":
+        c = c.double()
+    elif bad == "nchw":
+        c = c.contiguous()
+    elif bad == "larger":
+        c = _tensor((2, CHANNELS, 9, 4), torch.float32, "cl", 1)
+    elif bad == "mode":
+        mode = "bicubic"
+    elif bad == "batch":
+        c = c[:1]
+    elif bad == "int":
+        base, c = base.to(torch.int32), c.to(torch.int32)
+    with pytest.raises(RuntimeError, match=match):
+        kernel(base, [c], mode, False, True)
+
+
+# ------------------------------------------------------------------------------- the torch backend
+def _backend():
+    from hrnet_fast.backends.torch_cpu import TorchCPU
+    return TorchCPU.__new__(TorchCPU)  # fuse/head use no prepared state
+
+
+@pytest.fixture
+def kernel_calls(kernel, monkeypatch):
+    calls = []
+    real = cpu_ext.upsample_add_relu_cpu
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "upsample_add_relu_cpu", spy)
+    return calls
+
+
+def test_backend_fuse_uses_the_kernel(kernel_calls, monkeypatch):
+    base, contribs = _inputs((31, 45), [(31, 45), (16, 23), (8, 12)], torch.float32, True)
+    base = base.contiguous(memory_format=CL)
+    with poisoned_allocations(monkeypatch), torch.inference_mode():
+        out = _backend().fuse(base, contribs, "bilinear", False, True)
+    assert len(kernel_calls) == 1
+    _check(out, base, contribs, "bilinear", False, True, "TorchCPU.fuse")
+
+
+@pytest.mark.parametrize("why", ["nchw_base", "requires_grad", "bias"])
+def test_backend_fuse_falls_back_to_the_composition(kernel_calls, monkeypatch, why):
+    """Arguments the kernel does not take run the composition, with the same results."""
+    base, contribs = _inputs((12, 14), [(6, 7)], torch.float32, False)
+    extra = ()
+    if why == "nchw_base":
+        base = base.contiguous()
+    elif why == "requires_grad":
+        contribs[0].requires_grad_(True)
+    else:
+        extra = (torch.randn(CHANNELS),)  # a hoisted conv bias: CPU plans keep them in the convs
+    with poisoned_allocations(monkeypatch):
+        out = _backend().fuse(base, contribs, "bilinear", False, True, *extra)
+    assert kernel_calls == []
+    assert (out.grad_fn is not None) == (why == "requires_grad")
+    oracle = fuse_fp64(base, [c.detach() for c in contribs], "bilinear", False, True, *extra)
+    assert_close_to_oracle(out.detach(), oracle, dtype=torch.float32, what=why)
+
+
+def _model():
+    return randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1"))).eval()
+
+
+def test_engine_with_the_kernel_matches_the_reference(kernel_calls):
+    """A whole w18_small_v1 seg engine (fuse steps and seg head through the kernel) against the
+    float64 reference, fp32 within 1e-5."""
+    model = _model()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        ref64 = clone_as(model, torch.float64)(x.double())
+        out = optimize(model, backend="torch")(x)
+    assert len(kernel_calls) > 5, "the engine did not run the CPU fuse kernel"
+    assert_model_close(out, ref64, dtype=torch.float32, what="w18_small_v1, CPU fuse kernel")
+
+
+def test_bf16_engine_with_the_kernel(kernel_calls):
+    ok, why = torch_cpu.native_precision(torch.bfloat16)
+    if not ok:
+        pytest.skip(f"{why}: the bf16 engine is NOT tested with the kernel here")
+    model = _model()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        ref64 = clone_as(model, torch.float64)(x.double())
+        own = clone_as(model, torch.bfloat16)(x.bfloat16())
+        out = optimize(model, backend="torch", dtype=torch.bfloat16)(x.bfloat16())
+    assert len(kernel_calls) > 5
+    assert_model_close(out, ref64, own, dtype=torch.bfloat16, what="bf16 engine with the kernel")
+
+
+# ------------------------------------------------------------------------------- loading
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """cpu_ext as in a new process where the library is not loaded yet."""
+    monkeypatch.setattr(cpu_ext, "_state", {"done": False, "ok": False, "reason": "not loaded yet",
+                                            "fakes": True})
+    monkeypatch.setattr(cpu_ext, "_ops_registered", lambda: False)
+    return monkeypatch
+
+
+def _load_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = cpu_ext.load_extension()
+        second = cpu_ext.load_extension()
+    return first, second, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_missing_compiler_warns_once(fresh_loader):
+    fresh_loader.setenv("CXX", "no-such-compiler-hrnet-fast")
+    first, second, said = _load_warnings()
+    assert (first, second) == (False, False)
+    assert len(said) == 1 and "no C++ compiler" in str(said[0].message)
+    assert "torch composition" in str(said[0].message)
+    assert cpu_ext.cpu_ext_status() == (False, cpu_ext._state["reason"])
+
+
+def test_failed_build_warns_once(fresh_loader, tmp_path):
+    _planted_failure(fresh_loader, tmp_path)
+    first, second, said = _load_warnings()
+    assert (first, second) == (False, False)
+    assert len(said) == 1 and "JIT build failed" in str(said[0].message)
+    assert "planted build failure" in str(said[0].message)
+    assert str(tmp_path / "cache") in cpu_ext.cpu_ext_status()[1]
+
+
+def _planted_failure(loader, tmp_path):
+    """A source that fails at once, built under its own name into a fresh cache."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "cpu_fuse.cpp").write_text("#error planted build failure\n")
+    loader.setattr(cpu_ext, "csrc_dir", lambda: src)
+    # another name: torch's JIT versioner would otherwise rebuild the real one under a new name
+    loader.setattr(cpu_ext, "JIT_NAME", "hrnet_fast_cpu_fuse_planted_failure")
+    loader.setenv("HRNET_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    build_dir = cpu_ext.jit_build_directory()
+    build_dir.mkdir(parents=True)
+    return build_dir
+
+
+def test_a_held_build_lock_is_waited_for_then_given_up(fresh_loader, tmp_path):
+    lock = _planted_failure(fresh_loader, tmp_path) / "lock"
+    lock.touch()
+    fresh_loader.setattr(cpu_ext, "LOCK_WAIT_S", 0.3)
+    first, _, said = _load_warnings()
+    assert first is False and len(said) == 1
+    assert f"another build has held {lock}" in str(said[0].message) and lock.exists()
+
+
+def test_a_stale_build_lock_is_removed(fresh_loader, tmp_path):
+    lock = _planted_failure(fresh_loader, tmp_path) / "lock"
+    lock.touch()
+    old = time.time() - cpu_ext.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    fresh_loader.setattr(cpu_ext, "LOCK_WAIT_S", 0.3)
+    first, _, said = _load_warnings()
+    assert first is False and "JIT build failed" in str(said[0].message)  # it went on to build
+    assert not lock.exists()
+
+
+def test_switched_off_without_a_warning(fresh_loader):
+    fresh_loader.setenv("HRNET_FAST_CPU_EXT", "0")
+    first, _, said = _load_warnings()
+    assert first is False and said == []
+    assert "HRNET_FAST_CPU_EXT=0" in cpu_ext.cpu_ext_status()[1]
+    with pytest.raises(RuntimeError, match="CPU fuse kernel is unavailable: disabled"):
+        cpu_ext.upsample_add_relu_cpu(torch.zeros(1, 1, 2, 2), [], mode="nearest",
+                                      align_corners=False, relu=True)
+
+
+def test_import_does_not_build():
+    """Importing the package starts no build: the loader runs on first use only."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (f"import sys; sys.path.insert(0, {root!r}); "
+            "import hrnet_fast, hrnet_fast.backends.torch_cpu; "
+            "from hrnet_fast import cpu_ext; "
+            "assert not cpu_ext._state['done']; "
+            "assert 'torch.utils.cpp_extension' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
