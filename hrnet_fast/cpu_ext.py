@@ -36,6 +36,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .cuda_ext import _cache_root, _short, csrc_dir
+from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "jit_build_directory",
            "SOURCES", "DTYPES"]
@@ -194,19 +195,8 @@ def cpu_ext_status() -> Tuple[bool, str]:
 
 # ---------------------------------------------------------------------------------- fake kernel
 def _upsample_add_relu_fake(base, contributions, mode, align_corners, relu):
-    torch._check(base.dim() == 4, lambda: f"base must be 4-d [N, C, H, W], got {tuple(base.shape)}")
+    check_fuse_meta(base, contributions, mode)
     torch._check(base.dtype in DTYPES, lambda: f"dtype must be one of {DTYPES}, got {base.dtype}")
-    torch._check(mode in ("nearest", "bilinear"),
-                 lambda: f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-    n, c, h, w = base.shape
-    for k, t in enumerate(contributions):
-        torch._check(t.dim() == 4 and t.dtype == base.dtype,
-                     lambda: f"contributions[{k}] must be 4-d with base's dtype {base.dtype}")
-        torch._check(t.shape[0] == n and t.shape[1] == c,
-                     lambda: f"contributions[{k}] batch/channels {tuple(t.shape[:2])} != {(n, c)}")
-        torch._check(t.shape[2] <= h and t.shape[3] <= w,
-                     lambda: f"contributions[{k}] {tuple(t.shape)} is larger than base "
-                             f"{tuple(base.shape)}")
     return torch.empty(base.shape, dtype=base.dtype, device=base.device,
                        memory_format=torch.channels_last)
 

@@ -32,6 +32,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .ops._validate import check_fuse_meta
+
 __all__ = [
     "load_extension",
     "cuda_ext_status",
@@ -234,16 +236,8 @@ def output_memory_format(base: torch.Tensor) -> torch.memory_format:
 
 
 def _upsample_add_relu_fake(base, contributions, mode, align_corners, relu, bias=None):
-    torch._check(base.dim() == 4, lambda: f"base must be 4-d [N, C, H, W], got {tuple(base.shape)}")
-    torch._check(mode in ("nearest", "bilinear"), lambda: f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-    n, c, h, w = base.shape
-    for k, t in enumerate(contributions):
-        torch._check(t.dim() == 4 and t.dtype == base.dtype,
-                     lambda: f"contributions[{k}] must be 4-d with base's dtype {base.dtype}")
-        torch._check(t.shape[0] == n and t.shape[1] == c,
-                     lambda: f"contributions[{k}] batch/channels {tuple(t.shape[:2])} != base's {(n, c)}")
-        torch._check(t.shape[2] <= h and t.shape[3] <= w,
-                     lambda: f"contributions[{k}] {tuple(t.shape)} is larger than base {tuple(base.shape)}")
+    check_fuse_meta(base, contributions, mode)
+    c = base.shape[1]
     if bias is not None:
         torch._check(bias.dim() == 1 and bias.shape[0] == c, lambda: f"bias must have shape [{c}]")
     return torch.empty(base.shape, dtype=base.dtype, device=base.device,

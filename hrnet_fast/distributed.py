@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -135,6 +135,18 @@ class Group:
         for rank, message in enumerate(messages):
             if message:
                 raise RankFailed(f"rank {rank} of {self.ranks.world_size} failed: {message}")
+
+    def run_all(self, work: Callable[[], None]) -> None:
+        """``work()`` on this rank, then :meth:`check_all` with the exception it raised (held until
+        every rank is done; raised at once when not distributed)."""
+        error = None
+        try:
+            work()
+        except Exception as e:
+            if not self.ranks.distributed:
+                raise
+            error = e
+        self.check_all(error)
 
     def gather(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

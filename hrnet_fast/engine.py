@@ -115,11 +115,10 @@ def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
     x = run_blocks(be, x, plan.layer1)
     xs = [x]
     mode, align = plan.upsample, plan.align_corners
-    pose = plan.head_kind == "pose"
+    pose, last = plan.head_kind == "pose", len(plan.stages) - 1
     for s, (transition, stage) in enumerate(zip(plan.transitions, plan.stages)):
         xs = [xs[src] if chain is None else run_convs(be, xs[src], chain)
               for chain, src in zip(transition.branches, transition.sources)]
-        last = len(plan.stages) - 1
         for k, m in enumerate(stage):
             if pose and s == last and k == len(stage) - 1 and m.fuse is not None:
                 # The last module fuses branch 0 only; its fuse and final_layer are one head op.

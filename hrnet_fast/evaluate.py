@@ -247,16 +247,12 @@ def evaluate_files(items: Sequence[Item], model, *, num_classes: Optional[int] =
     mine = group.ranks.shard(list(items))
     local = EvalResult(metrics={})
     start = time.perf_counter()
-    error = None
-    try:
+    def work() -> None:
         if mine:
-            _evaluate_shard(mine, model, prepare, tta, align_corners, dtype, device, batch_size, workers,
-                            progress and group.ranks.is_main, sync_timing, confusion, local)
-    except Exception as e:  # held until every rank is done (see Group.check_all)
-        if not group.ranks.distributed:
-            raise
-        error = e
-    group.check_all(error)
+            _evaluate_shard(mine, model, prepare, tta, align_corners, dtype, device, batch_size,
+                            workers, progress and group.ranks.is_main, sync_timing, confusion, local)
+
+    group.run_all(work)  # a failure is held until every rank is done
     local.timings.images = len(local.names)
     local.timings.wall = time.perf_counter() - start
     group.all_reduce_sum(confusion)

@@ -207,13 +207,19 @@ def _read_npy(f, size: int, name: str) -> np.ndarray:
     return _read_npy_payload(f, size, name, (h, w, 3), fortran, dtype)
 
 
-def _read_with_pillow(path: Path, name: str) -> np.ndarray:
-    suffix = path.suffix.lower()
+def _pillow_image(path: Path, name: str, what: str, without: str):
+    """PIL.Image, or the reader's error saying what works without Pillow."""
     try:
         from PIL import Image
     except ImportError:
-        raise _fail(name, f"reading {suffix or 'extension-less'} images needs Pillow (pip install "
-                          "Pillow); without it, .ppm (P6) and .npy (HxWx3 uint8) work") from None
+        suffix = path.suffix.lower() or "extension-less"
+        raise _fail(name, f"reading {suffix} {what} needs Pillow (pip install Pillow); without it, "
+                          f"{without}") from None
+    return Image
+
+
+def _read_with_pillow(path: Path, name: str) -> np.ndarray:
+    Image = _pillow_image(path, name, "images", ".ppm (P6) and .npy (HxWx3 uint8) work")
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -280,12 +286,7 @@ def _read_npy_label(f, size: int, name: str) -> np.ndarray:
 
 
 def _read_label_with_pillow(path: Path, name: str) -> np.ndarray:
-    suffix = path.suffix.lower()
-    try:
-        from PIL import Image
-    except ImportError:
-        raise _fail(name, f"reading {suffix or 'extension-less'} label maps needs Pillow (pip install "
-                          "Pillow); without it, .npy (HxW integers) works") from None
+    Image = _pillow_image(path, name, "label maps", ".npy (HxW integers) works")
     try:
         with Image.open(path) as im:
             w, h = im.size

@@ -438,17 +438,13 @@ def segment_files(inputs: Sequence, out_dir: str, model, *, tta: TTA = TTA(), ba
     todo = [i for i in mine if i.name not in done]
     local = SegmentResult(existing=[i.name for i in mine if i.name in done])
     start = time.perf_counter()
-    error = None
-    try:
+    def work() -> None:
         if todo:
-            _segment_shard(todo, out_dir, model, tta, align_corners, dtype, device, batch_size, workers,
-                           colour, overlay, progress and group.ranks.is_main, sync_timing, local,
-                           palette(num_classes or 256))
-    except Exception as e:  # held until every rank is done (see Group.check_all)
-        if not group.ranks.distributed:
-            raise
-        error = e
-    group.check_all(error)
+            _segment_shard(todo, out_dir, model, tta, align_corners, dtype, device, batch_size,
+                           workers, colour, overlay, progress and group.ranks.is_main, sync_timing,
+                           local, palette(num_classes or 256))
+
+    group.run_all(work)  # a failure is held until every rank is done
     local.timings.images = len(local.written)
     local.timings.wall = time.perf_counter() - start
     merged = SegmentResult()

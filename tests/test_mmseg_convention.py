@@ -14,6 +14,7 @@ from hrnet_fast.kernels import triton_status
 from hrnet_fast.plan import build_plan
 from hrnet_fast.reference import HighResolutionNet
 from helpers import DEVICE, randomize_bn, rel_err
+from test_checkpoints import _mmseg_keys
 
 
 def _model(preset="w18_small_v1", upsample="mmseg", **kw):
@@ -93,19 +94,7 @@ def test_engine_matches_reference(backend, head):
 
 
 def test_mmseg_checkpoint_names_its_convention():
-    src = _model(upsample="bilinear", preset="w18_small_v1")
-    sd = {}
-    for k, v in src.state_dict().items():
-        if k == "last_layer.0.bias":
-            continue
-        if k.startswith("last_layer.0."):
-            sd["decode_head.convs.0.conv." + k[len("last_layer.0."):]] = v
-        elif k.startswith("last_layer.1."):
-            sd["decode_head.convs.0.bn." + k[len("last_layer.1."):]] = v
-        elif k.startswith("last_layer.3."):
-            sd["decode_head.conv_seg." + k[len("last_layer.3."):]] = v
-        else:
-            sd["backbone." + k] = v
+    sd, _ = _mmseg_keys(_model(upsample="bilinear", preset="w18_small_v1").state_dict())
     for upsample, expect in (("bilinear", 1), ("mmseg", 0)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -93,20 +93,10 @@ def _hide_peer_packages(monkeypatch):
 
 # --- the peers' outputs against the reference ---------------------------------------------------
 
-@needs_ort
-def test_onnxruntime_runs_the_same_model(export):
-    run, info = peers.build_peer("onnxruntime", export, CPU, torch.float32)
-    with torch.inference_mode():
-        expected = export.model(export.example)
-    out = run(export.example)
-    assert out.shape == expected.shape
-    assert rel_err(out, expected) < FP32_TOLERANCE
-    assert info["precision"] == "f32" and info["threads"] == torch.get_num_threads()
-
-
-@needs_ov
-def test_openvino_fp32_runs_the_same_model(export):
-    run, info = peers.build_peer("openvino-fp32", export, CPU, torch.float32)
+@pytest.mark.parametrize("name", [pytest.param("onnxruntime", marks=needs_ort),
+                                  pytest.param("openvino-fp32", marks=needs_ov)])
+def test_fp32_peer_runs_the_same_model(export, name):
+    run, info = peers.build_peer(name, export, CPU, torch.float32)
     with torch.inference_mode():
         expected = export.model(export.example)
     out = run(export.example)

@@ -80,7 +80,6 @@ class Triton(Backend):
         from . import selection
         super().__init__(plan, device, dtype, auto=auto)
         self.native = native_backend(plan, device, dtype)
-        self.resize_narrow_head_branches = False
         fuse: Callable = fuse_triton
         if device.type == "cuda" and auto:
             from .cuda import cuda_ext_ready, fuse_cuda

@@ -65,3 +65,19 @@ def check_fuse_bias(base: torch.Tensor, bias) -> None:
     if not bias.is_floating_point() or bias.device != base.device:
         raise ValueError(f"bias must be floating point on {base.device}, got {bias.dtype} on "
                          f"{bias.device}")
+
+
+def check_fuse_meta(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str) -> None:
+    """The fuse rule as ``torch._check``s, for the fake (meta) kernels of the C++ fuse ops, where
+    shapes may be symbolic: 4-D base, a known mode, contributions of base's dtype, batch and
+    channels, at most base's size."""
+    torch._check(base.dim() == 4, lambda: f"base must be 4-d [N, C, H, W], got {tuple(base.shape)}")
+    torch._check(mode in MODES, lambda: f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    n, c, h, w = base.shape
+    for k, t in enumerate(contributions):
+        torch._check(t.dim() == 4 and t.dtype == base.dtype,
+                     lambda: f"contributions[{k}] must be 4-d with base's dtype {base.dtype}")
+        torch._check(t.shape[0] == n and t.shape[1] == c,
+                     lambda: f"contributions[{k}] batch/channels {tuple(t.shape[:2])} != base's {(n, c)}")
+        torch._check(t.shape[2] <= h and t.shape[3] <= w,
+                     lambda: f"contributions[{k}] {tuple(t.shape)} is larger than base {tuple(base.shape)}")
