@@ -145,19 +145,35 @@ def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bo
 
     Each branch is projected at its own resolution and resized (the rewrite: on a GPU the fused head
     kernel reads the projections at low resolution). A backend with
-    ``resize_narrow_head_branches`` (the CPU's: resizing costs more than the conv there) resizes a
-    branch narrower than half the head width first and projects it at full resolution,
-    ``W_k resize(x_k)``: the same value, since resizing commutes with a 1x1 conv."""
-    base = be.conv(xs[0], head.projections[0])
-    contributions = []
+    ``resize_narrow_head_branches`` (the CPU's: resizing costs more than the conv there) resizes the
+    branches narrower than half the head width first, ``W_k resize(x_k)`` (the same value: resizing
+    commutes with a 1x1 conv), and projects them together with branch 0 as one conv over their
+    concatenation: for w18 one 126-channel conv writing the 270-channel map once, instead of three
+    convs of 18, 36 and 72 channels each writing it (and two of them reading it back)."""
     size = xs[0].shape[-2:]
-    for xk, spec in zip(xs[1:], head.projections[1:]):
-        if be.resize_narrow_head_branches and 2 * xk.shape[1] < spec.out_channels:
-            base = be.conv(resize(xk, size, mode, align), spec, residual=base)
-        else:
-            contributions.append(be.conv(xk, spec))
+    narrow = [k for k in range(1, len(xs))
+              if be.resize_narrow_head_branches and 2 * xs[k].shape[1] < head.projections[k].out_channels]
+    if narrow:
+        x = torch.cat([xs[0]] + [resize(xs[k], size, mode, align) for k in narrow], dim=1)
+        base = be.conv(x, merged_projection(be, head, narrow))
+    else:
+        base = be.conv(xs[0], head.projections[0])
+    contributions = [be.conv(xs[k], head.projections[k]) for k in range(1, len(xs)) if k not in narrow]
     c = head.classifier
     return be.head(base, contributions, c.weight, c.bias, mode, align)
+
+
+def merged_projection(be: Backend, head, narrow: List[int]) -> ConvSpec:
+    """One 1x1 ConvSpec projecting ``cat([x0] + [x_k for k in narrow])``: the projections' weights
+    side by side along input channels, branch 0's bias. Built once per backend state (it lives
+    beside the plan's, like the backend's other derived weights)."""
+    key = ("merged_head_projection", id(head), tuple(narrow))
+    spec = be.derived.get(key)
+    if spec is None:
+        specs = [head.projections[0]] + [head.projections[k] for k in narrow]
+        weight = torch.cat([s.weight for s in specs], dim=1).contiguous()
+        spec = be.derived[key] = ConvSpec(weight, specs[0].bias, 1, 0, relu=False)
+    return spec
 
 
 _VERSION = operator.attrgetter("_version")

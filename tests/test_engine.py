@@ -229,6 +229,23 @@ def test_dropin_load_state_dict_assign_replaces_parameters():
     assert rel_err(got, _reference_forward(other, X)) < TOL
 
 
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
+def test_cpu_seg_head_projects_narrow_branches_as_one_conv(upsample):
+    """The CPU seg head resizes the branches narrower than half the head width (w18: 36 and 72 of
+    270) and projects them with branch 0 as one conv: exact against fp64 at an odd size, batch 2."""
+    model = _model("w18", upsample=upsample)
+    x = torch.randn(2, 3, 57, 75)
+    engine = optimize(model, backend="torch")
+    with torch.no_grad():
+        out = engine(x)
+        ref64 = HighResolutionNet.forward(clone_as(model, torch.float64), x.double())
+    assert_model_close(out, ref64, dtype=torch.float32, what=f"w18 {upsample}")
+    merged = [k for k in engine._be.derived if k[0] == "merged_head_projection"]
+    assert [k[2] for k in merged] == [(1, 2)]
+    spec = engine._be.derived[merged[0]]
+    assert spec.weight.shape[:2] == (270, 18 + 36 + 72)
+
+
 def test_engine_output_is_fresh_and_nchw():
     engine = optimize(_model(), backend="torch")
     with torch.no_grad():

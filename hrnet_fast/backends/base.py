@@ -41,7 +41,7 @@ class Backend:
 
     name = "base"
     # CPU only: seg-head branches narrower than half the head width are resized first and
-    # projected at full resolution (engine.py, ``run_seg_head``).
+    # projected at full resolution together with branch 0, as one conv (engine.py, ``run_seg_head``).
     resize_narrow_head_branches = False
 
     @classmethod
@@ -58,6 +58,8 @@ class Backend:
     def __init__(self, plan: HRNetPlan, device: torch.device, dtype: torch.dtype,
                  *, auto: bool = False) -> None:
         self.device, self.dtype, self.auto = device, dtype, auto
+        # Tensors the engine derives from the plan for this backend (engine.merged_projection).
+        self.derived: dict = {}
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
         return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
