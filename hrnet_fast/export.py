@@ -19,7 +19,8 @@ def export_onnx(model: HighResolutionNet, path: Union[str, os.PathLike], *,
     """Write ``model`` (eval mode) as ONNX to ``path`` for ``input_size`` (H, W) inputs; returns path.
 
     ``fused=True`` exports the engine's plan: BatchNorm folded, the fuse steps' convs batched, the
-    seg head rewritten (no 270/720-channel concatenation), the pose head's last fuse step and final
+    seg head rewritten (no 270/720-channel concatenation; the CPU engine's form, which concatenates
+    the branches narrower than half the head width, 126 channels for w18), the pose head's last fuse step and final
     conv as one op; ``fused=False`` the plain reference model. ``dynamic_batch`` makes the batch
     dimension of the input ``x`` and the output ``y`` free; the spatial size is fixed (resizes
     are exported with constant sizes). ``dtype`` float32 or float16 (float16 is exported from the
