@@ -170,16 +170,21 @@ class TorchCPU(Backend):
         self._caches: Dict[int, dict] = {}
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
-        if spec.relu_ranges is None:
-            cache = self._caches.get(id(spec))
-            if cache is None:
-                cache = self._caches[id(spec)] = {}
-            y = conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
-                           spec.relu, cache)
-            if y is not None:
-                return y
-        return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
-                                   spec.relu, spec.relu_ranges)
+        cache = self._caches.get(id(spec))
+        if cache is None:
+            cache = self._caches[id(spec)] = {}
+        ranges = spec.relu_ranges
+        # A partial ReLU (batched stride-2 convs) is no oneDNN post-op: the conv runs with its
+        # reordered weight and no activation, then the ReLU on its channel ranges in place (F.conv2d
+        # would reorder the weight on every call).
+        y = conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
+                       spec.relu and ranges is None, cache)
+        if y is None:
+            return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding,
+                                         residual, spec.relu, ranges)
+        for start, end in ranges or ():
+            y[:, start:end].relu_()
+        return y
 
     def fuse(self, base, contributions, mode: str, align_corners: bool, relu: bool = True,
              bias: Optional[torch.Tensor] = None):
