@@ -18,8 +18,12 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/upsample_add_relu.cu"]
+# Every kernel source, shipped inside the package (hrnet_fast/_csrc) so that an installed wheel can
+# JIT-build the CPU fuse kernel and the CUDA extension at first use, as a source checkout does.
+KERNEL_SOURCES = ["bindings.cpp", "cpu_fuse.cpp", "upsample_add_relu.cu", "upsample_add_relu.h"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -63,12 +67,23 @@ def cuda_build_decision(env=None):
     return False, reason + "; installing pure Python (the kernels can be JIT-built at first use)"
 
 
+class BuildPyWithKernelSources(build_py):
+    """build_py that also copies csrc/ into the built package as hrnet_fast/_csrc."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "hrnet_fast", "_csrc")
+        self.mkpath(target)
+        for name in KERNEL_SOURCES:
+            self.copy_file(os.path.join("csrc", name), os.path.join(target, name))
+
+
 def cuda_extension_kwargs():
     """setup() keyword arguments for the extension: {} when it is not built."""
     build, reason = cuda_build_decision()
     print(f"hrnet_fast setup: {reason}", file=sys.stderr)
     if not build:
-        return {}
+        return {"cmdclass": {"build_py": BuildPyWithKernelSources}}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
@@ -79,7 +94,8 @@ def cuda_extension_kwargs():
         sources=CUDA_SOURCES,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+    return {"ext_modules": [ext],
+            "cmdclass": {"build_ext": BuildExtension, "build_py": BuildPyWithKernelSources}}
 
 
 if __name__ == "__main__":

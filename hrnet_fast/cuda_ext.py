@@ -57,9 +57,15 @@ _state: dict = {"done": False, "module": None, "reason": "not loaded yet", "warn
 
 
 # --------------------------------------------------------------------------------------- paths
+PACKAGED_SOURCES = "_csrc"  # where a wheel carries csrc/ (setup.py's build_py copies it there)
+
+
 def csrc_dir() -> Path:
-    """The csrc/ folder of a source checkout (or editable install) next to the package."""
-    return Path(__file__).resolve().parent.parent / "csrc"
+    """The kernel sources: the csrc/ folder of a source checkout (or editable install) next to the
+    package, else the copy an installed wheel carries inside the package (hrnet_fast/_csrc)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "csrc"
+    return checkout if checkout.is_dir() else package / PACKAGED_SOURCES
 
 
 def _selection():
