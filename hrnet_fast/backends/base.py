@@ -65,6 +65,12 @@ class Backend:
         return conv2d_bias_act_torch(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
                                    spec.relu, spec.relu_ranges)
 
+    def conv_into_residual(self, x: torch.Tensor, spec: ConvSpec, residual: torch.Tensor):
+        """``conv(x, spec, residual)``, free to write its result into ``residual``'s memory: the
+        engine passes a residual that it owns and reads no more (a block's input or its
+        downsample's output)."""
+        return self.conv(x, spec, residual)
+
     def fuse(self, base, contributions: Sequence[torch.Tensor], mode: str, align_corners: bool,
              relu: bool = True, bias: Optional[torch.Tensor] = None):
         """``act(base [+ bias[c]] + sum_k resize(c_k))``; ``bias`` (the contributions' conv biases,
