@@ -7,10 +7,17 @@
 //     (legacy) or "bilinear" (align_corners honoured); a contribution at base's size is added as
 //     it is. Each contribution is read at its own resolution: no full-size intermediate.
 //
+//   hrnet_fast_cpu::resize_concat(Tensor[] parts, int[] size, str mode, bool align_corners)
+//       -> Tensor
+//     out = cat([resize(parts[k], size) for k], dim=1): the CPU seg head's input (branch 0 and the
+//     narrow branches, resized) written in one pass, no resized intermediates. A part at ``size``
+//     is copied bit for bit; the resize is the one below, rounded once to the storage dtype.
+//
 // Tensors: CPU, float32, bfloat16 or float16, one dtype for all. base and contributions have
 // channel stride 1 (channels_last, or a channel slice of a channels_last tensor); their other
-// strides are read, not assumed. Contributions are at most base's size (upsampling only). The
-// output is a new dense channels_last tensor (hrnet_fast/cpu_ext.py's fake kernel says the same).
+// strides are read, not assumed. Contributions (parts) are at most base's size (``size``):
+// upsampling only. The output is a new dense channels_last tensor (hrnet_fast/cpu_ext.py's fake
+// kernels say the same).
 //
 // Numerics, per output element, all in float32 whatever the storage dtype, one rounding at the
 // store (round to nearest even; NaN stays NaN):
@@ -283,6 +290,83 @@ HF_INLINE void fuse_rows(const Plan& p, int64_t begin, int64_t end) {
   }
 }
 
+// ------------------------------------------------------------------------------ resize_concat
+struct ConcatPart {
+  Source src;
+  int64_t C, offset;  // channels, first output channel
+};
+
+struct ConcatPlan {
+  int64_t N, H, W, Ctot;
+  void* out;  // dense channels_last: strides (H*W*Ctot, 1, W*Ctot, Ctot)
+  int64_t max_blended;
+  std::vector<ConcatPart> parts;
+};
+
+template <typename T>
+HF_INLINE void copy_span(T* HF_RESTRICT dst, const T* HF_RESTRICT src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// Horizontal step of bilinear, stored: dst = round(w0 * t0 + w1 * t1).
+template <typename S>
+HF_INLINE void store_lerp(typename S::storage* HF_RESTRICT dst, const float* HF_RESTRICT t0,
+                          const float* HF_RESTRICT t1, float w0, float w1, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = S::store(w0 * t0[i] + w1 * t1[i]);
+}
+
+template <typename S>
+HF_INLINE void concat_rows(const ConcatPlan& p, int64_t begin, int64_t end) {
+  using T = typename S::storage;
+  const int64_t W = p.W, Ct = p.Ctot;
+  std::vector<float> blended(p.max_blended);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / p.H, y = r % p.H;
+    T* out_row = static_cast<T*>(p.out) + r * W * Ct;
+    for (const ConcatPart& part : p.parts) {
+      const Source& s = part.src;
+      const int64_t C = part.C;
+      T* dst = out_row + part.offset;
+      const T* img = static_cast<const T*>(s.data) + n * s.sn;
+      if (s.kind == Kind::Same) {
+        const T* row = img + y * s.sh;
+        for (int64_t x = 0; x < W; ++x) copy_span(dst + x * Ct, row + x * s.sw, C);
+      } else if (s.kind == Kind::Nearest) {
+        const T* row = img + s.rows.off0[y];
+        const int64_t* cols = s.cols.off0.data();
+        for (int64_t x = 0; x < W; ++x) copy_span(dst + x * Ct, row + cols[x], C);
+      } else {
+        const T* row0 = img + s.rows.off0[y];
+        const T* row1 = img + s.rows.off1[y];
+        const float h0 = s.rows.l0[y], h1 = s.rows.l1[y];
+        for (int64_t xs = 0; xs < s.w; ++xs) {
+          blend_rows<S>(blended.data() + xs * C, row0 + xs * s.sw, row1 + xs * s.sw, h0, h1, C);
+        }
+        const float* t = blended.data();
+        for (int64_t x = 0; x < W; ++x) {
+          store_lerp<S>(dst + x * Ct, t + s.cols.off0[x], t + s.cols.off1[x], s.cols.l0[x],
+                        s.cols.l1[x], C);
+        }
+      }
+    }
+  }
+}
+
+using ConcatFn = void (*)(const ConcatPlan&, int64_t, int64_t);
+
+template <typename S>
+void concat_baseline(const ConcatPlan& p, int64_t b, int64_t e) { concat_rows<S>(p, b, e); }
+
+#if HF_X86_VARIANTS
+template <typename S>
+HF_TARGET_AVX2 void concat_avx2(const ConcatPlan& p, int64_t b, int64_t e) { concat_rows<S>(p, b, e); }
+
+template <typename S>
+HF_TARGET_AVX512 void concat_avx512(const ConcatPlan& p, int64_t b, int64_t e) {
+  concat_rows<S>(p, b, e);
+}
+#endif
+
 // The same kernel compiled for each instruction set (always_inline puts the body under the
 // caller's target attribute, where the loops vectorise for that ISA).
 using RowFn = void (*)(const Plan&, int64_t, int64_t);
@@ -322,6 +406,21 @@ RowFn pick_rows() {
   }
 #endif
   return &rows_baseline<S>;
+}
+
+template <typename S>
+ConcatFn pick_concat() {
+#if HF_X86_VARIANTS
+  switch (isa_level()) {
+    case 2:
+      return &concat_avx512<S>;
+    case 1:
+      return &concat_avx2<S>;
+    default:
+      break;
+  }
+#endif
+  return &concat_baseline<S>;
 }
 
 // ------------------------------------------------------------------------------ the op
@@ -414,6 +513,85 @@ at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contribution
   return out;
 }
 
+constexpr const char* kConcatOp = "hrnet_fast_cpu::resize_concat: ";
+
+at::Tensor resize_concat(at::TensorList parts, at::IntArrayRef size, c10::string_view mode,
+                         bool align_corners) {
+  TORCH_CHECK(!parts.empty(), kConcatOp, "parts is empty");
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, kConcatOp,
+              "size must be two positive integers, got ", size);
+  const std::string mode_s(mode.data(), mode.size());
+  TORCH_CHECK(mode_s == "nearest" || mode_s == "bilinear", kConcatOp,
+              "mode must be 'nearest' or 'bilinear', got '", mode_s, "'");
+  const at::Tensor& first = parts[0];
+  TORCH_CHECK(first.defined() && first.device().is_cpu() && first.dim() == 4, kConcatOp,
+              "parts[0] must be a 4-d CPU tensor");
+  const at::ScalarType dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kConcatOp,
+              "dtype must be float32, bfloat16 or float16, got ", dtype);
+  const int64_t N = first.size(0), H = size[0], W = size[1];
+  int64_t Ctot = 0;
+  for (size_t k = 0; k < parts.size(); ++k) {
+    const at::Tensor& t = parts[k];
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.dim() == 4, kConcatOp, "parts[", k,
+                "] must be a 4-d CPU tensor");
+    TORCH_CHECK(t.scalar_type() == dtype, kConcatOp, "parts[", k, "] has dtype ", t.scalar_type(),
+                " but parts[0] has ", dtype);
+    TORCH_CHECK(t.size(0) == N, kConcatOp, "parts[", k, "] has batch ", t.size(0), ", parts[0] ", N);
+    TORCH_CHECK(t.size(2) > 0 && t.size(3) > 0 && t.size(2) <= H && t.size(3) <= W, kConcatOp,
+                "parts[", k, "] has shape ", t.sizes(), ": its size must be within ", size,
+                " (only upsampling is supported)");
+    TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, kConcatOp, "parts[", k,
+                "] must have channel stride 1 (channels_last), got strides ", t.strides());
+    Ctot += t.size(1);
+  }
+  at::Tensor out = at::empty({N, Ctot, H, W},
+                             first.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+
+  ConcatPlan p;
+  p.N = N;
+  p.H = H;
+  p.W = W;
+  p.Ctot = Ctot;
+  p.out = out.data_ptr();
+  p.max_blended = 0;
+  const bool nearest = mode_s == "nearest";
+  int64_t offset = 0;
+  for (const at::Tensor& t : parts) {
+    ConcatPart part{};
+    Source& s = part.src;
+    s.data = t.data_ptr();
+    s.sn = t.stride(0);
+    s.sh = t.stride(2);
+    s.sw = t.stride(3);
+    const int64_t C = t.size(1), h = t.size(2), w = t.size(3);
+    s.w = w;
+    if (h == H && w == W) {
+      s.kind = Kind::Same;
+    } else if (nearest) {
+      s.kind = Kind::Nearest;
+      s.rows = nearest_axis(h, H, s.sh);
+      s.cols = nearest_axis(w, W, s.sw);
+    } else {
+      s.kind = Kind::Bilinear;
+      s.rows = bilinear_axis(h, H, align_corners, s.sh);
+      s.cols = bilinear_axis(w, W, align_corners, C);
+      p.max_blended = std::max(p.max_blended, w * C);
+    }
+    part.C = C;
+    part.offset = offset;
+    offset += C;
+    p.parts.push_back(std::move(part));
+  }
+  ConcatFn rows = dtype == at::kFloat ? pick_concat<F32>()
+                  : dtype == at::kBFloat16 ? pick_concat<BF16>()
+                                           : pick_concat<F16>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, W * Ctot));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hrnet_fast_cpu, m) {
@@ -421,8 +599,11 @@ TORCH_LIBRARY(hrnet_fast_cpu, m) {
       "upsample_add_relu(Tensor base, Tensor[] contributions, str mode, bool align_corners, "
       "bool relu) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  m.def("resize_concat(Tensor[] parts, int[] size, str mode, bool align_corners) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hrnet_fast_cpu, CPU, m) {
   m.impl("upsample_add_relu", &upsample_add_relu);
+  m.impl("resize_concat", &resize_concat);
 }

@@ -38,8 +38,8 @@ import torch
 from .cuda_ext import _cache_root, _short, csrc_dir
 from .ops._validate import check_fuse_meta
 
-__all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "jit_build_directory",
-           "SOURCES", "DTYPES"]
+__all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "resize_concat_cpu",
+           "jit_build_directory", "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
@@ -201,14 +201,31 @@ def _upsample_add_relu_fake(base, contributions, mode, align_corners, relu):
                        memory_format=torch.channels_last)
 
 
+def _resize_concat_fake(parts, size, mode, align_corners):
+    torch._check(len(parts) > 0, lambda: "parts is empty")
+    torch._check(mode in ("nearest", "bilinear"), lambda: f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    first = parts[0]
+    torch._check(first.dtype in DTYPES, lambda: f"dtype must be one of {DTYPES}, got {first.dtype}")
+    for k, t in enumerate(parts):
+        torch._check(t.dim() == 4 and t.dtype == first.dtype and t.shape[0] == first.shape[0],
+                     lambda: f"parts[{k}] must be 4-d with parts[0]'s dtype and batch")
+        torch._check(t.shape[2] <= size[0] and t.shape[3] <= size[1],
+                     lambda: f"parts[{k}] {tuple(t.shape)} is larger than size {tuple(size)}")
+    channels = sum(t.shape[1] for t in parts)
+    return torch.empty((first.shape[0], channels, size[0], size[1]), dtype=first.dtype,
+                       device=first.device, memory_format=torch.channels_last)
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
-    try:
-        torch.library.register_fake(f"{LIBRARY}::upsample_add_relu")(_upsample_add_relu_fake)
-    except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
-        if "already" not in str(exc).lower():
-            raise
+    for name, fake in (("upsample_add_relu", _upsample_add_relu_fake),
+                       ("resize_concat", _resize_concat_fake)):
+        try:
+            torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
+        except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
+            if "already" not in str(exc).lower():
+                raise
     _state["fakes"] = True
 
 
@@ -227,3 +244,20 @@ def upsample_add_relu_cpu(base: torch.Tensor, contributions: Sequence[torch.Tens
         raise RuntimeError(f"hrnet_fast CPU fuse kernel is unavailable: {_state['reason']}")
     return torch.ops.hrnet_fast_cpu.upsample_add_relu(base, list(contributions), str(mode),
                                                      bool(align_corners), bool(relu))
+
+
+def resize_concat_cpu(parts: Sequence[torch.Tensor], size: Sequence[int], *, mode: str,
+                      align_corners: bool) -> torch.Tensor:
+    """``torch.cat([F.interpolate(p, size=size) for p in parts], dim=1)`` in one pass (a part already
+    at ``size`` is copied as it is).
+
+    CPU tensors of one dtype (float32, bfloat16 or float16) and batch, [N, C_k, h_k, w_k] with
+    h_k <= size[0], w_k <= size[1] and channel stride 1; mode "nearest" (legacy) or "bilinear";
+    float32 arithmetic, one rounding at the store; the result is a new channels_last tensor.
+    Raises RuntimeError when the kernel is unavailable or an argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU fuse kernel is unavailable: {_state['reason']}")
+    if not parts:
+        raise RuntimeError("hrnet_fast_cpu::resize_concat: parts is empty")
+    return torch.ops.hrnet_fast_cpu.resize_concat(list(parts), [int(v) for v in size], str(mode),
+                                                 bool(align_corners))

@@ -157,7 +157,7 @@ def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bo
     narrow = [k for k in range(1, len(xs))
               if be.resize_narrow_head_branches and 2 * xs[k].shape[1] < head.projections[k].out_channels]
     if narrow:
-        x = torch.cat([xs[0]] + [resize(xs[k], size, mode, align) for k in narrow], dim=1)
+        x = be.resize_concat([xs[0]] + [xs[k] for k in narrow], size, mode, align)
         base = be.conv(x, merged_projection(be, head, narrow))
     else:
         base = be.conv(xs[0], head.projections[0])

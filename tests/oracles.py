@@ -34,7 +34,7 @@ from hrnet_fast.check import rel_err  # noqa: F401  (re-exported: the design's |
 
 __all__ = ["FP32_TOL", "FLOORS", "GPU_AC_FP32_TOL", "MODEL_FP32_TOL", "assert_close_to_oracle",
            "assert_model_close", "conv_oracle", "fuse_fp64", "fuse_same_dtype", "head_fp64",
-           "head_same_dtype", "rel_err"]
+           "head_same_dtype", "rel_err", "resize_concat_fp64", "resize_concat_same_dtype"]
 
 FP32_TOL = 1e-6
 # Floors of the fp16/bf16 rule. They matter only where the torch composition happens to be (nearly)
@@ -74,6 +74,20 @@ def fuse_fp64(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: s
         z = c if tuple(c.shape[-2:]) == size else _resize_fp32(c, size, mode, align_corners)
         out = out + z.double()
     return out.clamp_min(0) if relu else out
+
+
+def resize_concat_fp64(parts: Sequence[torch.Tensor], size, mode: str, align_corners: bool):
+    """cat([resize(p, size) for p in parts], dim=1) in float64, resizing in float32 index arithmetic
+    (a part at ``size`` as it is)."""
+    return torch.cat([p.double() if tuple(p.shape[-2:]) == tuple(size)
+                      else _resize_fp32(p, size, mode, align_corners).double() for p in parts], 1)
+
+
+def resize_concat_same_dtype(parts: Sequence[torch.Tensor], size, mode: str, align_corners: bool):
+    """The torch composition in the parts' dtype (the fp16/bf16 yardstick of resize_concat)."""
+    kw = {} if mode == "nearest" else {"align_corners": align_corners}
+    return torch.cat([p if tuple(p.shape[-2:]) == tuple(size)
+                      else F.interpolate(p, size=tuple(size), mode=mode, **kw) for p in parts], 1)
 
 
 def conv_oracle(x, w, b, stride, pad, residual=None, relu=True, ranges=None):

@@ -1,5 +1,6 @@
-"""The CPU fuse kernel (csrc/cpu_fuse.cpp, hrnet_fast/cpu_ext.py) and its use by the torch
-backend on the CPU (TorchCPU.fuse / head in hrnet_fast/backends/torch_cpu.py).
+"""The CPU fuse kernel (csrc/cpu_fuse.cpp, hrnet_fast/cpu_ext.py: upsample_add_relu and
+resize_concat) and its use by the torch backend on the CPU (TorchCPU.fuse / head / resize_concat in
+hrnet_fast/backends/torch_cpu.py).
 
 The kernel is JIT-built once (cached on disk; 10-15 s on 2 cores the first time). Where it cannot be
 built here, every kernel test is skipped with the reason: the kernel is then NOT tested.
@@ -20,7 +21,8 @@ import torch
 
 from helpers import poisoned_allocations, randomize_bn
 from nearest_sweep import assert_sweep_bit_exact, sweep_pairs
-from oracles import assert_close_to_oracle, assert_model_close, fuse_fp64, fuse_same_dtype
+from oracles import (assert_close_to_oracle, assert_model_close, fuse_fp64, fuse_same_dtype,
+                     resize_concat_fp64, resize_concat_same_dtype)
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
 from hrnet_fast.backends import torch_cpu
@@ -146,7 +148,8 @@ def test_bilinear_large_ratios_and_batch(kernel):
 _OTHER_ISA = """
 import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
-from oracles import assert_close_to_oracle, fuse_fp64, fuse_same_dtype
+from oracles import (assert_close_to_oracle, fuse_fp64, fuse_same_dtype, resize_concat_fp64,
+                     resize_concat_same_dtype)
 from hrnet_fast import cpu_ext
 assert torch.backends.cpu.get_cpu_capability() == {cap!r}, torch.backends.cpu.get_cpu_capability()
 assert cpu_ext.load_extension(), cpu_ext.cpu_ext_status()
@@ -159,6 +162,10 @@ for dtype in (torch.float32, torch.bfloat16):
         out = torch.ops.hrnet_fast_cpu.upsample_add_relu(base, cs, mode, ac, True)
         same = None if dtype == torch.float32 else fuse_same_dtype(base, cs, mode, ac)
         assert_close_to_oracle(out, fuse_fp64(base, cs, mode, ac), same, dtype=dtype, what=mode)
+        cat = torch.ops.hrnet_fast_cpu.resize_concat([base] + cs[1:], [31, 45], mode, ac)
+        same = None if dtype == torch.float32 else resize_concat_same_dtype([base] + cs[1:], (31, 45), mode, ac)
+        assert_close_to_oracle(cat, resize_concat_fp64([base] + cs[1:], (31, 45), mode, ac), same,
+                               dtype=dtype, what="concat " + mode)
 """
 
 
@@ -254,6 +261,104 @@ def test_bad_input_gets_one_clear_error(kernel, bad, match):
         kernel(base, [c], mode, False, True)
 
 
+# ------------------------------------------------------------------------------- resize_concat
+CONCAT_CASES = [  # output size, part sizes (the first usually at the output size, as in the head)
+    ((31, 45), [(31, 45), (16, 23), (8, 12)]),
+    ((46, 46), [(46, 46), (6, 12), (23, 46)]),
+    ((3, 3), [(2, 2)]),
+    ((24, 32), [(12, 16), (24, 32), (6, 8)]),
+]
+CONCAT_CHANNELS = (5, 19, 36)  # a remainder only, one vector and a remainder, two vectors and more
+
+
+def _parts(case, dtype, views, n=2, seed=0):
+    size, sizes = CONCAT_CASES[case]
+    layouts = ("slice", "wstride", "cl") if views else ("cl",)
+    return size, [_tensor((n, CONCAT_CHANNELS[k % 3], *s), dtype, layouts[k % len(layouts)], seed + k)
+                  for k, s in enumerate(sizes)]
+
+
+@pytest.fixture(scope="module")
+def concat_kernel(kernel):
+    return torch.ops.hrnet_fast_cpu.resize_concat
+
+
+@pytest.mark.parametrize("views", [False, True], ids=["dense", "views"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode,ac", MODES, ids=["nearest", "bilinear", "bilinear_ac"])
+@pytest.mark.parametrize("case", range(len(CONCAT_CASES)))
+def test_resize_concat_matches_oracle(concat_kernel, case, mode, ac, dtype, views):
+    """cat of resized parts within the oracles' rule, batch 2, parts of 5/19/36 channels, dense and
+    strided views, output allocation poisoned; nearest, and parts already at the size, bit for bit."""
+    size, parts = _parts(case, dtype, views, seed=case)
+    with poisoned_malloc():
+        out = concat_kernel(parts, list(size), mode, ac)
+    assert out.is_contiguous(memory_format=CL) and out.dtype == dtype
+    assert out.shape == (2, sum(p.shape[1] for p in parts), *size)
+    same = resize_concat_same_dtype(parts, size, mode, ac)
+    assert_close_to_oracle(out, resize_concat_fp64(parts, size, mode, ac),
+                           None if dtype == torch.float32 else same, dtype=dtype,
+                           what=f"resize_concat {size} <- {[tuple(p.shape[-2:]) for p in parts]} {mode}")
+    start = 0
+    for p in parts:
+        piece = out[:, start:start + p.shape[1]]
+        if tuple(p.shape[-2:]) == tuple(size):
+            assert torch.equal(piece, p)
+        elif mode == "nearest":
+            assert torch.equal(piece, same[:, start:start + p.shape[1]])
+        start += p.shape[1]
+
+
+def test_resize_concat_nearest_sweep_bit_exact(concat_kernel):
+    """Every nearest (in <= 64, out <= 130) pair of tests/nearest_sweep.py, bit for bit (the sweep's
+    values are small integers, so the sum of the concatenated groups it compares is exact)."""
+    def run(base, contribs):
+        out = concat_kernel(contribs, list(base.shape[-2:]), "nearest", False)
+        n, _, h, w = base.shape
+        return base + out.reshape(n, len(contribs), base.shape[1], h, w).sum(1)
+    checked = assert_sweep_bit_exact(run, "cpu", channels=4, channels_last=True,
+                                     what="CPU resize_concat kernel")
+    assert checked == len(sweep_pairs())
+
+
+def test_resize_concat_opcheck(concat_kernel):
+    size, parts = _parts(0, torch.float32, True)
+    torch.library.opcheck(concat_kernel.default, (parts, list(size), "bilinear", False))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", "parts\\[1\\] has dtype"),
+    ("nchw", "parts\\[1\\] must have channel stride 1"),
+    ("larger", "only upsampling"),
+    ("mode", "mode must be 'nearest' or 'bilinear'"),
+    ("batch", "parts\\[1\\] has batch"),
+    ("empty", "parts is empty"),
+    ("size", "size must be two positive integers"),
+])
+def test_resize_concat_bad_input_gets_one_clear_error(concat_kernel, bad, match):
+    size, parts = _parts(0, torch.float32, False)
+    size, mode = list(size), "bilinear"
+    if bad == "dtype":
+        parts[1] = parts[1].double()
+    elif bad == "nchw":
+        parts[1] = parts[1].contiguous()
+    elif bad == "larger":
+        parts[1] = _tensor((2, 3, 32, 4), torch.float32, "cl", 1)
+    elif bad == "mode":
+        mode = "bicubic"
+    elif bad == "batch":
+        parts[1] = parts[1][:1]
+    elif bad == "empty":
+        parts = []
+    else:
+        size = [31, 0]
+    with pytest.raises(RuntimeError, match=match):
+        if parts:
+            concat_kernel(parts, size, mode, False)
+        else:  # the dispatcher needs a tensor: the wrapper says it first
+            cpu_ext.resize_concat_cpu(parts, size, mode=mode, align_corners=False)
+
+
 # ------------------------------------------------------------------------------- the torch backend
 def _backend():
     from hrnet_fast.backends.torch_cpu import TorchCPU
@@ -262,15 +367,41 @@ def _backend():
 
 @pytest.fixture
 def kernel_calls(kernel, monkeypatch):
-    calls = []
-    real = cpu_ext.upsample_add_relu_cpu
+    """Shapes of the fuse kernel's calls (base) and, in ``kernel_calls.concat``, of resize_concat's
+    (its first part)."""
+    calls = KernelCalls()
+    real, real_concat = cpu_ext.upsample_add_relu_cpu, cpu_ext.resize_concat_cpu
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
+    def spy_concat(*args, **kwargs):
+        calls.concat.append(args[0][0].shape)
+        return real_concat(*args, **kwargs)
+
     monkeypatch.setattr(cpu_ext, "upsample_add_relu_cpu", spy)
+    monkeypatch.setattr(cpu_ext, "resize_concat_cpu", spy_concat)
     return calls
+
+
+class KernelCalls(list):
+    def __init__(self):
+        super().__init__()
+        self.concat = []
+
+
+def test_backend_resize_concat_uses_the_kernel_or_the_composition(kernel_calls, monkeypatch):
+    size, parts = _parts(0, torch.float32, True)
+    with poisoned_allocations(monkeypatch), torch.inference_mode():
+        out = _backend().resize_concat(parts, size, "bilinear", False)
+    assert len(kernel_calls.concat) == 1
+    oracle = resize_concat_fp64(parts, size, "bilinear", False)
+    assert_close_to_oracle(out, oracle, dtype=torch.float32, what="TorchCPU.resize_concat")
+    parts[1].requires_grad_(True)  # autograd: the composition, same values
+    out = _backend().resize_concat(parts, size, "bilinear", False)
+    assert len(kernel_calls.concat) == 1 and out.grad_fn is not None
+    assert_close_to_oracle(out.detach(), oracle, dtype=torch.float32, what="composition")
 
 
 def test_backend_fuse_uses_the_kernel(kernel_calls, monkeypatch):
@@ -314,6 +445,7 @@ def test_engine_with_the_kernel_matches_the_reference(kernel_calls):
         ref64 = clone_as(model, torch.float64)(x.double())
         out = optimize(model, backend="torch")(x)
     assert len(kernel_calls) > 5, "the engine did not run the CPU fuse kernel"
+    assert len(kernel_calls.concat) == 1, "the seg head did not run resize_concat"
     assert_model_close(out, ref64, dtype=torch.float32, what="w18_small_v1, CPU fuse kernel")
 
 

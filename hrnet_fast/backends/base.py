@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..ops.conv import conv2d_bias_act_torch
 from ..ops.fuse import seg_head_torch, upsample_add_relu_torch
 from ..plan import ConvSpec, FusePlan, HRNetPlan
+from ..reference import resize
 from ..side_path import in_side_path  # noqa: F401  (re-exported)
 from . import BackendUnavailable  # noqa: F401  (re-exported)
 
@@ -79,6 +80,10 @@ class Backend:
 
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
         return seg_head_torch(base, contributions, weight, bias, mode, align_corners)
+
+    def resize_concat(self, parts: Sequence[torch.Tensor], size, mode: str, align_corners: bool):
+        """``cat([resize(p, size) for p in parts], dim=1)`` (the CPU seg head's input)."""
+        return torch.cat([resize(p, size, mode, align_corners) for p in parts], dim=1)
 
     def down(self, x: torch.Tensor, fuse: FusePlan, j: int) -> List[torch.Tensor]:
         """Every strided chain leaving source j, in split order: the first convs of all of them as

@@ -133,6 +133,25 @@ def fuse_kernel_fits(base: torch.Tensor, contributions: Sequence[torch.Tensor], 
     return cpu_ext.load_extension()
 
 
+def concat_kernel_fits(parts: Sequence[torch.Tensor], size, mode: str) -> bool:
+    """Whether the CPU kernel's resize_concat takes these parts: CPU tensors of one dtype it runs and
+    one batch, 4-d, channel stride 1, at most ``size``, no autograd, trace or export in progress.
+    Builds the kernel on first use."""
+    if not _FUSE["on"] or mode not in ("nearest", "bilinear") or in_side_path() or not parts:
+        return False
+    first = parts[0]
+    if first.device.type != "cpu" or first.dtype not in cpu_ext.DTYPES:
+        return False
+    grad = torch.is_grad_enabled()
+    h, w = size
+    for t in parts:
+        if (t.device != first.device or t.dtype != first.dtype or t.dim() != 4
+                or t.shape[0] != first.shape[0] or not 0 < t.shape[2] <= h or not 0 < t.shape[3] <= w
+                or (t.shape[1] > 1 and t.stride(1) != 1) or (grad and t.requires_grad)):
+            return False
+    return cpu_ext.load_extension()
+
+
 def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
                 align_corners: bool, relu: bool) -> Optional[torch.Tensor]:
     """The CPU fuse kernel's result, or None when it failed (then it is off for the process and
@@ -215,6 +234,20 @@ class TorchCPU(Backend):
             if out is not None:
                 return out
         return super().fuse(base, contributions, mode, align_corners, relu, bias)
+
+    def resize_concat(self, parts, size, mode: str, align_corners: bool):
+        # One pass writing the concatenation (csrc/cpu_fuse.cpp) instead of resized intermediates
+        # and torch.cat: w18's 18 + 36 + 72 channels at 128x256.
+        if concat_kernel_fits(parts, size, mode):
+            try:
+                return cpu_ext.resize_concat_cpu(parts, size, mode=mode, align_corners=align_corners)
+            except RuntimeError as e:
+                if not in_side_path():
+                    _FUSE["on"] = False
+                    warn_once("cpu-fuse", f"hrnet_fast: the CPU fuse kernel failed ({e}); it is "
+                              "switched off for this process and the fuse step runs as the torch "
+                              "composition (same results, slower)", _WARNED)
+        return super().resize_concat(parts, size, mode, align_corners)
 
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
         # The fuse step of the seg head through the kernel too, then the classifier.
