@@ -18,7 +18,8 @@ from torch import nn
 from .backends import selection
 from .backends.base import Backend, BackendUnavailable
 from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
-from .reference import HighResolutionNet, check_image_batch, fuse_resize, resize
+from .side_path import in_side_path, ordinary_call
+from .reference import HighResolutionNet, check_image_batch, fuse_resize
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,11 @@ class HRNetEngine(nn.Module):
         keep_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), _cudnn_benchmark(self.device.type == "cuda"):
+        # Checked once per call (no compile wrapper, no trace or export running): the backends'
+        # own checks then answer at once.
+        ordinary = self._compiled is None and not in_side_path()
+        with torch.no_grad(), _cudnn_benchmark(self.device.type == "cuda"), \
+                (ordinary_call() if ordinary else contextlib.nullcontext()):
             if self.cuda_graphs:
                 out, replayed = self._graph_forward(x)
                 return _deliver(out, keep_cl, copy=replayed)

@@ -21,11 +21,12 @@ from functools import lru_cache
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import cpu_ext
 from ..plan import ConvSpec
 from ..ops.conv import conv2d_bias_act_torch
-from .base import Backend, fuse_then_classify, in_side_path, warn_once
+from .base import Backend, in_side_path, warn_once
 from .cpu_memory import keep_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -250,5 +251,11 @@ class TorchCPU(Backend):
         return super().resize_concat(parts, size, mode, align_corners)
 
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
-        # The fuse step of the seg head through the kernel too, then the classifier.
-        return fuse_then_classify(self.fuse)(base, contributions, weight, bias, mode, align_corners)
+        # The fuse step of the seg head through the kernel too, then the classifier with its
+        # reordered weight kept (F.conv2d would reorder it on every call).
+        act = self.fuse(base, contributions, mode, align_corners, True)
+        cache = self._caches.get(id(weight))
+        if cache is None:
+            cache = self._caches[id(weight)] = {}
+        y = conv_fused(act, weight, bias, 1, weight.shape[-1] // 2, None, False, cache)
+        return y if y is not None else F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
