@@ -72,6 +72,11 @@ class BuildPyWithKernelSources(build_py):
 
     def run(self):
         super().run()
+        missing = [n for n in KERNEL_SOURCES if not os.path.isfile(os.path.join("csrc", n))]
+        if missing:  # a tree without csrc/: the package then says so when a kernel is first used
+            print(f"hrnet_fast setup: csrc/ lacks {', '.join(missing)}; the wheel carries no "
+                  "kernel sources", file=sys.stderr)
+            return
         target = os.path.join(self.build_lib, "hrnet_fast", "_csrc")
         self.mkpath(target)
         for name in KERNEL_SOURCES:

@@ -344,9 +344,12 @@ def fuzz_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("fuzz"))
 
 
-def check_decodes_or_raises(fuzz_dir, name, data):
+def check_decodes_or_raises(fuzz_dir, name, data, expansion=1):
     """The fuzz property: an HxWx3 uint8 image, or ImageReadError naming the file; nothing else, not
-    even a warning (numpy's divide-by-zero warning, say, would mean a header field went unchecked)."""
+    even a warning (numpy's divide-by-zero warning, say, would mean a header field went unchecked).
+    The image holds at most ``expansion`` bytes per byte of the file: 1 for the uncompressed formats
+    (PPM, .npy), more for PNG, whose deflate stream may expand up to 1032-fold and whose grey or
+    palette pixels come out as 3 bytes (a plain 6x6 grey PNG of 103 bytes decodes to 108)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -355,7 +358,7 @@ def check_decodes_or_raises(fuzz_dir, name, data):
         assert name in str(e) and "\n" not in str(e), str(e)
         return None
     assert isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
-    assert arr.shape[0] >= 1 and arr.shape[1] >= 1 and arr.nbytes <= len(data)
+    assert arr.shape[0] >= 1 and arr.shape[1] >= 1 and arr.nbytes <= expansion * len(data)
     return arr
 
 
@@ -465,6 +468,18 @@ def test_fuzz_mutated_npy(fuzz_dir, data):
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("PIL") is None, reason="needs Pillow")
+def test_small_grey_png_decodes_to_more_bytes_than_its_file(fuzz_dir):
+    """The case the fuzz test once drew and wrongly failed (its bound was 1 byte per file byte):
+    PNG compresses, and grey comes out as RGB."""
+    path = os.path.join(fuzz_dir, "grey.png")
+    write_png(path, np.arange(36, dtype=np.uint8).reshape(6, 6) * 3)
+    with open(path, "rb") as f:
+        data = f.read()
+    arr = check_decodes_or_raises(fuzz_dir, "g.png", data, expansion=3 * 1032)
+    assert arr.shape == (6, 6, 3) and arr.nbytes > len(data)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("PIL") is None, reason="needs Pillow")
 @FUZZ
 @given(st.data())
 def test_fuzz_mutated_png_through_pillow(fuzz_dir, data):
@@ -474,4 +489,4 @@ def test_fuzz_mutated_png_through_pillow(fuzz_dir, data):
     write_png(path, img if data.draw(st.booleans()) else img[..., 0])
     with open(path, "rb") as f:
         base = f.read()
-    check_decodes_or_raises(fuzz_dir, "m.png", data.draw(mutations(base)))
+    check_decodes_or_raises(fuzz_dir, "m.png", data.draw(mutations(base)), expansion=3 * 1032)
