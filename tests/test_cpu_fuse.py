@@ -432,6 +432,36 @@ def test_backend_fuse_falls_back_to_the_composition(kernel_calls, monkeypatch, w
     assert_close_to_oracle(out.detach(), oracle, dtype=torch.float32, what=why)
 
 
+@pytest.mark.parametrize("op", ["fuse", "resize_concat"])
+def test_a_failing_kernel_warns_once_and_the_composition_answers(kernel, monkeypatch, op):
+    """A kernel that raises in ordinary inference is switched off for the process with one
+    RuntimeWarning; this call and later ones get the composition's values."""
+    monkeypatch.setitem(torch_cpu._FUSE, "on", True)
+    monkeypatch.setattr(torch_cpu, "_WARNED", set())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(cpu_ext, "upsample_add_relu_cpu" if op == "fuse" else "resize_concat_cpu",
+                        broken)
+    size, parts = _parts(0, torch.float32, False)
+    be = _backend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with torch.inference_mode():
+                if op == "fuse":
+                    out = be.fuse(parts[0], [parts[0]], "bilinear", False, True)
+                    oracle = fuse_fp64(parts[0], [parts[0]], "bilinear", False, True)
+                else:
+                    out = be.resize_concat(parts, size, "bilinear", False)
+                    oracle = resize_concat_fp64(parts, size, "bilinear", False)
+            assert_close_to_oracle(out, oracle, dtype=torch.float32, what=op)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
+    assert torch_cpu._FUSE["on"] is False
+
+
 def _model():
     return randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1"))).eval()
 

@@ -153,13 +153,12 @@ def concat_kernel_fits(parts: Sequence[torch.Tensor], size, mode: str) -> bool:
     return cpu_ext.load_extension()
 
 
-def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
-                align_corners: bool, relu: bool) -> Optional[torch.Tensor]:
-    """The CPU fuse kernel's result, or None when it failed (then it is off for the process and
-    the caller runs the composition, after one warning)."""
+def run_kernel(op, *args, **kwargs) -> Optional[torch.Tensor]:
+    """``op(*args, **kwargs)`` (one of cpu_ext's kernel ops), or None when it failed: then the
+    kernel is off for the process and the caller runs the composition, after one warning (a failure
+    while tracing or exporting changes nothing)."""
     try:
-        return cpu_ext.upsample_add_relu_cpu(base, contributions, mode=mode,
-                                             align_corners=align_corners, relu=relu)
+        return op(*args, **kwargs)
     except RuntimeError as e:
         if in_side_path():
             return None
@@ -168,6 +167,13 @@ def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode:
                   "for this process and the fuse step runs as the torch composition (same "
                   "results, slower)", _WARNED)
         return None
+
+
+def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
+                align_corners: bool, relu: bool) -> Optional[torch.Tensor]:
+    """The CPU fuse kernel's result, or None when it failed (see :func:`run_kernel`)."""
+    return run_kernel(cpu_ext.upsample_add_relu_cpu, base, contributions, mode=mode,
+                      align_corners=align_corners, relu=relu)
 
 
 class TorchCPU(Backend):
@@ -240,14 +246,10 @@ class TorchCPU(Backend):
         # One pass writing the concatenation (csrc/cpu_fuse.cpp) instead of resized intermediates
         # and torch.cat: w18's 18 + 36 + 72 channels at 128x256.
         if concat_kernel_fits(parts, size, mode):
-            try:
-                return cpu_ext.resize_concat_cpu(parts, size, mode=mode, align_corners=align_corners)
-            except RuntimeError as e:
-                if not in_side_path():
-                    _FUSE["on"] = False
-                    warn_once("cpu-fuse", f"hrnet_fast: the CPU fuse kernel failed ({e}); it is "
-                              "switched off for this process and the fuse step runs as the torch "
-                              "composition (same results, slower)", _WARNED)
+            out = run_kernel(cpu_ext.resize_concat_cpu, parts, size, mode=mode,
+                             align_corners=align_corners)
+            if out is not None:
+                return out
         return super().resize_concat(parts, size, mode, align_corners)
 
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
