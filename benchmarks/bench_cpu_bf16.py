@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hrnet_fast import HRNetConfig, optimize  # noqa: E402
+from hrnet_fast.bench import paired_speedup  # noqa: E402
 from hrnet_fast.check import clone_as, randomize_batchnorm, rel_err  # noqa: E402
 from hrnet_fast.peers import OnnxExport, build_peer  # noqa: E402
 from hrnet_fast.reference import HighResolutionNet  # noqa: E402
@@ -45,6 +46,9 @@ def main(presets) -> None:
             print(f"{preset}  {name:18s} {statistics.median(times[name]):7.0f} ms  rel. err "
                   f"{rel_err(outs[name].float(), ref64):.2e} (reference in bf16 {own:.2e})"
                   + (f"  [{info.get('precision')}]" if name.startswith("OpenVINO") else ""))
+        ratio = paired_speedup(times["OpenVINO default"], times["hrnet_fast bf16"])
+        print(f"{preset}  hrnet_fast bf16 is {ratio:.2f}x OpenVINO's default by the median of "
+              "per-round ratios (goal >= 1.0)")
 
 
 if __name__ == "__main__":

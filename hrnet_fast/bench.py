@@ -71,9 +71,10 @@ def _impl_fn(name: str, ref: HighResolutionNet) -> Tuple[Callable, Dict]:
 
 def time_round_robin(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int,
                      gap_s: float = 0.0) -> List[Dict[str, float]]:
-    """{"median_ms", "min_ms", "max_ms"} of each (already warm) fn, timed in turns: fn0, fn1, ...,
-    fn0, fn1, ... The whole call is timed, CUDA work synchronised (see timing.py). ``gap_s`` of
-    idle time before each call lets the previous call's thread pool stop spinning first."""
+    """{"median_ms", "min_ms", "max_ms", "samples_ms"} of each (already warm) fn, timed in turns:
+    fn0, fn1, ..., fn0, fn1, ... (``samples_ms[r]`` is round r's call). The whole call is timed, CUDA
+    work synchronised (see timing.py). ``gap_s`` of idle time before each call lets the previous
+    call's thread pool stop spinning first."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times: List[List[float]] = [[] for _ in fns]
     sync()
@@ -85,7 +86,18 @@ def time_round_robin(fns: Sequence[Callable[[], object]], device: torch.device, 
             fn()
             sync()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return [{"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)} for t in times]
+    return [{"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "samples_ms": t}
+            for t in times]
+
+
+def paired_speedup(peer_samples: Sequence[float], samples: Sequence[float]) -> float:
+    """The median over rounds of ``peer_samples[r] / samples[r]``: two rows timed round robin
+    compared within each round. A machine whose speed drifts over seconds (the 2-core development
+    machine: up to 1.5x within minutes) moves both calls of a round together, so this ratio is
+    steadier than the ratio of the two medians."""
+    if len(peer_samples) != len(samples) or not samples:
+        raise ValueError("paired_speedup needs two equally long, non-empty sample lists")
+    return statistics.median(p / s for p, s in zip(peer_samples, samples))
 
 
 def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches: Sequence[int],
@@ -95,8 +107,10 @@ def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches:
               progress: Optional[Callable[[str], None]] = None,
               on_row: Optional[Callable[[Dict, List[Dict]], None]] = None) -> Dict:
     """All combinations; returns {"environment": ..., "rows": [...]} with one row per implementation
-    or peer, each with median/min/max ms, images/s, rel_err against the reference's output and
-    speedups against every peer; ONNX peer rows add their precision, threads and version.
+    or peer, each with median/min/max ms and every call's time (samples_ms), images/s, rel_err
+    against the reference's output and speedups against every peer (the ratio of medians; with
+    round robin also ``paired_speedup``, the median of per-round ratios); ONNX peer rows add their
+    precision, threads and version.
 
     Each row is built and warmed up in turn, then a case's rows are timed round robin
     (``round_robin=False``: each row timed on its own, right after its warm-up). ``on_row(row,
@@ -160,9 +174,14 @@ def run_bench(presets: Sequence[str], sizes: Sequence[Tuple[int, int]], batches:
         rows[first:] = sorted(rows[first:], key=lambda r: order[(r["kind"], r["name"])])
         peer_ms = {r["name"]: r["median_ms"] for r in rows[first:]
                    if r["kind"] == "peer" and "median_ms" in r}
+        peer_samples = {r["name"]: r["samples_ms"] for r in rows[first:]
+                        if r["kind"] == "peer" and "samples_ms" in r}
         for row in rows[first:]:  # this case's rows only: speedups against its own peers
             if "median_ms" in row:
                 row["speedup"] = {p: ms / row["median_ms"] for p, ms in peer_ms.items()}
+                if round_robin:  # the same rounds: per-round ratios (paired_speedup)
+                    row["paired_speedup"] = {p: paired_speedup(s, row["samples_ms"])
+                                             for p, s in peer_samples.items()}
     timing = {"warmup": warmup, "repeats": repeats, "round_robin": round_robin,
               "cpu_gap_s": CPU_ROUND_ROBIN_GAP_S if device.type == "cpu" and round_robin else 0.0}
     return {"environment": env, "timing": timing, "rows": rows}

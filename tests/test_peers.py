@@ -6,6 +6,7 @@ the module: by the benchmark run of the ``bench`` fixture, whose export the othe
 """
 import importlib.util
 import math
+import statistics
 import subprocess
 import sys
 import types
@@ -134,6 +135,7 @@ def test_bench_rows_carry_times_errors_and_speedups(bench_result):
         assert 0.0 < rows[name]["rel_err"] < FP32_TOLERANCE
     assert rows["openvino"]["precision"] in ("bf16", "f32", "f16")
     assert set(rows["torch"]["speedup"]) == {"eager", *peers.ONNX_PEERS}
+    assert set(rows["torch"]["paired_speedup"]) == set(rows["torch"]["speedup"])  # round robin
     ort_ms = rows["onnxruntime"]["median_ms"]
     assert rows["torch"]["speedup"]["onnxruntime"] == pytest.approx(ort_ms / rows["torch"]["median_ms"])
     env = bench_result["environment"]
@@ -151,6 +153,20 @@ def test_round_robin_takes_turns():
     stats = bench.time_round_robin(fns, CPU, repeats=2)
     assert calls == [0, 1, 2, 0, 1, 2]
     assert len(stats) == 3 and all(s["min_ms"] <= s["median_ms"] <= s["max_ms"] for s in stats)
+    assert all(len(s["samples_ms"]) == 2 and min(s["samples_ms"]) == s["min_ms"] for s in stats)
+
+
+def test_paired_speedup_compares_within_rounds():
+    # The machine slows 3x in the last two rounds; the row is 2x faster than the peer in every one.
+    peer = [10.0, 10.0, 10.0, 30.0, 30.0]
+    ours = [5.0, 5.0, 5.0, 15.0, 15.0]
+    assert bench.paired_speedup(peer, ours) == 2.0
+    # Medians alone mislead when the drift hits the rows unevenly: they say 6x here.
+    peer, ours = [10.0, 10.0, 30.0, 30.0, 30.0], [5.0, 5.0, 5.0, 15.0, 30.0]
+    assert statistics.median(peer) / statistics.median(ours) == pytest.approx(30 / 5)
+    assert bench.paired_speedup(peer, ours) == 2.0
+    with pytest.raises(ValueError, match="equally long"):
+        bench.paired_speedup([1.0], [1.0, 2.0])
 
 
 # --- absence and refusals: skipped rows, with the reason ------------------------------------------
