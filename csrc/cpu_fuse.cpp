@@ -424,6 +424,30 @@ ConcatFn pick_concat() {
 }
 
 // ------------------------------------------------------------------------------ the op
+// A [N, C, h, w] source resized to H x W, as the row kernels read it: its strides and, for a
+// resized one, the index tables (bilinear columns as offsets into the dense blended row, times C).
+Source make_source(const at::Tensor& t, int64_t H, int64_t W, bool nearest, bool align_corners) {
+  Source s{};
+  s.data = t.data_ptr();
+  s.sn = t.stride(0);
+  s.sh = t.stride(2);
+  s.sw = t.stride(3);
+  const int64_t h = t.size(2), w = t.size(3);
+  s.w = w;
+  if (h == H && w == W) {
+    s.kind = Kind::Same;
+  } else if (nearest) {
+    s.kind = Kind::Nearest;
+    s.rows = nearest_axis(h, H, s.sh);
+    s.cols = nearest_axis(w, W, s.sw);
+  } else {
+    s.kind = Kind::Bilinear;
+    s.rows = bilinear_axis(h, H, align_corners, s.sh);
+    s.cols = bilinear_axis(w, W, align_corners, t.size(1));
+  }
+  return s;
+}
+
 void check_channel_stride(const at::Tensor& t, const char* what, int64_t k) {
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, kOp, what, k >= 0 ? "[" : "",
               k >= 0 ? std::to_string(k) : std::string(), k >= 0 ? "]" : "",
@@ -482,26 +506,10 @@ at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contribution
   p.sources.reserve(contributions.size());
   const bool nearest = mode_s == "nearest";
   for (const at::Tensor& t : contributions) {
-    Source s{};
-    s.data = t.data_ptr();
-    s.sn = t.stride(0);
-    s.sh = t.stride(2);
-    s.sw = t.stride(3);
-    const int64_t h = t.size(2), w = t.size(3);
-    s.w = w;
-    if (h == H && w == W) {
-      s.kind = Kind::Same;
-    } else if (nearest) {
-      s.kind = Kind::Nearest;
-      s.rows = nearest_axis(h, H, s.sh);
-      s.cols = nearest_axis(w, W, s.sw);
-    } else {
-      s.kind = Kind::Bilinear;
-      s.rows = bilinear_axis(h, H, align_corners, s.sh);
-      s.cols = bilinear_axis(w, W, align_corners, C);
-      p.max_blended = std::max(p.max_blended, w * C);
+    p.sources.push_back(make_source(t, H, W, nearest, align_corners));
+    if (p.sources.back().kind == Kind::Bilinear) {
+      p.max_blended = std::max(p.max_blended, t.size(3) * C);
     }
-    p.sources.push_back(std::move(s));
   }
 
   RowFn rows = dtype == at::kFloat ? pick_rows<F32>()
@@ -560,25 +568,9 @@ at::Tensor resize_concat(at::TensorList parts, at::IntArrayRef size, c10::string
   int64_t offset = 0;
   for (const at::Tensor& t : parts) {
     ConcatPart part{};
-    Source& s = part.src;
-    s.data = t.data_ptr();
-    s.sn = t.stride(0);
-    s.sh = t.stride(2);
-    s.sw = t.stride(3);
-    const int64_t C = t.size(1), h = t.size(2), w = t.size(3);
-    s.w = w;
-    if (h == H && w == W) {
-      s.kind = Kind::Same;
-    } else if (nearest) {
-      s.kind = Kind::Nearest;
-      s.rows = nearest_axis(h, H, s.sh);
-      s.cols = nearest_axis(w, W, s.sw);
-    } else {
-      s.kind = Kind::Bilinear;
-      s.rows = bilinear_axis(h, H, align_corners, s.sh);
-      s.cols = bilinear_axis(w, W, align_corners, C);
-      p.max_blended = std::max(p.max_blended, w * C);
-    }
+    part.src = make_source(t, H, W, nearest, align_corners);
+    const int64_t C = t.size(1);
+    if (part.src.kind == Kind::Bilinear) p.max_blended = std::max(p.max_blended, t.size(3) * C);
     part.C = C;
     part.offset = offset;
     offset += C;

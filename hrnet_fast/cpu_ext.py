@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .cuda_ext import _cache_root, _short, csrc_dir
+from .cuda_ext import _cache_root, _short, csrc_dir, ops_registered
 from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "resize_concat_cpu",
@@ -84,11 +84,7 @@ def jit_build_directory() -> Path:
 
 # ------------------------------------------------------------------------------------- loading
 def _ops_registered() -> bool:
-    try:
-        getattr(torch.ops, LIBRARY).upsample_add_relu
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+    return ops_registered(LIBRARY)
 
 
 def _precheck() -> Optional[str]:

@@ -107,12 +107,17 @@ def _precheck() -> Optional[str]:
     return None
 
 
-def _ops_registered() -> bool:
+def ops_registered(library: str) -> bool:
+    """Whether ``torch.ops.<library>.upsample_add_relu`` exists (the extension is loaded)."""
     try:
-        getattr(torch.ops, LIBRARY).upsample_add_relu
+        getattr(torch.ops, library).upsample_add_relu
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def _ops_registered() -> bool:
+    return ops_registered(LIBRARY)
 
 
 def _short(exc: BaseException, limit: int = 1500) -> str:

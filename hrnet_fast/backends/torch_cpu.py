@@ -200,10 +200,13 @@ class TorchCPU(Backend):
         # oneDNN-reordered weights per conv (by identity of its ConvSpec) and input shape.
         self._caches: Dict[int, dict] = {}
 
+    def _weight_cache(self, owner) -> dict:
+        """The reordered-weight cache of one conv (keyed by its ConvSpec, or by the weight tensor
+        for the head's classifier, which has no spec); both live as long as the plan."""
+        return self._caches.setdefault(id(owner), {})
+
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
-        cache = self._caches.get(id(spec))
-        if cache is None:
-            cache = self._caches[id(spec)] = {}
+        cache = self._weight_cache(spec)
         ranges = spec.relu_ranges
         # A partial ReLU (batched stride-2 convs) is no oneDNN post-op: the conv runs with its
         # reordered weight and no activation, then the ReLU on its channel ranges in place (F.conv2d
@@ -223,11 +226,8 @@ class TorchCPU(Backend):
         # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32.
         if (spec.relu_ranges is None and residual.dtype == x.dtype and residual.shape[0] == x.shape[0]
                 and residual.is_contiguous(memory_format=torch.channels_last)):
-            cache = self._caches.get(id(spec))
-            if cache is None:
-                cache = self._caches[id(spec)] = {}
             y = conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
-                           spec.relu, cache, into_residual=True)
+                           spec.relu, self._weight_cache(spec), into_residual=True)
             if y is not None:
                 return y
         return self.conv(x, spec, residual)
@@ -256,8 +256,6 @@ class TorchCPU(Backend):
         # The fuse step of the seg head through the kernel too, then the classifier with its
         # reordered weight kept (F.conv2d would reorder it on every call).
         act = self.fuse(base, contributions, mode, align_corners, True)
-        cache = self._caches.get(id(weight))
-        if cache is None:
-            cache = self._caches[id(weight)] = {}
-        y = conv_fused(act, weight, bias, 1, weight.shape[-1] // 2, None, False, cache)
+        y = conv_fused(act, weight, bias, 1, weight.shape[-1] // 2, None, False,
+                       self._weight_cache(weight))
         return y if y is not None else F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
