@@ -1,4 +1,5 @@
-"""The optional CPU fuse kernel (``csrc/cpu_fuse.cpp``): build, status, fake kernel, wrapper.
+"""The optional CPU kernels (``csrc/cpu_fuse.cpp``, ``csrc/cpu_conv_thin.cpp``): build, status, fake
+kernels, wrappers.
 
 The kernel computes the fuse step ``act(base + sum_k resize(c_k, base size))`` in one pass over
 memory, reading each contribution at its own resolution (the torch composition allocates a
@@ -15,9 +16,11 @@ waited for at most ``LOCK_WAIT_S`` and removed once older than ``STALE_LOCK_S``.
 ``HRNET_FAST_CPU_EXT=0`` turns the kernel off without building; ``HRNET_FAST_VERBOSE_BUILD=1``
 shows the compiler output.
 
-The op is ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` (schema in ``csrc/cpu_fuse.cpp``); its
-fake kernel is registered here once the library is loaded, so torch.compile and opcheck can trace
-it.
+The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat`` (schemas in
+``csrc/cpu_fuse.cpp``), and ``conv3x3_thin`` / ``conv3x3_thin_into`` (``csrc/cpu_conv_thin.cpp``: 3x3
+convolutions of thin layers, vectorised over pixels instead of channels; AVX-512 only). Their fake
+kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
+them.
 """
 from __future__ import annotations
 
@@ -39,11 +42,11 @@ from .cuda_ext import _cache_root, _short, csrc_dir, ops_registered
 from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "resize_concat_cpu",
-           "jit_build_directory", "SOURCES", "DTYPES"]
+           "conv3x3_thin_cpu", "thin_conv_supported", "jit_build_directory", "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
-SOURCES = ("cpu_fuse.cpp",)
+SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp")
 # -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
 # compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
 EXTRA_CFLAGS = ["-O3"]
@@ -212,11 +215,34 @@ def _resize_concat_fake(parts, size, mode, align_corners):
                        device=first.device, memory_format=torch.channels_last)
 
 
+def _check_thin_meta(x, weight, bias):
+    torch._check(x.dim() == 4 and x.dtype == torch.float32,
+                 lambda: f"x must be a 4-d float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    torch._check(weight.dim() == 4 and tuple(weight.shape[1:]) == (x.shape[1], 3, 3)
+                 and weight.dtype == torch.float32,
+                 lambda: f"weight must be float32 [Co, {x.shape[1]}, 3, 3], got {tuple(weight.shape)}")
+    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],),
+                 lambda: f"bias must be [{weight.shape[0]}]")
+
+
+def _conv3x3_thin_fake(x, weight, bias, residual, relu, channels_last=True):
+    _check_thin_meta(x, weight, bias)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=x.device, memory_format=layout)
+
+
+def _conv3x3_thin_into_fake(residual, x, weight, bias, relu):
+    _check_thin_meta(x, weight, bias)
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
     for name, fake in (("upsample_add_relu", _upsample_add_relu_fake),
-                       ("resize_concat", _resize_concat_fake)):
+                       ("resize_concat", _resize_concat_fake),
+                       ("conv3x3_thin", _conv3x3_thin_fake),
+                       ("conv3x3_thin_into", _conv3x3_thin_into_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -257,3 +283,32 @@ def resize_concat_cpu(parts: Sequence[torch.Tensor], size: Sequence[int], *, mod
         raise RuntimeError("hrnet_fast_cpu::resize_concat: parts is empty")
     return torch.ops.hrnet_fast_cpu.resize_concat(list(parts), [int(v) for v in size], str(mode),
                                                  bool(align_corners))
+
+
+def thin_conv_supported() -> bool:
+    """Whether ``conv3x3_thin`` can run here: torch's CPU capability is AVX-512 (it honours
+    ``ATEN_CPU_CAPABILITY``); the kernel has no AVX2 or baseline variant (with 8 lanes or fewer,
+    oneDNN's channel padding costs little)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def conv3x3_thin_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor] = None, *, relu: bool,
+                     channels_last: bool = True, into_residual: bool = False) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride=1, padding=1) + residual)``, vectorised over pixels.
+
+    float32 CPU tensors: x [N, Ci, H, W] and residual (None or [N, Co, H, W]) with any strides;
+    weight [Co, Ci, 3, 3]; bias [Co] or None; act = ReLU if ``relu``. The result is a new dense
+    tensor, channels_last or (``channels_last=False``) contiguous NCHW, or ``residual`` itself with
+    ``into_residual`` (dense in either layout, sharing no memory with x). Agrees with F.conv2d to
+    float32 rounding (another summation order). Raises RuntimeError when the kernel is unavailable
+    (no build, or no AVX-512) or an argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    if into_residual:
+        if residual is None:
+            raise RuntimeError("hrnet_fast_cpu::conv3x3_thin: into_residual needs a residual")
+        torch.ops.hrnet_fast_cpu.conv3x3_thin_into(residual, x, weight, bias, bool(relu))
+        return residual
+    return torch.ops.hrnet_fast_cpu.conv3x3_thin(x, weight, bias, residual, bool(relu),
+                                                 bool(channels_last))

@@ -66,6 +66,9 @@ def run_block(be: Backend, x: torch.Tensor, block: BlockPlan) -> torch.Tensor:
 
 
 def run_blocks(be: Backend, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.Tensor:
+    chained = be.blocks(x, blocks)  # the CPU backend's thin-layer chain (TorchCPU.blocks)
+    if chained is not None:
+        return chained
     for b in blocks:
         x = run_block(be, x, b)
     return x

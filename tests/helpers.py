@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
+import pytest
 import torch
 
 from hrnet_fast.check import randomize_batchnorm as randomize_bn  # noqa: F401
@@ -29,3 +31,23 @@ def poisoned_allocations(monkeypatch):
         m.setattr(torch, "empty", empty)
         m.setattr(torch, "empty_like", empty_like)
         yield
+
+
+@contextlib.contextmanager
+def poisoned_malloc():
+    """Within the block, fresh C/C++ heap memory (the kernel's ``at::empty``) holds the bytes 0x7f:
+    3.4e38 in float32 and bfloat16, NaN in float16, so an output value the kernel never writes
+    fails the oracle (``torch.empty`` in Python is covered by poisoned_allocations). glibc only (``mallopt(M_PERTURB)``)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no mallopt (not glibc): the kernel's own allocation is NOT poisoned here")
+    m_perturb = -6
+    mallopt(m_perturb, 0x80)  # glibc fills allocations with 0x80 ^ 0xff = 0x7f
+    try:
+        probe = torch.empty(3, 17, 9, 11)
+        if not bool((probe.view(torch.int32) == 0x7F7F7F7F).all()):
+            pytest.skip("mallopt(M_PERTURB) did not poison torch's allocations here")
+        yield
+    finally:
+        mallopt(m_perturb, 0)

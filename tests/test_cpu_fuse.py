@@ -7,8 +7,6 @@ built here, every kernel test is skipped with the reason: the kernel is then NOT
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import poisoned_allocations, randomize_bn
+from helpers import poisoned_allocations, poisoned_malloc, randomize_bn
 from nearest_sweep import assert_sweep_bit_exact, sweep_pairs
 from oracles import (assert_close_to_oracle, assert_model_close, fuse_fp64, fuse_same_dtype,
                      resize_concat_fp64, resize_concat_same_dtype)
@@ -85,27 +83,6 @@ def _check(out, base, contribs, mode, ac, relu, what):
     oracle = fuse_fp64(base, contribs, mode, ac, relu)
     same = None if base.dtype == torch.float32 else fuse_same_dtype(base, contribs, mode, ac, relu)
     assert_close_to_oracle(out, oracle, same, dtype=base.dtype, what=what)
-
-
-@contextlib.contextmanager
-def poisoned_malloc():
-    """Within the block, fresh C/C++ heap memory (the kernel's ``at::empty``) holds the bytes 0x7f:
-    3.4e38 in float32 and bfloat16, NaN in float16, so an output value the kernel never writes
-    fails the oracle (``torch.empty`` in Python is covered by tests/helpers.py's
-    poisoned_allocations). glibc only (``mallopt(M_PERTURB)``)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        pytest.skip("no mallopt (not glibc): the kernel's own allocation is NOT poisoned here")
-    m_perturb = -6
-    mallopt(m_perturb, 0x80)  # glibc fills allocations with 0x80 ^ 0xff = 0x7f
-    try:
-        probe = torch.empty(3, 17, 9, 11)
-        if not bool((probe.view(torch.int32) == 0x7F7F7F7F).all()):
-            pytest.skip("mallopt(M_PERTURB) did not poison torch's allocations here")
-        yield
-    finally:
-        mallopt(m_perturb, 0)
 
 
 # ------------------------------------------------------------------------------- the kernel itself
@@ -533,7 +510,8 @@ def _planted_failure(loader, tmp_path):
     """A source that fails at once, built under its own name into a fresh cache."""
     src = tmp_path / "csrc"
     src.mkdir()
-    (src / "cpu_fuse.cpp").write_text("#error planted build failure\n")
+    for name in cpu_ext.SOURCES:
+        (src / name).write_text("#error planted build failure\n")
     loader.setattr(cpu_ext, "csrc_dir", lambda: src)
     # another name: torch's JIT versioner would otherwise rebuild the real one under a new name
     loader.setattr(cpu_ext, "JIT_NAME", "hrnet_fast_cpu_fuse_planted_failure")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..ops.conv import conv2d_bias_act_torch
 from ..ops.fuse import seg_head_torch, upsample_add_relu_torch
-from ..plan import ConvSpec, FusePlan, HRNetPlan
+from ..plan import BlockPlan, ConvSpec, FusePlan, HRNetPlan
 from ..reference import resize
 from ..side_path import in_side_path  # noqa: F401  (re-exported)
 from . import BackendUnavailable  # noqa: F401  (re-exported)
@@ -71,6 +71,13 @@ class Backend:
         engine passes a residual that it owns and reads no more (a block's input or its
         downsample's output)."""
         return self.conv(x, spec, residual)
+
+    def blocks(self, x: torch.Tensor, blocks: Sequence[BlockPlan]) -> Optional[torch.Tensor]:
+        """A branch's residual blocks run as one chain by the backend, or None: then the engine runs
+        them block by block (engine.run_block, whose contract holds here too: ``x`` is the engine's
+        own intermediate, free to be overwritten). The result must have the layout a block-by-block
+        run gives (channels_last on the CPU)."""
+        return None
 
     def fuse(self, base, contributions: Sequence[torch.Tensor], mode: str, align_corners: bool,
              relu: bool = True, bias: Optional[torch.Tensor] = None):

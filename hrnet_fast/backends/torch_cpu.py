@@ -153,6 +153,67 @@ def concat_kernel_fits(parts: Sequence[torch.Tensor], size, mode: str) -> bool:
     return cpu_ext.load_extension()
 
 
+_THIN = {"on": True}  # False once the thin-layer conv kernel failed in ordinary inference
+# The thin-layer kernel (csrc/cpu_conv_thin.cpp) vectorises over pixels; oneDNN over output
+# channels in 16-lane vectors, so it pads 18 channels to 32, 36 to 48 and 72 to 80. Measured
+# against oneDNN's fused conv at w18's shapes (1 thread, same process, alternating calls):
+# 18 ch 1.48x, 36 ch 1.23x, 72 ch 1.16x faster; 144 ch 0.54x (its input rows no longer fit in
+# L1 for a 64-pixel tile). So: both channel counts at most 72, and oneDNN padding Co by 10% or more.
+THIN_MAX_CHANNELS = 72
+THIN_MIN_PADDING = 1.1
+
+
+def thin_conv_pays(in_channels: int, out_channels: int) -> bool:
+    """Whether a 3x3 stride-1 conv of these widths runs faster in the thin-layer kernel."""
+    padded = -(-out_channels // 16) * 16
+    return (in_channels <= THIN_MAX_CHANNELS and out_channels <= THIN_MAX_CHANNELS
+            and padded >= THIN_MIN_PADDING * out_channels)
+
+
+def thin_spec_fits(spec: ConvSpec) -> bool:
+    """Whether a conv's spec suits the thin-layer kernel: 3x3, stride 1, padding 1, float32 weights,
+    ReLU on all channels or none, widths where it pays."""
+    w = spec.weight
+    return (w.dim() == 4 and tuple(w.shape[-2:]) == (3, 3) and spec.stride == 1
+            and spec.padding == 1 and w.dtype == torch.float32 and spec.relu_ranges is None
+            and thin_conv_pays(w.shape[1], w.shape[0]))
+
+
+def thin_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the thin-layer kernel takes ``x``: float32 on the CPU, no autograd, trace or export in
+    progress, the kernel built and this CPU's capability AVX-512. Builds the kernel on first use."""
+    if (not _THIN["on"] or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
+            or in_side_path()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return False
+    return cpu_ext.thin_conv_supported() and cpu_ext.load_extension()
+
+
+def thin_conv(x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None, *,
+              channels_last: bool = True, into_residual: bool = False) -> Optional[torch.Tensor]:
+    """The thin-layer kernel's result, or None when it failed: then it is off for the process and
+    the caller runs oneDNN, after one warning (a failure while tracing or exporting changes
+    nothing). The kernel checks its arguments before it writes anything."""
+    try:
+        return cpu_ext.conv3x3_thin_cpu(x, spec.weight, spec.bias, residual, relu=spec.relu,
+                                        channels_last=channels_last,
+                                        into_residual=into_residual and residual is not None)
+    except RuntimeError as e:
+        if in_side_path():
+            return None
+        _THIN["on"] = False
+        warn_once("cpu-thin-conv", f"hrnet_fast: the CPU thin-layer conv kernel failed ({e}); it is "
+                  "switched off for this process and those convolutions run in oneDNN (same "
+                  "results to float32 rounding, slower)", _WARNED)
+        return None
+
+
+def dense_as(t: torch.Tensor, channels_last: bool) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+
+
 def run_kernel(op, *args, **kwargs) -> Optional[torch.Tensor]:
     """``op(*args, **kwargs)`` (one of cpu_ext's kernel ops), or None when it failed: then the
     kernel is off for the process and the caller runs the composition, after one warning (a failure
@@ -206,6 +267,10 @@ class TorchCPU(Backend):
         return self._caches.setdefault(id(owner), {})
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
+        if thin_spec_fits(spec) and thin_input_fits(x, spec.weight):
+            y = thin_conv(x, spec, residual)
+            if y is not None:
+                return y
         cache = self._weight_cache(spec)
         ranges = spec.relu_ranges
         # A partial ReLU (batched stride-2 convs) is no oneDNN post-op: the conv runs with its
@@ -224,6 +289,10 @@ class TorchCPU(Backend):
         # oneDNN accumulates into the residual in place (its sum post-op) instead of reading it and
         # writing a new tensor: bit-identical, 2 threads: 64->256 1x1 at 128x256 5.8 -> 4.6 ms fp32,
         # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32.
+        if thin_spec_fits(spec) and thin_input_fits(x, spec.weight):
+            y = thin_conv(x, spec, residual, into_residual=dense_as(residual, True))
+            if y is not None:
+                return y
         if (spec.relu_ranges is None and residual.dtype == x.dtype and residual.shape[0] == x.shape[0]
                 and residual.is_contiguous(memory_format=torch.channels_last)):
             y = conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
@@ -231,6 +300,33 @@ class TorchCPU(Backend):
             if y is not None:
                 return y
         return self.conv(x, spec, residual)
+
+    def blocks(self, x: torch.Tensor, blocks) -> Optional[torch.Tensor]:
+        """A branch's BasicBlocks of thin 3x3 convs through the thin-layer kernel, with every
+        intermediate planar (NCHW): only the chain's first input and its last output are transposed
+        (from and to channels_last), not every conv's. The second conv of a block accumulates into
+        the block's input where that input is already dense in its output layout."""
+        specs = [spec for b in blocks for spec in b.convs]
+        if (not blocks or any(b.downsample is not None or len(b.convs) != 2 for b in blocks)
+                or not all(thin_spec_fits(spec) for spec in specs)
+                or not thin_input_fits(x, *(spec.weight for spec in specs))):
+            return None
+        h = x
+        for i, block in enumerate(blocks):
+            last = i == len(blocks) - 1  # the chain's output goes back to channels_last
+            t = thin_conv(h, block.convs[0], channels_last=False)
+            y = None if t is None else thin_conv(t, block.convs[1], h, channels_last=last,
+                                                 into_residual=dense_as(h, last))
+            if y is None:  # the kernel failed and is off now: the rest of the chain in oneDNN
+                return self._blocks_onednn(h.contiguous(memory_format=torch.channels_last),
+                                           blocks[i:])
+            h = y
+        return h
+
+    def _blocks_onednn(self, h: torch.Tensor, blocks) -> torch.Tensor:
+        for block in blocks:  # engine.run_block for downsample-free blocks
+            h = self.conv_into_residual(self.conv(h, block.convs[0]), block.convs[1], h)
+        return h
 
     def fuse(self, base, contributions, mode: str, align_corners: bool, relu: bool = True,
              bias: Optional[torch.Tensor] = None):

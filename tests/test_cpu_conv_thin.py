@@ -1,0 +1,277 @@
+"""The CPU thin-layer conv kernel (csrc/cpu_conv_thin.cpp, hrnet_fast/cpu_ext.py: conv3x3_thin and
+conv3x3_thin_into) and its use by the torch backend on the CPU (TorchCPU.conv, conv_into_residual
+and the planar block chain TorchCPU.blocks in hrnet_fast/backends/torch_cpu.py).
+
+The kernel needs AVX-512 and the JIT build (shared with the CPU fuse kernel). Where either is
+missing, every kernel test is skipped with the reason: the kernel is then NOT tested.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from helpers import poisoned_malloc, randomize_bn
+from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
+
+from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
+from hrnet_fast.backends import torch_cpu
+from hrnet_fast.reference import HighResolutionNet
+
+CL = torch.channels_last
+LAYOUTS = ["cl", "nchw", "cl_slice", "nchw_slice"]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not cpu_ext.thin_conv_supported():
+        pytest.skip("this CPU (torch's capability) has no AVX-512: the thin conv kernel is NOT tested")
+    ok, why = cpu_ext.cpu_ext_status()
+    if not ok:
+        pytest.skip(f"the CPU kernels could not be built here ({why}): the thin conv is NOT tested")
+    return cpu_ext.conv3x3_thin_cpu
+
+
+def _tensor(shape, layout, seed):
+    """A random [N, C, H, W] float32 tensor: dense channels_last or NCHW, or a channel slice of a
+    wider tensor in either layout (other strides than the dense ones)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    if layout.endswith("slice"):
+        wide = torch.randn(n, c + 7, h, w, generator=g)
+        wide = wide.contiguous(memory_format=CL) if layout.startswith("cl") else wide
+        return wide[:, 3:3 + c]
+    t = torch.randn(n, c, h, w, generator=g)
+    return t.contiguous(memory_format=CL) if layout == "cl" else t
+
+
+def _weights(ci, co, seed, bias=True):
+    g = torch.Generator().manual_seed(1000 + seed)
+    w = torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)
+    return w, (torch.randn(co, generator=g) if bias else None)
+
+
+def _oracle(x, w, b, residual, relu):
+    return conv_oracle(x.double(), w.double(), None if b is None else b.double(), 1, 1,
+                       None if residual is None else residual.double(), relu)
+
+
+# (N, Ci, Co, H, W): w18's widths (a 6-channel register tile: 18 = 3 tiles, 40 = 6 tiles + 4),
+# widths below a tile, widths of 1; odd sizes, widths below one 16-pixel vector, one over a
+# 64-pixel tile, a single pixel; batch 2.
+SHAPES = [(2, 18, 18, 33, 71), (1, 36, 36, 7, 79), (2, 5, 7, 3, 2), (1, 18, 40, 1, 1),
+          (1, 72, 72, 10, 64), (2, 1, 1, 9, 17), (1, 3, 18, 16, 15)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_oracle_in_every_layout(kernel, shape):
+    """Every input, residual and output layout (channels_last, NCHW, channel slices of either),
+    ReLU on and off, with and without bias and residual, against float64; the output allocation
+    poisoned; on torch's threads."""
+    n, ci, co, h, w = shape
+    for k, (xl, rl, out_cl) in enumerate(itertools.product(LAYOUTS, ["none"] + LAYOUTS,
+                                                           [True, False])):
+        x = _tensor((n, ci, h, w), xl, seed=k)
+        res = None if rl == "none" else _tensor((n, co, h, w), rl, seed=100 + k)
+        relu, with_bias = k % 2 == 0, k % 3 != 0
+        wt, b = _weights(ci, co, k, with_bias)
+        with poisoned_malloc():
+            out = kernel(x, wt, b, res, relu=relu, channels_last=out_cl)
+        assert out.is_contiguous(memory_format=CL if out_cl else torch.contiguous_format)
+        assert_close_to_oracle(out, _oracle(x, wt, b, res, relu), dtype=torch.float32,
+                               what=f"{shape} x {xl} residual {rl} out_cl={out_cl} relu={relu}")
+
+
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_into_residual_writes_the_residual(kernel, layout):
+    """conv3x3_thin_into: the result lands in the residual's own memory (either dense layout) and
+    is returned; x is left alone."""
+    x = _tensor((2, 18, 13, 37), "cl_slice", seed=1)
+    x_before = x.clone()
+    res = _tensor((2, 18, 13, 37), layout, seed=2)
+    oracle = _oracle(x, *_weights(18, 18, 3), res, True)
+    wt, b = _weights(18, 18, 3)
+    out = kernel(x, wt, b, res, relu=True, into_residual=True)
+    assert out.data_ptr() == res.data_ptr() and torch.equal(x, x_before)
+    assert_close_to_oracle(res, oracle, dtype=torch.float32, what=f"into {layout}")
+
+
+def test_nan_propagates(kernel):
+    """A NaN input pixel makes exactly its 3x3 neighbourhood NaN, through the ReLU (max(0, NaN) is
+    NaN), in both output layouts; NaN in the residual stays where it is."""
+    x = _tensor((1, 18, 9, 40), "cl", seed=4)
+    x[0, 5, 4, 20] = float("nan")
+    res = _tensor((1, 18, 9, 40), "nchw", seed=5)
+    res[0, 2, 0, 0] = float("nan")
+    wt, b = _weights(18, 18, 6)
+    expected = torch.isnan(_oracle(x, wt, b, res, True))
+    assert int(expected.sum()) == 18 * 9 + 1
+    for out_cl in (True, False):
+        out = kernel(x, wt, b, res, relu=True, channels_last=out_cl)
+        assert torch.equal(torch.isnan(out), expected)
+
+
+def test_opcheck(kernel):
+    """Schema, fake kernel (shapes, strides, layout) and dispatch agree with the real kernel."""
+    x = _tensor((2, 18, 5, 21), "cl_slice", seed=7)
+    wt, b = _weights(18, 18, 7)
+    res = _tensor((2, 18, 5, 21), "cl", seed=8)
+    for out_cl in (True, False):
+        torch.library.opcheck(torch.ops.hrnet_fast_cpu.conv3x3_thin.default,
+                              (x, wt, b, res, True, out_cl))
+    torch.library.opcheck(torch.ops.hrnet_fast_cpu.conv3x3_thin_into.default,
+                          (res.clone(memory_format=CL), x, wt, None, False))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", "x must be a 4-d float32 CPU tensor"),
+    ("weight", "weight must be float32 \\[Co, 18, 3, 3\\]"),
+    ("kernel5", "weight must be float32 \\[Co, 18, 3, 3\\]"),
+    ("bias", "bias must be float32 \\[18\\]"),
+    ("residual", "residual must be float32 \\[1, 18, 6, 7\\]"),
+    ("into_strided", "must be dense channels_last or NCHW"),
+    ("into_alias", "must not share memory with x"),
+])
+def test_bad_input_gets_one_clear_error(kernel, bad, match):
+    x = _tensor((1, 18, 6, 7), "cl", seed=9)
+    wt, b = _weights(18, 18, 9)
+    res, into = None, False
+    if bad == "dtype":
+        x = x.double()
+    elif bad == "weight":
+        wt = wt[:, :17]
+    elif bad == "kernel5":
+        wt = torch.randn(18, 18, 5, 5)
+    elif bad == "bias":
+        b = b[:5]
+    elif bad == "residual":
+        res = torch.randn(1, 18, 6, 8)
+    elif bad == "into_strided":
+        res, into = _tensor((1, 18, 6, 7), "cl_slice", seed=10), True
+    else:
+        res, into = x, True
+    with pytest.raises(RuntimeError, match=match):
+        kernel(x, wt, b, res, relu=True, into_residual=into)
+
+
+# ------------------------------------------------------------------------- the torch backend
+@pytest.mark.parametrize("ci,co,pays", [(18, 18, True), (36, 36, True), (72, 72, True),
+                                        (144, 144, False), (32, 32, False), (64, 64, False),
+                                        (256, 18, False), (40, 40, True), (30, 30, False)])
+def test_the_width_rule(ci, co, pays):
+    """The kernel takes the widths where oneDNN pads output channels by 10% or more, up to 72
+    (w18's 18, 36, 72; not 144, nor w32/w48's multiples of 16, nor a 256-channel input)."""
+    assert torch_cpu.thin_conv_pays(ci, co) is pays
+
+
+@pytest.fixture
+def thin_calls(kernel, monkeypatch):
+    """Every call of the thin conv kernel: (x's channels_last-ness, channels_last out, into)."""
+    calls = []
+    real = cpu_ext.conv3x3_thin_cpu
+    monkeypatch.setitem(torch_cpu._THIN, "on", True)
+
+    def spy(x, *args, **kwargs):
+        calls.append((x.is_contiguous(memory_format=CL), kwargs.get("channels_last", True),
+                      kwargs.get("into_residual", False)))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", spy)
+    return calls
+
+
+def _model(preset, mode="bilinear", seed=0):
+    torch.manual_seed(seed)
+    cfg = HRNetConfig.preset(preset, upsample=mode)
+    return randomize_bn(HRNet(cfg, fast=False), seed).eval()
+
+
+@pytest.mark.parametrize("preset,mode,size", [("w18_small_v2", "bilinear", (2, 3, 75, 101)),
+                                              ("w18_small_v2", "nearest", (1, 3, 64, 96)),
+                                              ("w18", "bilinear", (1, 3, 47, 61))])
+def test_engine_chains_match_the_reference(thin_calls, preset, mode, size):
+    """Whole engines whose thin branches run as planar chains, against the float64 reference:
+    odd sizes, batch 2, both upsampling modes. Each chain reads channels_last once and writes it
+    once; everything between is planar (NCHW)."""
+    model = _model(preset, mode)
+    x = torch.randn(*size, generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        out = optimize(model, backend="torch")(x)
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    assert_model_close(out, ref64, dtype=torch.float32, what=f"{preset} {mode} {size}")
+    assert out.is_contiguous(memory_format=CL) or out.is_contiguous()
+    planar_out = sum(1 for _, out_cl, _ in thin_calls if not out_cl)
+    cl_out = sum(1 for _, out_cl, _ in thin_calls if out_cl)
+    assert planar_out > 0 and cl_out > 0 and planar_out > cl_out  # chains, not single convs
+
+
+def test_kernel_off_gives_the_same_model(thin_calls, monkeypatch):
+    """With the kernel switched off the engine runs oneDNN only, and both agree to float32
+    rounding."""
+    model = _model("w18_small_v2")
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(12))
+    engine = optimize(model, backend="torch")
+    with torch.inference_mode():
+        on = engine(x)
+        assert thin_calls
+        monkeypatch.setitem(torch_cpu._THIN, "on", False)
+        count = len(thin_calls)
+        off = engine(x)
+    assert len(thin_calls) == count
+    assert_model_close(on, off.double(), dtype=torch.float32, what="thin kernel against oneDNN")
+
+
+@pytest.mark.parametrize("fail_at", [1, 4])
+def test_a_failing_kernel_warns_once_and_onednn_answers(thin_calls, monkeypatch, fail_at):
+    """The kernel raising in the middle of a chain (call 4: after planar intermediates exist) or at
+    its start: one RuntimeWarning, the kernel off for the process, and the model's values
+    unchanged."""
+    monkeypatch.setattr(torch_cpu, "_WARNED", set())
+    model = _model("w18_small_v2")
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
+    with torch.inference_mode():
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    model.float()
+    spy = cpu_ext.conv3x3_thin_cpu
+
+    def failing(*args, **kwargs):
+        if len(thin_calls) + 1 >= fail_at:
+            raise RuntimeError("planted failure")
+        return spy(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", failing)
+    engine = optimize(model, backend="torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with torch.inference_mode():
+                out = engine(x)
+            assert_model_close(out, ref64, dtype=torch.float32, what=f"failure at call {fail_at}")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
+    assert torch_cpu._THIN["on"] is False and len(thin_calls) == fail_at - 1
+
+
+def test_without_avx512_onednn_answers(thin_calls, monkeypatch):
+    """A CPU without AVX-512 (torch's capability) never calls the kernel."""
+    monkeypatch.setattr(cpu_ext, "thin_conv_supported", lambda: False)
+    model = _model("w18_small_v2")
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(14))
+    with torch.inference_mode():
+        out = optimize(model, backend="torch")(x)
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    assert thin_calls == []
+    assert_model_close(out, ref64, dtype=torch.float32, what="oneDNN only")
+
+
+def test_autograd_keeps_the_composition(thin_calls):
+    """With gradients wanted (a weight that requires grad) the backend does not take the kernel."""
+    x = _tensor((1, 18, 8, 9), "cl", seed=15)
+    wt, b = _weights(18, 18, 15)
+    from hrnet_fast.plan import ConvSpec
+    spec = ConvSpec(wt.requires_grad_(True), b, 1, 1, True)
+    be = torch_cpu.TorchCPU(None, torch.device("cpu"), torch.float32)
+    out = be.conv(x, spec)
+    assert thin_calls == [] and out.grad_fn is not None
