@@ -17,8 +17,9 @@ waited for at most ``LOCK_WAIT_S`` and removed once older than ``STALE_LOCK_S``.
 shows the compiler output.
 
 The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat`` (schemas in
-``csrc/cpu_fuse.cpp``), and ``conv3x3_thin`` / ``conv3x3_thin_into`` (``csrc/cpu_conv_thin.cpp``: 3x3
-convolutions of thin layers, vectorised over pixels instead of channels; AVX-512 only). Their fake
+``csrc/cpu_fuse.cpp``), and ``conv3x3_thin_pack`` / ``conv3x3_thin`` / ``conv3x3_thin_into``
+(``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
+channels, direct or Winograd F(2x2, 3x3); AVX-512 only). Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
 """
@@ -42,7 +43,8 @@ from .cuda_ext import _cache_root, _short, csrc_dir, ops_registered
 from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "resize_concat_cpu",
-           "conv3x3_thin_cpu", "thin_conv_supported", "jit_build_directory", "SOURCES", "DTYPES"]
+           "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
+           "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
@@ -215,25 +217,40 @@ def _resize_concat_fake(parts, size, mode, align_corners):
                        device=first.device, memory_format=torch.channels_last)
 
 
-def _check_thin_meta(x, weight, bias):
-    torch._check(x.dim() == 4 and x.dtype == torch.float32,
-                 lambda: f"x must be a 4-d float32 tensor, got {x.dtype} {tuple(x.shape)}")
-    torch._check(weight.dim() == 4 and tuple(weight.shape[1:]) == (x.shape[1], 3, 3)
-                 and weight.dtype == torch.float32,
-                 lambda: f"weight must be float32 [Co, {x.shape[1]}, 3, 3], got {tuple(weight.shape)}")
-    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],),
-                 lambda: f"bias must be [{weight.shape[0]}]")
+def _packed_widths(packed):
+    torch._check(packed.dtype == torch.float32 and (
+        (packed.dim() == 4 and tuple(packed.shape[1:3]) == (3, 3))
+        or (packed.dim() == 3 and packed.shape[0] == 16)),
+        lambda: f"packed must come from conv3x3_thin_pack, got {packed.dtype} {tuple(packed.shape)}")
+    return (packed.shape[1], packed.shape[2]) if packed.dim() == 3 else (packed.shape[0], packed.shape[3])
 
 
-def _conv3x3_thin_fake(x, weight, bias, residual, relu, channels_last=True):
-    _check_thin_meta(x, weight, bias)
+def _check_thin_meta(x, packed, bias):
+    ci, co = _packed_widths(packed)
+    torch._check(x.dim() == 4 and x.dtype == torch.float32 and x.shape[1] == ci,
+                 lambda: f"x must be a 4-d float32 tensor with {ci} channels, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    torch._check(bias is None or tuple(bias.shape) == (co,), lambda: f"bias must be [{co}]")
+    return co
+
+
+def _conv3x3_thin_pack_fake(weight, winograd):
+    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3),
+                 lambda: f"weight must be [Co, Ci, 3, 3], got {tuple(weight.shape)}")
+    co, ci = weight.shape[:2]
+    shape = (16, ci, co) if winograd else (ci, 3, 3, co)
+    return torch.empty(shape, dtype=weight.dtype, device=weight.device)
+
+
+def _conv3x3_thin_fake(x, packed, bias, residual, relu, channels_last=True):
+    co = _check_thin_meta(x, packed, bias)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype,
+    return torch.empty((x.shape[0], co, x.shape[2], x.shape[3]), dtype=x.dtype,
                        device=x.device, memory_format=layout)
 
 
-def _conv3x3_thin_into_fake(residual, x, weight, bias, relu):
-    _check_thin_meta(x, weight, bias)
+def _conv3x3_thin_into_fake(residual, x, packed, bias, relu):
+    _check_thin_meta(x, packed, bias)
 
 
 def _register_fake() -> None:
@@ -241,6 +258,7 @@ def _register_fake() -> None:
         return
     for name, fake in (("upsample_add_relu", _upsample_add_relu_fake),
                        ("resize_concat", _resize_concat_fake),
+                       ("conv3x3_thin_pack", _conv3x3_thin_pack_fake),
                        ("conv3x3_thin", _conv3x3_thin_fake),
                        ("conv3x3_thin_into", _conv3x3_thin_into_fake)):
         try:
@@ -292,23 +310,33 @@ def thin_conv_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def conv3x3_thin_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def conv3x3_thin_pack(weight: torch.Tensor, *, winograd: bool) -> torch.Tensor:
+    """The thin conv's packed weight: [Ci, 3, 3, Co] for the direct algorithm, or the Winograd
+    F(2x2, 3x3) transform G g G^T as [16, Ci, Co] (computed in float64, rounded once), from a
+    float32 [Co, Ci, 3, 3] weight. Callers keep it as long as the weight does not change."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.conv3x3_thin_pack(weight, bool(winograd))
+
+
+def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                      residual: Optional[torch.Tensor] = None, *, relu: bool,
                      channels_last: bool = True, into_residual: bool = False) -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride=1, padding=1) + residual)``, vectorised over pixels.
+    """``act(F.conv2d(x, weight, bias, stride=1, padding=1) + residual)``, vectorised over pixels,
+    with ``packed = conv3x3_thin_pack(weight, winograd=...)`` (the packing picks the algorithm).
 
     float32 CPU tensors: x [N, Ci, H, W] and residual (None or [N, Co, H, W]) with any strides;
-    weight [Co, Ci, 3, 3]; bias [Co] or None; act = ReLU if ``relu``. The result is a new dense
-    tensor, channels_last or (``channels_last=False``) contiguous NCHW, or ``residual`` itself with
-    ``into_residual`` (dense in either layout, sharing no memory with x). Agrees with F.conv2d to
-    float32 rounding (another summation order). Raises RuntimeError when the kernel is unavailable
-    (no build, or no AVX-512) or an argument does not fit."""
+    bias [Co] or None; act = ReLU if ``relu``. The result is a new dense tensor, channels_last or
+    (``channels_last=False``) contiguous NCHW, or ``residual`` itself with ``into_residual`` (dense
+    in either layout, sharing no memory with x). Agrees with F.conv2d to float32 rounding (another
+    summation order; Winograd's transforms add a few roundings). Raises RuntimeError when the
+    kernel is unavailable (no build, or no AVX-512) or an argument does not fit."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
     if into_residual:
         if residual is None:
             raise RuntimeError("hrnet_fast_cpu::conv3x3_thin: into_residual needs a residual")
-        torch.ops.hrnet_fast_cpu.conv3x3_thin_into(residual, x, weight, bias, bool(relu))
+        torch.ops.hrnet_fast_cpu.conv3x3_thin_into(residual, x, packed, bias, bool(relu))
         return residual
-    return torch.ops.hrnet_fast_cpu.conv3x3_thin(x, weight, bias, residual, bool(relu),
+    return torch.ops.hrnet_fast_cpu.conv3x3_thin(x, packed, bias, residual, bool(relu),
                                                  bool(channels_last))

@@ -156,18 +156,31 @@ def concat_kernel_fits(parts: Sequence[torch.Tensor], size, mode: str) -> bool:
 _THIN = {"on": True}  # False once the thin-layer conv kernel failed in ordinary inference
 # The thin-layer kernel (csrc/cpu_conv_thin.cpp) vectorises over pixels; oneDNN over output
 # channels in 16-lane vectors, so it pads 18 channels to 32, 36 to 48 and 72 to 80. Measured
-# against oneDNN's fused conv at w18's shapes (1 thread, same process, alternating calls):
-# 18 ch 1.48x, 36 ch 1.23x, 72 ch 1.16x faster; 144 ch 0.54x (its input rows no longer fit in
-# L1 for a 64-pixel tile). So: both channel counts at most 72, and oneDNN padding Co by 10% or more.
+# against oneDNN's fused conv (2 threads, channels_last in and out, same process, alternating
+# calls, GFLOP/s counted as direct convolution; benchmarks/RESULTS.md): 18 ch direct 239 against
+# 155 (Winograd 196); 36 ch Winograd 166 against 88 (direct 107); 72 ch Winograd 196 against 102;
+# 144 ch Winograd 293 against 240 (direct 140); 256 -> 18 (w18's first transition) direct 245
+# against 171; 64 ch (layer1's 3x3) Winograd 364 against 316. So: direct up to 24 output
+# channels, where Winograd's short reductions leave its transforms dominant; Winograd F(2x2, 3x3)
+# (2.25x fewer multiplies) above; the widths oneDNN pads by 10% or more, up to 72, and the
+# measured wins above. Other widths (w32/w48's multiples of 16) stay in oneDNN: not measured.
 THIN_MAX_CHANNELS = 72
 THIN_MIN_PADDING = 1.1
+THIN_EXTRA_WIDTHS = {(144, 144), (256, 18), (64, 64)}
+THIN_DIRECT_MAX_OUT = 24
 
 
 def thin_conv_pays(in_channels: int, out_channels: int) -> bool:
     """Whether a 3x3 stride-1 conv of these widths runs faster in the thin-layer kernel."""
     padded = -(-out_channels // 16) * 16
-    return (in_channels <= THIN_MAX_CHANNELS and out_channels <= THIN_MAX_CHANNELS
-            and padded >= THIN_MIN_PADDING * out_channels)
+    return ((in_channels, out_channels) in THIN_EXTRA_WIDTHS
+            or (in_channels <= THIN_MAX_CHANNELS and out_channels <= THIN_MAX_CHANNELS
+                and padded >= THIN_MIN_PADDING * out_channels))
+
+
+def thin_winograd(out_channels: int) -> bool:
+    """Whether the thin-layer kernel runs this width as Winograd F(2x2, 3x3) (else direct)."""
+    return out_channels > THIN_DIRECT_MAX_OUT
 
 
 def thin_spec_fits(spec: ConvSpec) -> bool:
@@ -190,13 +203,19 @@ def thin_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return cpu_ext.thin_conv_supported() and cpu_ext.load_extension()
 
 
-def thin_conv(x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None, *,
-              channels_last: bool = True, into_residual: bool = False) -> Optional[torch.Tensor]:
+def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
+              residual: Optional[torch.Tensor] = None, *, channels_last: bool = True,
+              into_residual: bool = False) -> Optional[torch.Tensor]:
     """The thin-layer kernel's result, or None when it failed: then it is off for the process and
     the caller runs oneDNN, after one warning (a failure while tracing or exporting changes
-    nothing). The kernel checks its arguments before it writes anything."""
+    nothing). The kernel checks its arguments before it writes anything. ``packs`` keeps each
+    conv's packed weight, by identity of its ConvSpec (the backend's, dropped with the plan)."""
     try:
-        return cpu_ext.conv3x3_thin_cpu(x, spec.weight, spec.bias, residual, relu=spec.relu,
+        packed = packs.get(id(spec))
+        if packed is None:
+            packed = packs[id(spec)] = cpu_ext.conv3x3_thin_pack(
+                spec.weight, winograd=thin_winograd(spec.weight.shape[0]))
+        return cpu_ext.conv3x3_thin_cpu(x, packed, spec.bias, residual, relu=spec.relu,
                                         channels_last=channels_last,
                                         into_residual=into_residual and residual is not None)
     except RuntimeError as e:
@@ -260,6 +279,8 @@ class TorchCPU(Backend):
             keep_freed_memory()
         # oneDNN-reordered weights per conv (by identity of its ConvSpec) and input shape.
         self._caches: Dict[int, dict] = {}
+        # The thin-layer kernel's packed weights per conv (by identity of its ConvSpec).
+        self._thin_packs: Dict[int, torch.Tensor] = {}
 
     def _weight_cache(self, owner) -> dict:
         """The reordered-weight cache of one conv (keyed by its ConvSpec, or by the weight tensor
@@ -268,7 +289,7 @@ class TorchCPU(Backend):
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
         if thin_spec_fits(spec) and thin_input_fits(x, spec.weight):
-            y = thin_conv(x, spec, residual)
+            y = thin_conv(x, spec, self._thin_packs, residual)
             if y is not None:
                 return y
         cache = self._weight_cache(spec)
@@ -290,7 +311,8 @@ class TorchCPU(Backend):
         # writing a new tensor: bit-identical, 2 threads: 64->256 1x1 at 128x256 5.8 -> 4.6 ms fp32,
         # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32.
         if thin_spec_fits(spec) and thin_input_fits(x, spec.weight):
-            y = thin_conv(x, spec, residual, into_residual=dense_as(residual, True))
+            y = thin_conv(x, spec, self._thin_packs, residual,
+                          into_residual=dense_as(residual, True))
             if y is not None:
                 return y
         if (spec.relu_ranges is None and residual.dtype == x.dtype and residual.shape[0] == x.shape[0]
@@ -314,8 +336,10 @@ class TorchCPU(Backend):
         h = x
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1  # the chain's output goes back to channels_last
-            t = thin_conv(h, block.convs[0], channels_last=False)
-            y = None if t is None else thin_conv(t, block.convs[1], h, channels_last=last,
+            first, second = block.convs
+            t = thin_conv(h, first, self._thin_packs, channels_last=False)
+            y = None if t is None else thin_conv(t, second, self._thin_packs, h,
+                                                 channels_last=last,
                                                  into_residual=dense_as(h, last))
             if y is None:  # the kernel failed and is off now: the rest of the chain in oneDNN
                 return self._blocks_onednn(h.contiguous(memory_format=torch.channels_last),
