@@ -429,8 +429,8 @@ struct Period {
 
 // out row = act(planar row + bias + residual row), channels_last: W * Co floats, gathered from the
 // planar row one period at a time; the residual is loaded directly when it is dense channels_last.
-HF_AVX512 void write_row_channels_last(const Problem& p, const float* orow, const Period& period,
-                                       const float* res, float* out) {
+HF_AVX512 void write_row_channels_last_gathered(const Problem& p, const float* orow,
+                                                const Period& period, const float* res, float* out) {
   const int64_t total = p.W * p.Co;
   const bool res_dense = p.rc == 1 && p.rw == p.Co;
   const __m512 zero = _mm512_setzero_ps();
@@ -456,11 +456,72 @@ HF_AVX512 void write_row_channels_last(const Problem& p, const float* orow, cons
   }
 }
 
+// out row = act(planar row + bias + residual row), channels_last, by register transposes of 16
+// channels x 16 pixels: a planar residual (pixel stride 1) is added before the transpose, a
+// channels_last one (channel stride 1) after it; any other residual takes the gathers above.
+HF_AVX512 void write_row_channels_last(const Problem& p, const float* orow, const Period& period,
+                                       const float* res, float* out) {
+  const bool res_planar = res != nullptr && p.rw == 1;
+  if (res != nullptr && !res_planar && p.rc != 1) {
+    write_row_channels_last_gathered(p, orow, period, res, out);
+    return;
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t x = 0; x < p.W; x += kLanes) {
+    const int64_t npix = std::min<int64_t>(kLanes, p.W - x);
+    const __mmask16 mp = first_lanes(npix);
+    for (int64_t c0 = 0; c0 < p.Co; c0 += kLanes) {
+      const int64_t nc = std::min<int64_t>(kLanes, p.Co - c0);
+      const __mmask16 mc = first_lanes(nc);
+      __m512 r[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j >= nc) {
+          r[j] = zero;
+          continue;
+        }
+        r[j] = _mm512_loadu_ps(orow + (c0 + j) * p.out_pitch + x);
+        if (res_planar) r[j] = _mm512_add_ps(r[j], _mm512_maskz_loadu_ps(mp, res + (c0 + j) * p.rc + x));
+      }
+      transpose16(r);  // r[k]: pixel x + k, channels c0 ..
+      const __m512 b = p.bias != nullptr ? _mm512_maskz_loadu_ps(mc, p.bias + c0) : zero;
+      for (int64_t k = 0; k < npix; ++k) {
+        __m512 v = _mm512_add_ps(r[k], b);
+        if (res != nullptr && !res_planar) {
+          v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mc, res + (x + k) * p.rw + c0));
+        }
+        if (p.relu) v = _mm512_max_ps(zero, v);
+        _mm512_mask_storeu_ps(out + (x + k) * p.Co + c0, mc, v);
+      }
+    }
+  }
+}
+
 // out row = act(planar row + bias + residual row), planar: channel co's W floats at co * H * W.
+// A channels_last residual (channel stride 1) is read by register transposes, any other
+// non-planar one by gathers.
 HF_AVX512 void write_row_planar(const Problem& p, const float* orow, const float* res, float* out) {
   const __m512 zero = _mm512_setzero_ps();
-  const __m512i res_offsets = lane_times(p.rw);
   const int64_t plane = p.H * p.W;
+  if (res != nullptr && p.rw != 1 && p.rc == 1) {
+    for (int64_t x = 0; x < p.W; x += kLanes) {
+      const int64_t npix = std::min<int64_t>(kLanes, p.W - x);
+      const __mmask16 m = first_lanes(npix);
+      for (int64_t c0 = 0; c0 < p.Co; c0 += kLanes) {
+        const int64_t nc = std::min<int64_t>(kLanes, p.Co - c0);
+        __m512 r[16];
+        load_transposed(res, p.rw, x, npix, c0, nc, r);
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t co = c0 + j;
+          const __m512 b = _mm512_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
+          __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(orow + co * p.out_pitch + x), b), r[j]);
+          if (p.relu) v = _mm512_max_ps(zero, v);
+          _mm512_mask_storeu_ps(out + co * plane + x, m, v);
+        }
+      }
+    }
+    return;
+  }
+  const __m512i res_offsets = lane_times(p.rw);
   for (int64_t co = 0; co < p.Co; ++co) {
     const __m512 b = _mm512_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
     const float* src = orow + co * p.out_pitch;

@@ -21,7 +21,9 @@ from hrnet_fast.backends import torch_cpu
 from hrnet_fast.reference import HighResolutionNet
 
 CL = torch.channels_last
-LAYOUTS = ["cl", "nchw", "cl_slice", "nchw_slice"]
+# Dense channels_last and NCHW, channel slices of either, and every other column of NCHW (neither
+# channel nor pixel stride 1: the gather paths).
+LAYOUTS = ["cl", "nchw", "cl_slice", "nchw_slice", "nchw_cols"]
 
 
 ALGORITHMS = ["direct", "winograd"]
@@ -49,10 +51,12 @@ def kernel(built, request):
 
 
 def _tensor(shape, layout, seed):
-    """A random [N, C, H, W] float32 tensor: dense channels_last or NCHW, or a channel slice of a
-    wider tensor in either layout (other strides than the dense ones)."""
+    """A random [N, C, H, W] float32 tensor: dense channels_last or NCHW, a channel slice of a
+    wider tensor in either layout, or every other column of a wider NCHW tensor."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
+    if layout == "nchw_cols":
+        return torch.randn(n, c, h, 2 * w, generator=g)[..., ::2]
     if layout.endswith("slice"):
         wide = torch.randn(n, c + 7, h, w, generator=g)
         wide = wide.contiguous(memory_format=CL) if layout.startswith("cl") else wide
