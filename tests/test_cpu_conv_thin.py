@@ -209,7 +209,7 @@ def test_the_width_rule(ci, co, pays):
 
 
 @pytest.fixture
-def thin_calls(kernel, monkeypatch):
+def thin_calls(built, monkeypatch):
     """Every call of the thin conv kernel: (x's channels_last-ness, channels_last out, into)."""
     calls = []
     real = cpu_ext.conv3x3_thin_cpu
@@ -317,3 +317,20 @@ def test_autograd_keeps_the_composition(thin_calls):
     be = torch_cpu.TorchCPU(None, torch.device("cpu"), torch.float32)
     out = be.conv(x, spec)
     assert thin_calls == [] and out.grad_fn is not None
+
+
+def test_a_weight_change_reaches_the_packed_weights(thin_calls):
+    """The drop-in refolds after an in-place change of a thin branch conv's weight (and of layer1's
+    64-channel 3x3): the kernel's packed weights are the new ones, not the first call's."""
+    model = _model("w18_small_v2")
+    model.fast = True
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(17))
+    with torch.inference_mode():
+        before = model(x)
+        assert thin_calls
+        model.stage3[0].branches[0][0].conv1.weight.mul_(-1.5)
+        model.layer1[0].conv2.weight.add_(0.05)
+        after = model(x)
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    assert_model_close(after, ref64, dtype=torch.float32, what="after the weight change")
+    assert float((after - before).abs().max()) > 1e-3
