@@ -1,0 +1,108 @@
+"""The CPU thin-layer conv kernel (csrc/cpu_conv_thin.cpp) against oneDNN, per conv and per model.
+
+    python benchmarks/bench_cpu_thin.py [--threads 2] [--rounds 15]
+    python benchmarks/bench_cpu_thin.py --models w18_small_v2 w18 [--rounds 8]
+
+Per conv: w18's 3x3 stride-1 shapes (and layer1's 64 channels), float32, channels_last input and
+output, one process, the implementations called in turn (round robin) and the median of each
+reported as GFLOP/s counted as direct convolution: oneDNN's fused conv as the torch backend runs it
+(weights reordered once), the kernel's direct algorithm and its Winograd F(2x2, 3x3), each with
+its packed weight cached as the backend does, plus both algorithms planar (NCHW) in and out, as
+inside a branch's chain.
+
+Per model (``--models``): one engine at 1x3x512x1024 with the kernel on and off in alternate calls
+(``torch_cpu._THIN``), the median of per-round ratios.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hrnet_fast import cpu_ext  # noqa: E402
+from hrnet_fast.backends import torch_cpu  # noqa: E402
+
+SHAPES = [(18, 18, 128, 256), (36, 36, 64, 128), (72, 72, 32, 64), (144, 144, 16, 32),
+          (256, 18, 128, 256), (64, 64, 128, 256)]
+
+
+def round_robin(fns, rounds):
+    for f in fns.values():
+        f()
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def per_conv(rounds: int) -> None:
+    for ci, co, h, w in SHAPES:
+        x = torch.randn(1, ci, h, w).contiguous(memory_format=torch.channels_last)
+        xp = x.contiguous()
+        wt, b = torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5), torch.randn(co)
+        direct = cpu_ext.conv3x3_thin_pack(wt, winograd=False)
+        wino = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
+        cache: dict = {}
+        fns = {
+            "oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, 1, 1, None, True, cache),
+            "direct": lambda: cpu_ext.conv3x3_thin_cpu(x, direct, b, relu=True),
+            "Winograd": lambda: cpu_ext.conv3x3_thin_cpu(x, wino, b, relu=True),
+            "direct planar": lambda: cpu_ext.conv3x3_thin_cpu(xp, direct, b, relu=True,
+                                                              channels_last=False),
+            "Winograd planar": lambda: cpu_ext.conv3x3_thin_cpu(xp, wino, b, relu=True,
+                                                                channels_last=False),
+        }
+        times = round_robin(fns, rounds)
+        flop = 2 * h * w * ci * co * 9
+        cells = [f"{k} {flop / statistics.median(t) / 1e9:.0f}" for k, t in times.items()]
+        print(f"{ci:>3} -> {co:<3} at {h}x{w}: " + " | ".join(cells) + " GFLOP/s")
+
+
+def per_model(presets, rounds: int) -> None:
+    from hrnet_fast import HRNet, optimize
+    from hrnet_fast.check import randomize_batchnorm
+    for preset in presets:
+        torch.manual_seed(0)
+        model = randomize_batchnorm(HRNet(preset, fast=False)).eval()
+        engine = optimize(model, backend="torch")
+        x = torch.randn(1, 3, 512, 1024)
+
+        def run(on):
+            torch_cpu._THIN["on"] = on
+            engine(x)
+
+        with torch.inference_mode():
+            times = round_robin({"on": lambda: run(True), "off": lambda: run(False)}, rounds)
+        torch_cpu._THIN["on"] = True
+        ratio = statistics.median(b / a for a, b in zip(times["on"], times["off"]))
+        print(f"{preset}: kernel on {statistics.median(times['on']) * 1e3:.0f} ms, all oneDNN "
+              f"{statistics.median(times['off']) * 1e3:.0f} ms, {ratio:.2f}x per round")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--models", nargs="*", help="time whole engines instead (e.g. w18_small_v2 w18)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ok, why = cpu_ext.cpu_ext_status()
+    if not (ok and cpu_ext.thin_conv_supported()):
+        sys.exit(f"the thin conv kernel is unavailable here: {why if not ok else 'no AVX-512'}")
+    print(f"{args.threads} threads; torch {torch.__version__}; capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    if args.models:
+        per_model(args.models, args.rounds)
+    else:
+        per_conv(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
