@@ -1,6 +1,8 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
-epilogue fused; the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py)
-where it is built, else torch compositions.
+epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
+thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); the
+fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
+built, else torch compositions.
 
 ``F.conv2d`` on the CPU reorders the weight into oneDNN's blocked layout on every call and runs
 bias/residual/ReLU as separate passes. Here the weight is reordered once per (conv, input shape)
