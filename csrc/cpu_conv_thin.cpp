@@ -54,6 +54,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -125,18 +126,26 @@ HF_AVX512 HF_ALWAYS_INLINE void tile(const Problem& p, const float* const* rows,
       _mm512_storeu_ps(orow + (co0 + c) * p.out_pitch + x0 + kLanes * r, acc[c][r]);
 }
 
+// Calls f(std::integral_constant<int, k>{}) for k = n in 1 .. kTileCo - 1: the channel remainder
+// (Co % kTileCo channels) of a tile, which takes a register tile of its own width.
+template <typename F>
+HF_ALWAYS_INLINE void with_rest(int64_t n, F f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: break;
+  }
+}
+static_assert(kTileCo == 6, "with_rest covers remainders 1 .. 5");
+
 // The channel remainder (Co % kTileCo channels from co0) of one pixel block.
 template <int R>
 HF_AVX512 HF_ALWAYS_INLINE void tile_rest(const Problem& p, const float* const* rows, int64_t x0,
                                           int64_t co0, float* orow) {
-  switch (p.Co - co0) {
-    case 1: tile<1, R>(p, rows, x0, co0, orow); break;
-    case 2: tile<2, R>(p, rows, x0, co0, orow); break;
-    case 3: tile<3, R>(p, rows, x0, co0, orow); break;
-    case 4: tile<4, R>(p, rows, x0, co0, orow); break;
-    case 5: tile<5, R>(p, rows, x0, co0, orow); break;
-    default: break;
-  }
+  with_rest(p.Co - co0, [&](auto cb) HF_AVX512 { tile<decltype(cb)::value, R>(p, rows, x0, co0, orow); });
 }
 
 // A whole output row, planar, before bias: full 64-pixel blocks, then 16-pixel blocks (the last
@@ -393,14 +402,8 @@ HF_AVX512 void wino_block(const Problem& p, float* const* rows, int64_t t0, floa
     const float* u = p.u + pos * p.Ci * p.Co;
     float* m = mbuf + pos * p.Co * kLanes * R;
     for (int64_t co = 0; co < co_full; co += kTileCo) wino_gemm<kTileCo, R>(p, v, u, co, m);
-    switch (p.Co - co_full) {
-      case 1: wino_gemm<1, R>(p, v, u, co_full, m); break;
-      case 2: wino_gemm<2, R>(p, v, u, co_full, m); break;
-      case 3: wino_gemm<3, R>(p, v, u, co_full, m); break;
-      case 4: wino_gemm<4, R>(p, v, u, co_full, m); break;
-      case 5: wino_gemm<5, R>(p, v, u, co_full, m); break;
-      default: break;
-    }
+    with_rest(p.Co - co_full,
+              [&](auto cb) HF_AVX512 { wino_gemm<decltype(cb)::value, R>(p, v, u, co_full, m); });
   }
   output_transform<R>(p, mbuf, t0, orow0, orow1);
 }

@@ -352,35 +352,25 @@ HF_INLINE void concat_rows(const ConcatPlan& p, int64_t begin, int64_t end) {
   }
 }
 
-using ConcatFn = void (*)(const ConcatPlan&, int64_t, int64_t);
+// A row kernel compiled for each instruction set (always_inline puts the body under the caller's
+// target attribute, where the loops vectorise for that ISA): Kernel is fuse_rows<S> or
+// concat_rows<S>, P its plan.
+template <typename P>
+using KernelFn = void (*)(const P&, int64_t, int64_t);
 
-template <typename S>
-void concat_baseline(const ConcatPlan& p, int64_t b, int64_t e) { concat_rows<S>(p, b, e); }
-
-#if HF_X86_VARIANTS
-template <typename S>
-HF_TARGET_AVX2 void concat_avx2(const ConcatPlan& p, int64_t b, int64_t e) { concat_rows<S>(p, b, e); }
-
-template <typename S>
-HF_TARGET_AVX512 void concat_avx512(const ConcatPlan& p, int64_t b, int64_t e) {
-  concat_rows<S>(p, b, e);
-}
-#endif
-
-// The same kernel compiled for each instruction set (always_inline puts the body under the
-// caller's target attribute, where the loops vectorise for that ISA).
-using RowFn = void (*)(const Plan&, int64_t, int64_t);
-
-template <typename S>
-void rows_baseline(const Plan& p, int64_t b, int64_t e) { fuse_rows<S>(p, b, e); }
+template <typename P, KernelFn<P> Kernel>
+void on_baseline(const P& p, int64_t b, int64_t e) { Kernel(p, b, e); }
 
 #if HF_X86_VARIANTS
-template <typename S>
-HF_TARGET_AVX2 void rows_avx2(const Plan& p, int64_t b, int64_t e) { fuse_rows<S>(p, b, e); }
+template <typename P, KernelFn<P> Kernel>
+HF_TARGET_AVX2 void on_avx2(const P& p, int64_t b, int64_t e) { Kernel(p, b, e); }
 
-template <typename S>
-HF_TARGET_AVX512 void rows_avx512(const Plan& p, int64_t b, int64_t e) { fuse_rows<S>(p, b, e); }
+template <typename P, KernelFn<P> Kernel>
+HF_TARGET_AVX512 void on_avx512(const P& p, int64_t b, int64_t e) { Kernel(p, b, e); }
 #endif
+
+using RowFn = KernelFn<Plan>;
+using ConcatFn = KernelFn<ConcatPlan>;
 
 // torch's own choice ("AVX512", "AVX2", "DEFAULT", ...), read once.
 int isa_level() {
@@ -393,35 +383,27 @@ int isa_level() {
   return level;
 }
 
-template <typename S>
-RowFn pick_rows() {
+// The variant of Kernel for torch's CPU capability.
+template <typename P, KernelFn<P> Kernel>
+KernelFn<P> pick_isa() {
 #if HF_X86_VARIANTS
   switch (isa_level()) {
     case 2:
-      return &rows_avx512<S>;
+      return &on_avx512<P, Kernel>;
     case 1:
-      return &rows_avx2<S>;
+      return &on_avx2<P, Kernel>;
     default:
       break;
   }
 #endif
-  return &rows_baseline<S>;
+  return &on_baseline<P, Kernel>;
 }
 
 template <typename S>
-ConcatFn pick_concat() {
-#if HF_X86_VARIANTS
-  switch (isa_level()) {
-    case 2:
-      return &concat_avx512<S>;
-    case 1:
-      return &concat_avx2<S>;
-    default:
-      break;
-  }
-#endif
-  return &concat_baseline<S>;
-}
+RowFn pick_rows() { return pick_isa<Plan, &fuse_rows<S>>(); }
+
+template <typename S>
+ConcatFn pick_concat() { return pick_isa<ConcatPlan, &concat_rows<S>>(); }
 
 // ------------------------------------------------------------------------------ the op
 // A [N, C, h, w] source resized to H x W, as the row kernels read it: its strides and, for a

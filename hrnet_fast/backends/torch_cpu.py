@@ -111,6 +111,19 @@ def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return None
 
 
+def kernel_failed(switch: dict, key: str, failure: str, instead: str) -> None:
+    """The one failure rule of the CPU kernels: a kernel that raised in ordinary inference is off for
+    the process (``switch["on"] = False``) and says so once, ``instead`` telling what runs in its
+    place; a failure while tracing, exporting or compiling changes nothing. Returns None, the
+    callers' "no result"."""
+    if in_side_path():
+        return None
+    switch["on"] = False
+    warn_once(key, f"hrnet_fast: the {failure}; it is switched off for this process and {instead}",
+              _WARNED)
+    return None
+
+
 _FUSE = {"on": True}  # False once the CPU fuse kernel failed in ordinary inference
 
 
@@ -221,13 +234,9 @@ def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
                                         channels_last=channels_last,
                                         into_residual=into_residual and residual is not None)
     except RuntimeError as e:
-        if in_side_path():
-            return None
-        _THIN["on"] = False
-        warn_once("cpu-thin-conv", f"hrnet_fast: the CPU thin-layer conv kernel failed ({e}); it is "
-                  "switched off for this process and those convolutions run in oneDNN (same "
-                  "results to float32 rounding, slower)", _WARNED)
-        return None
+        return kernel_failed(_THIN, "cpu-thin-conv", f"CPU thin-layer conv kernel failed ({e})",
+                             "those convolutions run in oneDNN (same results to float32 "
+                             "rounding, slower)")
 
 
 def dense_as(t: torch.Tensor, channels_last: bool) -> bool:
@@ -242,13 +251,8 @@ def run_kernel(op, *args, **kwargs) -> Optional[torch.Tensor]:
     try:
         return op(*args, **kwargs)
     except RuntimeError as e:
-        if in_side_path():
-            return None
-        _FUSE["on"] = False
-        warn_once("cpu-fuse", f"hrnet_fast: the CPU fuse kernel failed ({e}); it is switched off "
-                  "for this process and the fuse step runs as the torch composition (same "
-                  "results, slower)", _WARNED)
-        return None
+        return kernel_failed(_FUSE, "cpu-fuse", f"CPU fuse kernel failed ({e})",
+                             "the fuse step runs as the torch composition (same results, slower)")
 
 
 def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
@@ -281,8 +285,16 @@ class TorchCPU(Backend):
             keep_freed_memory()
         # oneDNN-reordered weights per conv (by identity of its ConvSpec) and input shape.
         self._caches: Dict[int, dict] = {}
-        # The thin-layer kernel's packed weights per conv (by identity of its ConvSpec).
+        # The thin-layer kernel's packed weights per conv, and whether a conv's spec suits it (fixed
+        # for the plan's life, checked once instead of on every call), by identity of its ConvSpec.
         self._thin_packs: Dict[int, torch.Tensor] = {}
+        self._thin_specs: Dict[int, bool] = {}
+
+    def _thin_spec(self, spec: ConvSpec) -> bool:
+        fits = self._thin_specs.get(id(spec))
+        if fits is None:
+            fits = self._thin_specs[id(spec)] = thin_spec_fits(spec)
+        return fits
 
     def _weight_cache(self, owner) -> dict:
         """The reordered-weight cache of one conv (keyed by its ConvSpec, or by the weight tensor
@@ -290,7 +302,7 @@ class TorchCPU(Backend):
         return self._caches.setdefault(id(owner), {})
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
-        if thin_spec_fits(spec) and thin_input_fits(x, spec.weight):
+        if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
             y = thin_conv(x, spec, self._thin_packs, residual)
             if y is not None:
                 return y
@@ -312,7 +324,7 @@ class TorchCPU(Backend):
         # oneDNN accumulates into the residual in place (its sum post-op) instead of reading it and
         # writing a new tensor: bit-identical, 2 threads: 64->256 1x1 at 128x256 5.8 -> 4.6 ms fp32,
         # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32.
-        if thin_spec_fits(spec) and thin_input_fits(x, spec.weight):
+        if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
             y = thin_conv(x, spec, self._thin_packs, residual,
                           into_residual=dense_as(residual, True))
             if y is not None:
@@ -332,7 +344,7 @@ class TorchCPU(Backend):
         the block's input where that input is already dense in its output layout."""
         specs = [spec for b in blocks for spec in b.convs]
         if (not blocks or any(b.downsample is not None or len(b.convs) != 2 for b in blocks)
-                or not all(thin_spec_fits(spec) for spec in specs)
+                or not all(self._thin_spec(spec) for spec in specs)
                 or not thin_input_fits(x, *(spec.weight for spec in specs))):
             return None
         h = x
