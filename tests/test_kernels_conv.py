@@ -223,6 +223,21 @@ def test_pack_weight_layout():
 
 # --------------------------------------------------------------------------------------------------
 # VEC: channel / pixel strides passed divided by a power of two and multiplied back in the kernel
+def test_autotune_switch_keeps_one_config(monkeypatch):
+    """HRNET_FAST_CONV_AUTOTUNE=0 leaves the Autotuner one config (Triton then times nothing); the
+    default keeps the pruned list. The GPU list is used here: the interpreter's has one config."""
+    gpu_list = [kconv.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                                    num_stages=st) for bm, bn, bk, w, st in kconv._MMA_CONFIGS]
+    monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: gpu_list)
+    monkeypatch.delenv("HRNET_FAST_CONV_AUTOTUNE", raising=False)
+    tuned = kconv._tuned_kernel(64, 64, 3, torch.float16)
+    assert len(tuned.configs) > 1
+    monkeypatch.setenv("HRNET_FAST_CONV_AUTOTUNE", "0")
+    single = kconv._tuned_kernel(64, 64, 3, torch.float16)
+    assert len(single.configs) == 1 and single is not tuned
+    assert single.configs[0].kwargs == tuned.configs[0].kwargs
+
+
 # --------------------------------------------------------------------------------------------------
 
 def test_vec_factor_rule():

@@ -63,6 +63,7 @@ capturing a CUDA graph (autotuning launches the kernel many times and cannot run
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -291,8 +292,15 @@ _TUNED: Dict[Tuple[int, ...], object] = {}
 def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] = None,
                   vec_k: int = VEC_MAX):
     """The autotuned kernel for this problem class. Configs are pruned here, in Python, rather than
-    with ``prune_configs_by`` (one Autotuner per pruned list), which keeps ``wrap_triton`` simple."""
+    with ``prune_configs_by`` (one Autotuner per pruned list), which keeps ``wrap_triton`` simple.
+
+    ``HRNET_FAST_CONV_AUTOTUNE=0`` keeps only the first surviving config, so nothing is timed: for
+    correctness runs on a GPU: autotuning w18's conv classes at 512x1024 took over 100 s in one test
+    while 8 test processes compiled at once (H200, 2026-11-26), against 41 s for all four forced-
+    implementation tests in one process."""
     cfgs = _prune_configs(conv_configs(dtype), cin, cout, ksize, vec_k)
+    if os.environ.get("HRNET_FAST_CONV_AUTOTUNE", "1") == "0":
+        cfgs = cfgs[:1]
     # The flat-K flag changes the kernel's specialisation, not the config list; the Autotuner keys on
     # FLAT_K too (below), so flipping FLAT_K_MAX_CIN retunes instead of reusing a stale choice.
     key = tuple(sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
