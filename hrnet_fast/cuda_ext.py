@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .ops._validate import check_fuse_meta
+from .ops._validate import check_fuse_args, check_fuse_bias, check_fuse_meta
 
 __all__ = [
     "load_extension",
@@ -281,7 +281,21 @@ def upsample_add_relu_cuda(base: torch.Tensor, contributions: Sequence[torch.Ten
     add); mode "nearest" or "bilinear"; act = ReLU if ``relu``; bias optional [C] (float32 or base's
     dtype). fp32/fp16/bf16 CUDA tensors, any strides; fp32 accumulation; the result is a new tensor
     in base's layout (channels_last or contiguous). Runs the CUDA kernel of csrc/upsample_add_relu.cu.
+
+    Arguments are checked here, in Python, before the op sees them (ValueError naming the problem):
+    on an H200 (torch 2.11, 2026-11-26) the op's own C++ check of a contribution larger than the
+    base killed the process instead of raising. The engine calls ``fuse_op`` with arguments it built.
     """
+    check_fuse_args(base, contributions, mode, align_corners)
+    check_fuse_bias(base, bias)
     _require()
     return torch.ops.hrnet_fast_cuda.upsample_add_relu(
         base, list(contributions), str(mode), bool(align_corners), bool(relu), bias)
+
+
+def fuse_op(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode: str,
+            align_corners: bool, relu: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The op itself, unchecked: for callers whose arguments are valid by construction (the engine's
+    backend; the extension is loaded before that backend exists)."""
+    return torch.ops.hrnet_fast_cuda.upsample_add_relu(base, list(contributions), mode, align_corners,
+                                                      relu, bias)

@@ -394,6 +394,20 @@ def test_fake_kernel_shapes_and_layout():
         cuda_ext._upsample_add_relu_fake(base, cs, "bicubic", False, True, None)
 
 
+def test_wrapper_checks_arguments_before_the_op():
+    """upsample_add_relu_cuda rejects bad arguments in Python, before the op (whose C++ check of a
+    larger contribution crashed the process on an H200) and before it needs the extension."""
+    base = torch.zeros(1, 4, 6, 8)
+    cases = [([torch.zeros(1, 4, 7, 8)], {}, "larger than base"),
+             ([torch.zeros(1, 3, 3, 4)], {}, "channels"),
+             ([torch.zeros(1, 4, 3, 4)], {"bias": torch.zeros(5)}, "bias"),
+             ([torch.zeros(1, 4, 3, 4)], {"mode": "bicubic"}, "mode")]
+    for contribs, kw, match in cases:
+        args = {"mode": "bilinear", "align_corners": False, "relu": True, **kw}
+        with pytest.raises(ValueError, match=match):
+            cuda_ext.upsample_add_relu_cuda(base, contribs, **args)
+
+
 # ---------------------------------------------------------------------------- CPU: setup.py
 def _load_setup_module():
     spec = import_util.spec_from_file_location("hrnet_fast_setup_under_test", ROOT / "setup.py")
