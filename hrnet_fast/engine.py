@@ -172,14 +172,17 @@ def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bo
 
 def merged_projection(be: Backend, head, narrow: List[int]) -> ConvSpec:
     """One 1x1 ConvSpec projecting ``cat([x0] + [x_k for k in narrow])``: the projections' weights
-    side by side along input channels, branch 0's bias. Built once per backend state (it lives
-    beside the plan's, like the backend's other derived weights)."""
+    side by side along input channels, the sum of their biases (branch 0's alone unless a plan moved
+    it). Built once per backend state (it lives beside the plan's, like the backend's other derived
+    weights)."""
     key = ("merged_head_projection", id(head), tuple(narrow))
     spec = be.derived.get(key)
     if spec is None:
         specs = [head.projections[0]] + [head.projections[k] for k in narrow]
         weight = torch.cat([s.weight for s in specs], dim=1).contiguous()
-        spec = be.derived[key] = ConvSpec(weight, specs[0].bias, 1, 0, relu=False)
+        biases = [s.bias for s in specs if s.bias is not None]
+        bias = torch.stack(biases).sum(0) if biases else None
+        spec = be.derived[key] = ConvSpec(weight, bias, 1, 0, relu=False)
     return spec
 
 

@@ -232,7 +232,12 @@ def _conv_spec(seq_or_conv, bn=None, relu=True, m: int = 1, pad_in: bool = True)
     return ConvSpec(w, b, stride=conv.stride[0], padding=conv.padding[0], relu=relu)
 
 
-def _block_plan(block: nn.Module, m: int) -> BlockPlan:
+def _block_plan(block: nn.Module, m: int, hoist: bool = False) -> BlockPlan:
+    """``hoist`` moves the downsample's bias into the last conv's (CUDA plans):
+    ``relu(W3 y + b3 + (Wd x + bd)) = relu(W3 y + (b3 + bd) + Wd x)``. The last conv's bias goes
+    into cuDNN's fused add + ReLU epilogue; a downsample with a bias costs a separate bias-add pass
+    over its output (w18/w48's layer1: 256 channels at a quarter of the input size, 67 MB fp16 at
+    1024x2048, one of the 12 bias adds an H200 profile still showed)."""
     ds = _conv_spec(block.downsample, relu=False, m=m) if block.downsample is not None else None
     if isinstance(block, Bottleneck):
         convs = [_conv_spec(block.conv1, block.bn1, m=m), _conv_spec(block.conv2, block.bn2, m=m),
@@ -241,6 +246,10 @@ def _block_plan(block: nn.Module, m: int) -> BlockPlan:
         convs = [_conv_spec(block.conv1, block.bn1, m=m), _conv_spec(block.conv2, block.bn2, m=m)]
     else:
         raise TypeError(f"unknown block type {type(block).__name__}")
+    if hoist and ds is not None and ds.bias is not None:
+        last = convs[-1]
+        last.bias = ds.bias.clone() if last.bias is None else last.bias + ds.bias
+        ds.bias = None
     return BlockPlan(convs, ds)
 
 
@@ -353,7 +362,12 @@ def _transition_plan(transition: nn.ModuleList, n_prev: int, m: int) -> Transiti
     return TransitionPlan(branches, sources)
 
 
-def _seg_head_plan(model: HighResolutionNet, m: int) -> SegHeadPlan:
+def _seg_head_plan(model: HighResolutionNet, m: int, hoist: bool = False) -> SegHeadPlan:
+    """``hoist`` (CUDA plans) moves the projection bias from branch 0's projection, at full branch-0
+    size, to the lowest-resolution branch's: ``resize(W_k x_k + b) = resize(W_k x_k) + b`` (resizing
+    keeps a per-channel constant). cuDNN adds a ReLU-free conv's bias in a pass of its own: over
+    270 x 256 x 512 values for w18 at 1024x2048 (720 channels for w48) at branch 0, over 1/64 of
+    that at branch 3."""
     ll = model.last_layer
     w, b = fold_conv_bn(ll[0], ll[1])
     projections, start = [], 0
@@ -363,6 +377,8 @@ def _seg_head_plan(model: HighResolutionNet, m: int) -> SegHeadPlan:
         wk, bias = _pad(w[:, start:start + c], b if k == 0 else None, m)
         projections.append(ConvSpec(wk.contiguous(), bias, 1, 0, relu=False))
         start += c
+    if hoist and len(projections) > 1:
+        projections[-1].bias, projections[0].bias = projections[0].bias, None
     cw, cb = _pad(*fold_conv_bn(ll[3], None), m, pad_out=False)  # exactly num_classes outputs
     classifier = ConvSpec(cw, cb, 1, ll[3].padding[0], relu=False)
     return SegHeadPlan(projections, classifier)
@@ -389,7 +405,9 @@ def build_plan(model: HighResolutionNet, channel_multiple: int = 1,
     of m channels with zero channels, and aligns split starts of batched convs to m (module
     docstring); m = 1 leaves every width as the model has it. ``hoist_biases`` moves the biases of
     the fuse steps' ReLU-free convs into the fuse ops (``FusePlan.bias``; CUDA engines: there cuDNN
-    adds a bias in a kernel of its own); not for the module whose fuse step is the pose head's."""
+    adds a bias in a kernel of its own); not for the module whose fuse step is the pose head's. It
+    also moves a block downsample's bias into the block's last conv and the seg head's projection
+    bias to its lowest-resolution branch (``_block_plan``, ``_seg_head_plan``)."""
     m = channel_multiple
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"channel_multiple must be a positive integer, got {channel_multiple!r}")
@@ -401,20 +419,21 @@ def build_plan(model: HighResolutionNet, channel_multiple: int = 1,
     cfg = model.config
     with torch.no_grad():
         stem = [_conv_spec(model.conv1, model.bn1, m=m, pad_in=False), _conv_spec(model.conv2, model.bn2, m=m)]
-        layer1 = [_block_plan(b, m) for b in model.layer1]
+        layer1 = [_block_plan(b, m, hoist_biases) for b in model.layer1]
         transitions, stages = [], []
         n_prev = 1
         for idx in (1, 2, 3):
             transitions.append(_transition_plan(getattr(model, f"transition{idx}"), n_prev, m))
             stage = getattr(model, f"stage{idx + 1}")
             pose_last = cfg.head == "pose" and idx == 3
-            stages.append([ModulePlan([[_block_plan(b, m) for b in branch] for branch in mod.branches],
+            stages.append([ModulePlan([[_block_plan(b, m, hoist_biases) for b in branch]
+                                       for branch in mod.branches],
                                       _fuse_plan(mod, m, hoist_biases and not (
                                           pose_last and k == len(stage) - 1)))
                            for k, mod in enumerate(stage)])
             n_prev = stage[-1].num_branches
         if cfg.head == "seg":
-            head = _seg_head_plan(model, m)
+            head = _seg_head_plan(model, m, hoist_biases)
         elif cfg.head == "classification":
             head = _classification_head_plan(model, m)
         elif cfg.head == "pose":

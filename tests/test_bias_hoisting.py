@@ -32,10 +32,38 @@ def test_hoisted_plan_is_exact_in_float64(head, mode):
     for f in (f for f in fuses if f.bias):  # every up conv and chain end gave its bias away
         assert all(b.conv.bias is None for b in f.up.values())
         assert all(rest[-1].bias is None for rest in f.down_rest.values())
+    # layer1's downsample gave its bias to the block's last conv; the seg head's projection bias
+    # sits at the lowest-resolution branch
+    assert plan.layer1[0].downsample is not None and plan.layer1[0].downsample.bias is None
+    if head == "seg":
+        assert plan.head.projections[0].bias is None and plan.head.projections[-1].bias is not None
     with torch.no_grad():
         got = run_plan(plan, TorchCPU.prepare(plan, torch.device("cpu"), torch.float64), x)
         want = model(x)
     assert rel_err(got, want) < 1e-12
+
+
+def test_unhoisted_plan_keeps_block_and_head_biases():
+    plan = build_plan(_model(), channel_multiple=8)
+    assert plan.layer1[0].downsample.bias is not None
+    assert plan.head.projections[0].bias is not None
+    assert all(p.bias is None for p in plan.head.projections[1:])
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_hoisted_head_bias_with_merged_projection(narrow, monkeypatch):
+    """The CPU backend's merged head projection sums the merged projections' biases, so a plan whose
+    head bias moved to the last branch stays exact whether or not that branch is merged."""
+    model = _model(preset="w18_small_v2").double()
+    x = torch.randn(1, 3, 61, 83, dtype=torch.float64)
+    plan = build_plan(model, channel_multiple=8, hoist_biases=True)
+    be = TorchCPU.prepare(plan, torch.device("cpu"), torch.float64)
+    monkeypatch.setattr(type(be), "resize_narrow_head_branches", narrow)
+    with torch.no_grad():
+        got = run_plan(plan, be, x)
+        want = model(x)
+    assert rel_err(got, want) < 1e-12
+    assert any(k[0] == "merged_head_projection" for k in be.derived) == narrow
 
 
 def test_pose_head_module_keeps_its_biases():
