@@ -505,11 +505,11 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton.backends.nvidia as nv
-from hrnet_fast.kernels import upsample_add_relu as fz, seg_head as hd
+from hrnet_fast.kernels import upsample_add_relu as fz, seg_head as hd, bias_act as ba
 
 cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 target = GPUTarget("cuda", 90, 32)
-TY = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
+TY = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "i8"}
 launches = []
 
 
@@ -574,6 +574,10 @@ for c, dtype in ((270, torch.float16), (720, torch.float16), (720, torch.float32
     b = branches(2, c, hw, dtype, True)
     hd.seg_head(b[0], b[1:], torch.randn(19, c, 1, 1, dtype=dtype), torch.randn(19, dtype=dtype))
     out[f"head {TY[dtype]} C{c}"] = compile_launch(*launches.pop())
+for c, cl in ((88, True), (88, False)):
+    y = branches(1, c, [(128, 256)], torch.float16, cl)[0]
+    ba.bias_relu_mask(y, torch.randn(c), torch.ones(c, dtype=torch.int8))
+    out[f"bias_act fp16 C{c} {'nhwc' if cl else 'nchw'}"] = compile_launch(*launches.pop())
 print(json.dumps(out))
 '''
 
@@ -603,6 +607,7 @@ def test_sm90_build_fits_without_spills(tmp_path):
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(usage, indent=1))
     assert usage["fuse fp16 C48 nhwc"]["vector_loads"] > 0
+    assert usage["bias_act fp16 C88 nhwc"]["vector_loads"] > 0  # 16-byte loads of y
     for name, u in usage.items():
         assert u["shared"] <= 227 * 1024, (name, u)
         assert u["stack"] == 0 and u["local"] == 0, (name, u)

@@ -58,8 +58,15 @@ def _chain_cases(dtype):
              (x, w1, _rand(8, dtype=dtype), w2, _rand(16, dtype=dtype), None, None, None))]
 
 
+def _bias_act_cases(dtype):
+    import hrnet_fast.kernels.bias_act  # noqa: F401
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0], dtype=torch.int8, device=DEVICE)
+    op = torch.ops.hrnet_fast.bias_relu_mask_triton.default
+    return [(op, (_rand(2, 8, 5, 7, cl=cl, dtype=dtype), _rand(8), mask)) for cl in (True, False)]
+
+
 CASES = {"upsample_add_relu": _fuse_cases, "seg_head": _head_cases,
-         "conv2d_bias_act": _conv_cases, "strided_chain": _chain_cases}
+         "conv2d_bias_act": _conv_cases, "strided_chain": _chain_cases, "bias_act": _bias_act_cases}
 
 
 @pytest.mark.parametrize("op", sorted(CASES))

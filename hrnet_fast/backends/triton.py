@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+import torch.nn.functional as F
+
 from ..kernels import triton_status
 from ..plan import ConvSpec, FusePlan
 from .base import Backend, fuse_then_classify
@@ -69,6 +71,19 @@ def _down_key(x, fuse: FusePlan, j: int):
     return (tuple(x.shape), str(x.dtype), chains)
 
 
+# Devices where a ReLU-range conv runs as cuDNN without bias + the bias-act kernel (one pass) instead
+# of F.conv2d's separate bias add + a ReLU per range (two passes): cuDNN's, whose fused epilogue has
+# no per-channel ReLU. Tests add "cpu" to run it under the interpreter.
+RANGE_EPILOGUE_DEVICES = {"cuda"}
+
+
+def _relu_mask(ranges, cout: int, device) -> torch.Tensor:
+    mask = torch.zeros(cout, dtype=torch.int8)
+    for start, end in ranges:
+        mask[start:end] = 1
+    return mask.to(device)
+
+
 class Triton(Backend):
     name = "triton"
 
@@ -88,13 +103,18 @@ class Triton(Backend):
                                              {"triton": fuse_triton, "cuda": fuse_cuda},
                                              selection.fuse_key)
         self.fuse = fuse
-        self.conv = self.native.conv
+        self._range_masks: Dict[Tuple, torch.Tensor] = {}
+        native_conv = self.native.conv
+        if device.type in RANGE_EPILOGUE_DEVICES and kernels_status(device, "bias_act")[0]:
+            native_conv = self._conv_native_ranges
+        self._native_conv = native_conv
+        self.conv = native_conv
         triton_convs = False
         self._packed: Dict[int, torch.Tensor] = {}
         self._masks: Dict[int, torch.Tensor] = {}
         if not auto and kernels_status(device, "conv")[0]:
             conv_options = selection.candidates(
-                "conv2d_bias_act", {"torch": self.native.conv}, {"triton": self._conv_triton}, device)
+                "conv2d_bias_act", {"torch": native_conv}, {"triton": self._conv_triton}, device)
             if len(conv_options) > 1 or "triton" in conv_options:
                 self.conv = selection.SelectingOp("conv2d_bias_act", conv_options, _conv_key)
                 triton_convs = True
@@ -124,6 +144,20 @@ class Triton(Backend):
 
     def _weight(self, spec: ConvSpec) -> torch.Tensor:
         return self._packed.get(id(spec), spec.weight)
+
+    def _conv_native_ranges(self, x, spec: ConvSpec, residual=None):
+        """The native (cuDNN) conv; one with ReLU ranges, a bias and no residual (the batched
+        stride-2 convs) as the conv without bias plus the one-pass bias-act kernel."""
+        if spec.relu_ranges is None or spec.bias is None or residual is not None:
+            return self.native.conv(x, spec, residual)
+        key = (spec.relu_ranges, spec.out_channels)
+        mask = self._range_masks.get(key)
+        if mask is None:
+            mask = self._range_masks[key] = _relu_mask(spec.relu_ranges, spec.out_channels,
+                                                       self.device)
+        kernel_module("bias_act")
+        y = F.conv2d(x, spec.weight, None, spec.stride, spec.padding)
+        return torch.ops.hrnet_fast.bias_relu_mask_triton(y, spec.bias, mask)
 
     def _conv_triton(self, x, spec: ConvSpec, residual=None):
         ranges = self._masks.get(id(spec), spec.relu_ranges)
