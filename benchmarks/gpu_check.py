@@ -102,9 +102,11 @@ GROUPS = {
     "run2": ["env", "tests_model", "model_check", "bench", "profile", "bench_b8", "peers_w18",
              "peers_w48"],
     "peers_max": ["peers_max_w18"],
-    # what the 2026-11-26 runs left (see benchmarks/RESULTS.md, "Not measured yet"): the Triton
-    # conv against cuDNN, the extension's one crash, then max-autotune
-    "next1": ["env", "build_start", "conv_ab", "build_wait", "ext_debug", "tests_fast"],
+    # what the 2026-11-26 runs left (see benchmarks/RESULTS.md, "Not measured yet"): the GPU tests
+    # of the changes made after run C, their effect (profile, bench_quick), the Triton conv against
+    # cuDNN, the extension's one crash, then max-autotune
+    "next1": ["env", "tests_fast", "profile", "bench_quick", "build_start", "conv_ab", "build_wait",
+              "ext_debug"],
     "next2": ["peers_max_w18", "bench"],
 }
 

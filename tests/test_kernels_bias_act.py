@@ -34,6 +34,41 @@ def _oracle(y, bias, mask, dtype):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape", [(2, 40, 13, 17), (1, 88, 16, 32), (1, 3, 1, 1), (3, 24, 5, 1)])
 def test_bias_relu_mask_matches_oracle(dtype, layout, shape, monkeypatch):
+    _check(dtype, layout, shape, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_gpu_bias_relu_mask(dtype, layout, monkeypatch):
+    """On the GPU: bf16 too, a w18-sized output (88 channels at 128x256, a batch of 2) and the
+    NaN rule compiled (not interpreted)."""
+    _check(dtype, layout, (2, 88, 128, 256), monkeypatch)
+    test_bias_relu_mask_nan_and_sign(torch.channels_last if layout == "cl" else torch.contiguous_format)
+
+
+@pytest.mark.gpu
+def test_gpu_bias_relu_mask_in_a_cuda_graph():
+    y = torch.randn(1, 64, 32, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(64, device="cuda")
+    mask = (torch.arange(64, device="cuda") < 24).to(torch.int8)
+    out = bias_relu_mask(y, bias, mask)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = bias_relu_mask(y, bias, mask)
+    y.copy_(torch.randn_like(y))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, bias_relu_mask(y, bias, mask)) and not torch.equal(static, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_gpu_triton_engine_range_convs(mode, monkeypatch):
+    test_triton_engine_range_convs_use_the_kernel(mode, monkeypatch)
+
+
+def _check(dtype, layout, shape, monkeypatch):
     g = torch.Generator().manual_seed(sum(shape))
     y = torch.randn(*shape, generator=g).to(DEVICE, dtype)
     if layout == "cl":
