@@ -180,6 +180,7 @@ def step_model_check(args) -> None:
 
 KINDS = [  # (kind, pattern) in order; the first match wins
     ("fuse (ours)", r"upsample_add_relu"), ("head (ours)", r"seg_head"),
+    ("bias-act (ours)", r"bias_relu_mask"),
     ("conv (triton)", r"conv2d_bias_act|strided_chain"),
     ("conv (cudnn)", r"conv|xmma|implicit|gemm|cudnn|sm90_|cutlass|fprop|winograd"),
     ("layout copy", r"nchw|nhwc|transpose|copy|Cat"),
