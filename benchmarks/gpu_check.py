@@ -93,6 +93,11 @@ STEPS: Dict[str, Tuple[int, str]] = {
                        "--impls auto+graphs --peers compile-ro --repeats 30 --json {json}"),
     "peers_w48": (200, f"{PY} -m hrnet_fast bench --preset w48 --size 1024x2048 --dtype fp16 "
                        "--impls auto+graphs --peers compile-ro --repeats 30 --json {json}"),
+    # backend="triton": cuDNN or the autotuned Triton conv per shape, batched or chain-kernel
+    # strided convs, each measured at the first call (minutes for a model): the whole-model effect
+    # of the Triton convs that conv_ab measures one by one
+    "bench_triton": (240, f"{PY} -m hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
+                          "--impls auto+graphs triton+graphs --peers eager --repeats 20 --json {json}"),
     "peers_max_w18": (300, f"{PY} -m hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
                            "--impls auto+graphs --peers compile-max --repeats 30 --json {json}"),
 }
@@ -107,7 +112,7 @@ GROUPS = {
     # cuDNN, the extension's one crash, then max-autotune
     "next1": ["env", "tests_fast", "profile", "bench_quick", "build_start", "conv_ab", "build_wait",
               "ext_debug"],
-    "next2": ["peers_max_w18", "bench"],
+    "next2": ["bench_triton", "peers_max_w18"],
 }
 
 
