@@ -16,7 +16,6 @@ from functools import lru_cache
 from typing import Callable, Dict, List, Tuple
 
 import torch
-
 import torch.nn.functional as F
 
 from ..kernels import triton_status
@@ -107,7 +106,6 @@ class Triton(Backend):
         native_conv = self.native.conv
         if device.type in RANGE_EPILOGUE_DEVICES and kernels_status(device, "bias_act")[0]:
             native_conv = self._conv_native_ranges
-        self._native_conv = native_conv
         self.conv = native_conv
         triton_convs = False
         self._packed: Dict[int, torch.Tensor] = {}
