@@ -69,6 +69,8 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "model_check": (100, f"{PY} {STEPS_PY} model_check --json {{json}}"),
     # GPU time of one eager engine forward by kernel kind (torch.profiler)
     "profile": (70, f"{PY} {STEPS_PY} profile --json {{json}}"),
+    # the bias changes made after run C, on against off in one process (graph replays)
+    "ab_bias": (90, f"{PY} {STEPS_PY} ab_bias --json {{json}}"),
     # our implementations alone (no compile peers): where we stand
     "bench_quick": (100, f"{PY} -m hrnet_fast bench {SHAPES} --dtype fp16 --impls torch torch+graphs "
                          "auto+graphs --peers eager --repeats 20 --json {json}"),
@@ -110,8 +112,8 @@ GROUPS = {
     # what the 2026-11-26 runs left (see benchmarks/RESULTS.md, "Not measured yet"): the GPU tests
     # of the changes made after run C, their effect (profile, bench_quick), the Triton conv against
     # cuDNN, the extension's one crash, then max-autotune
-    "next1": ["env", "tests_fast", "profile", "bench_quick", "build_start", "conv_ab", "build_wait",
-              "ext_debug"],
+    "next1": ["env", "tests_fast", "ab_bias", "profile", "bench_quick", "build_start", "conv_ab",
+              "build_wait", "ext_debug"],
     "next2": ["bench_triton", "peers_max_w18"],
 }
 

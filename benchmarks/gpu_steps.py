@@ -3,6 +3,7 @@
     python benchmarks/gpu_steps.py env          [--json PATH]   versions, copy and matmul ceilings
     python benchmarks/gpu_steps.py model_check  [--json PATH]   auto + graphs against the reference
     python benchmarks/gpu_steps.py profile      [--json PATH]   GPU time by kernel kind
+    python benchmarks/gpu_steps.py ab_bias      [--json PATH]   the post-run-C bias changes, on/off
     python benchmarks/gpu_steps.py build_start | build_wait     the CUDA extension, in the background
 
 Numbers are medians of CUDA-event timings after warm-up, on random data (never zeros).
@@ -236,9 +237,66 @@ def step_profile(args) -> None:
     _save(args.json, out)
 
 
+def step_ab_bias(args) -> None:
+    """The bias changes made after run C (benchmarks/RESULTS.md), on against off in one process:
+    a block downsample's and the head projection's bias moved (plan), and the ReLU-range convs'
+    bias + ReLU as one Triton pass (backend). fp16, 1x3x1024x2048, CUDA graphs (the drop-in's
+    defaults); graph replays of the two engines alternate, CUDA events per replay, 30 rounds."""
+    import functools
+    import torch
+    from hrnet_fast import optimize, plan as plan_mod
+    from hrnet_fast.backends import triton as triton_backend
+    from hrnet_fast.check import rel_err
+    out = {}
+    for preset in args.presets:
+        model = _random_model(preset).half()
+        x = torch.randn(1, 3, 1024, 2048, device="cuda", dtype=torch.float16)
+        saved = (plan_mod._block_plan, plan_mod._seg_head_plan,
+                 set(triton_backend.RANGE_EPILOGUE_DEVICES))
+        try:  # "off": the plan and backend as run C had them
+            plan_mod._block_plan = functools.partial(_no_hoist, saved[0])
+            plan_mod._seg_head_plan = functools.partial(_no_hoist, saved[1])
+            triton_backend.RANGE_EPILOGUE_DEVICES.clear()
+            engines = {"off": optimize(model, dtype=torch.float16)}
+        finally:
+            plan_mod._block_plan, plan_mod._seg_head_plan = saved[:2]
+            triton_backend.RANGE_EPILOGUE_DEVICES.update(saved[2])
+        engines["on"] = optimize(model, dtype=torch.float16)
+        times = {k: [] for k in engines}
+        with torch.inference_mode():
+            outs = {k: [e(x), e(x), e(x)][-1].clone() for k, e in engines.items()}  # capture
+            for r in range(30):
+                for k in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    engines[k](x)
+                    b.record()
+                    b.synchronize()
+                    times[k].append(a.elapsed_time(b))
+        ratios = [p / q for p, q in zip(times["off"], times["on"])]
+        row = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        row.update(speedup=round(statistics.median(ratios), 3),
+                   on_vs_off=rel_err(outs["on"], outs["off"]))
+        print(f"{preset}: {row}", flush=True)
+        out[preset] = row
+        del engines
+        torch.cuda.empty_cache()
+    _save(args.json, out)
+
+
+def _no_hoist(build, *args, **kwargs):
+    """``build`` (plan._block_plan or plan._seg_head_plan) with its ``hoist`` argument off."""
+    args = list(args)
+    if len(args) > 2:
+        args[2] = False
+    kwargs.pop("hoist", None)
+    return build(*args, **kwargs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile"])
+    p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile",
+                                    "ab_bias"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
     args = p.parse_args()
