@@ -7,6 +7,13 @@
 //     (legacy) or "bilinear" (align_corners honoured); a contribution at base's size is added as
 //     it is. Each contribution is read at its own resolution: no full-size intermediate.
 //
+//   hrnet_fast_cpu::upsample_add_relu_into(Tensor(a!) base, Tensor[] contributions,
+//                                          str interpolation, bool align_corners, bool relu) -> ()
+//     the same (interpolation: the mode), written over base (dense channels_last, sharing no
+//     memory with a contribution): the CPU seg head's fuse, whose base (the head's projection)
+//     nothing reads afterwards. ("mode" would collide with torch's functionalisation wrapper,
+//     which passes a mutating op's arguments by name next to its own "mode".)
+//
 //   hrnet_fast_cpu::resize_concat(Tensor[] parts, int[] size, str mode, bool align_corners)
 //       -> Tensor
 //     out = cat([resize(parts[k], size) for k], dim=1): the CPU seg head's input (branch 0 and the
@@ -184,6 +191,7 @@ struct Plan {
   int64_t bsn, bsh, bsw;
   void* out;  // dense channels_last: strides (H*W*C, 1, W*C, C)
   bool relu;
+  bool in_place;  // out is base (upsample_add_relu_into): a float32 row already holds base
   int64_t max_blended;  // floats of the widest bilinear source row (w * C)
   std::vector<Source> sources;
 };
@@ -243,7 +251,9 @@ HF_INLINE void fuse_rows(const Plan& p, int64_t begin, int64_t end) {
     float* acc = S::accumulates_in_place ? reinterpret_cast<float*>(out_row) : scratch.data();
 
     const T* b = static_cast<const T*>(p.base) + n * p.bsn + y * p.bsh;
-    if (p.bsw == C) {
+    if (S::accumulates_in_place && p.in_place) {
+      // acc is the output row, which is base's row: it already holds base
+    } else if (p.bsw == C) {
       load_span<S>(acc, b, row_len);
     } else {
       for (int64_t x = 0; x < W; ++x) load_span<S>(acc + x * C, b + x * p.bsw, C);
@@ -437,8 +447,10 @@ void check_channel_stride(const at::Tensor& t, const char* what, int64_t k) {
               t.strides());
 }
 
-at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contributions,
-                             c10::string_view mode, bool align_corners, bool relu) {
+// The op's body; ``into`` true: the result is written over base (dense channels_last, no
+// contribution sharing its memory) and base is returned.
+at::Tensor fuse_impl(const at::Tensor& base, at::TensorList contributions, c10::string_view mode,
+                     bool align_corners, bool relu, bool into) {
   TORCH_CHECK(base.defined(), kOp, "base is undefined");
   TORCH_CHECK(base.device().is_cpu(), kOp, "base must be a CPU tensor, got one on ", base.device());
   TORCH_CHECK(base.dim() == 4, kOp, "base must be 4-d [N, C, H, W], got shape ", base.sizes());
@@ -469,8 +481,17 @@ at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contribution
     check_channel_stride(t, "contributions", static_cast<int64_t>(k));
   }
 
-  at::Tensor out =
-      at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (into) {
+    TORCH_CHECK(base.is_contiguous(at::MemoryFormat::ChannelsLast), kOp,
+                "into base: base must be dense channels_last, got strides ", base.strides());
+    for (size_t k = 0; k < contributions.size(); ++k) {
+      TORCH_CHECK(!contributions[k].is_alias_of(base), kOp, "into base: contributions[", k,
+                  "] shares memory with base");
+    }
+  }
+  at::Tensor out = into ? base
+                        : at::empty(base.sizes(),
+                                    base.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 
   Plan p;
@@ -484,6 +505,7 @@ at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contribution
   p.bsw = base.stride(3);
   p.out = out.data_ptr();
   p.relu = relu;
+  p.in_place = into;
   p.max_blended = 0;
   p.sources.reserve(contributions.size());
   const bool nearest = mode_s == "nearest";
@@ -501,6 +523,16 @@ at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contribution
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, W * C));
   at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
   return out;
+}
+
+at::Tensor upsample_add_relu(const at::Tensor& base, at::TensorList contributions,
+                             c10::string_view mode, bool align_corners, bool relu) {
+  return fuse_impl(base, contributions, mode, align_corners, relu, false);
+}
+
+void upsample_add_relu_into(const at::Tensor& base, at::TensorList contributions,
+                            c10::string_view mode, bool align_corners, bool relu) {
+  fuse_impl(base, contributions, mode, align_corners, relu, true);
 }
 
 constexpr const char* kConcatOp = "hrnet_fast_cpu::resize_concat: ";
@@ -575,9 +607,14 @@ TORCH_LIBRARY(hrnet_fast_cpu, m) {
       {at::Tag::pt2_compliant_tag});
   m.def("resize_concat(Tensor[] parts, int[] size, str mode, bool align_corners) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  m.def(
+      "upsample_add_relu_into(Tensor(a!) base, Tensor[] contributions, str interpolation, "
+      "bool align_corners, bool relu) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hrnet_fast_cpu, CPU, m) {
   m.impl("upsample_add_relu", &upsample_add_relu);
   m.impl("resize_concat", &resize_concat);
+  m.impl("upsample_add_relu_into", &upsample_add_relu_into);
 }

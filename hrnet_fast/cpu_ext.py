@@ -42,7 +42,8 @@ import torch
 from .cuda_ext import _cache_root, _short, csrc_dir, ops_registered
 from .ops._validate import check_fuse_meta
 
-__all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "resize_concat_cpu",
+__all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
+           "resize_concat_cpu",
            "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
            "SOURCES", "DTYPES"]
 
@@ -202,6 +203,11 @@ def _upsample_add_relu_fake(base, contributions, mode, align_corners, relu):
                        memory_format=torch.channels_last)
 
 
+def _upsample_add_relu_into_fake(base, contributions, interpolation, align_corners, relu):
+    check_fuse_meta(base, contributions, interpolation)
+    torch._check(base.dtype in DTYPES, lambda: f"dtype must be one of {DTYPES}, got {base.dtype}")
+
+
 def _resize_concat_fake(parts, size, mode, align_corners):
     torch._check(len(parts) > 0, lambda: "parts is empty")
     torch._check(mode in ("nearest", "bilinear"), lambda: f"mode must be 'nearest' or 'bilinear', got {mode!r}")
@@ -257,6 +263,7 @@ def _register_fake() -> None:
     if _state["fakes"]:
         return
     for name, fake in (("upsample_add_relu", _upsample_add_relu_fake),
+                       ("upsample_add_relu_into", _upsample_add_relu_into_fake),
                        ("resize_concat", _resize_concat_fake),
                        ("conv3x3_thin_pack", _conv3x3_thin_pack_fake),
                        ("conv3x3_thin", _conv3x3_thin_fake),
@@ -284,6 +291,18 @@ def upsample_add_relu_cpu(base: torch.Tensor, contributions: Sequence[torch.Tens
         raise RuntimeError(f"hrnet_fast CPU fuse kernel is unavailable: {_state['reason']}")
     return torch.ops.hrnet_fast_cpu.upsample_add_relu(base, list(contributions), str(mode),
                                                      bool(align_corners), bool(relu))
+
+
+def upsample_add_relu_into_cpu(base: torch.Tensor, contributions: Sequence[torch.Tensor], *,
+                               mode: str, align_corners: bool, relu: bool) -> torch.Tensor:
+    """:func:`upsample_add_relu_cpu` written over ``base`` (dense channels_last, sharing no memory
+    with a contribution), which is returned: no output to allocate and no second full-size tensor
+    to write. Same values bit for bit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU fuse kernel is unavailable: {_state['reason']}")
+    torch.ops.hrnet_fast_cpu.upsample_add_relu_into(base, list(contributions), str(mode),
+                                                   bool(align_corners), bool(relu))
+    return base
 
 
 def resize_concat_cpu(parts: Sequence[torch.Tensor], size: Sequence[int], *, mode: str,

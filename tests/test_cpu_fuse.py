@@ -211,6 +211,43 @@ def test_opcheck(kernel):
         torch.library.opcheck(kernel.default, (base, contribs, "bilinear", False, True))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode,ac", MODES, ids=["nearest", "bilinear", "bilinear_ac"])
+def test_into_writes_the_same_values_over_base(kernel, mode, ac, dtype):
+    """upsample_add_relu_into: the op's values bit for bit, written over base (float32 rows
+    accumulate in base itself; bf16/fp16 through a scratch row), contributions as views too."""
+    into = torch.ops.hrnet_fast_cpu.upsample_add_relu_into
+    for case, (hw, sizes) in enumerate(CASES):
+        base, contribs = _inputs(hw, sizes, dtype, False, seed=case)
+        views = _inputs(hw, sizes, dtype, True, seed=case)[1]
+        for cs in (contribs, views):
+            want = kernel(base, cs, mode, ac, True)
+            target = base.clone()
+            ptr = target.data_ptr()
+            assert into(target, cs, mode, ac, True) is None
+            assert target.data_ptr() == ptr and torch.equal(target, want), f"case {case}"
+        same = base.clone()  # relu off, and the wrapper returns base
+        got = cpu_ext.upsample_add_relu_into_cpu(same, contribs, mode=mode, align_corners=ac,
+                                                 relu=False)
+        assert got is same and torch.equal(got, kernel(base, contribs, mode, ac, False))
+
+
+def test_into_opcheck(kernel):
+    base, contribs = _inputs((9, 11), [(4, 5), (9, 11)], torch.float32, False)
+    torch.library.opcheck(torch.ops.hrnet_fast_cpu.upsample_add_relu_into.default,
+                          (base, contribs, "bilinear", False, True))
+
+
+def test_into_bad_input_gets_one_clear_error(kernel):
+    into = torch.ops.hrnet_fast_cpu.upsample_add_relu_into
+    base, contribs = _inputs((8, 8), [(4, 4)], torch.float32, True)  # base: a channel slice
+    with pytest.raises(RuntimeError, match="base must be dense channels_last"):
+        into(base, contribs, "bilinear", False, True)
+    base = base.contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="contributions\\[0\\] shares memory with base"):
+        into(base, [base[:, :, :4, :4]], "bilinear", False, True)
+
+
 @pytest.mark.parametrize("bad,match", [
     ("dtype", "contributions\\[0\\] has dtype"),
     ("nchw", "contributions\\[0\\] must have channel stride 1"),
@@ -454,6 +491,28 @@ def test_engine_with_the_kernel_matches_the_reference(kernel_calls):
     assert len(kernel_calls) > 5, "the engine did not run the CPU fuse kernel"
     assert len(kernel_calls.concat) == 1, "the seg head did not run resize_concat"
     assert_model_close(out, ref64, dtype=torch.float32, what="w18_small_v1, CPU fuse kernel")
+
+
+def test_seg_head_fuses_over_its_projection(kernel, monkeypatch):
+    """The seg head's fuse writes over the head's projection (no second full-size tensor); the
+    engine's output is bit-identical to the head fusing into a new tensor."""
+    calls = []
+    real = cpu_ext.upsample_add_relu_into_cpu
+
+    def spy(base, *args, **kwargs):
+        calls.append(base.shape)
+        return real(base, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "upsample_add_relu_into_cpu", spy)
+    model = _model()
+    x = torch.randn(2, 3, 64, 96)
+    engine = optimize(model, backend="torch")
+    with torch.inference_mode():
+        into = engine(x)
+        assert len(calls) == 1 and calls[0][1] == model.last_layer[0].out_channels
+        monkeypatch.setattr(torch_cpu, "HEAD_FUSE_INTO", False)
+        new = engine(x)
+    assert len(calls) == 1 and torch.equal(into, new)
 
 
 def test_bf16_engine_with_the_kernel(kernel_calls):

@@ -262,6 +262,10 @@ def fuse_kernel(base: torch.Tensor, contributions: Sequence[torch.Tensor], mode:
                       align_corners=align_corners, relu=relu)
 
 
+# The seg head's fuse step writes over its base (the projection's output) instead of a new tensor.
+HEAD_FUSE_INTO = True
+
+
 class TorchCPU(Backend):
     """``backend="torch"`` on the CPU (and on any other non-CUDA device, where the oneDNN path
     steps aside and the plain compositions run).
@@ -388,8 +392,15 @@ class TorchCPU(Backend):
 
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
         # The fuse step of the seg head through the kernel too, then the classifier with its
-        # reordered weight kept (F.conv2d would reorder it on every call).
-        act = self.fuse(base, contributions, mode, align_corners, True)
+        # reordered weight kept (F.conv2d would reorder it on every call). The fuse writes over
+        # base: the engine's head calls pass a base it owns and reads no more (the seg head's
+        # projection, the pose model's fused branch 0).
+        act = None
+        if HEAD_FUSE_INTO and fuse_kernel_fits(base, contributions, mode):
+            act = run_kernel(cpu_ext.upsample_add_relu_into_cpu, base, contributions, mode=mode,
+                             align_corners=align_corners, relu=True)
+        if act is None:
+            act = self.fuse(base, contributions, mode, align_corners, True)
         y = conv_fused(act, weight, bias, 1, weight.shape[-1] // 2, None, False,
                        self._weight_cache(weight))
         return y if y is not None else F.conv2d(act, weight, bias, 1, weight.shape[-1] // 2)
