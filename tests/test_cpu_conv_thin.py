@@ -79,9 +79,11 @@ def _oracle(x, w, b, residual, relu):
 # (N, Ci, Co, H, W): w18's widths (a 6-channel register tile: 18 = 3 tiles, 40 = 6 tiles + 4),
 # widths below a tile, widths of 1; odd sizes (odd rows: Winograd's last row pair is half used),
 # widths below one 16-pixel vector, one over a 64-pixel tile (Winograd: 64 + 32 + 16-tile blocks
-# at 223 columns), a single pixel; batch 2.
+# at 223 columns), a single pixel; batch 2; 45 columns (a 32-tile block, partly used) with a
+# channel remainder.
 SHAPES = [(2, 18, 18, 33, 71), (1, 36, 36, 7, 79), (2, 5, 7, 3, 2), (1, 18, 40, 1, 1),
-          (1, 72, 72, 10, 64), (2, 1, 1, 9, 17), (1, 3, 18, 16, 15), (1, 8, 12, 5, 223)]
+          (1, 72, 72, 10, 64), (2, 1, 1, 9, 17), (1, 3, 18, 16, 15), (1, 8, 12, 5, 223),
+          (2, 20, 26, 11, 45)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
