@@ -216,20 +216,32 @@ HF_AVX512 HF_ALWAYS_INLINE void load_transposed(const float* row, int64_t sw, in
   transpose16(r);
 }
 
+// Walks a channels_last row of W pixels and C channels (pixel stride sw) in blocks of 16 pixels x
+// 16 channels, read by load_transposed: f(x, lanes of the valid pixels, c0, nc, r) with r[j] =
+// channel c0 + j across pixels x .. x + 15.
+template <typename F>
+HF_AVX512 HF_ALWAYS_INLINE void for_each_transposed(const float* row, int64_t sw, int64_t W,
+                                                    int64_t C, F f) {
+  for (int64_t x = 0; x < W; x += kLanes) {
+    const int64_t npix = std::min<int64_t>(kLanes, W - x);
+    const __mmask16 m = first_lanes(npix);
+    for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+      const int64_t nc = std::min<int64_t>(kLanes, C - c0);
+      __m512 r[16];
+      load_transposed(row, sw, x, npix, c0, nc, r);
+      f(x, m, c0, nc, r);
+    }
+  }
+}
+
 // planar[ci * in_pitch + 1 + x] = src[ci * sc + x * sw]: a copy per channel where pixels are
 // adjacent (NCHW), else a gather per 16 pixels (channels_last).
 HF_AVX512 void read_input_row(const Problem& p, const float* src, float* planar) {
   if (p.sc == 1 && p.sw != 1) {  // channels_last: contiguous loads and register transposes
-    for (int64_t x = 0; x < p.W; x += kLanes) {
-      const int64_t npix = std::min<int64_t>(kLanes, p.W - x);
-      const __mmask16 m = first_lanes(npix);
-      for (int64_t c0 = 0; c0 < p.Ci; c0 += kLanes) {
-        const int64_t nc = std::min<int64_t>(kLanes, p.Ci - c0);
-        __m512 r[16];
-        load_transposed(src, p.sw, x, npix, c0, nc, r);
-        for (int64_t j = 0; j < nc; ++j) _mm512_mask_storeu_ps(planar + (c0 + j) * p.in_pitch + 1 + x, m, r[j]);
-      }
-    }
+    for_each_transposed(src, p.sw, p.W, p.Ci,
+                        [&](int64_t x, __mmask16 m, int64_t c0, int64_t nc, const __m512* r) HF_AVX512 {
+      for (int64_t j = 0; j < nc; ++j) _mm512_mask_storeu_ps(planar + (c0 + j) * p.in_pitch + 1 + x, m, r[j]);
+    });
     return;
   }
   const __m512i lane_offsets = lane_times(p.sw);
@@ -506,22 +518,16 @@ HF_AVX512 void write_row_planar(const Problem& p, const float* orow, const float
   const __m512 zero = _mm512_setzero_ps();
   const int64_t plane = p.H * p.W;
   if (res != nullptr && p.rw != 1 && p.rc == 1) {
-    for (int64_t x = 0; x < p.W; x += kLanes) {
-      const int64_t npix = std::min<int64_t>(kLanes, p.W - x);
-      const __mmask16 m = first_lanes(npix);
-      for (int64_t c0 = 0; c0 < p.Co; c0 += kLanes) {
-        const int64_t nc = std::min<int64_t>(kLanes, p.Co - c0);
-        __m512 r[16];
-        load_transposed(res, p.rw, x, npix, c0, nc, r);
-        for (int64_t j = 0; j < nc; ++j) {
-          const int64_t co = c0 + j;
-          const __m512 b = _mm512_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
-          __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(orow + co * p.out_pitch + x), b), r[j]);
-          if (p.relu) v = _mm512_max_ps(zero, v);
-          _mm512_mask_storeu_ps(out + co * plane + x, m, v);
-        }
+    for_each_transposed(res, p.rw, p.W, p.Co,
+                        [&](int64_t x, __mmask16 m, int64_t c0, int64_t nc, const __m512* r) HF_AVX512 {
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t co = c0 + j;
+        const __m512 b = _mm512_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
+        __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(orow + co * p.out_pitch + x), b), r[j]);
+        if (p.relu) v = _mm512_max_ps(zero, v);
+        _mm512_mask_storeu_ps(out + co * plane + x, m, v);
       }
-    }
+    });
     return;
   }
   const __m512i res_offsets = lane_times(p.rw);

@@ -76,13 +76,6 @@ def _down_key(x, fuse: FusePlan, j: int):
 RANGE_EPILOGUE_DEVICES = {"cuda"}
 
 
-def _relu_mask(ranges, cout: int, device) -> torch.Tensor:
-    mask = torch.zeros(cout, dtype=torch.int8)
-    for start, end in ranges:
-        mask[start:end] = 1
-    return mask.to(device)
-
-
 class Triton(Backend):
     name = "triton"
 
@@ -102,7 +95,6 @@ class Triton(Backend):
                                              {"triton": fuse_triton, "cuda": fuse_cuda},
                                              selection.fuse_key)
         self.fuse = fuse
-        self._range_masks: Dict[Tuple, torch.Tensor] = {}
         native_conv = self.native.conv
         if device.type in RANGE_EPILOGUE_DEVICES and kernels_status(device, "bias_act")[0]:
             native_conv = self._conv_native_ranges
@@ -148,11 +140,8 @@ class Triton(Backend):
         stride-2 convs) as the conv without bias plus the one-pass bias-act kernel."""
         if spec.relu_ranges is None or spec.bias is None or residual is not None:
             return self.native.conv(x, spec, residual)
-        key = (spec.relu_ranges, spec.out_channels)
-        mask = self._range_masks.get(key)
-        if mask is None:
-            mask = self._range_masks[key] = _relu_mask(spec.relu_ranges, spec.out_channels,
-                                                       self.device)
+        # the Triton conv's per-channel mask (int8, cached per ranges, width and device)
+        mask = kernel_module("conv").relu_mask(spec.relu_ranges, spec.out_channels, self.device)
         kernel_module("bias_act")
         y = F.conv2d(x, spec.weight, None, spec.stride, spec.padding)
         return torch.ops.hrnet_fast.bias_relu_mask_triton(y, spec.bias, mask)
