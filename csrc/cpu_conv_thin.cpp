@@ -568,6 +568,21 @@ void write_rows(const Problem& p, const float* orow, int64_t n, int64_t y, const
   }
 }
 
+// Input row yi of image n from a ring of K slots of ``slot`` floats in scratch: read (by ``read``)
+// only when its slot holds another row; rows outside the image are the zero row.
+template <int K, typename Read>
+HF_ALWAYS_INLINE float* ring_row(const Problem& p, int64_t n, int64_t yi, float* scratch,
+                                 int64_t slot, float* zero_row, int64_t* tags, Read read) {
+  if (yi < 0 || yi >= p.H) return zero_row;
+  const int64_t k = yi % K;
+  float* row = scratch + k * slot;
+  if (tags[k] != n * p.H + yi) {
+    read(p, p.x + n * p.sn + yi * p.sh, row);
+    tags[k] = n * p.H + yi;
+  }
+  return row;
+}
+
 void run_winograd(const Problem& p, const Period& period) {
   const int64_t pairs = (p.H + 1) / 2;
   const int64_t slot = 2 * p.Ci * p.half_pitch;
@@ -586,17 +601,8 @@ void run_winograd(const Problem& p, const Period& period) {
       const int64_t n = t / pairs, y = 2 * (t % pairs);
       float* rows[4];
       for (int i = 0; i < 4; ++i) {
-        const int64_t yi = y + i - 1;
-        if (yi < 0 || yi >= p.H) {
-          rows[i] = zero_row;
-          continue;
-        }
-        const int64_t k = yi % 4;
-        rows[i] = scratch + k * slot;
-        if (slot_tag[k] != n * p.H + yi) {
-          read_input_row_wino(p, p.x + n * p.sn + yi * p.sh, rows[i]);
-          slot_tag[k] = n * p.H + yi;
-        }
+        rows[i] = ring_row<4>(p, n, y + i - 1, scratch, slot, zero_row, slot_tag,
+                              read_input_row_wino);
       }
       wino_rows(p, rows, vbuf, mbuf, orow0, orow1);
       write_rows(p, orow0, n, y, period);
@@ -633,18 +639,8 @@ void run(const Problem& p) {
       const int64_t n = t / p.H, y = t % p.H;
       const float* rows[3];
       for (int ky = 0; ky < 3; ++ky) {
-        const int64_t yi = y + ky - 1;
-        if (yi < 0 || yi >= p.H) {
-          rows[ky] = zero_row;
-          continue;
-        }
-        const int64_t slot = yi % 3;
-        float* planar = scratch + slot * plane;
-        if (slot_tag[slot] != n * p.H + yi) {
-          read_input_row(p, p.x + n * p.sn + yi * p.sh, planar);
-          slot_tag[slot] = n * p.H + yi;
-        }
-        rows[ky] = planar;
+        rows[ky] = ring_row<3>(p, n, y + ky - 1, scratch, plane, zero_row, slot_tag,
+                               read_input_row);
       }
       conv_row(p, rows, orow);
       write_rows(p, orow, n, y, period);
