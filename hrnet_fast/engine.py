@@ -87,10 +87,13 @@ def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode
     if f is None:
         return xs, None
     contributions: List[List[torch.Tensor]] = [[] for _ in range(f.num_outputs)]
-    for j, batched in sorted(f.down_first.items()):
-        for s, z in zip(batched.splits, be.down(xs[j], f, j)):
+    # Sorted by source branch alone: Dynamo cannot sort (int, plan object) pairs, and a graph break
+    # here made torch.compile skip the whole forward (the compile backend ran it eagerly).
+    for j in sorted(f.down_first):
+        for s, z in zip(f.down_first[j].splits, be.down(xs[j], f, j)):
             contributions[s.target].append(z)
-    for j, batched in sorted(f.up.items()):
+    for j in sorted(f.up):
+        batched = f.up[j]
         y = be.conv(xs[j], batched.conv)
         for s in batched.splits:
             z = y[:, s.start:s.end]

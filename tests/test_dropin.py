@@ -327,6 +327,21 @@ def test_compile_backend_matches_reference():
     assert rel_err(got, _reference(m, x)) < TOL
 
 
+@pytest.mark.parametrize("head,upsample", [("seg", "mmseg"), ("classification", "nearest"),
+                                           ("pose", "nearest"), ("features", "bilinear")])
+def test_compile_backend_traces_the_forward_as_one_graph(head, upsample):
+    """A graph break inside the plan's forward makes Dynamo skip the whole frame (it sits in a loop),
+    so the compile backend would run the model eagerly in small compiled pieces. Tracing only (no
+    Inductor), every head and resize convention."""
+    m = _model(head=head, upsample=upsample)
+    engine = optimize(m, backend="compile")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(engine._run)(X[:1, :, :40, :48].contiguous())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_bfloat16_dropin_within_twice_the_reference_error(engine_calls):
     """The design's low-precision rule against fp64: the engine's bf16 error at most twice the bf16
     reference model's (with the oracles' floor for an exact reference)."""
