@@ -4,13 +4,13 @@ For each convolution shape of the model it prints three columns, summed over one
 averaged over the rounds:
 
 - ``ours wall``: our engine's convolution calls as Python sees them (kernel + torch/ideep host work);
-- ``ours kernel``: the same calls' oneDNN execution time (``ONEDNN_VERBOSE``'s ``exec_time``);
+- ``ours kernel``: the same calls' oneDNN execution time (``ONEDNN_VERBOSE``'s ``exec_time``,
+  mean of 3 more forwards);
 - ``OpenVINO``: OpenVINO's own per-layer time for the same convolution (``PERF_COUNT``).
 
 Both run oneDNN's ``brgconv`` kernels on ``acdb`` (channels_last) tensors, so the difference between
 the first two columns is host work per call, and the last two compare the kernels themselves.
-In f32 the convolutions that run in our own thin-layer kernel are not oneDNN calls and are not
-listed.
+In float32 most thin convolutions run in our own kernel (marked; its wall time is its kernel time).
 Rounds alternate the two engines with a 50 ms idle gap, 2 threads, same weights (random, random
 BatchNorm statistics), 1x3x512x1024.
 
@@ -78,10 +78,22 @@ def main(preset, precision):
             time.perf_counter() - t0)
         return y
 
+    own = set()  # shapes run by our thin-layer kernel (float32): its wall time is its kernel time
+    plain_thin_conv = torch_cpu.thin_conv
+
+    def timed_thin_conv(inp, spec, *args, **kwargs):
+        t0 = time.perf_counter()
+        y = plain_thin_conv(inp, spec, *args, **kwargs)
+        w = spec.weight
+        key = conv_key(inp.shape[1], w.shape[0], inp.shape[2], w.shape[2], spec.stride)
+        wall[key] += time.perf_counter() - t0
+        own.add(key)
+        return y
+
     ov_time = collections.defaultdict(float)
     totals = {"ours": [], "OpenVINO": []}
     xb = x.to(dtype)
-    torch_cpu.conv_fused = timed_conv_fused
+    torch_cpu.conv_fused, torch_cpu.thin_conv = timed_conv_fused, timed_thin_conv
     try:
         with torch.inference_mode():
             for _ in range(2):
@@ -102,9 +114,9 @@ def main(preset, precision):
                 engine(xb)
                 totals["ours"].append(time.perf_counter() - t0)
     finally:
-        torch_cpu.conv_fused = plain_conv_fused
+        torch_cpu.conv_fused, torch_cpu.thin_conv = plain_conv_fused, plain_thin_conv
     with torch.inference_mode():
-        kernel = kernel_times(engine, xb)  # a separate forward: verbose logging adds host time
+        kernel = kernel_times(engine, xb)  # separate forwards: verbose logging adds host time
     print(f"{preset} {precision}, 1x3x512x1024, 2 threads, {ROUNDS} alternating rounds: forward "
           + ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms" for k, v in totals.items()))
     print(f"{'convolution':28s} {'ours wall':>10s} {'ours kernel':>12s} {'OpenVINO':>9s}   ms per forward")
@@ -112,11 +124,12 @@ def main(preset, precision):
     for key in sorted(wall, key=lambda k: -wall[k]):
         c, o, h, k = parse_key(key)
         ours_wall = 1e3 * wall[key] / ROUNDS
-        ours_kernel = kernel.get(key, 0.0)
+        ours_kernel = ours_wall if key in own else kernel.get(key, 0.0)
         # OpenVINO fuses batched convolutions differently; match on (in, out, height, kernel).
         ov = 1e3 * ov_time.get((c, o, h, k), 0.0) / ROUNDS
         sums = [sums[0] + ours_wall, sums[1] + ours_kernel, sums[2] + ov]
-        print(f"{key:28s} {ours_wall:10.2f} {ours_kernel:12.2f} {ov:9.2f}")
+        print(f"{key:28s} {ours_wall:10.2f} {ours_kernel:12.2f} {ov:9.2f}"
+              + ("   (own kernel)" if key in own else ""))
     print(f"{'all convolutions':28s} {sums[0]:10.2f} {sums[1]:12.2f} "
           f"{1e3 * sum(ov_time.values()) / ROUNDS:9.2f}")
 
@@ -126,9 +139,9 @@ def parse_key(key):
     return int(m.group(1)), int(m.group(2)), int(m.group(5)), int(m.group(3))
 
 
-def kernel_times(engine, xb):
-    """One forward with ONEDNN_VERBOSE on; oneDNN prints to the process's stdout (fd 1), so that fd
-    goes to a file for the call. ms per convolution shape."""
+def kernel_times(engine, xb, forwards=3):
+    """Forwards with ONEDNN_VERBOSE on; oneDNN prints to the process's stdout (fd 1), so that fd
+    goes to a file meanwhile. ms per convolution shape and forward."""
     out = collections.defaultdict(float)
     sys.stdout.flush()
     saved = os.dup(1)
@@ -136,7 +149,8 @@ def kernel_times(engine, xb):
         os.dup2(log.fileno(), 1)
         try:
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                engine(xb)
+                for _ in range(forwards):
+                    engine(xb)
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
@@ -148,7 +162,7 @@ def kernel_times(engine, xb):
             m = _DESC.search(line)
             c, o, h, k, s = (int(g) for g in m.groups())
             # Our key uses the input height; the verbose line gives it too (ih).
-            out[conv_key(c, o, h, k, s)] += float(line.rsplit(",", 1)[1])
+            out[conv_key(c, o, h, k, s)] += float(line.rsplit(",", 1)[1]) / forwards
     return out
 
 
