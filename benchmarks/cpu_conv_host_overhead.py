@@ -38,7 +38,8 @@ ROUNDS = 6
 _DESC = re.compile(r"mb\d+_ic(\d+)oc(\d+)_ih(\d+)oh\d+kh(\d+)sh(\d+)")
 
 
-def conv_key(in_ch, out_ch, height, kernel, stride):
+def conv_label(key):
+    in_ch, out_ch, height, kernel, stride = key
     return f"{in_ch:>3}->{out_ch:<3} k{kernel} s{stride} at H={height}"
 
 
@@ -74,7 +75,7 @@ def main(preset, precision):
     def timed_conv_fused(inp, weight, bias, stride, padding, *args, **kwargs):
         t0 = time.perf_counter()
         y = plain_conv_fused(inp, weight, bias, stride, padding, *args, **kwargs)
-        wall[conv_key(inp.shape[1], weight.shape[0], inp.shape[2], weight.shape[2], stride)] += (
+        wall[(inp.shape[1], weight.shape[0], inp.shape[2], weight.shape[2], stride)] += (
             time.perf_counter() - t0)
         return y
 
@@ -85,7 +86,7 @@ def main(preset, precision):
         t0 = time.perf_counter()
         y = plain_thin_conv(inp, spec, *args, **kwargs)
         w = spec.weight
-        key = conv_key(inp.shape[1], w.shape[0], inp.shape[2], w.shape[2], spec.stride)
+        key = (inp.shape[1], w.shape[0], inp.shape[2], w.shape[2], spec.stride)
         wall[key] += time.perf_counter() - t0
         own.add(key)
         return y
@@ -122,21 +123,15 @@ def main(preset, precision):
     print(f"{'convolution':28s} {'ours wall':>10s} {'ours kernel':>12s} {'OpenVINO':>9s}   ms per forward")
     sums = [0.0, 0.0, 0.0]
     for key in sorted(wall, key=lambda k: -wall[k]):
-        c, o, h, k = parse_key(key)
         ours_wall = 1e3 * wall[key] / ROUNDS
         ours_kernel = ours_wall if key in own else kernel.get(key, 0.0)
         # OpenVINO fuses batched convolutions differently; match on (in, out, height, kernel).
-        ov = 1e3 * ov_time.get((c, o, h, k), 0.0) / ROUNDS
+        ov = 1e3 * ov_time.get(key[:4], 0.0) / ROUNDS
         sums = [sums[0] + ours_wall, sums[1] + ours_kernel, sums[2] + ov]
-        print(f"{key:28s} {ours_wall:10.2f} {ours_kernel:12.2f} {ov:9.2f}"
+        print(f"{conv_label(key):28s} {ours_wall:10.2f} {ours_kernel:12.2f} {ov:9.2f}"
               + ("   (own kernel)" if key in own else ""))
     print(f"{'all convolutions':28s} {sums[0]:10.2f} {sums[1]:12.2f} "
           f"{1e3 * sum(ov_time.values()) / ROUNDS:9.2f}")
-
-
-def parse_key(key):
-    m = re.match(r"\s*(\d+)->(\d+)\s+k(\d+) s(\d+) at H=(\d+)", key)
-    return int(m.group(1)), int(m.group(2)), int(m.group(5)), int(m.group(3))
 
 
 def kernel_times(engine, xb, forwards=3):
@@ -160,9 +155,8 @@ def kernel_times(engine, xb, forwards=3):
             if ",exec,cpu,convolution," not in line:
                 continue
             m = _DESC.search(line)
-            c, o, h, k, s = (int(g) for g in m.groups())
-            # Our key uses the input height; the verbose line gives it too (ih).
-            out[conv_key(c, o, h, k, s)] += float(line.rsplit(",", 1)[1]) / forwards
+            # (in, out, input height, kernel, stride), the key of main's tables
+            out[tuple(int(g) for g in m.groups())] += float(line.rsplit(",", 1)[1]) / forwards
     return out
 
 

@@ -23,9 +23,9 @@ TOL = 1e-5
 X = torch.randn(2, 3, 61, 83, generator=torch.Generator().manual_seed(5))
 
 
-def _model(seed=0, **kw):
+def _model(seed=0, config=None, **kw):
     torch.manual_seed(seed)
-    return randomize_bn(HRNet(HRNetConfig.preset("w18_small_v1", **kw)), seed).eval()
+    return randomize_bn(HRNet(config or HRNetConfig.preset("w18_small_v1", **kw)), seed).eval()
 
 
 def _reference(model, x=X):
@@ -332,8 +332,7 @@ ONE_BLOCK = HRNetConfig.from_yaml_extra({
 
 
 def test_compile_backend_matches_reference():
-    torch.manual_seed(0)
-    m = randomize_bn(HRNet(ONE_BLOCK), 0).eval()
+    m = _model(config=ONE_BLOCK)
     x = X[:1, :, :40, :48].contiguous()
     engine = optimize(m, backend="compile")
     assert engine.backend == "compile"
