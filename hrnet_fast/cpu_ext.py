@@ -1,5 +1,5 @@
-"""The optional CPU kernels (``csrc/cpu_fuse.cpp``, ``csrc/cpu_conv_thin.cpp``): build, status, fake
-kernels, wrappers.
+"""The optional CPU kernels (``csrc/cpu_fuse.cpp``, ``csrc/cpu_conv_thin.cpp``,
+``csrc/cpu_conv_amx.cpp``): build, status, fake kernels, wrappers.
 
 The kernel computes the fuse step ``act(base + sum_k resize(c_k, base size))`` in one pass over
 memory, reading each contribution at its own resolution (the torch composition allocates a
@@ -19,7 +19,8 @@ shows the compiler output.
 The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat`` (schemas in
 ``csrc/cpu_fuse.cpp``), and ``conv3x3_thin_pack`` / ``conv3x3_thin`` / ``conv3x3_thin_into``
 (``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
-channels, direct or Winograd F(2x2, 3x3); AVX-512 only). Their fake
+channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv3x3_amx_pack`` / ``conv3x3_amx``
+(``csrc/cpu_conv_amx.cpp``: the same convolutions in bfloat16 on Intel AMX tiles). Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
 """
@@ -45,11 +46,12 @@ from .ops._validate import check_fuse_meta
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
            "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
+           "amx_conv_supported", "conv3x3_amx_pack", "conv3x3_amx_cpu",
            "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
-SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp")
+SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_amx.cpp")
 # -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
 # compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
 EXTRA_CFLAGS = ["-O3"]
@@ -259,6 +261,24 @@ def _conv3x3_thin_into_fake(residual, x, packed, bias, relu):
     _check_thin_meta(x, packed, bias)
 
 
+def _conv3x3_amx_pack_fake(weight):
+    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and weight.shape[1] % 2 == 0,
+                 lambda: f"weight must be [Co, Ci, 3, 3] with Ci even, got {tuple(weight.shape)}")
+    co, ci = weight.shape[:2]
+    return torch.empty((3, -(-co // 16), -(-3 * ci // 32), 16, 16, 2), dtype=torch.bfloat16,
+                       device=weight.device)
+
+
+def _conv3x3_amx_fake(x, packed, weight_size, bias, residual, relu):
+    co, ci = weight_size
+    torch._check(x.dim() == 4 and x.dtype == torch.bfloat16 and packed.dim() == 6,
+                 lambda: f"x must be a 4-d bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
+    torch._check(x.shape[1] == ci, lambda: f"the packed weight takes {ci} input channels")
+    torch._check(bias is None or tuple(bias.shape) == (co,), lambda: f"bias must be [{co}]")
+    return torch.empty((x.shape[0], co, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
@@ -267,7 +287,9 @@ def _register_fake() -> None:
                        ("resize_concat", _resize_concat_fake),
                        ("conv3x3_thin_pack", _conv3x3_thin_pack_fake),
                        ("conv3x3_thin", _conv3x3_thin_fake),
-                       ("conv3x3_thin_into", _conv3x3_thin_into_fake)):
+                       ("conv3x3_thin_into", _conv3x3_thin_into_fake),
+                       ("conv3x3_amx_pack", _conv3x3_amx_pack_fake),
+                       ("conv3x3_amx", _conv3x3_amx_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -359,3 +381,34 @@ def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         return residual
     return torch.ops.hrnet_fast_cpu.conv3x3_thin(x, packed, bias, residual, bool(relu),
                                                  bool(channels_last))
+
+
+def amx_conv_supported() -> bool:
+    """Whether ``conv3x3_amx`` can run here: the kernels are built and this CPU and its OS offer
+    AMX-BF16 tiles with AVX512-BF16 (Intel Xeon from Sapphire Rapids on; asked once per process)."""
+    return load_extension() and bool(torch.ops.hrnet_fast_cpu.amx_available())
+
+
+def conv3x3_amx_pack(weight: torch.Tensor) -> torch.Tensor:
+    """The AMX conv's packed weight (bfloat16 B tiles, [3, ceil(Co/16), ceil(3 Ci/32), 16, 16, 2])
+    from a [Co, Ci, 3, 3] weight of any float dtype with Ci even (rounded to bfloat16 once).
+    Callers keep it as long as the weight does not change."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.conv3x3_amx_pack(weight)
+
+
+def conv3x3_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor] = None, *, relu: bool,
+                    weight_size: Sequence[int]) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride=1, padding=1) + residual)`` in bfloat16 on AMX
+    tiles, with ``packed = conv3x3_amx_pack(weight)`` and ``weight_size = weight.shape[:2]``
+    (the packing pads both widths; x's channels are checked against it): x [N, Ci, H, W] and residual (None or
+    [N, Co, H, W]) dense channels_last bfloat16, bias None or [Co] (float32 is best); float32
+    accumulation, bias and residual added in float32, one rounding to bfloat16. The result is a new
+    channels_last tensor. Raises RuntimeError when the kernel is unavailable (no build, no AMX) or
+    an argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.conv3x3_amx(x, packed, [int(v) for v in weight_size[:2]], bias,
+                                                residual, bool(relu))

@@ -1,7 +1,8 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
 epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
-thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); the
-fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
+thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); in
+bfloat16 on CPUs with AMX, the 3x3 stride-1 convs of up to 64 outputs through the AMX kernel
+(see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
 built, else torch compositions.
 
 ``F.conv2d`` on the CPU reorders the weight into oneDNN's blocked layout on every call and runs
@@ -239,6 +240,58 @@ def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
                              "rounding, slower)")
 
 
+_AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inference
+# The AMX kernel (csrc/cpu_conv_amx.cpp) takes bfloat16 3x3 stride-1 convs: a tile row's K is a
+# whole row of the 3x3 window (3 Ci values, 54 of 64 slots for 18 channels, where oneDNN pads each
+# tap's 18 to 32), and a call costs a few microseconds of host work (oneDNN through torch 150-170
+# us). Measured against oneDNN's fused conv as the engine calls it (2 threads, channels_last,
+# same process, alternating calls; benchmarks/RESULTS.md): 18 -> 18 at 128x256 1.49x, 36 -> 36 at
+# 64x128 1.67x, layer1's 64 -> 64 at 128x256 1.11x, 256 -> 18 1.19x; 72 -> 72 1.03x and 144 -> 144
+# 0.84x: above 64 outputs the kernel re-reads its input per group of four 16-channel tiles, so
+# those stay in oneDNN.
+AMX_MAX_OUT = 64
+
+
+def amx_spec_fits(spec: ConvSpec) -> bool:
+    """Whether a conv's spec suits the AMX kernel: 3x3, stride 1, padding 1, ReLU on all channels
+    or none, an even input width (whole bf16 pairs) and at most AMX_MAX_OUT outputs."""
+    w = spec.weight
+    return (w.dim() == 4 and tuple(w.shape[-2:]) == (3, 3) and spec.stride == 1
+            and spec.padding == 1 and spec.relu_ranges is None and w.shape[1] % 2 == 0
+            and w.shape[1] <= 512 and w.shape[0] <= AMX_MAX_OUT)
+
+
+def amx_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the AMX kernel takes ``x``: dense channels_last bfloat16 on the CPU, no autograd,
+    trace or export in progress, the kernel built and AMX offered. Builds the kernel on first use."""
+    if (not _AMX["on"] or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4
+            or not x.is_contiguous(memory_format=torch.channels_last) or in_side_path()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return False
+    return cpu_ext.amx_conv_supported()
+
+
+def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
+             residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """The AMX kernel's result (a new channels_last tensor), or None when it failed: then it is off
+    for the process and the caller runs oneDNN, after one warning. ``packs`` keeps each conv's
+    packed weight and float32 bias, by identity of its ConvSpec."""
+    try:
+        packed = packs.get(id(spec))
+        if packed is None:
+            bias = None if spec.bias is None else spec.bias.float()
+            packed = packs[id(spec)] = (cpu_ext.conv3x3_amx_pack(spec.weight), bias)
+        if residual is not None and not (residual.dtype == x.dtype and
+                                         residual.is_contiguous(memory_format=torch.channels_last)):
+            residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        return cpu_ext.conv3x3_amx_cpu(x, packed[0], packed[1], residual, relu=spec.relu,
+                                       weight_size=spec.weight.shape[:2])
+    except RuntimeError as e:
+        return kernel_failed(_AMX, "cpu-amx-conv", f"CPU AMX conv kernel failed ({e})",
+                             "those convolutions run in oneDNN (same math in bfloat16, slower)")
+
+
 def dense_as(t: torch.Tensor, channels_last: bool) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last if channels_last
                            else torch.contiguous_format)
@@ -293,6 +346,14 @@ class TorchCPU(Backend):
         # for the plan's life, checked once instead of on every call), by identity of its ConvSpec.
         self._thin_packs: Dict[int, torch.Tensor] = {}
         self._thin_specs: Dict[int, bool] = {}
+        self._amx_packs: Dict[int, tuple] = {}  # the AMX kernel's (packed weight, float32 bias)
+        self._amx_specs: Dict[int, bool] = {}
+
+    def _amx_spec(self, spec: ConvSpec) -> bool:
+        fits = self._amx_specs.get(id(spec))
+        if fits is None:
+            fits = self._amx_specs[id(spec)] = amx_spec_fits(spec)
+        return fits
 
     def _thin_spec(self, spec: ConvSpec) -> bool:
         fits = self._thin_specs.get(id(spec))
@@ -306,6 +367,10 @@ class TorchCPU(Backend):
         return self._caches.setdefault(id(owner), {})
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
+        if x.dtype == torch.bfloat16 and self._amx_spec(spec) and amx_input_fits(x, spec.weight):
+            y = amx_conv(x, spec, self._amx_packs, residual)
+            if y is not None:
+                return y
         if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
             y = thin_conv(x, spec, self._thin_packs, residual)
             if y is not None:
@@ -327,7 +392,10 @@ class TorchCPU(Backend):
     def conv_into_residual(self, x: torch.Tensor, spec: ConvSpec, residual: torch.Tensor):
         # oneDNN accumulates into the residual in place (its sum post-op) instead of reading it and
         # writing a new tensor: bit-identical, 2 threads: 64->256 1x1 at 128x256 5.8 -> 4.6 ms fp32,
-        # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32.
+        # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32. The AMX kernel (bf16) writes a new
+        # tensor: self.conv takes it first.
+        if x.dtype == torch.bfloat16 and self._amx_spec(spec) and amx_input_fits(x, spec.weight):
+            return self.conv(x, spec, residual)
         if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
             y = thin_conv(x, spec, self._thin_packs, residual,
                           into_residual=dense_as(residual, True))

@@ -1,0 +1,229 @@
+"""The bfloat16 AMX conv kernel (csrc/cpu_conv_amx.cpp, hrnet_fast/cpu_ext.py: conv3x3_amx) and its
+use by the torch backend's bfloat16 engine (TorchCPU.conv in hrnet_fast/backends/torch_cpu.py).
+
+The kernel needs AMX-BF16 (Intel Xeon from Sapphire Rapids on) and the JIT build. Where either is
+missing, every kernel test is skipped with the reason: the kernel is then NOT tested. The
+routing tests at the end run everywhere.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from helpers import poisoned_malloc, randomize_bn
+from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
+
+from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
+from hrnet_fast.backends import torch_cpu
+from hrnet_fast.plan import ConvSpec
+from hrnet_fast.reference import HighResolutionNet
+
+CL = torch.channels_last
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def built():
+    ok, why = cpu_ext.cpu_ext_status()
+    if not ok:
+        pytest.skip(f"the CPU kernels could not be built here ({why}): the AMX conv is NOT tested")
+    if not cpu_ext.amx_conv_supported():
+        pytest.skip("this CPU or OS offers no AMX-BF16 tiles: the AMX conv is NOT tested")
+
+
+def _tensor(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(BF16).contiguous(memory_format=CL)
+
+
+def _weights(ci, co, seed, bias=True):
+    g = torch.Generator().manual_seed(1000 + seed)
+    w = (torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)).to(BF16)
+    return w, (torch.randn(co, generator=g) if bias else None)
+
+
+def _run(x, w, b, residual=None, relu=True):
+    return cpu_ext.conv3x3_amx_cpu(x, cpu_ext.conv3x3_amx_pack(w), b, residual, relu=relu,
+                                   weight_size=w.shape[:2])
+
+
+def _oracles(x, w, b, residual, relu):
+    """(float64 oracle, the same conv in bfloat16 through torch): the design's bf16 yardstick."""
+    oracle = conv_oracle(x.double(), w.double(), None if b is None else b.double(), 1, 1,
+                         None if residual is None else residual.double(), relu)
+    same = conv_oracle(x, w, None if b is None else b.to(BF16), 1, 1, residual, relu)
+    return oracle, same
+
+
+# (N, Ci, Co, H, W): w18's widths and the kernel's cases: K = 3 Ci with a tail tile (18: 54 = 32 +
+# 22; 36: 108 = 3 x 32 + 12) and without (64: 192), one and several 16-channel N tiles and a
+# partial one (18 = 16 + 2, 40, 64 = four tiles, 72 = two groups of tiles), 2 input channels
+# (K = 6); widths of 1 to 17 pixels (edge blocks only, staged), 33 and 47 (interior blocks and a
+# partial last block), multiples of 16 as in the model (the last full block reads up to the row's
+# last pixel, never past it), one row, batch 2, 256 -> 18 (w18's transition).
+SHAPES = [(2, 18, 18, 13, 47), (1, 36, 36, 9, 33), (1, 64, 64, 6, 40), (1, 72, 72, 5, 35),
+          (2, 2, 5, 3, 1), (1, 18, 40, 1, 17), (1, 256, 18, 4, 38), (1, 144, 144, 3, 20),
+          (2, 18, 18, 5, 32), (1, 36, 36, 4, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_oracle(built, shape):
+    """ReLU on and off, with and without bias and residual, against float64, within the design's
+    bf16 bound (2x the same conv's error in bf16 through torch); the output allocation poisoned."""
+    n, ci, co, h, w = shape
+    for k, (with_res, relu, with_bias) in enumerate([(True, True, True), (False, True, False),
+                                                     (True, False, True), (False, False, True)]):
+        x = _tensor((n, ci, h, w), seed=k)
+        res = _tensor((n, co, h, w), seed=100 + k) if with_res else None
+        wt, b = _weights(ci, co, k, with_bias)
+        with poisoned_malloc():
+            out = _run(x, wt, b, res, relu)
+        assert out.dtype == BF16 and out.is_contiguous(memory_format=CL)
+        oracle, same = _oracles(x, wt, b, res, relu)
+        assert_close_to_oracle(out, oracle, same, dtype=BF16,
+                               what=f"{shape} residual={with_res} relu={relu} bias={with_bias}")
+
+
+def test_nan_reaches_exactly_its_window(built):
+    """A tile row reads 3 Ci consecutive values of a channels_last row and never past its window:
+    a NaN input pixel makes exactly its 3x3 neighbourhood NaN in every output channel (through the
+    ReLU), at an interior block, at the image's edges (staged blocks) and across a block boundary;
+    a NaN in the residual stays where it is."""
+    x = _tensor((1, 18, 7, 48), seed=4)
+    for y, col in ((3, 20), (0, 0), (6, 47), (2, 16), (4, 0)):  # (4, 0) follows (3, 47) in memory
+        x[0, 5, y, col] = float("nan")
+    res = _tensor((1, 18, 7, 48), seed=5)
+    res[0, 2, 5, 33] = float("nan")
+    wt, b = _weights(18, 18, 6)
+    expected = torch.isnan(_oracles(x, wt, b, res, True)[0])
+    assert int(expected.sum()) == 18 * (9 + 4 + 4 + 9 + 6) + 1
+    assert torch.equal(torch.isnan(_run(x, wt, b, res, True)), expected)
+
+
+def test_opcheck(built):
+    """Schema, fake kernels and dispatch agree with the real kernels."""
+    x = _tensor((2, 18, 5, 21), seed=7)
+    wt, b = _weights(18, 18, 7)
+    res = _tensor((2, 18, 5, 21), seed=8)
+    ops = torch.ops.hrnet_fast_cpu
+    torch.library.opcheck(ops.conv3x3_amx_pack.default, (wt,))
+    packed = cpu_ext.conv3x3_amx_pack(wt)
+    torch.library.opcheck(ops.conv3x3_amx.default, (x, packed, [18, 18], b, res, True))
+    torch.library.opcheck(ops.conv3x3_amx.default, (x, packed, [18, 18], None, None, False))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", "x must be a dense channels_last bfloat16"),
+    ("nchw", "x must be a dense channels_last bfloat16"),
+    ("weight", "the packed weight takes 16 input channels, x has 18"),
+    ("odd", "Ci even"),
+    ("bias", "bias must be a CPU tensor \\[18\\]"),
+    ("residual", "residual must be a dense channels_last bfloat16 tensor \\[1, 18, 6, 7\\]"),
+])
+def test_bad_input_gets_one_clear_error(built, bad, match):
+    x = _tensor((1, 18, 6, 7), seed=9)
+    wt, b = _weights(18, 18, 9)
+    res = None
+    if bad == "dtype":
+        x = x.float().contiguous(memory_format=CL)
+    elif bad == "nchw":
+        x = x.contiguous()
+    elif bad == "weight":
+        wt = wt[:, :16]
+    elif bad == "odd":
+        wt = wt[:, :17]
+    elif bad == "bias":
+        b = b[:5]
+    else:
+        res = _tensor((1, 18, 6, 8), seed=10)
+    with pytest.raises(RuntimeError, match=match):
+        _run(x, wt, b, res)
+
+
+# ------------------------------------------------------------------------- the torch backend
+@pytest.fixture
+def amx_calls(built, monkeypatch):
+    """Every call of the AMX kernel: (input channels, output channels)."""
+    calls = []
+    real = cpu_ext.conv3x3_amx_cpu
+    monkeypatch.setitem(torch_cpu._AMX, "on", True)
+
+    def spy(x, packed, *args, **kwargs):
+        calls.append((x.shape[1], packed.shape[1]))
+        return real(x, packed, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "conv3x3_amx_cpu", spy)
+    return calls
+
+
+def _model(preset, mode="bilinear", seed=0):
+    torch.manual_seed(seed)
+    return randomize_bn(HRNet(HRNetConfig.preset(preset, upsample=mode), fast=False), seed).eval()
+
+
+@pytest.mark.parametrize("preset,mode,size", [("w18_small_v2", "bilinear", (2, 3, 75, 101)),
+                                              ("w18_small_v2", "nearest", (1, 3, 64, 96))])
+def test_bf16_engine_matches_the_reference(amx_calls, preset, mode, size):
+    """The bf16 engine with its thin 3x3 convs on AMX tiles, against the float64 reference, within
+    2x the reference's own bf16 error: odd sizes, batch 2, both upsampling modes."""
+    model = _model(preset, mode)
+    x = torch.randn(*size, generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        out = optimize(model, backend="torch", dtype=BF16)(x.to(BF16))
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+        same = HighResolutionNet.forward(model.to(BF16), x.to(BF16))
+    assert out.dtype == BF16
+    assert_model_close(out, ref64, same, dtype=BF16, what=f"{preset} {mode} {size} bf16")
+    # every branch conv of 18/36 channels and layer1's 64-channel 3x3s
+    assert {(18, 2), (36, 3), (64, 4)} <= set(amx_calls)
+
+
+def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
+    """The kernel raising: one RuntimeWarning, the kernel off for the process, the model's values
+    still within the bound."""
+    monkeypatch.setattr(torch_cpu, "_WARNED", set())
+    model = _model("w18_small_v2")
+    x = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(13))
+    with torch.inference_mode():
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+        same = HighResolutionNet.forward(model.to(BF16), x.to(BF16))
+
+    def failing(*args, **kwargs):
+        amx_calls.append("failed")
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(cpu_ext, "conv3x3_amx_cpu", failing)
+    engine = optimize(model, backend="torch", dtype=BF16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with torch.inference_mode():
+                out = engine(x.to(BF16))
+            assert_model_close(out, ref64, same, dtype=BF16, what="after the failure")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
+    assert torch_cpu._AMX["on"] is False and amx_calls == ["failed"]
+
+
+@pytest.mark.parametrize("ci,co,fits", [(18, 18, True), (36, 36, True), (64, 64, True),
+                                        (256, 18, True), (72, 72, False), (144, 144, False),
+                                        (17, 18, False)])
+def test_the_width_rule(ci, co, fits):
+    """3x3 stride-1 convs with an even input width and at most 64 outputs (one group of C tiles):
+    the measured wins (18, 36, 64, 256 -> 18), not 72 and 144 (measured slower than oneDNN)."""
+    spec = ConvSpec(torch.zeros(co, ci, 3, 3), None, 1, 1, True)
+    assert torch_cpu.amx_spec_fits(spec) is fits
+    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 2, 1, True))
+
+
+def test_float32_and_autograd_never_take_the_kernel(monkeypatch):
+    """float32 inputs and inputs that need gradients stay off the kernel (no build needed to know)."""
+    monkeypatch.setattr(cpu_ext, "amx_conv_supported", lambda: True)
+    w = torch.zeros(18, 18, 3, 3)
+    assert not torch_cpu.amx_input_fits(torch.zeros(1, 18, 4, 4).contiguous(memory_format=CL), w)
+    x = torch.zeros(1, 18, 4, 4, dtype=BF16).contiguous(memory_format=CL)
+    assert torch_cpu.amx_input_fits(x, w.to(BF16))
+    assert not torch_cpu.amx_input_fits(x, w.to(BF16).requires_grad_(True))
+    assert not torch_cpu.amx_input_fits(x.contiguous(), w.to(BF16))
