@@ -1,0 +1,100 @@
+"""The bfloat16 AMX conv kernel (csrc/cpu_conv_amx.cpp) against oneDNN's fused conv as the engine
+calls it (``torch_cpu.conv_fused``: reordered weight, ReLU and residual fused), per conv, and the
+bf16 engine with the kernel on and off, in one process.
+
+    python benchmarks/bench_cpu_amx.py [--models w18_small_v2 w18] [--rounds 40]
+
+Per conv: 2 threads, channels_last bf16, w18's widths and sizes at 1x3x512x1024, residual + ReLU
+where the widths match, alternating calls, medians; GFLOP/s counted as direct convolution. Per
+model: one bf16 engine, the kernel switched on and off in alternate calls (30 ms idle before
+each), median of per-round ratios, and each variant's error against the float64 reference.
+Needs a CPU with AMX (Intel Xeon from Sapphire Rapids on).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hrnet_fast.backends.torch_cpu as torch_cpu  # noqa: E402
+from hrnet_fast import HRNetConfig, cpu_ext, optimize  # noqa: E402
+from hrnet_fast.backends.cpu_memory import keep_freed_memory  # noqa: E402
+from hrnet_fast.check import randomize_batchnorm  # noqa: E402
+from hrnet_fast.reference import HighResolutionNet  # noqa: E402
+
+# (Ci, Co, H, W): w18's 3x3 stride-1 convs at 512x1024; the last two stay in oneDNN (measured).
+CONVS = [(18, 18, 128, 256), (36, 36, 64, 128), (64, 64, 128, 256), (256, 18, 128, 256),
+         (72, 72, 32, 64), (144, 144, 16, 32)]
+
+
+def per_conv(rounds):
+    for ci, co, h, w in CONVS:
+        x = torch.randn(1, ci, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
+        wt = (torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5)).bfloat16()
+        b = torch.randn(co).bfloat16()
+        res = (torch.randn(1, co, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
+               if ci == co else None)
+        packed, bf, cache = cpu_ext.conv3x3_amx_pack(wt), b.float(), {}
+        calls = {"oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, 1, 1, res, True, cache),
+                 "AMX": lambda: cpu_ext.conv3x3_amx_cpu(x, packed, bf, res, relu=True,
+                                                        weight_size=wt.shape[:2])}
+        times = {k: [] for k in calls}
+        with torch.inference_mode():
+            diff = float((calls["oneDNN"]().float() - calls["AMX"]().float()).abs().max())
+            for _ in range(rounds):
+                for k, f in calls.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
+        gflop = 2 * ci * co * 9 * h * w / 1e9
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        print(f"{ci:>3} -> {co:<3} at {h}x{w}: oneDNN {ms['oneDNN']:.3f} ms "
+              f"({gflop / ms['oneDNN'] * 1e3:.0f} GFLOP/s), AMX {ms['AMX']:.3f} ms "
+              f"({gflop / ms['AMX'] * 1e3:.0f}), {ms['oneDNN'] / ms['AMX']:.2f}x, "
+              f"max |diff| {diff:.3g}")
+
+
+def per_model(preset, rounds):
+    ref = randomize_batchnorm(HighResolutionNet(HRNetConfig.preset(preset))).eval()
+    x = torch.randn(1, 3, 512, 1024)
+    engine = optimize(ref, backend="torch", dtype=torch.bfloat16)
+    times = {True: [], False: []}
+    with torch.inference_mode():
+        e64 = ref.double()(x.double())
+        ref.float()
+        for on in (True, False):
+            torch_cpu._AMX["on"] = on
+            y = engine(x.bfloat16()).double()
+            print(f"{preset} AMX {'on ' if on else 'off'}: rel. err {float((y - e64).norm() / e64.norm()):.2e}")
+        for _ in range(rounds):
+            for on in (True, False):
+                torch_cpu._AMX["on"] = on
+                time.sleep(0.03)
+                t0 = time.perf_counter()
+                engine(x.bfloat16())
+                times[on].append(time.perf_counter() - t0)
+    torch_cpu._AMX["on"] = True
+    ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
+    print(f"{preset} bf16 1x3x512x1024: AMX on {1e3 * statistics.median(times[True]):.1f} ms, off "
+          f"{1e3 * statistics.median(times[False]):.1f} ms, {ratio:.2f}x by per-round ratios")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["w18_small_v2", "w18"])
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    keep_freed_memory()  # as the engine runs: warm calls reuse heap memory (no page faults)
+    if not cpu_ext.amx_conv_supported():
+        sys.exit("this CPU (or its OS) offers no AMX-BF16 tiles, or the CPU kernels did not build")
+    per_conv(args.rounds)
+    for preset in args.models:
+        per_model(preset, max(4, args.rounds // 5))
+
+
+if __name__ == "__main__":
+    main()
