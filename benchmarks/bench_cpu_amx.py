@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hrnet_fast.backends.torch_cpu as torch_cpu  # noqa: E402
 from hrnet_fast import HRNetConfig, cpu_ext, optimize  # noqa: E402
+from hrnet_fast.bench import paired_speedup  # noqa: E402
 from hrnet_fast.backends.cpu_memory import keep_freed_memory  # noqa: E402
 from hrnet_fast.check import randomize_batchnorm  # noqa: E402
 from hrnet_fast.reference import HighResolutionNet  # noqa: E402
@@ -77,7 +78,7 @@ def per_model(preset, rounds):
                 engine(x.bfloat16())
                 times[on].append(time.perf_counter() - t0)
     torch_cpu._AMX["on"] = True
-    ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
+    ratio = paired_speedup(times[False], times[True])
     print(f"{preset} bf16 1x3x512x1024: AMX on {1e3 * statistics.median(times[True]):.1f} ms, off "
           f"{1e3 * statistics.median(times[False]):.1f} ms, {ratio:.2f}x by per-round ratios")
 

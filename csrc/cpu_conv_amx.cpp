@@ -65,6 +65,7 @@ constexpr int kRows = 16;   // pixels per block = A and C tile rows
 constexpr int kK = 32;      // bf16 values per full K tile
 constexpr int kN = 16;      // output channels per N tile
 constexpr int kGroup = 4;   // C tiles, N tiles per pass
+constexpr int64_t kMaxCi = 512;  // the staging buffer holds 3 * kMaxCi values per row
 
 #if HF_AMX_COMPILED
 #define HF_AMX_TARGET \
@@ -97,7 +98,7 @@ struct alignas(64) TileConfig {
 struct Problem {
   const uint16_t* x;    // [N, H, W, Ci] bf16 bits
   const uint16_t* b;    // packed B tiles
-  const float* bias;    // [NT * 16], zero past Co
+  const float* bias;    // [Co] or null
   const uint16_t* res;  // [N, H, W, Co] or null
   uint16_t* out;        // [N, H, W, Co]
   int64_t N, H, W, ci, co, kd, kt, nt, tail;  // tail: K values in the last K tile (0: none)
@@ -135,7 +136,7 @@ HF_AMX_TARGET void epilogue(const Problem& p, const float* cbuf, int groups, int
     const int64_t ch = (n0 + t) * kN;
     const int count = static_cast<int>(std::min<int64_t>(kN, p.co - ch));
     const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1u);
-    const __m512 bias = _mm512_loadu_ps(p.bias + ch);
+    const __m512 bias = p.bias != nullptr ? _mm512_maskz_loadu_ps(mask, p.bias + ch) : zero;
     for (int r = 0; r < valid; ++r) {
       __m512 v = _mm512_add_ps(_mm512_loadu_ps(cbuf + (t * kRows + r) * kN), bias);
       const int64_t at = (pix + r) * p.co + ch;
@@ -154,7 +155,7 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
   configure(p);
   alignas(64) float cbuf[kGroup * kRows * kN];
   // A staged edge block: 16 rows of the Kd window values, zero where the window leaves the image.
-  alignas(64) uint16_t stage[kRows * 3 * 512];
+  alignas(64) uint16_t stage[kRows * 3 * kMaxCi];
   const int64_t ci = p.ci, kd = p.kd, W = p.W, H = p.H;
   const int64_t full_k = p.tail ? p.kt - 1 : p.kt;
   const int64_t tile_elems = kK / 2 * kN * 2;  // one packed B tile, bf16 values
@@ -229,8 +230,6 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
 bool amx_ready() { return false; }
 #endif
 
-constexpr int64_t kMaxCi = 512;  // the staging buffer holds 3 * 512 values per row
-
 at::Tensor conv3x3_amx_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point() && weight.dim() == 4 &&
                   weight.size(2) == 3 && weight.size(3) == 3 && weight.size(0) > 0 &&
@@ -276,11 +275,11 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
   const int64_t co = weight_size[0];
   TORCH_CHECK(co > nt * kN - kN && co <= nt * kN, kOp, "weight_size has ", co, " outputs",
               "; the packed weight has ", nt * kN - kN + 1, " to ", nt * kN);
-  at::Tensor bias_pad = at::zeros({nt * kN}, x.options().dtype(at::kFloat));
+  at::Tensor bias_f32;  // the epilogue reads float32 (a no-op for the engine's float32 bias)
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->numel() == co, kOp,
                 "bias must be a CPU tensor [", co, "], got ", bias->sizes());
-    bias_pad.narrow(0, 0, co).copy_(*bias);
+    bias_f32 = bias->to(at::kFloat).contiguous();
   }
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
@@ -297,7 +296,7 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
   Problem p;
   p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
   p.b = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  p.bias = bias_pad.data_ptr<float>();
+  p.bias = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   p.res = residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
   p.N = x.size(0);

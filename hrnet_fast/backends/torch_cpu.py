@@ -250,6 +250,7 @@ _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inferen
 # 0.84x: above 64 outputs the kernel re-reads its input per group of four 16-channel tiles, so
 # those stay in oneDNN.
 AMX_MAX_OUT = 64
+AMX_MAX_IN = 512  # the kernel's staging buffer (kMaxCi in csrc/cpu_conv_amx.cpp)
 
 
 def amx_spec_fits(spec: ConvSpec) -> bool:
@@ -258,7 +259,7 @@ def amx_spec_fits(spec: ConvSpec) -> bool:
     w = spec.weight
     return (w.dim() == 4 and tuple(w.shape[-2:]) == (3, 3) and spec.stride == 1
             and spec.padding == 1 and spec.relu_ranges is None and w.shape[1] % 2 == 0
-            and w.shape[1] <= 512 and w.shape[0] <= AMX_MAX_OUT)
+            and w.shape[1] <= AMX_MAX_IN and w.shape[0] <= AMX_MAX_OUT)
 
 
 def amx_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -290,6 +291,15 @@ def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
     except RuntimeError as e:
         return kernel_failed(_AMX, "cpu-amx-conv", f"CPU AMX conv kernel failed ({e})",
                              "those convolutions run in oneDNN (same math in bfloat16, slower)")
+
+
+def _memo_fits(table: Dict[int, bool], rule, spec: ConvSpec) -> bool:
+    """``rule(spec)``, remembered in ``table`` by identity of the spec (a plan's specs are fixed
+    for its life: checked once instead of on every call)."""
+    fits = table.get(id(spec))
+    if fits is None:
+        fits = table[id(spec)] = rule(spec)
+    return fits
 
 
 def dense_as(t: torch.Tensor, channels_last: bool) -> bool:
@@ -349,17 +359,16 @@ class TorchCPU(Backend):
         self._amx_packs: Dict[int, tuple] = {}  # the AMX kernel's (packed weight, float32 bias)
         self._amx_specs: Dict[int, bool] = {}
 
-    def _amx_spec(self, spec: ConvSpec) -> bool:
-        fits = self._amx_specs.get(id(spec))
-        if fits is None:
-            fits = self._amx_specs[id(spec)] = amx_spec_fits(spec)
-        return fits
-
     def _thin_spec(self, spec: ConvSpec) -> bool:
-        fits = self._thin_specs.get(id(spec))
-        if fits is None:
-            fits = self._thin_specs[id(spec)] = thin_spec_fits(spec)
-        return fits
+        return _memo_fits(self._thin_specs, thin_spec_fits, spec)
+
+    def _amx(self, x: torch.Tensor, spec: ConvSpec,
+             residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The AMX kernel's result for a bf16 conv it takes, else None (the caller goes on)."""
+        if (x.dtype != torch.bfloat16 or not _memo_fits(self._amx_specs, amx_spec_fits, spec)
+                or not amx_input_fits(x, spec.weight)):
+            return None
+        return amx_conv(x, spec, self._amx_packs, residual)
 
     def _weight_cache(self, owner) -> dict:
         """The reordered-weight cache of one conv (keyed by its ConvSpec, or by the weight tensor
@@ -367,10 +376,9 @@ class TorchCPU(Backend):
         return self._caches.setdefault(id(owner), {})
 
     def conv(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor] = None):
-        if x.dtype == torch.bfloat16 and self._amx_spec(spec) and amx_input_fits(x, spec.weight):
-            y = amx_conv(x, spec, self._amx_packs, residual)
-            if y is not None:
-                return y
+        y = self._amx(x, spec, residual)
+        if y is not None:
+            return y
         if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
             y = thin_conv(x, spec, self._thin_packs, residual)
             if y is not None:
@@ -392,10 +400,11 @@ class TorchCPU(Backend):
     def conv_into_residual(self, x: torch.Tensor, spec: ConvSpec, residual: torch.Tensor):
         # oneDNN accumulates into the residual in place (its sum post-op) instead of reading it and
         # writing a new tensor: bit-identical, 2 threads: 64->256 1x1 at 128x256 5.8 -> 4.6 ms fp32,
-        # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32. The AMX kernel (bf16) writes a new
-        # tensor: self.conv takes it first.
-        if x.dtype == torch.bfloat16 and self._amx_spec(spec) and amx_input_fits(x, spec.weight):
-            return self.conv(x, spec, residual)
+        # 2.8 -> 1.6 ms bf16; 18->18 3x3 1.49 -> 1.33 ms fp32. The AMX kernel (bf16) is faster
+        # still, writing a new tensor.
+        y = self._amx(x, spec, residual)
+        if y is not None:
+            return y
         if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
             y = thin_conv(x, spec, self._thin_packs, residual,
                           into_residual=dense_as(residual, True))
