@@ -26,9 +26,11 @@ from hrnet_fast.backends.cpu_memory import keep_freed_memory  # noqa: E402
 from hrnet_fast.check import randomize_batchnorm  # noqa: E402
 from hrnet_fast.reference import HighResolutionNet  # noqa: E402
 
-# (Ci, Co, H, W): w18's 3x3 stride-1 convs at 512x1024; the last two stay in oneDNN (measured).
+# (Ci, Co, H, W): w18's 3x3 stride-1 convs at 512x1024 (72 and 144 outputs: the kernel's 2 x 2
+# tile order), then wider layers of w32/w48 (96, 128; 192 stays in oneDNN: AMX_MAX_OUT).
 CONVS = [(18, 18, 128, 256), (36, 36, 64, 128), (64, 64, 128, 256), (256, 18, 128, 256),
-         (72, 72, 32, 64), (144, 144, 16, 32)]
+         (72, 72, 32, 64), (144, 144, 16, 32), (96, 96, 64, 128), (128, 128, 32, 64),
+         (192, 192, 32, 64)]
 
 
 def per_conv(rounds):

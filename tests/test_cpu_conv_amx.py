@@ -59,13 +59,17 @@ def _oracles(x, w, b, residual, relu):
 
 # (N, Ci, Co, H, W): w18's widths and the kernel's cases: K = 3 Ci with a tail tile (18: 54 = 32 +
 # 22; 36: 108 = 3 x 32 + 12) and without (64: 192), one and several 16-channel N tiles and a
-# partial one (18 = 16 + 2, 40, 64 = four tiles, 72 = two groups of tiles), 2 input channels
-# (K = 6); widths of 1 to 17 pixels (edge blocks only, staged), 33 and 47 (interior blocks and a
-# partial last block), multiples of 16 as in the model (the last full block reads up to the row's
-# last pixel, never past it), one row, batch 2, 256 -> 18 (w18's transition).
+# partial one (18 = 16 + 2, 40, 64 = four tiles), 2 input channels (K = 6); widths of 1 to 17
+# pixels (edge blocks only, staged), 33 and 47 (interior blocks and a partial last block),
+# multiples of 16 as in the model (the last full block reads up to the row's last pixel, never
+# past it), one row, batch 2, 256 -> 18 (w18's transition). Above 64 outputs (the 2 x 2 order):
+# 72 (five N tiles: two pairs and a single one; K tail 24), 144 (nine; tail 16), 80 from 64 (no
+# K tail, a partial N tile in the last pair), 96 from 2 (K = 6, all tail), widths giving a
+# single last block (35 = 2 x 16 + 3, 20, 16: one interior-free block), odd and even block counts.
 SHAPES = [(2, 18, 18, 13, 47), (1, 36, 36, 9, 33), (1, 64, 64, 6, 40), (1, 72, 72, 5, 35),
           (2, 2, 5, 3, 1), (1, 18, 40, 1, 17), (1, 256, 18, 4, 38), (1, 144, 144, 3, 20),
-          (2, 18, 18, 5, 32), (1, 36, 36, 4, 64)]
+          (2, 18, 18, 5, 32), (1, 36, 36, 4, 64), (2, 72, 72, 4, 64), (1, 64, 80, 3, 49),
+          (1, 2, 96, 2, 16), (1, 144, 144, 4, 48), (1, 72, 70, 1, 1)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -86,19 +90,21 @@ def test_matches_oracle(built, shape):
                                what=f"{shape} residual={with_res} relu={relu} bias={with_bias}")
 
 
-def test_nan_reaches_exactly_its_window(built):
+@pytest.mark.parametrize("ci,co", [(18, 18), (72, 72)], ids=["n-major", "2x2"])
+def test_nan_reaches_exactly_its_window(built, ci, co):
     """A tile row reads 3 Ci consecutive values of a channels_last row and never past its window:
     a NaN input pixel makes exactly its 3x3 neighbourhood NaN in every output channel (through the
     ReLU), at an interior block, at the image's edges (staged blocks) and across a block boundary;
-    a NaN in the residual stays where it is."""
-    x = _tensor((1, 18, 7, 48), seed=4)
+    a NaN in the residual stays where it is. Both tile orders (18 outputs: N-major; 72: 2 x 2,
+    whose K tails are staged per block)."""
+    x = _tensor((1, ci, 7, 48), seed=4)
     for y, col in ((3, 20), (0, 0), (6, 47), (2, 16), (4, 0)):  # (4, 0) follows (3, 47) in memory
-        x[0, 5, y, col] = float("nan")
-    res = _tensor((1, 18, 7, 48), seed=5)
+        x[0, [0, 5, ci - 1], y, col] = float("nan")  # a pixel's first and last values too
+    res = _tensor((1, co, 7, 48), seed=5)
     res[0, 2, 5, 33] = float("nan")
-    wt, b = _weights(18, 18, 6)
+    wt, b = _weights(ci, co, 6)
     expected = torch.isnan(_oracles(x, wt, b, res, True)[0])
-    assert int(expected.sum()) == 18 * (9 + 4 + 4 + 9 + 6) + 1
+    assert int(expected.sum()) == co * (9 + 4 + 4 + 9 + 6) + 1
     assert torch.equal(torch.isnan(_run(x, wt, b, res, True)), expected)
 
 
@@ -176,8 +182,8 @@ def test_bf16_engine_matches_the_reference(amx_calls, preset, mode, size):
         same = HighResolutionNet.forward(model.to(BF16), x.to(BF16))
     assert out.dtype == BF16
     assert_model_close(out, ref64, same, dtype=BF16, what=f"{preset} {mode} {size} bf16")
-    # every branch conv of 18/36 channels and layer1's 64-channel 3x3s
-    assert {(18, 2), (36, 3), (64, 4)} <= set(amx_calls)
+    # every branch width (18/36: N-major order, 72/144: 2 x 2) and layer1's 64-channel 3x3s
+    assert {(18, 2), (36, 3), (64, 4), (72, 5), (144, 9)} <= set(amx_calls)
 
 
 def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
@@ -208,11 +214,11 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
 
 
 @pytest.mark.parametrize("ci,co,fits", [(18, 18, True), (36, 36, True), (64, 64, True),
-                                        (256, 18, True), (72, 72, False), (144, 144, False),
-                                        (17, 18, False)])
+                                        (256, 18, True), (72, 72, True), (144, 144, True),
+                                        (192, 192, False), (17, 18, False), (514, 18, False)])
 def test_the_width_rule(ci, co, fits):
-    """3x3 stride-1 convs with an even input width and at most 64 outputs (one group of C tiles):
-    the measured wins (18, 36, 64, 256 -> 18), not 72 and 144 (measured slower than oneDNN)."""
+    """3x3 stride-1 convs with an even input width of at most AMX_MAX_IN and at most 144 outputs:
+    the measured wins (18 to 144 outputs, 256 -> 18), not 192 (measured slower than oneDNN)."""
     spec = ConvSpec(torch.zeros(co, ci, 3, 3), None, 1, 1, True)
     assert torch_cpu.amx_spec_fits(spec) is fits
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 2, 1, True))

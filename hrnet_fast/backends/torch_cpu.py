@@ -1,7 +1,7 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
 epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
 thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); in
-bfloat16 on CPUs with AMX, the 3x3 stride-1 convs of up to 64 outputs through the AMX kernel
+bfloat16 on CPUs with AMX, the 3x3 stride-1 convs of up to 144 outputs through the AMX kernel
 (see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
 built, else torch compositions.
 
@@ -245,11 +245,11 @@ _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inferen
 # whole row of the 3x3 window (3 Ci values, 54 of 64 slots for 18 channels, where oneDNN pads each
 # tap's 18 to 32), and a call costs a few microseconds of host work (oneDNN through torch 150-170
 # us). Measured against oneDNN's fused conv as the engine calls it (2 threads, channels_last,
-# same process, alternating calls; benchmarks/RESULTS.md): 18 -> 18 at 128x256 1.49x, 36 -> 36 at
-# 64x128 1.67x, layer1's 64 -> 64 at 128x256 1.11x, 256 -> 18 1.19x; 72 -> 72 1.03x and 144 -> 144
-# 0.84x: above 64 outputs the kernel re-reads its input per group of four 16-channel tiles, so
-# those stay in oneDNN.
-AMX_MAX_OUT = 64
+# same process, alternating calls; benchmarks/RESULTS.md): 18 -> 18 at 128x256 1.46-1.56x,
+# 36 -> 36 at 64x128 1.53-1.87x, 64 -> 64 1.08-1.57x, 256 -> 18 1.19-2.41x; above 64 outputs
+# (the kernel's 2 x 2 tile order) 72 -> 72 1.17-1.25x, 96 1.16-1.22x, 128 1.14-1.16x, 144 -> 144
+# 1.01-1.28x; 192 -> 192 0.85x and 384 -> 384 0.58x, so AMX_MAX_OUT stops at 144 (w18's widest).
+AMX_MAX_OUT = 144
 AMX_MAX_IN = 512  # the kernel's staging buffer (kMaxCi in csrc/cpu_conv_amx.cpp)
 
 
