@@ -155,6 +155,25 @@ HF_AMX_TARGET void epilogue(const Problem& p, const float* cbuf, int groups, int
   }
 }
 
+// Stages one 16-pixel block's window row for edge blocks: dst row r (stride `row_stride` values)
+// holds the 3 * Ci window values of pixel xb + r, zero where the window leaves the image or past
+// the block's `valid` pixels; values from 3 * Ci to row_stride are zeroed too.
+HF_AMX_TARGET void stage_block(const Problem& p, const uint16_t* row, int64_t xb, int valid,
+                               uint16_t* dst, int64_t row_stride) {
+  const int64_t ci = p.ci;
+  for (int r = 0; r < kRows; ++r) {
+    uint16_t* dst_row = dst + r * row_stride;
+    for (int dx = 0; dx < 3; ++dx) {
+      const int64_t px = xb + r + dx - 1;
+      if (px >= 0 && px < p.W && r < valid)
+        std::memcpy(dst_row + dx * ci, row + px * ci, ci * 2);
+      else
+        std::memset(dst_row + dx * ci, 0, ci * 2);
+    }
+    std::memset(dst_row + p.kd, 0, (row_stride - p.kd) * 2);
+  }
+}
+
 HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
   configure(p);
   alignas(64) float cbuf[kGroup * kRows * kN];
@@ -184,15 +203,7 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
             a = row + (x0 - 1) * ci;
             stride = ci * 2;
           } else {
-            for (int r = 0; r < kRows; ++r)
-              for (int dx = 0; dx < 3; ++dx) {
-                const int64_t px = x0 + r + dx - 1;
-                uint16_t* dst = stage + r * kd + dx * ci;
-                if (px >= 0 && px < W && r < valid)
-                  std::memcpy(dst, row + px * ci, ci * 2);
-                else
-                  std::memset(dst, 0, ci * 2);
-              }
+            stage_block(p, row, x0, valid, stage, kd);
             a = stage;
             stride = kd * 2;
           }
@@ -261,9 +272,7 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
   const __mmask32 tail_mask = p.tail ? static_cast<__mmask32>((1ull << p.tail) - 1) : 0;
   // per block and window row: a whole staged window row block [16][kdp] for edge blocks, and the
   // staged K tail [16][32] for interior ones
-  std::vector<uint16_t> stage(static_cast<size_t>(2 * 3 * kRows * kdp) + 64);
-  uint16_t* stage_base = reinterpret_cast<uint16_t*>(
-      (reinterpret_cast<uintptr_t>(stage.data()) + 63) & ~static_cast<uintptr_t>(63));
+  std::vector<uint16_t> stage(static_cast<size_t>(2 * 3 * kRows * kdp));
   alignas(64) uint16_t tails[2][3][kRows * kK];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / H, y = item % H;
@@ -295,19 +304,8 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
             }
             continue;
           }
-          uint16_t* st = stage_base + (b * 3 + dy) * kRows * kdp;
-          for (int r = 0; r < kRows; ++r) {
-            uint16_t* dst_row = st + r * kdp;
-            for (int dx = 0; dx < 3; ++dx) {
-              const int64_t px = xb + r + dx - 1;
-              uint16_t* dst = dst_row + dx * ci;
-              if (px >= 0 && px < W && r < valid[b])
-                std::memcpy(dst, row + px * ci, ci * 2);
-              else
-                std::memset(dst, 0, ci * 2);
-            }
-            std::memset(dst_row + kd, 0, (kdp - kd) * 2);
-          }
+          uint16_t* st = stage.data() + (b * 3 + dy) * kRows * kdp;
+          stage_block(p, row, xb, valid[b], st, kdp);
           a[b][dy] = st;
           stride[b][dy] = kdp * 2;
           at[b][dy] = st + full_k * kK;

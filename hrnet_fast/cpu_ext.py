@@ -385,8 +385,11 @@ def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
 
 def amx_conv_supported() -> bool:
     """Whether ``conv3x3_amx`` can run here: the kernels are built and this CPU and its OS offer
-    AMX-BF16 tiles with AVX512-BF16 (Intel Xeon from Sapphire Rapids on; asked once per process)."""
-    return load_extension() and bool(torch.ops.hrnet_fast_cpu.amx_available())
+    AMX-BF16 tiles with AVX512-BF16 (Intel Xeon from Sapphire Rapids on; asked once per process:
+    the engine checks it before every bfloat16 conv)."""
+    if "amx" not in _state:
+        _state["amx"] = load_extension() and bool(torch.ops.hrnet_fast_cpu.amx_available())
+    return _state["amx"]
 
 
 def conv3x3_amx_pack(weight: torch.Tensor) -> torch.Tensor:

@@ -247,8 +247,9 @@ _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inferen
 # us). Measured against oneDNN's fused conv as the engine calls it (2 threads, channels_last,
 # same process, alternating calls; benchmarks/RESULTS.md): 18 -> 18 at 128x256 1.46-1.56x,
 # 36 -> 36 at 64x128 1.53-1.87x, 64 -> 64 1.08-1.57x, 256 -> 18 1.19-2.41x; above 64 outputs
-# (the kernel's 2 x 2 tile order) 72 -> 72 1.17-1.25x, 96 1.16-1.22x, 128 1.14-1.16x, 144 -> 144
-# 1.01-1.28x; 192 -> 192 0.85x and 384 -> 384 0.58x, so AMX_MAX_OUT stops at 144 (w18's widest).
+# (the kernel's 2 x 2 tile order) 72 -> 72 0.85-1.25x (most runs 1.1-1.25x), 96 1.09-1.22x, 128
+# 0.98-1.19x, 144 -> 144 1.01-1.28x; 192 -> 192 0.85-1.48x (unsettled) and 384 -> 384 0.58x, so
+# AMX_MAX_OUT stops at 144 (w18's widest).
 AMX_MAX_OUT = 144
 AMX_MAX_IN = 512  # the kernel's staging buffer (kMaxCi in csrc/cpu_conv_amx.cpp)
 
