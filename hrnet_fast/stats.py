@@ -19,9 +19,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _drop_shape_preserving_layers(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (nn.modules.batchnorm._BatchNorm, nn.ReLU)):
+            setattr(module, name, nn.Identity())
+        else:
+            _drop_shape_preserving_layers(child)
+
+
 def count_macs(model: nn.Module, input_size: Tuple[int, int], batch: int = 1) -> int:
     """MACs of one forward pass at ``input_size`` (H, W), computed on the meta device (no memory)."""
     meta = copy.deepcopy(model).to("meta").eval()
+    # BatchNorm and ReLU are not counted and keep shapes; on the meta device their decompositions
+    # took about half the time of the count (13 s for the nine presets of `hrnet-fast info`).
+    _drop_shape_preserving_layers(meta)
     total = 0
 
     def conv_hook(mod: nn.Conv2d, _inp, out):

@@ -17,10 +17,12 @@ def test_info_lists_every_preset(capsys):
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "hrnet_fast", "info", "--size", "32"],
+    # --help: the entry point and the parser; `info` over all nine presets costs 10-15 s here and
+    # is covered in-process above.
+    r = subprocess.run([sys.executable, "-m", "hrnet_fast", "--help"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "w18_small_v2" in r.stdout
+    assert "usage: hrnet-fast" in r.stdout and "demo" in r.stdout
 
 
 def test_bad_size_is_rejected(capsys):
