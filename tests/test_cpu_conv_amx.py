@@ -66,10 +66,14 @@ def _oracles(x, w, b, residual, relu):
 # 72 (five N tiles: two pairs and a single one; K tail 24), 144 (nine; tail 16), 80 from 64 (no
 # K tail, a partial N tile in the last pair), 96 from 2 (K = 6, all tail), widths giving a
 # single last block (35 = 2 x 16 + 3, 20, 16: one interior-free block), odd and even block counts.
+# The N-major order's dense epilogue (16 to 64 outputs, tiles stored at a row stride of Co): 16
+# (its lower edge: no columns past Co), 33 (a last tile holding one channel, 15 columns landing on
+# the next pixel), and 18, 36, 40 and 64 above.
 SHAPES = [(2, 18, 18, 13, 47), (1, 36, 36, 9, 33), (1, 64, 64, 6, 40), (1, 72, 72, 5, 35),
           (2, 2, 5, 3, 1), (1, 18, 40, 1, 17), (1, 256, 18, 4, 38), (1, 144, 144, 3, 20),
           (2, 18, 18, 5, 32), (1, 36, 36, 4, 64), (2, 72, 72, 4, 64), (1, 64, 80, 3, 49),
-          (1, 2, 96, 2, 16), (1, 144, 144, 4, 48), (1, 72, 70, 1, 1)]
+          (1, 2, 96, 2, 16), (1, 144, 144, 4, 48), (1, 72, 70, 1, 1), (1, 16, 16, 3, 21),
+          (2, 18, 33, 2, 18)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
