@@ -4,8 +4,8 @@ bf16 engine with the kernel on and off, in one process.
 
     python benchmarks/bench_cpu_amx.py [--models w18_small_v2 w18] [--rounds 40]
 
-Per conv: 2 threads, channels_last bf16, w18's widths and sizes at 1x3x512x1024, residual + ReLU
-where the widths match, alternating calls, medians; GFLOP/s counted as direct convolution. Per
+Per conv: 2 threads, channels_last bf16, w18's widths and sizes at 1x3x512x1024 (stride 1 and
+2), residual + ReLU where the widths match at stride 1, else ReLU, alternating calls, medians; GFLOP/s counted as direct convolution. Per
 model: one bf16 engine, the kernel switched on and off in alternate calls (30 ms idle before
 each), median of per-round ratios, and each variant's error against the float64 reference.
 Needs a CPU with AMX (Intel Xeon from Sapphire Rapids on).
@@ -26,24 +26,28 @@ from hrnet_fast.backends.cpu_memory import keep_freed_memory  # noqa: E402
 from hrnet_fast.check import randomize_batchnorm  # noqa: E402
 from hrnet_fast.reference import HighResolutionNet  # noqa: E402
 
-# (Ci, Co, H, W): w18's 3x3 stride-1 convs at 512x1024 (72 and 144 outputs: the kernel's 2 x 2
-# tile order), then wider layers of w32/w48 (96, 128; 192 stays in oneDNN: AMX_MAX_OUT).
-CONVS = [(18, 18, 128, 256), (36, 36, 64, 128), (64, 64, 128, 256), (256, 18, 128, 256),
-         (72, 72, 32, 64), (144, 144, 16, 32), (96, 96, 64, 128), (128, 128, 32, 64),
-         (192, 192, 32, 64)]
+# (Ci, Co, H, W, stride), H x W the input's size: w18's 3x3 stride-1 convs at 512x1024 (72 and
+# 144 outputs: the kernel's 2 x 2 tile order), wider layers of w32/w48 (96, 128; 192 stays in
+# oneDNN: AMX_MAX_OUT), then w18's stride-2 convs (the stem's second, transitions, the fuse step's
+# batched downsampling convs: 18 -> 36 + 18 = 54, 18 -> 72 ...).
+CONVS = [(18, 18, 128, 256, 1), (36, 36, 64, 128, 1), (64, 64, 128, 256, 1), (256, 18, 128, 256, 1),
+         (72, 72, 32, 64, 1), (144, 144, 16, 32, 1), (96, 96, 64, 128, 1), (128, 128, 32, 64, 1),
+         (192, 192, 32, 64, 1),
+         (64, 64, 256, 512, 2), (256, 36, 128, 256, 2), (18, 54, 128, 256, 2), (18, 72, 64, 128, 2),
+         (36, 108, 64, 128, 2), (72, 144, 32, 64, 2), (18, 144, 32, 64, 2)]
 
 
 def per_conv(rounds):
-    for ci, co, h, w in CONVS:
+    for ci, co, h, w, stride in CONVS:
         x = torch.randn(1, ci, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
         wt = (torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5)).bfloat16()
         b = torch.randn(co).bfloat16()
         res = (torch.randn(1, co, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
-               if ci == co else None)
+               if ci == co and stride == 1 else None)
         packed, bf, cache = cpu_ext.conv3x3_amx_pack(wt), b.float(), {}
-        calls = {"oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, 1, 1, res, True, cache),
+        calls = {"oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, stride, 1, res, True, cache),
                  "AMX": lambda: cpu_ext.conv3x3_amx_cpu(x, packed, bf, res, relu=True,
-                                                        weight_size=wt.shape[:2])}
+                                                        weight_size=wt.shape[:2], stride=stride)}
         times = {k: [] for k in calls}
         with torch.inference_mode():
             diff = float((calls["oneDNN"]().float() - calls["AMX"]().float()).abs().max())
@@ -52,9 +56,9 @@ def per_conv(rounds):
                     t0 = time.perf_counter()
                     f()
                     times[k].append(time.perf_counter() - t0)
-        gflop = 2 * ci * co * 9 * h * w / 1e9
+        gflop = 2 * ci * co * 9 * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) / 1e9
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        print(f"{ci:>3} -> {co:<3} at {h}x{w}: oneDNN {ms['oneDNN']:.3f} ms "
+        print(f"{ci:>3} -> {co:<3} s{stride} at {h}x{w}: oneDNN {ms['oneDNN']:.3f} ms "
               f"({gflop / ms['oneDNN'] * 1e3:.0f} GFLOP/s), AMX {ms['AMX']:.3f} ms "
               f"({gflop / ms['AMX'] * 1e3:.0f}), {ms['oneDNN'] / ms['AMX']:.2f}x, "
               f"max |diff| {diff:.3g}")

@@ -1,20 +1,25 @@
-// hrnet_fast CPU kernel: 3x3 stride-1 bfloat16 convolutions on Intel AMX tiles (the thin layers of
-// the bfloat16 CPU engine).
+// hrnet_fast CPU kernel: 3x3 bfloat16 convolutions, stride 1 or 2, on Intel AMX tiles (the thin
+// layers of the bfloat16 CPU engine).
 //
 //   hrnet_fast_cpu::conv3x3_amx_pack(Tensor weight) -> Tensor
 //     weight [Co, Ci, 3, 3] (any float dtype; Ci even) -> bfloat16 B tiles, see "Packing" below.
 //   hrnet_fast_cpu::conv3x3_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias,
-//                               Tensor? residual, bool relu) -> Tensor
+//                               Tensor? residual, bool relu, int stride=1,
+//                               int[] relu_ranges=[]) -> Tensor
 //     weight_size: the packed weight's [Co, Ci] (the packing pads both), checked against x.
-//     out = act(conv2d(x, weight, bias, stride=1, padding=1) + residual), a new channels_last
-//     bfloat16 tensor. act = ReLU if relu (NaN propagates), else identity.
+//     out = act(conv2d(x, weight, bias, stride, padding=1) + residual), a new channels_last
+//     bfloat16 tensor [N, Co, (H - 1) / stride + 1, (W - 1) / stride + 1]; stride 1 or 2.
+//     act = ReLU if relu (NaN propagates), else identity; with relu_ranges ([start, end) pairs)
+//     the ReLU acts on those output channels only (a batched stride-2 conv's branches).
 //
 // Why: through torch, each oneDNN convolution costs 150-170 us of host work per call in bfloat16
 // (ideep builds the primitive descriptor on every call; 282 calls, 47 ms of a 149 ms w18 forward
 // at 512x1024, 2 cores), and oneDNN's AMX kernels pad each tap's K = Ci to a multiple of 32
 // (18 channels use 56% of a tile). Here the K of one tile row is a whole row of the 3x3 window,
 // 3 * Ci contiguous values of a channels_last input (pixels x-1, x, x+1), so 18 channels fill
-// 54 of 64 K slots, and the host work per call is a few microseconds.
+// 54 of 64 K slots, and the host work per call is a few microseconds. Stride 2 keeps that: output
+// pixel x's window row is input pixels 2x - 1 to 2x + 1, still 3 Ci contiguous values, and the A
+// tile's rows are 2 Ci values apart instead of Ci.
 //
 // Tensors: x [N, Ci, H, W] bfloat16, dense channels_last; residual [N, Co, H, W] bfloat16 dense
 // channels_last; bias [Co] float32 contiguous; Ci even (the K tail of a tile holds whole bf16
@@ -53,6 +58,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -107,9 +113,13 @@ struct Problem {
   const uint16_t* b;    // packed B tiles
   const float* bias;    // [Co] or null
   const float* bias_rep;  // [kRows * Co + kN]: bias[i % Co], the dense epilogue's bias; or null
+  // [kRows * Co + kN]: floor[i % Co], 0 on channels with a ReLU and -inf elsewhere, when the ReLU
+  // covers only some channels (batched stride-2 convs); else null
+  const float* floor_rep;
   const uint16_t* res;  // [N, H, W, Co] or null
   uint16_t* out;        // [N, H, W, Co]
   int64_t N, H, W, ci, co, kd, kt, nt, tail;  // tail: K values in the last K tile (0: none)
+  int64_t s, Ho, Wo;  // stride (1 or 2); H, W are the input's size, Ho, Wo the output's
   bool relu;
 };
 
@@ -152,7 +162,10 @@ HF_AMX_TARGET void epilogue(const Problem& p, const float* cbuf, int groups, int
         const __m256i rb = _mm256_maskz_loadu_epi16(mask, p.res + at);
         v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16)));
       }
-      if (p.relu) v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
+      if (p.floor_rep != nullptr)
+        v = _mm512_max_ps(_mm512_maskz_loadu_ps(mask, p.floor_rep + ch), v);
+      else if (p.relu)
+        v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
       const __m256bh o = _mm512_cvtneps_pbh(v);
       _mm256_mask_storeu_epi16(p.out + at, mask, reinterpret_cast<__m256i>(o));
     }
@@ -180,22 +193,26 @@ HF_AMX_TARGET void epilogue_dense(const Problem& p, const float* cbuf, int64_t p
       const __m256i rb = _mm256_maskz_loadu_epi16(mask, res + i);
       v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16)));
     }
-    if (p.relu) v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
+    if (p.floor_rep != nullptr)
+      v = _mm512_max_ps(_mm512_maskz_loadu_ps(mask, p.floor_rep + i), v);  // NaN stays NaN
+    else if (p.relu)
+      v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
     const __m256bh o = _mm512_cvtneps_pbh(v);
     _mm256_mask_storeu_epi16(out + i, mask, reinterpret_cast<__m256i>(o));
   }
 }
 
 // Stages one 16-pixel block's window row for edge blocks: dst row r (stride `row_stride` values)
-// holds the 3 * Ci window values of pixel xb + r, zero where the window leaves the image or past
-// the block's `valid` pixels; values from 3 * Ci to row_stride are zeroed too.
+// holds the 3 * Ci window values of output pixel xb + r (input pixels s (xb + r) - 1 + dx), zero
+// where the window leaves the image or past the block's `valid` pixels; values from 3 * Ci to
+// row_stride are zeroed too.
 HF_AMX_TARGET void stage_block(const Problem& p, const uint16_t* row, int64_t xb, int valid,
                                uint16_t* dst, int64_t row_stride) {
   const int64_t ci = p.ci;
   for (int r = 0; r < kRows; ++r) {
     uint16_t* dst_row = dst + r * row_stride;
     for (int dx = 0; dx < 3; ++dx) {
-      const int64_t px = xb + r + dx - 1;
+      const int64_t px = p.s * (xb + r) + dx - 1;
       if (px >= 0 && px < p.W && r < valid)
         std::memcpy(dst_row + dx * ci, row + px * ci, ci * 2);
       else
@@ -203,6 +220,12 @@ HF_AMX_TARGET void stage_block(const Problem& p, const uint16_t* row, int64_t xb
     }
     std::memset(dst_row + p.kd, 0, (row_stride - p.kd) * 2);
   }
+}
+
+// Whether the 16 output pixels from xb read only input pixels inside the row (no staging): input
+// pixels s xb - 1 to s (xb + 15) + 1. Such a block is always a full one.
+inline bool interior_block(const Problem& p, int64_t xb) {
+  return p.s * xb >= 1 && p.s * (xb + kRows - 1) + 1 <= p.W - 1;
 }
 
 HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
@@ -215,14 +238,14 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
   const bool dense = p.co >= kN && p.nt <= kGroup;
   // A staged edge block: 16 rows of the Kd window values, zero where the window leaves the image.
   alignas(64) uint16_t stage[kRows * 3 * kMaxCi];
-  const int64_t ci = p.ci, kd = p.kd, W = p.W, H = p.H;
+  const int64_t ci = p.ci, kd = p.kd, W = p.W, H = p.H, s = p.s, Ho = p.Ho, Wo = p.Wo;
   const int64_t full_k = p.tail ? p.kt - 1 : p.kt;
   const int64_t tile_elems = kK / 2 * kN * 2;  // one packed B tile, bf16 values
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / H, y = item % H;
-    for (int64_t x0 = 0; x0 < W; x0 += kRows) {
-      const int valid = static_cast<int>(std::min<int64_t>(kRows, W - x0));
-      const bool interior = x0 >= 1 && x0 + kRows + 1 <= W;
+    const int64_t n = item / Ho, y = item % Ho;
+    for (int64_t x0 = 0; x0 < Wo; x0 += kRows) {
+      const int valid = static_cast<int>(std::min<int64_t>(kRows, Wo - x0));
+      const bool interior = interior_block(p, x0);
       for (int64_t g0 = 0; g0 < p.nt; g0 += kGroup) {
         const int groups = static_cast<int>(std::min<int64_t>(kGroup, p.nt - g0));
         for (int t = 0; t < groups; ++t) {
@@ -230,14 +253,14 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
           HF_FOR_C(t, HF_ZERO)
         }
         for (int dy = 0; dy < 3; ++dy) {
-          const int64_t yy = y + dy - 1;
+          const int64_t yy = s * y + dy - 1;
           if (yy < 0 || yy >= H) continue;
           const uint16_t* row = p.x + (n * H + yy) * W * ci;
           const uint16_t* a;
           int64_t stride;
           if (interior) {
-            a = row + (x0 - 1) * ci;
-            stride = ci * 2;
+            a = row + (s * x0 - 1) * ci;
+            stride = s * ci * 2;
           } else {
             stage_block(p, row, x0, valid, stage, kd);
             a = stage;
@@ -266,14 +289,14 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
 #define HF_STORE_DENSE(T) _tile_stored(T, cbuf + t * kN, p.co * 4)
             HF_FOR_C(t, HF_STORE_DENSE)
           }
-          epilogue_dense(p, cbuf, (n * H + y) * W + x0, valid);
+          epilogue_dense(p, cbuf, (n * Ho + y) * Wo + x0, valid);
           continue;
         }
         for (int t = 0; t < groups; ++t) {
 #define HF_STORE(T) _tile_stored(T, cbuf + t * kRows * kN, kN * 4)
           HF_FOR_C(t, HF_STORE)
         }
-        epilogue(p, cbuf, groups, g0, (n * H + y) * W + x0, valid);
+        epilogue(p, cbuf, groups, g0, (n * Ho + y) * Wo + x0, valid);
       }
     }
   }
@@ -311,7 +334,7 @@ HF_AMX_TARGET void configure_square() {
 HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end) {
   configure_square();
   alignas(64) float cbuf[4 * kRows * kN];
-  const int64_t ci = p.ci, kd = p.kd, W = p.W, H = p.H, kdp = p.kt * kK;
+  const int64_t ci = p.ci, W = p.W, H = p.H, s = p.s, Ho = p.Ho, Wo = p.Wo, kdp = p.kt * kK;
   const int64_t full_k = p.tail ? p.kt - 1 : p.kt;
   const int64_t tile_elems = kK / 2 * kN * 2;
   const __mmask32 tail_mask = p.tail ? static_cast<__mmask32>((1ull << p.tail) - 1) : 0;
@@ -320,30 +343,31 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
   std::vector<uint16_t> stage(static_cast<size_t>(2 * 3 * kRows * kdp));
   alignas(64) uint16_t tails[2][3][kRows * kK];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / H, y = item % H;
+    const int64_t n = item / Ho, y = item % Ho;
     bool row_ok[3];
-    for (int dy = 0; dy < 3; ++dy) row_ok[dy] = y + dy - 1 >= 0 && y + dy - 1 < H;
-    for (int64_t x0 = 0; x0 < W; x0 += 2 * kRows) {
-      const int blocks = W - x0 > kRows ? 2 : 1;
+    for (int dy = 0; dy < 3; ++dy) row_ok[dy] = s * y + dy - 1 >= 0 && s * y + dy - 1 < H;
+    for (int64_t x0 = 0; x0 < Wo; x0 += 2 * kRows) {
+      const int blocks = Wo - x0 > kRows ? 2 : 1;
       const uint16_t* a[2][3];
       const uint16_t* at[2][3];  // the K tail tile's rows
       int64_t stride[2][3], tail_stride[2][3];
       int valid[2];
       for (int b = 0; b < blocks; ++b) {
         const int64_t xb = x0 + b * kRows;
-        valid[b] = static_cast<int>(std::min<int64_t>(kRows, W - xb));
-        const bool interior = xb >= 1 && xb + kRows + 1 <= W;
+        valid[b] = static_cast<int>(std::min<int64_t>(kRows, Wo - xb));
+        const bool interior = interior_block(p, xb);
         for (int dy = 0; dy < 3; ++dy) {
           if (!row_ok[dy]) continue;
-          const uint16_t* row = p.x + (n * H + y + dy - 1) * W * ci;
+          const uint16_t* row = p.x + (n * H + s * y + dy - 1) * W * ci;
           if (interior) {
-            a[b][dy] = row + (xb - 1) * ci;
-            stride[b][dy] = ci * 2;
+            a[b][dy] = row + (s * xb - 1) * ci;
+            stride[b][dy] = s * ci * 2;
             if (p.tail) {
               uint16_t* t = tails[b][dy];
               const uint16_t* src = a[b][dy] + full_k * kK;
               for (int r = 0; r < kRows; ++r)
-                _mm512_store_si512(t + r * kK, _mm512_maskz_loadu_epi16(tail_mask, src + r * ci));
+                _mm512_store_si512(t + r * kK,
+                                   _mm512_maskz_loadu_epi16(tail_mask, src + r * s * ci));
               at[b][dy] = t;
               tail_stride[b][dy] = kK * 2;
             }
@@ -390,7 +414,7 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
 #define HF_STORE2(C, A, B) _tile_stored(C, cbuf + (b * 2 + j) * kRows * kN, kN * 4)
             HF_TILE_PAIR(b, j, HF_STORE2)
           }
-          epilogue(p, cbuf + b * 2 * kRows * kN, ntiles, n0, (n * H + y) * W + x0 + b * kRows,
+          epilogue(p, cbuf + b * 2 * kRows * kN, ntiles, n0, (n * Ho + y) * Wo + x0 + b * kRows,
                    valid[b]);
         }
       }
@@ -437,7 +461,8 @@ at::Tensor conv3x3_amx_pack(const at::Tensor& weight) {
 
 at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef weight_size,
                        const c10::optional<at::Tensor>& bias,
-                       const c10::optional<at::Tensor>& residual, bool relu) {
+                       const c10::optional<at::Tensor>& residual, bool relu, int64_t stride,
+                       at::IntArrayRef relu_ranges) {
   TORCH_CHECK(amx_ready(), kOp, "this CPU (or its kernel) does not offer AMX-BF16 tiles");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -457,6 +482,16 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
   const int64_t co = weight_size[0];
   TORCH_CHECK(co > nt * kN - kN && co <= nt * kN, kOp, "weight_size has ", co, " outputs",
               "; the packed weight has ", nt * kN - kN + 1, " to ", nt * kN);
+  TORCH_CHECK(stride == 1 || stride == 2, kOp, "stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(relu_ranges.size() % 2 == 0 && (relu_ranges.empty() || relu), kOp,
+              "relu_ranges must be [start, end) pairs of channels, with relu set");
+  for (size_t i = 0; i < relu_ranges.size(); i += 2)
+    TORCH_CHECK(0 <= relu_ranges[i] && relu_ranges[i] <= relu_ranges[i + 1] &&
+                    relu_ranges[i + 1] <= co,
+                kOp, "relu range [", relu_ranges[i], ", ", relu_ranges[i + 1],
+                ") is not inside the ", co, " output channels");
+  // 3x3, padding 1: (H + 2 - 3) / s + 1
+  const int64_t ho = (x.size(2) - 1) / stride + 1, wo = (x.size(3) - 1) / stride + 1;
   at::Tensor bias_f32;  // the epilogue reads float32 (a no-op for the engine's float32 bias)
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->numel() == co, kOp,
@@ -466,12 +501,12 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
     TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kBFloat16 && r.dim() == 4 &&
-                    r.size(0) == x.size(0) && r.size(1) == co && r.size(2) == x.size(2) &&
-                    r.size(3) == x.size(3) && r.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    r.size(0) == x.size(0) && r.size(1) == co && r.size(2) == ho &&
+                    r.size(3) == wo && r.is_contiguous(at::MemoryFormat::ChannelsLast),
                 kOp, "residual must be a dense channels_last bfloat16 tensor [", x.size(0), ", ",
-                co, ", ", x.size(2), ", ", x.size(3), "], got ", r.scalar_type(), " ", r.sizes());
+                co, ", ", ho, ", ", wo, "], got ", r.scalar_type(), " ", r.sizes());
   }
-  at::Tensor out = at::empty({x.size(0), co, x.size(2), x.size(3)},
+  at::Tensor out = at::empty({x.size(0), co, ho, wo},
                              x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 #if HF_AMX_COMPILED
@@ -485,6 +520,15 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
     for (size_t i = 0; i < bias_rep.size(); ++i) bias_rep[i] = p.bias[i % co];
   }
   p.bias_rep = p.bias != nullptr ? bias_rep.data() : nullptr;
+  std::vector<float> floor_rep;
+  if (!relu_ranges.empty()) {
+    std::vector<float> floor(static_cast<size_t>(co), -std::numeric_limits<float>::infinity());
+    for (size_t i = 0; i < relu_ranges.size(); i += 2)
+      std::fill(floor.begin() + relu_ranges[i], floor.begin() + relu_ranges[i + 1], 0.0f);
+    floor_rep.resize(static_cast<size_t>(kRows * co + kN));
+    for (size_t i = 0; i < floor_rep.size(); ++i) floor_rep[i] = floor[i % co];
+  }
+  p.floor_rep = floor_rep.empty() ? nullptr : floor_rep.data();
   p.res = residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
   p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
   p.N = x.size(0);
@@ -497,12 +541,15 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
   p.nt = nt;
   p.tail = p.kd % kK;
   p.relu = relu;
+  p.s = stride;
+  p.Ho = ho;
+  p.Wo = wo;
   // Above four N tiles the N-major order re-reads each A tile per group of four and ends on a
   // group of one or two (a chain of dependent products); the 2 x 2 order measured 1.05-1.28x
   // oneDNN there (72, 80, 88, 96, 120, 128, 144 outputs), the N-major 0.75-1.08x. Up to four N
   // tiles the N-major order is faster (18 -> 18: 1.46-1.56x against the 2 x 2 order's 1.00-1.06x).
   const bool square = p.nt > kGroup;
-  at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.N * p.Ho, 1, [&](int64_t begin, int64_t end) {
     if (square)
       run_rows_square(p, begin, end);
     else
@@ -520,7 +567,7 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast_cpu, m) {
   m.def("conv3x3_amx_pack(Tensor weight) -> Tensor");
   m.def(
       "conv3x3_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias, Tensor? residual, "
-      "bool relu) -> Tensor");
+      "bool relu, int stride=1, int[] relu_ranges=[]) -> Tensor");
   m.def("amx_available() -> bool", &amx_available);
 }
 

@@ -269,13 +269,15 @@ def _conv3x3_amx_pack_fake(weight):
                        device=weight.device)
 
 
-def _conv3x3_amx_fake(x, packed, weight_size, bias, residual, relu):
+def _conv3x3_amx_fake(x, packed, weight_size, bias, residual, relu, stride=1, relu_ranges=()):
     co, ci = weight_size
     torch._check(x.dim() == 4 and x.dtype == torch.bfloat16 and packed.dim() == 6,
                  lambda: f"x must be a 4-d bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
     torch._check(x.shape[1] == ci, lambda: f"the packed weight takes {ci} input channels")
     torch._check(bias is None or tuple(bias.shape) == (co,), lambda: f"bias must be [{co}]")
-    return torch.empty((x.shape[0], co, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+    torch._check(stride in (1, 2), lambda: f"stride must be 1 or 2, got {stride}")
+    return torch.empty((x.shape[0], co, (x.shape[2] - 1) // stride + 1,
+                        (x.shape[3] - 1) // stride + 1), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 
@@ -403,15 +405,18 @@ def conv3x3_amx_pack(weight: torch.Tensor) -> torch.Tensor:
 
 def conv3x3_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor] = None, *, relu: bool,
-                    weight_size: Sequence[int]) -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride=1, padding=1) + residual)`` in bfloat16 on AMX
-    tiles, with ``packed = conv3x3_amx_pack(weight)`` and ``weight_size = weight.shape[:2]``
-    (the packing pads both widths; x's channels are checked against it): x [N, Ci, H, W] and residual (None or
-    [N, Co, H, W]) dense channels_last bfloat16, bias None or [Co] (float32 is best); float32
-    accumulation, bias and residual added in float32, one rounding to bfloat16. The result is a new
-    channels_last tensor. Raises RuntimeError when the kernel is unavailable (no build, no AMX) or
-    an argument does not fit."""
+                    weight_size: Sequence[int], stride: int = 1,
+                    relu_ranges: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding=1) + residual)`` in bfloat16 on AMX
+    tiles, stride 1 or 2, with ``packed = conv3x3_amx_pack(weight)`` and ``weight_size =
+    weight.shape[:2]`` (the packing pads both widths; x's channels are checked against it): x
+    [N, Ci, H, W] and residual (None or [N, Co, Ho, Wo]) dense channels_last bfloat16, bias None
+    or [Co] (float32 is best); float32 accumulation, bias and residual added in float32, one
+    rounding to bfloat16. ``relu_ranges`` ([start, end) channel pairs, with ``relu``): the ReLU on
+    those channels only. The result is a new channels_last tensor. Raises RuntimeError when the
+    kernel is unavailable (no build, no AMX) or an argument does not fit."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    flat = [int(v) for pair in (relu_ranges or ()) for v in pair]
     return torch.ops.hrnet_fast_cpu.conv3x3_amx(x, packed, [int(v) for v in weight_size[:2]], bias,
-                                                residual, bool(relu))
+                                                residual, bool(relu), int(stride), flat)

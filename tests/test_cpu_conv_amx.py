@@ -44,16 +44,16 @@ def _weights(ci, co, seed, bias=True):
     return w, (torch.randn(co, generator=g) if bias else None)
 
 
-def _run(x, w, b, residual=None, relu=True):
+def _run(x, w, b, residual=None, relu=True, stride=1, ranges=None):
     return cpu_ext.conv3x3_amx_cpu(x, cpu_ext.conv3x3_amx_pack(w), b, residual, relu=relu,
-                                   weight_size=w.shape[:2])
+                                   weight_size=w.shape[:2], stride=stride, relu_ranges=ranges)
 
 
-def _oracles(x, w, b, residual, relu):
+def _oracles(x, w, b, residual, relu, stride=1, ranges=None):
     """(float64 oracle, the same conv in bfloat16 through torch): the design's bf16 yardstick."""
-    oracle = conv_oracle(x.double(), w.double(), None if b is None else b.double(), 1, 1,
-                         None if residual is None else residual.double(), relu)
-    same = conv_oracle(x, w, None if b is None else b.to(BF16), 1, 1, residual, relu)
+    oracle = conv_oracle(x.double(), w.double(), None if b is None else b.double(), stride, 1,
+                         None if residual is None else residual.double(), relu, ranges)
+    same = conv_oracle(x, w, None if b is None else b.to(BF16), stride, 1, residual, relu, ranges)
     return oracle, same
 
 
@@ -94,22 +94,62 @@ def test_matches_oracle(built, shape):
                                what=f"{shape} residual={with_res} relu={relu} bias={with_bias}")
 
 
-@pytest.mark.parametrize("ci,co", [(18, 18), (72, 72)], ids=["n-major", "2x2"])
-def test_nan_reaches_exactly_its_window(built, ci, co):
+# Stride 2 (N, Ci, Co, H, W): w18's transition and fuse-step convs, batched as the plan batches
+# them (18 -> 36 + 72 + 144 at one input, 36 -> 72 + 144 ...): 18 -> 36 and 54, 36 -> 108 (2 x 2
+# order), 18 -> 144, 256 -> 36 (K = 768), layer1's stem 64 -> 64; odd and even sizes; widths with
+# interior blocks (an output block is interior from input width 64 on: pixels 2 x0 - 1 to 2 x0 +
+# 31), an output width of 1, and output widths ending on a partial block.
+STRIDE2_SHAPES = [(2, 18, 36, 9, 67), (1, 18, 54, 7, 96), (1, 36, 108, 5, 130), (1, 18, 144, 4, 65),
+                  (1, 256, 36, 3, 70), (1, 64, 64, 4, 101), (1, 36, 72, 2, 2), (1, 18, 18, 1, 33)]
+
+
+@pytest.mark.parametrize("shape", STRIDE2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_stride2_matches_oracle(built, shape):
+    """Stride 2, ReLU on all, none, or some channel ranges (the batched convs' branches), with and
+    without bias and residual, against float64 within the bf16 bound; the output poisoned."""
+    n, ci, co, h, w = shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    third = max(1, co // 3)
+    for k, (with_res, relu, ranges) in enumerate([(False, True, None), (False, False, None),
+                                                  (True, True, None),
+                                                  (False, True, ((0, third), (2 * third, co)))]):
+        x = _tensor((n, ci, h, w), seed=20 + k)
+        res = _tensor((n, co, ho, wo), seed=120 + k) if with_res else None
+        wt, b = _weights(ci, co, 20 + k, bias=k != 1)
+        with poisoned_malloc():
+            out = _run(x, wt, b, res, relu, stride=2, ranges=ranges)
+        assert out.shape == (n, co, ho, wo) and out.is_contiguous(memory_format=CL)
+        oracle, same = _oracles(x, wt, b, res, relu, 2, ranges)
+        assert_close_to_oracle(out, oracle, same, dtype=BF16,
+                               what=f"{shape} stride 2 residual={with_res} relu={relu} "
+                                    f"ranges={ranges}")
+
+
+@pytest.mark.parametrize("ci,co,stride", [(18, 18, 1), (72, 72, 1), (18, 54, 2), (36, 108, 2)],
+                         ids=["n-major", "2x2", "n-major-s2", "2x2-s2"])
+def test_nan_reaches_exactly_its_window(built, ci, co, stride):
     """A tile row reads 3 Ci consecutive values of a channels_last row and never past its window:
     a NaN input pixel makes exactly its 3x3 neighbourhood NaN in every output channel (through the
     ReLU), at an interior block, at the image's edges (staged blocks) and across a block boundary;
     a NaN in the residual stays where it is. Both tile orders (18 outputs: N-major; 72: 2 x 2,
     whose K tails are staged per block)."""
-    x = _tensor((1, ci, 7, 48), seed=4)
-    for y, col in ((3, 20), (0, 0), (6, 47), (2, 16), (4, 0)):  # (4, 0) follows (3, 47) in memory
+    width = 48 * stride  # stride 2: interior output blocks too
+    x = _tensor((1, ci, 7, width), seed=4)
+    last = width - 1
+    # (4, 0) follows (3, last) in memory; with stride 2 also odd columns (in two output windows)
+    # and interior blocks' first and last input pixels (63, 64: output blocks from 32)
+    extra = ((5, 70), (1, 33), (2, 63), (6, 64)) if stride == 2 else ()
+    for y, col in ((3, 20), (0, 0), (6, last), (2, 16), (4, 0)) + extra:
         x[0, [0, 5, ci - 1], y, col] = float("nan")  # a pixel's first and last values too
-    res = _tensor((1, co, 7, 48), seed=5)
-    res[0, 2, 5, 33] = float("nan")
+    ho, wo = (7 - 1) // stride + 1, (width - 1) // stride + 1
+    res = _tensor((1, co, ho, wo), seed=5)
+    res[0, 2, 5 // stride, 33] = float("nan")
     wt, b = _weights(ci, co, 6)
-    expected = torch.isnan(_oracles(x, wt, b, res, True)[0])
-    assert int(expected.sum()) == co * (9 + 4 + 4 + 9 + 6) + 1
-    assert torch.equal(torch.isnan(_run(x, wt, b, res, True)), expected)
+    expected = torch.isnan(_oracles(x, wt, b, res, True, stride)[0])
+    if stride == 1:
+        assert int(expected.sum()) == co * (9 + 4 + 4 + 9 + 6) + 1
+    assert int(expected.sum()) > co * 7
+    assert torch.equal(torch.isnan(_run(x, wt, b, res, True, stride)), expected)
 
 
 def test_opcheck(built):
@@ -155,13 +195,14 @@ def test_bad_input_gets_one_clear_error(built, bad, match):
 # ------------------------------------------------------------------------- the torch backend
 @pytest.fixture
 def amx_calls(built, monkeypatch):
-    """Every call of the AMX kernel: (input channels, output channels)."""
+    """Every call of the AMX kernel: (input channels, output N tiles, stride, ReLU ranges)."""
     calls = []
     real = cpu_ext.conv3x3_amx_cpu
     monkeypatch.setitem(torch_cpu._AMX, "on", True)
 
     def spy(x, packed, *args, **kwargs):
-        calls.append((x.shape[1], packed.shape[1]))
+        calls.append((x.shape[1], packed.shape[1], kwargs.get("stride", 1),
+                      kwargs.get("relu_ranges")))
         return real(x, packed, *args, **kwargs)
 
     monkeypatch.setattr(cpu_ext, "conv3x3_amx_cpu", spy)
@@ -186,8 +227,29 @@ def test_bf16_engine_matches_the_reference(amx_calls, preset, mode, size):
         same = HighResolutionNet.forward(model.to(BF16), x.to(BF16))
     assert out.dtype == BF16
     assert_model_close(out, ref64, same, dtype=BF16, what=f"{preset} {mode} {size} bf16")
-    # every branch width (18/36: N-major order, 72/144: 2 x 2) and layer1's 64-channel 3x3s
-    assert {(18, 2), (36, 3), (64, 4), (72, 5), (144, 9)} <= set(amx_calls)
+    # every branch width (18/36: N-major order, 72/144: 2 x 2) and layer1's 64-channel 3x3s;
+    # stride 2: the stem's 64 -> 64, the transitions and the fuse step's batched convs, some with
+    # a ReLU on part of their channels
+    calls = {c[:3] for c in amx_calls}
+    assert {(18, 2, 1), (36, 3, 1), (64, 4, 1), (72, 5, 1), (144, 9, 1)} <= calls, calls
+    assert {(64, 4, 2), (18, 4, 2)} <= calls, calls  # 18 -> 18 + 36 (the fuse's chains)
+    assert any(c[2] == 2 and c[3] for c in amx_calls), amx_calls
+
+
+def test_a_channel_slice_takes_the_kernel(amx_calls):
+    """The second conv of the fuse step's stride-2 chains reads a channel slice of the batched
+    first conv's output (not dense): the backend copies it dense for the kernel, and the result
+    is the slice's convolution."""
+    be = torch_cpu.TorchCPU(None, torch.device("cpu"), BF16)
+    whole = _tensor((1, 54, 9, 70), seed=30)
+    x = whole[:, 18:36]
+    wt, b = _weights(18, 72, 30)
+    spec = ConvSpec(wt, b.to(BF16), 2, 1, True)
+    with torch.inference_mode():
+        out = be.conv(x, spec)
+    assert amx_calls and amx_calls[-1][:3] == (18, 5, 2), amx_calls
+    oracle, same = _oracles(x.contiguous(memory_format=CL), wt, b.to(BF16), None, True, 2)
+    assert_close_to_oracle(out, oracle, same, dtype=BF16, what="channel slice, stride 2")
 
 
 def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
@@ -221,11 +283,17 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
                                         (256, 18, True), (72, 72, True), (144, 144, True),
                                         (192, 192, False), (17, 18, False), (514, 18, False)])
 def test_the_width_rule(ci, co, fits):
-    """3x3 stride-1 convs with an even input width of at most AMX_MAX_IN and at most 144 outputs:
-    the measured wins (18 to 144 outputs, 256 -> 18), not 192 (measured slower than oneDNN)."""
-    spec = ConvSpec(torch.zeros(co, ci, 3, 3), None, 1, 1, True)
-    assert torch_cpu.amx_spec_fits(spec) is fits
-    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 2, 1, True))
+    """3x3 convs, stride 1 or 2, with an even input width of at most AMX_MAX_IN and at most 144
+    outputs: the measured wins (18 to 144 outputs, 256 -> 18 and 36), not 192 (measured slower
+    than oneDNN); a partial ReLU is the kernel's too; stride 3, 1x1 and padding 0 are not."""
+    for stride in (1, 2):
+        spec = ConvSpec(torch.zeros(co, ci, 3, 3), None, stride, 1, True)
+        assert torch_cpu.amx_spec_fits(spec) is fits
+    partial = ConvSpec(torch.zeros(co, ci, 3, 3), None, 2, 1, False, relu_ranges=((0, 1),))
+    assert torch_cpu.amx_spec_fits(partial) is fits
+    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 3, 1, True))
+    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 1, 0, True))
+    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 1, 1), None, 1, 0, True))
 
 
 def test_float32_and_autograd_never_take_the_kernel(monkeypatch):

@@ -1,7 +1,7 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
 epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
 thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); in
-bfloat16 on CPUs with AMX, the 3x3 stride-1 convs of up to 144 outputs through the AMX kernel
+bfloat16 on CPUs with AMX, the 3x3 convs (stride 1 or 2) of up to 144 outputs through the AMX kernel
 (see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
 built, else torch compositions.
 
@@ -249,17 +249,19 @@ _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inferen
 # 36 -> 36 at 64x128 1.53-1.87x, 64 -> 64 1.08-1.57x, 256 -> 18 1.19-2.41x; above 64 outputs
 # (the kernel's 2 x 2 tile order) 72 -> 72 0.85-1.25x (most runs 1.1-1.25x), 96 1.09-1.22x, 128
 # 0.98-1.19x, 144 -> 144 1.01-1.28x; 192 -> 192 0.85-1.48x (unsettled) and 384 -> 384 0.58x, so
-# AMX_MAX_OUT stops at 144 (w18's widest).
+# AMX_MAX_OUT stops at 144 (w18's widest). Stride 2 (the stem's second conv, the transitions, the
+# fuse step's batched downsampling convs): 1.26-1.99x on all twelve of w18's shapes (one run).
 AMX_MAX_OUT = 144
 AMX_MAX_IN = 512  # the kernel's staging buffer (kMaxCi in csrc/cpu_conv_amx.cpp)
 
 
 def amx_spec_fits(spec: ConvSpec) -> bool:
-    """Whether a conv's spec suits the AMX kernel: 3x3, stride 1, padding 1, ReLU on all channels
-    or none, an even input width (whole bf16 pairs) and at most AMX_MAX_OUT outputs."""
+    """Whether a conv's spec suits the AMX kernel: 3x3, stride 1 or 2, padding 1, an even input
+    width (whole bf16 pairs) and at most AMX_MAX_OUT outputs (a ReLU on some channels only, as in
+    batched stride-2 convs, is the kernel's too)."""
     w = spec.weight
-    return (w.dim() == 4 and tuple(w.shape[-2:]) == (3, 3) and spec.stride == 1
-            and spec.padding == 1 and spec.relu_ranges is None and w.shape[1] % 2 == 0
+    return (w.dim() == 4 and tuple(w.shape[-2:]) == (3, 3) and spec.stride in (1, 2)
+            and spec.padding == 1 and w.shape[1] % 2 == 0
             and w.shape[1] <= AMX_MAX_IN and w.shape[0] <= AMX_MAX_OUT)
 
 
@@ -287,8 +289,11 @@ def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
         if residual is not None and not (residual.dtype == x.dtype and
                                          residual.is_contiguous(memory_format=torch.channels_last)):
             residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        return cpu_ext.conv3x3_amx_cpu(x, packed[0], packed[1], residual, relu=spec.relu,
-                                       weight_size=spec.weight.shape[:2])
+        ranges = spec.relu_ranges  # set: the ReLU on those channels only (spec.relu is False)
+        return cpu_ext.conv3x3_amx_cpu(x, packed[0], packed[1], residual,
+                                       relu=spec.relu or ranges is not None,
+                                       weight_size=spec.weight.shape[:2], stride=spec.stride,
+                                       relu_ranges=ranges)
     except RuntimeError as e:
         return kernel_failed(_AMX, "cpu-amx-conv", f"CPU AMX conv kernel failed ({e})",
                              "those convolutions run in oneDNN (same math in bfloat16, slower)")
@@ -366,8 +371,15 @@ class TorchCPU(Backend):
     def _amx(self, x: torch.Tensor, spec: ConvSpec,
              residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The AMX kernel's result for a bf16 conv it takes, else None (the caller goes on)."""
-        if (x.dtype != torch.bfloat16 or not _memo_fits(self._amx_specs, amx_spec_fits, spec)
-                or not amx_input_fits(x, spec.weight)):
+        if x.dtype != torch.bfloat16 or not _memo_fits(self._amx_specs, amx_spec_fits, spec):
+            return None
+        if (x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
+                and not x.is_contiguous(memory_format=torch.channels_last)):
+            # A channel slice of a batched conv's output (the second conv of the fuse step's
+            # stride-2 chains): a dense copy (tens of microseconds at w18's sizes) and the kernel
+            # beat oneDNN on the slice (150-170 us of host work alone).
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not amx_input_fits(x, spec.weight):
             return None
         return amx_conv(x, spec, self._amx_packs, residual)
 
