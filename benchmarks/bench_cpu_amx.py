@@ -44,9 +44,9 @@ def per_conv(rounds):
         b = torch.randn(co).bfloat16()
         res = (torch.randn(1, co, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
                if ci == co and stride == 1 else None)
-        packed, bf, cache = cpu_ext.conv3x3_amx_pack(wt), b.float(), {}
+        packed, bf, cache = cpu_ext.conv_amx_pack(wt), b.float(), {}
         calls = {"oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, stride, 1, res, True, cache),
-                 "AMX": lambda: cpu_ext.conv3x3_amx_cpu(x, packed, bf, res, relu=True,
+                 "AMX": lambda: cpu_ext.conv_amx_cpu(x, packed, bf, res, relu=True,
                                                         weight_size=wt.shape[:2], stride=stride)}
         times = {k: [] for k in calls}
         with torch.inference_mode():

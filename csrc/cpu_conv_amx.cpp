@@ -1,13 +1,15 @@
-// hrnet_fast CPU kernel: 3x3 bfloat16 convolutions, stride 1 or 2, on Intel AMX tiles (the thin
-// layers of the bfloat16 CPU engine).
+// hrnet_fast CPU kernel: bfloat16 convolutions, 3x3 (padding 1) or 1x1 (padding 0), stride 1 or
+// 2, on Intel AMX tiles (the thin layers of the bfloat16 CPU engine).
 //
-//   hrnet_fast_cpu::conv3x3_amx_pack(Tensor weight) -> Tensor
-//     weight [Co, Ci, 3, 3] (any float dtype; Ci even) -> bfloat16 B tiles, see "Packing" below.
-//   hrnet_fast_cpu::conv3x3_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias,
-//                               Tensor? residual, bool relu, int stride=1,
-//                               int[] relu_ranges=[]) -> Tensor
-//     weight_size: the packed weight's [Co, Ci] (the packing pads both), checked against x.
-//     out = act(conv2d(x, weight, bias, stride, padding=1) + residual), a new channels_last
+//   hrnet_fast_cpu::conv_amx_pack(Tensor weight) -> Tensor
+//     weight [Co, Ci, k, k], k 3 or 1 (any float dtype; Ci even) -> bfloat16 B tiles, see
+//     "Packing" below.
+//   hrnet_fast_cpu::conv_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias,
+//                            Tensor? residual, bool relu, int stride=1,
+//                            int[] relu_ranges=[]) -> Tensor
+//     weight_size: the packed weight's [Co, Ci] (the packing pads both), checked against x; the
+//     kernel size k is the packed weight's first dimension.
+//     out = act(conv2d(x, weight, bias, stride, padding=k / 2) + residual), a new channels_last
 //     bfloat16 tensor [N, Co, (H - 1) / stride + 1, (W - 1) / stride + 1]; stride 1 or 2.
 //     act = ReLU if relu (NaN propagates), else identity; with relu_ranges ([start, end) pairs)
 //     the ReLU acts on those output channels only (a batched stride-2 conv's branches).
@@ -19,9 +21,10 @@
 // 3 * Ci contiguous values of a channels_last input (pixels x-1, x, x+1), so 18 channels fill
 // 54 of 64 K slots, and the host work per call is a few microseconds. Stride 2 keeps that: output
 // pixel x's window row is input pixels 2x - 1 to 2x + 1, still 3 Ci contiguous values, and the A
-// tile's rows are 2 Ci values apart instead of Ci.
+// tile's rows are 2 Ci values apart instead of Ci. A 1x1 conv is the same with one window row of
+// Ci values.
 //
-// Tensors: x [N, Ci, H, W] bfloat16, dense channels_last; residual [N, Co, H, W] bfloat16 dense
+// Tensors: x [N, Ci, H, W] bfloat16, dense channels_last; residual [N, Co, Ho, Wo] bfloat16 dense
 // channels_last; bias [Co] float32 contiguous; Ci even (the K tail of a tile holds whole bf16
 // pairs). Needs AMX-BF16 and AVX512-BF16 (checked at run time, with the kernel's permission to use
 // the tile registers); elsewhere it raises and callers keep oneDNN.
@@ -30,17 +33,17 @@
 // (the order within a tile is the hardware's; across tiles: window rows, then K tiles), then
 //   acc += bias (float32);  acc += float(residual);  out = bf16_round_nearest_even(act(acc)).
 // Taps outside the image contribute nothing (edge blocks are staged with zeros), and no value
-// outside a pixel's 3x3 window is ever loaded, so a NaN input reaches exactly the outputs whose
+// outside a pixel's k x k window is ever loaded, so a NaN input reaches exactly the outputs whose
 // window holds it.
 //
-// Packing: for window row dy (3), N tile nt (16 output channels, zero past Co), K tile kt (32 of
-// the Kd = 3 * Ci values k = dx * Ci + c, zero past Kd): a 16 x 32 bfloat16 tile in AMX's pair
+// Packing: for window row dy (k), N tile nt (16 output channels, zero past Co), K tile kt (32 of
+// the Kd = k * Ci values k = dx * Ci + c, zero past Kd): a 16 x 32 bfloat16 tile in AMX's pair
 // layout, B[kp][n][e] = weight[16 nt + n][c][dy][dx] with k = 32 kt + 2 kp + e. Shape
-// [3, NT, KT, 16, 16, 2].
+// [k, NT, KT, 16, 16, 2].
 //
 // Work: at::parallel_for over output rows. A block is 16 pixels of a row. Two orders:
 //   * N-major (up to 64 outputs, run_rows): for each group of up to four N tiles, one block's
-//     three window rows' K tiles accumulate into four C tiles. Tile registers: 0 A (full K), 1 A
+//     window rows' K tiles accumulate into four C tiles. Tile registers: 0 A (full K), 1 A
 //     (K tail, its own shape), 2 B (full K), 3 B (K tail), 4-7 C.
 //   * 2 x 2 (above 64 outputs, run_rows_square): two blocks x two N tiles per pass, all tiles
 //     full-K (each block's K tail staged with zeros); 0, 1 A, 2, 3 B, 4-7 C.
@@ -73,7 +76,7 @@
 
 namespace {
 
-constexpr const char* kOp = "hrnet_fast_cpu::conv3x3_amx: ";
+constexpr const char* kOp = "hrnet_fast_cpu::conv_amx: ";
 constexpr int kRows = 16;   // pixels per block = A and C tile rows
 constexpr int kK = 32;      // bf16 values per full K tile
 constexpr int kN = 16;      // output channels per N tile
@@ -120,6 +123,7 @@ struct Problem {
   uint16_t* out;        // [N, H, W, Co]
   int64_t N, H, W, ci, co, kd, kt, nt, tail;  // tail: K values in the last K tile (0: none)
   int64_t s, Ho, Wo;  // stride (1 or 2); H, W are the input's size, Ho, Wo the output's
+  int64_t k, pad;     // kernel size 3 (padding 1) or 1 (padding 0)
   bool relu;
 };
 
@@ -211,8 +215,8 @@ HF_AMX_TARGET void stage_block(const Problem& p, const uint16_t* row, int64_t xb
   const int64_t ci = p.ci;
   for (int r = 0; r < kRows; ++r) {
     uint16_t* dst_row = dst + r * row_stride;
-    for (int dx = 0; dx < 3; ++dx) {
-      const int64_t px = p.s * (xb + r) + dx - 1;
+    for (int dx = 0; dx < p.k; ++dx) {
+      const int64_t px = p.s * (xb + r) + dx - p.pad;
       if (px >= 0 && px < p.W && r < valid)
         std::memcpy(dst_row + dx * ci, row + px * ci, ci * 2);
       else
@@ -225,7 +229,7 @@ HF_AMX_TARGET void stage_block(const Problem& p, const uint16_t* row, int64_t xb
 // Whether the 16 output pixels from xb read only input pixels inside the row (no staging): input
 // pixels s xb - 1 to s (xb + 15) + 1. Such a block is always a full one.
 inline bool interior_block(const Problem& p, int64_t xb) {
-  return p.s * xb >= 1 && p.s * (xb + kRows - 1) + 1 <= p.W - 1;
+  return p.s * xb - p.pad >= 0 && p.s * (xb + kRows - 1) - p.pad + p.k - 1 <= p.W - 1;
 }
 
 HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
@@ -252,14 +256,14 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
 #define HF_ZERO(T) _tile_zero(T)
           HF_FOR_C(t, HF_ZERO)
         }
-        for (int dy = 0; dy < 3; ++dy) {
-          const int64_t yy = s * y + dy - 1;
+        for (int dy = 0; dy < p.k; ++dy) {
+          const int64_t yy = s * y + dy - p.pad;
           if (yy < 0 || yy >= H) continue;
           const uint16_t* row = p.x + (n * H + yy) * W * ci;
           const uint16_t* a;
           int64_t stride;
           if (interior) {
-            a = row + (s * x0 - 1) * ci;
+            a = row + (s * x0 - p.pad) * ci;
             stride = s * ci * 2;
           } else {
             stage_block(p, row, x0, valid, stage, kd);
@@ -345,7 +349,8 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / Ho, y = item % Ho;
     bool row_ok[3];
-    for (int dy = 0; dy < 3; ++dy) row_ok[dy] = s * y + dy - 1 >= 0 && s * y + dy - 1 < H;
+    for (int dy = 0; dy < 3; ++dy)
+      row_ok[dy] = dy < p.k && s * y + dy - p.pad >= 0 && s * y + dy - p.pad < H;
     for (int64_t x0 = 0; x0 < Wo; x0 += 2 * kRows) {
       const int blocks = Wo - x0 > kRows ? 2 : 1;
       const uint16_t* a[2][3];
@@ -358,9 +363,9 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
         const bool interior = interior_block(p, xb);
         for (int dy = 0; dy < 3; ++dy) {
           if (!row_ok[dy]) continue;
-          const uint16_t* row = p.x + (n * H + s * y + dy - 1) * W * ci;
+          const uint16_t* row = p.x + (n * H + s * y + dy - p.pad) * W * ci;
           if (interior) {
-            a[b][dy] = row + (s * xb - 1) * ci;
+            a[b][dy] = row + (s * xb - p.pad) * ci;
             stride[b][dy] = s * ci * 2;
             if (p.tail) {
               uint16_t* t = tails[b][dy];
@@ -436,30 +441,32 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
 bool amx_ready() { return false; }
 #endif
 
-at::Tensor conv3x3_amx_pack(const at::Tensor& weight) {
+at::Tensor conv_amx_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point() && weight.dim() == 4 &&
-                  weight.size(2) == 3 && weight.size(3) == 3 && weight.size(0) > 0 &&
+                  (weight.size(2) == 3 || weight.size(2) == 1) &&
+                  weight.size(3) == weight.size(2) && weight.size(0) > 0 &&
                   weight.size(1) > 0 && weight.size(1) % 2 == 0 && weight.size(1) <= kMaxCi,
-              "hrnet_fast_cpu::conv3x3_amx_pack: weight must be [Co, Ci, 3, 3] on the CPU with Ci "
-              "even and at most ", kMaxCi, ", got ", weight.scalar_type(), " ", weight.sizes());
-  const int64_t co = weight.size(0), ci = weight.size(1), kd = 3 * ci;
+              "hrnet_fast_cpu::conv_amx_pack: weight must be [Co, Ci, 3, 3] or [Co, Ci, 1, 1] "
+              "on the CPU with Ci even and at most ", kMaxCi, ", got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t co = weight.size(0), ci = weight.size(1), ks = weight.size(2), kd = ks * ci;
   const int64_t nt = (co + kN - 1) / kN, kt = (kd + kK - 1) / kK;
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const float* src = w.data_ptr<float>();
-  at::Tensor packed = at::zeros({3, nt, kt, kK / 2, kN, 2}, weight.options().dtype(at::kFloat));
+  at::Tensor packed = at::zeros({ks, nt, kt, kK / 2, kN, 2}, weight.options().dtype(at::kFloat));
   float* dst = packed.data_ptr<float>();
-  for (int64_t dy = 0; dy < 3; ++dy)
+  for (int64_t dy = 0; dy < ks; ++dy)
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t k = 0; k < kd; ++k) {
         const int64_t dx = k / ci, c = k % ci, kb = k / kK, kp = (k % kK) / 2, e = k % 2;
         for (int64_t j = 0; j < kN && t * kN + j < co; ++j)
           dst[((((dy * nt + t) * kt + kb) * (kK / 2) + kp) * kN + j) * 2 + e] =
-              src[(((t * kN + j) * ci + c) * 3 + dy) * 3 + dx];
+              src[(((t * kN + j) * ci + c) * ks + dy) * ks + dx];
       }
   return packed.to(at::kBFloat16);
 }
 
-at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef weight_size,
+at::Tensor conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef weight_size,
                        const c10::optional<at::Tensor>& bias,
                        const c10::optional<at::Tensor>& residual, bool relu, int64_t stride,
                        at::IntArrayRef relu_ranges) {
@@ -470,13 +477,15 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
               x.scalar_type(), " ", x.sizes(), " strides ", x.strides());
   const int64_t ci = x.size(1);
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kBFloat16 &&
-                  packed.dim() == 6 && packed.size(0) == 3 && packed.size(3) == kK / 2 &&
+                  packed.dim() == 6 && (packed.size(0) == 3 || packed.size(0) == 1) &&
+                  packed.size(3) == kK / 2 &&
                   packed.size(4) == kN && packed.size(5) == 2 && packed.is_contiguous(),
-              kOp, "packed must come from conv3x3_amx_pack, got ", packed.sizes());
+              kOp, "packed must come from conv_amx_pack, got ", packed.sizes());
   TORCH_CHECK(weight_size.size() == 2, kOp, "weight_size must be [Co, Ci]");
   TORCH_CHECK(weight_size[1] == ci, kOp, "the packed weight takes ", weight_size[1],
               " input channels, x has ", ci);
-  TORCH_CHECK(ci % 2 == 0 && ci <= kMaxCi && packed.size(2) == (3 * ci + kK - 1) / kK, kOp,
+  const int64_t ks = packed.size(0);  // kernel size: 3 (padding 1) or 1 (padding 0)
+  TORCH_CHECK(ci % 2 == 0 && ci <= kMaxCi && packed.size(2) == (ks * ci + kK - 1) / kK, kOp,
               "the packed weight does not take ", ci, " input channels");
   const int64_t nt = packed.size(1);
   const int64_t co = weight_size[0];
@@ -490,7 +499,7 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
                     relu_ranges[i + 1] <= co,
                 kOp, "relu range [", relu_ranges[i], ", ", relu_ranges[i + 1],
                 ") is not inside the ", co, " output channels");
-  // 3x3, padding 1: (H + 2 - 3) / s + 1
+  // 3x3 with padding 1 and 1x1 without: (H + 2 pad - k) / s + 1 = (H - 1) / s + 1
   const int64_t ho = (x.size(2) - 1) / stride + 1, wo = (x.size(3) - 1) / stride + 1;
   at::Tensor bias_f32;  // the epilogue reads float32 (a no-op for the engine's float32 bias)
   if (bias.has_value()) {
@@ -536,7 +545,9 @@ at::Tensor conv3x3_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArr
   p.W = x.size(3);
   p.ci = ci;
   p.co = co;
-  p.kd = 3 * ci;
+  p.k = ks;
+  p.pad = ks / 2;
+  p.kd = ks * ci;
   p.kt = packed.size(2);
   p.nt = nt;
   p.tail = p.kd % kK;
@@ -564,14 +575,14 @@ bool amx_available() { return amx_ready(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hrnet_fast_cpu, m) {
-  m.def("conv3x3_amx_pack(Tensor weight) -> Tensor");
+  m.def("conv_amx_pack(Tensor weight) -> Tensor");
   m.def(
-      "conv3x3_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias, Tensor? residual, "
+      "conv_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias, Tensor? residual, "
       "bool relu, int stride=1, int[] relu_ranges=[]) -> Tensor");
   m.def("amx_available() -> bool", &amx_available);
 }
 
 TORCH_LIBRARY_IMPL(hrnet_fast_cpu, CPU, m) {
-  m.impl("conv3x3_amx_pack", &conv3x3_amx_pack);
-  m.impl("conv3x3_amx", &conv3x3_amx);
+  m.impl("conv_amx_pack", &conv_amx_pack);
+  m.impl("conv_amx", &conv_amx);
 }

@@ -19,7 +19,7 @@ shows the compiler output.
 The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat`` (schemas in
 ``csrc/cpu_fuse.cpp``), and ``conv3x3_thin_pack`` / ``conv3x3_thin`` / ``conv3x3_thin_into``
 (``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
-channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv3x3_amx_pack`` / ``conv3x3_amx``
+channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv_amx_pack`` / ``conv_amx``
 (``csrc/cpu_conv_amx.cpp``: the same convolutions in bfloat16 on Intel AMX tiles). Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
@@ -46,7 +46,7 @@ from .ops._validate import check_fuse_meta
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
            "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
-           "amx_conv_supported", "conv3x3_amx_pack", "conv3x3_amx_cpu",
+           "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu",
            "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
@@ -261,15 +261,17 @@ def _conv3x3_thin_into_fake(residual, x, packed, bias, relu):
     _check_thin_meta(x, packed, bias)
 
 
-def _conv3x3_amx_pack_fake(weight):
-    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and weight.shape[1] % 2 == 0,
-                 lambda: f"weight must be [Co, Ci, 3, 3] with Ci even, got {tuple(weight.shape)}")
-    co, ci = weight.shape[:2]
-    return torch.empty((3, -(-co // 16), -(-3 * ci // 32), 16, 16, 2), dtype=torch.bfloat16,
+def _conv_amx_pack_fake(weight):
+    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) in ((3, 3), (1, 1))
+                 and weight.shape[1] % 2 == 0,
+                 lambda: f"weight must be [Co, Ci, 3, 3] or [Co, Ci, 1, 1] with Ci even, got "
+                         f"{tuple(weight.shape)}")
+    co, ci, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    return torch.empty((k, -(-co // 16), -(-k * ci // 32), 16, 16, 2), dtype=torch.bfloat16,
                        device=weight.device)
 
 
-def _conv3x3_amx_fake(x, packed, weight_size, bias, residual, relu, stride=1, relu_ranges=()):
+def _conv_amx_fake(x, packed, weight_size, bias, residual, relu, stride=1, relu_ranges=()):
     co, ci = weight_size
     torch._check(x.dim() == 4 and x.dtype == torch.bfloat16 and packed.dim() == 6,
                  lambda: f"x must be a 4-d bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
@@ -290,8 +292,8 @@ def _register_fake() -> None:
                        ("conv3x3_thin_pack", _conv3x3_thin_pack_fake),
                        ("conv3x3_thin", _conv3x3_thin_fake),
                        ("conv3x3_thin_into", _conv3x3_thin_into_fake),
-                       ("conv3x3_amx_pack", _conv3x3_amx_pack_fake),
-                       ("conv3x3_amx", _conv3x3_amx_fake)):
+                       ("conv_amx_pack", _conv_amx_pack_fake),
+                       ("conv_amx", _conv_amx_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -386,7 +388,7 @@ def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
 
 
 def amx_conv_supported() -> bool:
-    """Whether ``conv3x3_amx`` can run here: the kernels are built and this CPU and its OS offer
+    """Whether ``conv_amx`` can run here: the kernels are built and this CPU and its OS offer
     AMX-BF16 tiles with AVX512-BF16 (Intel Xeon from Sapphire Rapids on; asked once per process:
     the engine checks it before every bfloat16 conv)."""
     if "amx" not in _state:
@@ -394,21 +396,21 @@ def amx_conv_supported() -> bool:
     return _state["amx"]
 
 
-def conv3x3_amx_pack(weight: torch.Tensor) -> torch.Tensor:
+def conv_amx_pack(weight: torch.Tensor) -> torch.Tensor:
     """The AMX conv's packed weight (bfloat16 B tiles, [3, ceil(Co/16), ceil(3 Ci/32), 16, 16, 2])
     from a [Co, Ci, 3, 3] weight of any float dtype with Ci even (rounded to bfloat16 once).
     Callers keep it as long as the weight does not change."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
-    return torch.ops.hrnet_fast_cpu.conv3x3_amx_pack(weight)
+    return torch.ops.hrnet_fast_cpu.conv_amx_pack(weight)
 
 
-def conv3x3_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+def conv_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor] = None, *, relu: bool,
                     weight_size: Sequence[int], stride: int = 1,
                     relu_ranges: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
     """``act(F.conv2d(x, weight, bias, stride, padding=1) + residual)`` in bfloat16 on AMX
-    tiles, stride 1 or 2, with ``packed = conv3x3_amx_pack(weight)`` and ``weight_size =
+    tiles, stride 1 or 2, with ``packed = conv_amx_pack(weight)`` and ``weight_size =
     weight.shape[:2]`` (the packing pads both widths; x's channels are checked against it): x
     [N, Ci, H, W] and residual (None or [N, Co, Ho, Wo]) dense channels_last bfloat16, bias None
     or [Co] (float32 is best); float32 accumulation, bias and residual added in float32, one
@@ -418,5 +420,5 @@ def conv3x3_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
     flat = [int(v) for pair in (relu_ranges or ()) for v in pair]
-    return torch.ops.hrnet_fast_cpu.conv3x3_amx(x, packed, [int(v) for v in weight_size[:2]], bias,
+    return torch.ops.hrnet_fast_cpu.conv_amx(x, packed, [int(v) for v in weight_size[:2]], bias,
                                                 residual, bool(relu), int(stride), flat)

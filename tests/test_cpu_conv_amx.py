@@ -1,4 +1,4 @@
-"""The bfloat16 AMX conv kernel (csrc/cpu_conv_amx.cpp, hrnet_fast/cpu_ext.py: conv3x3_amx) and its
+"""The bfloat16 AMX conv kernel (csrc/cpu_conv_amx.cpp, hrnet_fast/cpu_ext.py: conv_amx) and its
 use by the torch backend's bfloat16 engine (TorchCPU.conv in hrnet_fast/backends/torch_cpu.py).
 
 The kernel needs AMX-BF16 (Intel Xeon from Sapphire Rapids on) and the JIT build. Where either is
@@ -38,22 +38,23 @@ def _tensor(shape, seed):
     return torch.randn(*shape, generator=g).to(BF16).contiguous(memory_format=CL)
 
 
-def _weights(ci, co, seed, bias=True):
+def _weights(ci, co, seed, bias=True, k=3):
     g = torch.Generator().manual_seed(1000 + seed)
-    w = (torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)).to(BF16)
+    w = (torch.randn(co, ci, k, k, generator=g) / (k * ci ** 0.5)).to(BF16)
     return w, (torch.randn(co, generator=g) if bias else None)
 
 
 def _run(x, w, b, residual=None, relu=True, stride=1, ranges=None):
-    return cpu_ext.conv3x3_amx_cpu(x, cpu_ext.conv3x3_amx_pack(w), b, residual, relu=relu,
+    return cpu_ext.conv_amx_cpu(x, cpu_ext.conv_amx_pack(w), b, residual, relu=relu,
                                    weight_size=w.shape[:2], stride=stride, relu_ranges=ranges)
 
 
 def _oracles(x, w, b, residual, relu, stride=1, ranges=None):
     """(float64 oracle, the same conv in bfloat16 through torch): the design's bf16 yardstick."""
-    oracle = conv_oracle(x.double(), w.double(), None if b is None else b.double(), stride, 1,
+    pad = w.shape[-1] // 2
+    oracle = conv_oracle(x.double(), w.double(), None if b is None else b.double(), stride, pad,
                          None if residual is None else residual.double(), relu, ranges)
-    same = conv_oracle(x, w, None if b is None else b.to(BF16), stride, 1, residual, relu, ranges)
+    same = conv_oracle(x, w, None if b is None else b.to(BF16), stride, pad, residual, relu, ranges)
     return oracle, same
 
 
@@ -125,6 +126,47 @@ def test_stride2_matches_oracle(built, shape):
                                     f"ranges={ranges}")
 
 
+# 1x1 (N, Ci, Co, H, W, stride): w18's fuse-step convs (36 -> 18, 72 -> 54, 144 -> 126), layer1's
+# 256 -> 64 and 64 -> 64, the 2 x 2 order (126 outputs), K tails (36: 32 + 4; 270: 8 x 32 + 14;
+# 2: all tail), odd widths (partial last blocks, staged), stride 2.
+ONE_BY_ONE_SHAPES = [(1, 36, 18, 9, 33, 1), (2, 64, 64, 5, 40, 1), (1, 256, 64, 3, 37, 1),
+                     (1, 144, 126, 3, 16, 1), (1, 72, 54, 4, 21, 1), (1, 270, 19, 3, 20, 1),
+                     (1, 2, 20, 2, 7, 1), (2, 18, 36, 5, 35, 2), (1, 36, 80, 4, 67, 2)]
+
+
+@pytest.mark.parametrize("shape", ONE_BY_ONE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_one_by_one_matches_oracle(built, shape):
+    """1x1 convs: ReLU on all, none or some channels, with and without bias and residual, against
+    float64 within the bf16 bound; the output poisoned."""
+    n, ci, co, h, w, stride = shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    for k, (with_res, relu, ranges) in enumerate([(False, False, None), (True, True, None),
+                                                  (False, True, ((1, co // 2),))]):
+        x = _tensor((n, ci, h, w), seed=40 + k)
+        res = _tensor((n, co, ho, wo), seed=140 + k) if with_res else None
+        wt, b = _weights(ci, co, 40 + k, bias=k != 2, k=1)
+        with poisoned_malloc():
+            out = _run(x, wt, b, res, relu, stride=stride, ranges=ranges)
+        assert out.shape == (n, co, ho, wo) and out.is_contiguous(memory_format=CL)
+        oracle, same = _oracles(x, wt, b, res, relu, stride, ranges)
+        assert_close_to_oracle(out, oracle, same, dtype=BF16,
+                               what=f"{shape} 1x1 residual={with_res} relu={relu} ranges={ranges}")
+
+
+@pytest.mark.parametrize("ci,co", [(36, 18), (144, 126)], ids=["n-major", "2x2"])
+def test_one_by_one_nan_stays_at_its_pixel(built, ci, co):
+    """A 1x1 tile row is one pixel's Ci values: a NaN input makes exactly its own output pixel NaN
+    (every channel), at the row's first and last pixels, in a partial last block, and next to a
+    pixel whose values sit right before it in memory."""
+    x = _tensor((1, ci, 4, 37), seed=50)
+    for y, col in ((0, 0), (1, 36), (2, 17), (3, 33), (2, 18)):
+        x[0, [0, ci - 1], y, col] = float("nan")
+    wt, b = _weights(ci, co, 50, k=1)
+    expected = torch.isnan(_oracles(x, wt, b, None, True)[0])
+    assert int(expected.sum()) == co * 5
+    assert torch.equal(torch.isnan(_run(x, wt, b, None, True)), expected)
+
+
 @pytest.mark.parametrize("ci,co,stride", [(18, 18, 1), (72, 72, 1), (18, 54, 2), (36, 108, 2)],
                          ids=["n-major", "2x2", "n-major-s2", "2x2-s2"])
 def test_nan_reaches_exactly_its_window(built, ci, co, stride):
@@ -158,10 +200,10 @@ def test_opcheck(built):
     wt, b = _weights(18, 18, 7)
     res = _tensor((2, 18, 5, 21), seed=8)
     ops = torch.ops.hrnet_fast_cpu
-    torch.library.opcheck(ops.conv3x3_amx_pack.default, (wt,))
-    packed = cpu_ext.conv3x3_amx_pack(wt)
-    torch.library.opcheck(ops.conv3x3_amx.default, (x, packed, [18, 18], b, res, True))
-    torch.library.opcheck(ops.conv3x3_amx.default, (x, packed, [18, 18], None, None, False))
+    torch.library.opcheck(ops.conv_amx_pack.default, (wt,))
+    packed = cpu_ext.conv_amx_pack(wt)
+    torch.library.opcheck(ops.conv_amx.default, (x, packed, [18, 18], b, res, True))
+    torch.library.opcheck(ops.conv_amx.default, (x, packed, [18, 18], None, None, False))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -195,17 +237,18 @@ def test_bad_input_gets_one_clear_error(built, bad, match):
 # ------------------------------------------------------------------------- the torch backend
 @pytest.fixture
 def amx_calls(built, monkeypatch):
-    """Every call of the AMX kernel: (input channels, output N tiles, stride, ReLU ranges)."""
+    """Every call of the AMX kernel: (input channels, output N tiles, stride, ReLU ranges, kernel
+    size)."""
     calls = []
-    real = cpu_ext.conv3x3_amx_cpu
+    real = cpu_ext.conv_amx_cpu
     monkeypatch.setitem(torch_cpu._AMX, "on", True)
 
     def spy(x, packed, *args, **kwargs):
         calls.append((x.shape[1], packed.shape[1], kwargs.get("stride", 1),
-                      kwargs.get("relu_ranges")))
+                      kwargs.get("relu_ranges"), packed.shape[0]))
         return real(x, packed, *args, **kwargs)
 
-    monkeypatch.setattr(cpu_ext, "conv3x3_amx_cpu", spy)
+    monkeypatch.setattr(cpu_ext, "conv_amx_cpu", spy)
     return calls
 
 
@@ -234,6 +277,9 @@ def test_bf16_engine_matches_the_reference(amx_calls, preset, mode, size):
     assert {(18, 2, 1), (36, 3, 1), (64, 4, 1), (72, 5, 1), (144, 9, 1)} <= calls, calls
     assert {(64, 4, 2), (18, 4, 2)} <= calls, calls  # 18 -> 18 + 36 (the fuse's chains)
     assert any(c[2] == 2 and c[3] for c in amx_calls), amx_calls
+    # 1x1: the fuse step's upsampling convs (36 -> 18: two N tiles), layer1's 256 -> 64 (four)
+    ones = {(c[0], c[1]) for c in amx_calls if c[4] == 1}
+    assert {(36, 2), (256, 4)} <= ones, ones
 
 
 def test_a_channel_slice_takes_the_kernel(amx_calls):
@@ -266,7 +312,7 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
         amx_calls.append("failed")
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr(cpu_ext, "conv3x3_amx_cpu", failing)
+    monkeypatch.setattr(cpu_ext, "conv_amx_cpu", failing)
     engine = optimize(model, backend="torch", dtype=BF16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -283,17 +329,20 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
                                         (256, 18, True), (72, 72, True), (144, 144, True),
                                         (192, 192, False), (17, 18, False), (514, 18, False)])
 def test_the_width_rule(ci, co, fits):
-    """3x3 convs, stride 1 or 2, with an even input width of at most AMX_MAX_IN and at most 144
-    outputs: the measured wins (18 to 144 outputs, 256 -> 18 and 36), not 192 (measured slower
-    than oneDNN); a partial ReLU is the kernel's too; stride 3, 1x1 and padding 0 are not."""
+    """3x3 convs with padding 1 and 1x1 without, stride 1 or 2, with an even input width of at
+    most AMX_MAX_IN and at most 144 outputs: the measured wins (18 to 144 outputs, 256 -> 18 and
+    36; 1x1 up to 144 outputs), not 192 (measured slower than oneDNN; 1x1 to 256 or 270 too); a
+    partial ReLU is the kernel's too; stride 3, other paddings and 5x5 are not."""
     for stride in (1, 2):
-        spec = ConvSpec(torch.zeros(co, ci, 3, 3), None, stride, 1, True)
-        assert torch_cpu.amx_spec_fits(spec) is fits
+        for k in (3, 1):
+            spec = ConvSpec(torch.zeros(co, ci, k, k), None, stride, k // 2, True)
+            assert torch_cpu.amx_spec_fits(spec) is fits
     partial = ConvSpec(torch.zeros(co, ci, 3, 3), None, 2, 1, False, relu_ranges=((0, 1),))
     assert torch_cpu.amx_spec_fits(partial) is fits
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 3, 1, True))
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 1, 0, True))
-    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 1, 1), None, 1, 0, True))
+    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 1, 1), None, 1, 1, True))
+    assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 5, 5), None, 1, 2, True))
 
 
 def test_float32_and_autograd_never_take_the_kernel(monkeypatch):

@@ -1,7 +1,7 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
 epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
 thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); in
-bfloat16 on CPUs with AMX, the 3x3 convs (stride 1 or 2) of up to 144 outputs through the AMX kernel
+bfloat16 on CPUs with AMX, the 3x3 and 1x1 convs (stride 1 or 2) of up to 144 outputs through the AMX kernel
 (see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
 built, else torch compositions.
 
@@ -251,17 +251,21 @@ _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inferen
 # 0.98-1.19x, 144 -> 144 1.01-1.28x; 192 -> 192 0.85-1.48x (unsettled) and 384 -> 384 0.58x, so
 # AMX_MAX_OUT stops at 144 (w18's widest). Stride 2 (the stem's second conv, the transitions, the
 # fuse step's batched downsampling convs): 1.26-1.99x on all twelve of w18's shapes (one run).
+# 1x1 convs: up to 144 outputs 1.11-2.10x (256 -> 64 1.11x, 64 -> 64 1.30x, the fuse step's small
+# ones about 2x, host work); wider ones lose (64 -> 256 0.67-0.89x, the head's 126 -> 270 0.78x),
+# and AMX_MAX_OUT keeps them in oneDNN too.
 AMX_MAX_OUT = 144
 AMX_MAX_IN = 512  # the kernel's staging buffer (kMaxCi in csrc/cpu_conv_amx.cpp)
 
 
 def amx_spec_fits(spec: ConvSpec) -> bool:
-    """Whether a conv's spec suits the AMX kernel: 3x3, stride 1 or 2, padding 1, an even input
-    width (whole bf16 pairs) and at most AMX_MAX_OUT outputs (a ReLU on some channels only, as in
-    batched stride-2 convs, is the kernel's too)."""
+    """Whether a conv's spec suits the AMX kernel: 3x3 with padding 1 or 1x1 without, stride 1 or
+    2, an even input width (whole bf16 pairs) and at most AMX_MAX_OUT outputs (a ReLU on some
+    channels only, as in batched stride-2 convs, is the kernel's too)."""
     w = spec.weight
-    return (w.dim() == 4 and tuple(w.shape[-2:]) == (3, 3) and spec.stride in (1, 2)
-            and spec.padding == 1 and w.shape[1] % 2 == 0
+    k = w.shape[-1] if w.dim() == 4 else 0
+    return (w.dim() == 4 and tuple(w.shape[-2:]) in ((3, 3), (1, 1)) and spec.stride in (1, 2)
+            and spec.padding == k // 2 and w.shape[1] % 2 == 0
             and w.shape[1] <= AMX_MAX_IN and w.shape[0] <= AMX_MAX_OUT)
 
 
@@ -285,12 +289,12 @@ def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
         packed = packs.get(id(spec))
         if packed is None:
             bias = None if spec.bias is None else spec.bias.float()
-            packed = packs[id(spec)] = (cpu_ext.conv3x3_amx_pack(spec.weight), bias)
+            packed = packs[id(spec)] = (cpu_ext.conv_amx_pack(spec.weight), bias)
         if residual is not None and not (residual.dtype == x.dtype and
                                          residual.is_contiguous(memory_format=torch.channels_last)):
             residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
         ranges = spec.relu_ranges  # set: the ReLU on those channels only (spec.relu is False)
-        return cpu_ext.conv3x3_amx_cpu(x, packed[0], packed[1], residual,
+        return cpu_ext.conv_amx_cpu(x, packed[0], packed[1], residual,
                                        relu=spec.relu or ranges is not None,
                                        weight_size=spec.weight.shape[:2], stride=spec.stride,
                                        relu_ranges=ranges)
