@@ -81,7 +81,7 @@ constexpr int kRows = 16;   // pixels per block = A and C tile rows
 constexpr int kK = 32;      // bf16 values per full K tile
 constexpr int kN = 16;      // output channels per N tile
 constexpr int kGroup = 4;   // C tiles, N tiles per pass
-constexpr int64_t kMaxCi = 512;  // the staging buffer holds 3 * kMaxCi values per row
+constexpr int64_t kMaxCi = 512;  // bounds the edge-block staging buffers (kMaxSegment pixels)
 
 #if HF_AMX_COMPILED
 #define HF_AMX_TARGET \
@@ -227,7 +227,7 @@ HF_AMX_TARGET const uint16_t* stage_segment(const Problem& p, const uint16_t* ro
 }
 
 // Whether the 16 output pixels from xb read only input pixels inside the row (no staging): input
-// pixels s xb - 1 to s (xb + 15) + 1. Such a block is always a full one.
+// pixels s xb - pad to s (xb + 15) - pad + k - 1. Such a block is always a full one.
 inline bool interior_block(const Problem& p, int64_t xb) {
   return p.s * xb - p.pad >= 0 && p.s * (xb + kRows - 1) - p.pad + p.k - 1 <= p.W - 1;
 }
