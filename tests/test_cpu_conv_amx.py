@@ -69,12 +69,12 @@ def _oracles(x, w, b, residual, relu, stride=1, ranges=None):
 # single last block (35 = 2 x 16 + 3, 20, 16: one interior-free block), odd and even block counts.
 # The N-major order's dense epilogue (16 to 64 outputs, tiles stored at a row stride of Co): 16
 # (its lower edge: no columns past Co), 33 (a last tile holding one channel, 15 columns landing on
-# the next pixel), and 18, 36, 40 and 64 above.
+# the next pixel), and 18, 36, 40 and 64 above. w48's widths: 192 and 384 (K = 1152, 36 K tiles).
 SHAPES = [(2, 18, 18, 13, 47), (1, 36, 36, 9, 33), (1, 64, 64, 6, 40), (1, 72, 72, 5, 35),
           (2, 2, 5, 3, 1), (1, 18, 40, 1, 17), (1, 256, 18, 4, 38), (1, 144, 144, 3, 20),
           (2, 18, 18, 5, 32), (1, 36, 36, 4, 64), (2, 72, 72, 4, 64), (1, 64, 80, 3, 49),
           (1, 2, 96, 2, 16), (1, 144, 144, 4, 48), (1, 72, 70, 1, 1), (1, 16, 16, 3, 21),
-          (2, 18, 33, 2, 18)]
+          (2, 18, 33, 2, 18), (1, 192, 192, 3, 33), (1, 384, 384, 2, 20)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -131,7 +131,8 @@ def test_stride2_matches_oracle(built, shape):
 # 2: all tail), odd widths (partial last blocks, staged), stride 2.
 ONE_BY_ONE_SHAPES = [(1, 36, 18, 9, 33, 1), (2, 64, 64, 5, 40, 1), (1, 256, 64, 3, 37, 1),
                      (1, 144, 126, 3, 16, 1), (1, 72, 54, 4, 21, 1), (1, 270, 19, 3, 20, 1),
-                     (1, 2, 20, 2, 7, 1), (2, 18, 36, 5, 35, 2), (1, 36, 80, 4, 67, 2)]
+                     (1, 2, 20, 2, 7, 1), (2, 18, 36, 5, 35, 2), (1, 36, 80, 4, 67, 2),
+                     (1, 384, 336, 3, 17, 1)]
 
 
 @pytest.mark.parametrize("shape", ONE_BY_ONE_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -327,22 +328,45 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(amx_calls, monkeypatch):
 
 @pytest.mark.parametrize("ci,co,fits", [(18, 18, True), (36, 36, True), (64, 64, True),
                                         (256, 18, True), (72, 72, True), (144, 144, True),
-                                        (192, 192, False), (17, 18, False), (514, 18, False)])
+                                        (192, 192, True), (384, 384, True), (512, 512, False),
+                                        (17, 18, False), (514, 18, False)])
 def test_the_width_rule(ci, co, fits):
-    """3x3 convs with padding 1 and 1x1 without, stride 1 or 2, with an even input width of at
-    most AMX_MAX_IN and at most 144 outputs: the measured wins (18 to 144 outputs, 256 -> 18 and
-    36; 1x1 up to 144 outputs), not 192 (measured slower than oneDNN; 1x1 to 256 or 270 too); a
-    partial ReLU is the kernel's too; stride 3, other paddings and 5x5 are not."""
+    """3x3 convs with padding 1, stride 1 or 2, an even input width of at most AMX_MAX_IN and at
+    most 384 outputs: the measured wins (18 to 384 outputs, 256 -> 18 and 36), not 512 (level with
+    oneDNN); 1x1 convs without padding of any width (their size rule is separate); a partial ReLU
+    is the kernel's too; stride 3, other paddings and 5x5 are not."""
     for stride in (1, 2):
-        for k in (3, 1):
-            spec = ConvSpec(torch.zeros(co, ci, k, k), None, stride, k // 2, True)
-            assert torch_cpu.amx_spec_fits(spec) is fits
+        spec = ConvSpec(torch.zeros(co, ci, 3, 3), None, stride, 1, True)
+        assert torch_cpu.amx_spec_fits(spec) is fits
+        one = ConvSpec(torch.zeros(co, ci, 1, 1), None, stride, 0, True)
+        assert torch_cpu.amx_spec_fits(one) is (ci % 2 == 0 and ci <= 512)
     partial = ConvSpec(torch.zeros(co, ci, 3, 3), None, 2, 1, False, relu_ranges=((0, 1),))
     assert torch_cpu.amx_spec_fits(partial) is fits
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 3, 1, True))
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 3, 3), None, 1, 0, True))
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 1, 1), None, 1, 1, True))
     assert not torch_cpu.amx_spec_fits(ConvSpec(torch.zeros(co, ci, 5, 5), None, 1, 2, True))
+
+
+@pytest.mark.parametrize("co,n,h,w,stride,fits", [
+    (144, 1, 128, 256, 1, True),    # up to 144 outputs: any size
+    (270, 1, 16, 32, 1, True),      # the fuse step's wide 1x1 at a low resolution (138k values)
+    (336, 2, 16, 32, 1, True),      # 344k values
+    (270, 1, 128, 256, 1, False),   # the head's 126 -> 270 at 128x256: 8.8M values, oneDNN wins
+    (256, 1, 128, 256, 1, False),   # layer1's 64 -> 256
+    (256, 1, 128, 256, 2, False),   # 64x128 outputs x 256: 2.1M values
+    (256, 1, 64, 64, 1, True),      # exactly 2^20 values
+    (256, 1, 64, 65, 1, False),     # one column more
+    (256, 1, 127, 127, 2, True),    # stride 2: 64 x 64 outputs
+])
+def test_the_wide_1x1_size_rule(co, n, h, w, stride, fits):
+    """1x1 convs above 144 outputs take the kernel only for outputs of at most 2^20 values."""
+    spec = ConvSpec(torch.zeros(co, 64, 1, 1), None, stride, 0, True)
+    x = torch.zeros(n, 64, h, w)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    assert co <= 144 or (n * ho * wo * co <= 1 << 20) is fits  # the case list itself
+    assert torch_cpu.amx_size_fits(x, spec) is fits
+    assert torch_cpu.amx_size_fits(x, ConvSpec(torch.zeros(co, 64, 3, 3), None, stride, 1, True))
 
 
 def test_float32_and_autograd_never_take_the_kernel(monkeypatch):

@@ -1,8 +1,8 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
 epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
 thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); in
-bfloat16 on CPUs with AMX, the 3x3 and 1x1 convs (stride 1 or 2) of up to 144 outputs through the AMX kernel
-(see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
+bfloat16 on CPUs with AMX, the 3x3 and 1x1 convs (stride 1 or 2) through the AMX kernel where it
+measured faster (see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
 built, else torch compositions.
 
 ``F.conv2d`` on the CPU reorders the weight into oneDNN's blocked layout on every call and runs
@@ -241,32 +241,48 @@ def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
 
 
 _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inference
-# The AMX kernel (csrc/cpu_conv_amx.cpp) takes bfloat16 3x3 stride-1 convs: a tile row's K is a
-# whole row of the 3x3 window (3 Ci values, 54 of 64 slots for 18 channels, where oneDNN pads each
-# tap's 18 to 32), and a call costs a few microseconds of host work (oneDNN through torch 150-170
-# us). Measured against oneDNN's fused conv as the engine calls it (2 threads, channels_last,
-# same process, alternating calls; benchmarks/RESULTS.md): 18 -> 18 at 128x256 1.46-1.56x,
-# 36 -> 36 at 64x128 1.53-1.87x, 64 -> 64 1.08-1.57x, 256 -> 18 1.19-2.41x; above 64 outputs
-# (the kernel's 2 x 2 tile order) 72 -> 72 0.85-1.25x (most runs 1.1-1.25x), 96 1.09-1.22x, 128
-# 0.98-1.19x, 144 -> 144 1.01-1.28x; 192 -> 192 0.85-1.48x (unsettled) and 384 -> 384 0.58x, so
-# AMX_MAX_OUT stops at 144 (w18's widest). Stride 2 (the stem's second conv, the transitions, the
-# fuse step's batched downsampling convs): 1.26-1.99x on all twelve of w18's shapes (one run).
-# 1x1 convs: up to 144 outputs 1.11-2.10x (256 -> 64 1.11x, 64 -> 64 1.30x, the fuse step's small
-# ones about 2x, host work); wider ones lose (64 -> 256 0.67-0.89x, the head's 126 -> 270 0.78x),
-# and AMX_MAX_OUT keeps them in oneDNN too.
-AMX_MAX_OUT = 144
+# The AMX kernel (csrc/cpu_conv_amx.cpp) takes bfloat16 3x3 and 1x1 convs, stride 1 or 2: a tile
+# row's K is a whole row of the window (3 Ci values for 3x3: 54 of 64 slots for 18 channels, where
+# oneDNN pads each tap's 18 to 32), and a call costs a few microseconds of host work (oneDNN
+# through torch 150-170 us). Measured against oneDNN's fused conv as the engine calls it (2
+# threads, channels_last, same process, alternating calls; benchmarks/RESULTS.md), after edge
+# blocks were staged as one run of pixels: 3x3 stride 1 18 -> 18 at 128x256 1.90x, 36 -> 36 1.97x,
+# 72 -> 72 1.31x, 144 -> 144 1.18-1.40x, 192 -> 192 1.41-1.45x, 240 1.16-1.43x, 256 1.13-1.36x,
+# 384 -> 384 at 16x32 1.57-1.72x, but 512 -> 512 at 8x16 0.99-1.10x: AMX_MAX_OUT is 384 (w48's
+# widest; w64's 512 stays in oneDNN). Stride 2: 1.14-2.15x on every shape of w18 and w48 measured.
+# 1x1: up to 144 outputs 1.11-2.10x at any size; wider ones win at the fuse step's small sizes
+# (384 -> 336 at 16x32 1.38-1.40x, 512 -> 448 at 8x16 1.65x, 144 -> 270 1.61x) and lose on large
+# outputs (64 -> 256 at 128x256 0.67-0.89x, the head's 126 -> 270 0.78x: memory-bound, where
+# oneDNN's GEMM does better), so a 1x1 conv above AMX_1X1_ANY_SIZE_OUT outputs takes the kernel
+# only while its output holds at most AMX_1X1_WIDE_MAX_VALUES values (the winners: at most 172k,
+# the losers: 8.4M).
+AMX_MAX_OUT = 384
+AMX_1X1_ANY_SIZE_OUT = 144
+AMX_1X1_WIDE_MAX_VALUES = 1 << 20
 AMX_MAX_IN = 512  # the kernel's staging buffer (kMaxCi in csrc/cpu_conv_amx.cpp)
 
 
 def amx_spec_fits(spec: ConvSpec) -> bool:
-    """Whether a conv's spec suits the AMX kernel: 3x3 with padding 1 or 1x1 without, stride 1 or
-    2, an even input width (whole bf16 pairs) and at most AMX_MAX_OUT outputs (a ReLU on some
-    channels only, as in batched stride-2 convs, is the kernel's too)."""
+    """Whether a conv's spec suits the AMX kernel: 3x3 with padding 1 (at most AMX_MAX_OUT
+    outputs) or 1x1 without, stride 1 or 2, an even input width (whole bf16 pairs) of at most
+    AMX_MAX_IN (a ReLU on some channels only, as in batched stride-2 convs, is the kernel's too).
+    Wide 1x1 convs also need a small output (amx_size_fits)."""
     w = spec.weight
-    k = w.shape[-1] if w.dim() == 4 else 0
-    return (w.dim() == 4 and tuple(w.shape[-2:]) in ((3, 3), (1, 1)) and spec.stride in (1, 2)
-            and spec.padding == k // 2 and w.shape[1] % 2 == 0
-            and w.shape[1] <= AMX_MAX_IN and w.shape[0] <= AMX_MAX_OUT)
+    if w.dim() != 4 or tuple(w.shape[-2:]) not in ((3, 3), (1, 1)):
+        return False
+    k = w.shape[-1]
+    return (spec.stride in (1, 2) and spec.padding == k // 2 and w.shape[1] % 2 == 0
+            and w.shape[1] <= AMX_MAX_IN and (k == 1 or w.shape[0] <= AMX_MAX_OUT))
+
+
+def amx_size_fits(x: torch.Tensor, spec: ConvSpec) -> bool:
+    """A 1x1 conv wider than AMX_1X1_ANY_SIZE_OUT takes the kernel only for outputs of at most
+    AMX_1X1_WIDE_MAX_VALUES values (large ones are memory-bound, and oneDNN wins there)."""
+    w = spec.weight
+    if w.shape[-1] != 1 or w.shape[0] <= AMX_1X1_ANY_SIZE_OUT:
+        return True
+    ho, wo = (x.shape[2] - 1) // spec.stride + 1, (x.shape[3] - 1) // spec.stride + 1
+    return x.shape[0] * ho * wo * w.shape[0] <= AMX_1X1_WIDE_MAX_VALUES
 
 
 def amx_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -375,7 +391,8 @@ class TorchCPU(Backend):
     def _amx(self, x: torch.Tensor, spec: ConvSpec,
              residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The AMX kernel's result for a bf16 conv it takes, else None (the caller goes on)."""
-        if x.dtype != torch.bfloat16 or not _memo_fits(self._amx_specs, amx_spec_fits, spec):
+        if (x.dtype != torch.bfloat16 or not _memo_fits(self._amx_specs, amx_spec_fits, spec)
+                or not amx_size_fits(x, spec)):
             return None
         if (x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
                 and not x.is_contiguous(memory_format=torch.channels_last)):
