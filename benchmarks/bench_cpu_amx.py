@@ -27,12 +27,12 @@ from hrnet_fast.check import randomize_batchnorm  # noqa: E402
 from hrnet_fast.reference import HighResolutionNet  # noqa: E402
 
 # (Ci, Co, H, W, stride), H x W the input's size: w18's 3x3 stride-1 convs at 512x1024 (72 and
-# 144 outputs: the kernel's 2 x 2 tile order), wider layers of w32/w48 (96, 128; 192 stays in
-# oneDNN: AMX_MAX_OUT), then w18's stride-2 convs (the stem's second, transitions, the fuse step's
-# batched downsampling convs: 18 -> 36 + 18 = 54, 18 -> 72 ...).
+# 144 outputs: the kernel's 2 x 2 tile order), wider layers of w32/w48/w64 (96, 128, 192, 384; 512
+# stays in oneDNN: AMX_MAX_OUT), then w18's stride-2 convs (the stem's second, transitions, the
+# fuse step's batched downsampling convs: 18 -> 36 + 18 = 54, 18 -> 72 ...).
 CONVS = [(18, 18, 128, 256, 1), (36, 36, 64, 128, 1), (64, 64, 128, 256, 1), (256, 18, 128, 256, 1),
          (72, 72, 32, 64, 1), (144, 144, 16, 32, 1), (96, 96, 64, 128, 1), (128, 128, 32, 64, 1),
-         (192, 192, 32, 64, 1),
+         (192, 192, 32, 64, 1), (384, 384, 16, 32, 1), (512, 512, 8, 16, 1),
          (64, 64, 256, 512, 2), (256, 36, 128, 256, 2), (18, 54, 128, 256, 2), (18, 72, 64, 128, 2),
          (36, 108, 64, 128, 2), (72, 144, 32, 64, 2), (18, 144, 32, 64, 2)]
 
