@@ -283,6 +283,34 @@ def test_bf16_engine_matches_the_reference(amx_calls, preset, mode, size):
     assert {(36, 2), (256, 4)} <= ones, ones
 
 
+@pytest.mark.parametrize("preset,head,size", [("w18_small_v2", "classification", (2, 3, 64, 80)),
+                                              ("w18_small_v2", "pose", (2, 3, 64, 48)),
+                                              ("w18_small_v2", "features", (1, 3, 45, 61)),
+                                              ("w48", "seg", (1, 3, 64, 96))])
+def test_bf16_engine_heads_and_wide_layers(amx_calls, preset, head, size):
+    """The other heads (classification's incre/downsample convs, 1x1 and stride 2, at many widths;
+    pose; the features backbone) and w48's widths (192 and 384 channels on the kernel's 2 x 2
+    order, the fuse step's wide 1x1s at low resolution) against the float64 reference, within 2x
+    the reference's own bf16 error."""
+    torch.manual_seed(1)
+    model = randomize_bn(HRNet(HRNetConfig.preset(preset, head=head), fast=False), 1).eval()
+    x = torch.randn(*size, generator=torch.Generator().manual_seed(12))
+    with torch.inference_mode():
+        out = optimize(model, backend="torch", dtype=BF16)(x.to(BF16))
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+        same = HighResolutionNet.forward(model.to(BF16), x.to(BF16))
+    if head != "features":  # the backbone's outputs: one tensor per branch
+        out, ref64, same = [out], [ref64], [same]
+    assert len(out) == len(ref64)
+    for i, (o, r, m) in enumerate(zip(out, ref64, same)):
+        assert_model_close(o, r, m, dtype=BF16, what=f"{preset} {head} {size} bf16 output {i}")
+    kinds = {(c[4], c[2]) for c in amx_calls}  # (kernel size, stride)
+    assert {(3, 1), (3, 2), (1, 1)} <= kinds, kinds
+    if preset == "w48":
+        widths = {c[1] for c in amx_calls if c[4] == 3}
+        assert {12, 24} <= widths, widths  # 192 and 384 outputs: 12 and 24 N tiles
+
+
 def test_a_channel_slice_takes_the_kernel(amx_calls):
     """The second conv of the fuse step's stride-2 chains reads a channel slice of the batched
     first conv's output (not dense): the backend copies it dense for the kernel, and the result
