@@ -747,13 +747,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+DTYPE_HELP = "fp32; fp16/bf16 on a GPU, or on a CPU that runs them natively (bf16: AVX512-BF16/AMX)"
+
+
 def _model_options(p, default_classes: int, classes_type, classes_help: str) -> None:
     p.add_argument("--checkpoint", default=None, help="weights in any format load_checkpoint reads")
     p.add_argument("--preset", default="w48", choices=PRESET_NAMES)
     p.add_argument("--num-classes", type=classes_type, default=default_classes, help=classes_help)
     p.add_argument("--align-corners", action="store_true")
     p.add_argument("--backend", default=None, choices=ENGINE_BACKENDS)
-    p.add_argument("--dtype", type=dtype_arg, default="fp32", help="fp32; fp16/bf16 on a GPU, or on a CPU that runs them natively (bf16: AVX512-BF16 or AMX)")
+    p.add_argument("--dtype", type=dtype_arg, default="fp32", help=DTYPE_HELP)
     p.add_argument("--device", type=device_arg, default=None,
                    help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK, or cpu)")
 
@@ -889,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", default=None, help="write boxes, keypoints and scores to this file")
     q.add_argument("--batch", type=positive_int, default=32, help="boxes per model call (default 32)")
     q.add_argument("--backend", default=None, choices=ENGINE_BACKENDS)
-    q.add_argument("--dtype", type=dtype_arg, default="fp32", help="fp32; fp16/bf16 on a GPU, or on a CPU that runs them natively (bf16: AVX512-BF16 or AMX)")
+    q.add_argument("--dtype", type=dtype_arg, default="fp32", help=DTYPE_HELP)
     q.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N")
     # A box may start with a minus (-8,20,30,70): take any "-<digit>" word as a value, not as an
     # option (argparse's own pattern takes only plain negative numbers on older Pythons).
