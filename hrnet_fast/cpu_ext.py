@@ -19,8 +19,9 @@ shows the compiler output.
 The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat`` (schemas in
 ``csrc/cpu_fuse.cpp``), and ``conv3x3_thin_pack`` / ``conv3x3_thin`` / ``conv3x3_thin_into``
 (``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
-channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv_amx_pack`` / ``conv_amx``
-(``csrc/cpu_conv_amx.cpp``: the same convolutions in bfloat16 on Intel AMX tiles). Their fake
+channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv_amx_pack`` / ``conv_amx`` /
+``conv_amx_into`` (``csrc/cpu_conv_amx.cpp``: 3x3 and 1x1 convolutions in bfloat16 on Intel AMX
+tiles). Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
 """
@@ -283,6 +284,12 @@ def _conv_amx_fake(x, packed, weight_size, bias, residual, relu, stride=1, relu_
                        memory_format=torch.channels_last)
 
 
+def _conv_amx_into_fake(residual, x, packed, weight_size, bias, relu, stride=1, relu_ranges=()):
+    out = _conv_amx_fake(x, packed, weight_size, bias, residual, relu, stride, relu_ranges)
+    torch._check(tuple(residual.shape) == tuple(out.shape),
+                 lambda: f"residual must be {tuple(out.shape)}, got {tuple(residual.shape)}")
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
@@ -293,7 +300,7 @@ def _register_fake() -> None:
                        ("conv3x3_thin", _conv3x3_thin_fake),
                        ("conv3x3_thin_into", _conv3x3_thin_into_fake),
                        ("conv_amx_pack", _conv_amx_pack_fake),
-                       ("conv_amx", _conv_amx_fake)):
+                       ("conv_amx", _conv_amx_fake), ("conv_amx_into", _conv_amx_into_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -408,17 +415,26 @@ def conv_amx_pack(weight: torch.Tensor) -> torch.Tensor:
 def conv_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor] = None, *, relu: bool,
                     weight_size: Sequence[int], stride: int = 1,
-                    relu_ranges: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+                    relu_ranges: Optional[Sequence[Tuple[int, int]]] = None,
+                    into_residual: bool = False) -> torch.Tensor:
     """``act(F.conv2d(x, weight, bias, stride, padding=1) + residual)`` in bfloat16 on AMX
     tiles, stride 1 or 2, with ``packed = conv_amx_pack(weight)`` and ``weight_size =
     weight.shape[:2]`` (the packing pads both widths; x's channels are checked against it): x
     [N, Ci, H, W] and residual (None or [N, Co, Ho, Wo]) dense channels_last bfloat16, bias None
     or [Co] (float32 is best); float32 accumulation, bias and residual added in float32, one
     rounding to bfloat16. ``relu_ranges`` ([start, end) channel pairs, with ``relu``): the ReLU on
-    those channels only. The result is a new channels_last tensor. Raises RuntimeError when the
-    kernel is unavailable (no build, no AMX) or an argument does not fit."""
+    those channels only. The result is a new channels_last tensor, or ``residual`` itself with
+    ``into_residual`` (written in place; it may not share memory with x). Raises RuntimeError when
+    the kernel is unavailable (no build, no AMX) or an argument does not fit."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
     flat = [int(v) for pair in (relu_ranges or ()) for v in pair]
-    return torch.ops.hrnet_fast_cpu.conv_amx(x, packed, [int(v) for v in weight_size[:2]], bias,
-                                                residual, bool(relu), int(stride), flat)
+    size = [int(v) for v in weight_size[:2]]
+    if into_residual:
+        if residual is None:
+            raise RuntimeError("hrnet_fast_cpu::conv_amx: into_residual needs a residual")
+        torch.ops.hrnet_fast_cpu.conv_amx_into(residual, x, packed, size, bias, bool(relu),
+                                               int(stride), flat)
+        return residual
+    return torch.ops.hrnet_fast_cpu.conv_amx(x, packed, size, bias, residual, bool(relu),
+                                             int(stride), flat)

@@ -205,6 +205,33 @@ def test_opcheck(built):
     packed = cpu_ext.conv_amx_pack(wt)
     torch.library.opcheck(ops.conv_amx.default, (x, packed, [18, 18], b, res, True))
     torch.library.opcheck(ops.conv_amx.default, (x, packed, [18, 18], None, None, False))
+    torch.library.opcheck(ops.conv_amx_into.default, (res.clone(), x, packed, [18, 18], b, True))
+
+
+@pytest.mark.parametrize("ci,co,k,stride", [(18, 18, 3, 1), (72, 72, 3, 1), (36, 18, 1, 1),
+                                         (18, 36, 3, 2), (144, 126, 1, 1)])
+def test_into_residual_equals_a_new_tensor(built, ci, co, k, stride):
+    """conv_amx_into writes the result over the residual: the same values, bit for bit, as the
+    new-tensor op (both orders, 1x1, stride 2, partial blocks), and the residual object back."""
+    x = _tensor((2, ci, 5, 37), seed=60)
+    ho, wo = (5 - 1) // stride + 1, (37 - 1) // stride + 1
+    res = _tensor((2, co, ho, wo), seed=61)
+    wt, b = _weights(ci, co, 60, k=k)
+    want = _run(x, wt, b, res, True, stride)
+    got = cpu_ext.conv_amx_cpu(x, cpu_ext.conv_amx_pack(wt), b, res, relu=True,
+                               weight_size=wt.shape[:2], stride=stride, into_residual=True)
+    assert got is res and torch.equal(got, want)
+
+
+def test_into_residual_refuses_memory_shared_with_x(built):
+    """x is read throughout while the residual is written: one tensor as both is refused."""
+    x = _tensor((1, 18, 5, 20), seed=62)
+    wt, b = _weights(18, 18, 62)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="must not share memory with x"):
+        cpu_ext.conv_amx_cpu(x, cpu_ext.conv_amx_pack(wt), b, x, relu=True,
+                             weight_size=wt.shape[:2], into_residual=True)
+    assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -246,7 +273,7 @@ def amx_calls(built, monkeypatch):
 
     def spy(x, packed, *args, **kwargs):
         calls.append((x.shape[1], packed.shape[1], kwargs.get("stride", 1),
-                      kwargs.get("relu_ranges"), packed.shape[0]))
+                      kwargs.get("relu_ranges"), packed.shape[0], kwargs.get("into_residual")))
         return real(x, packed, *args, **kwargs)
 
     monkeypatch.setattr(cpu_ext, "conv_amx_cpu", spy)
@@ -276,6 +303,8 @@ def test_bf16_engine_matches_the_reference(amx_calls, preset, mode, size):
     # a ReLU on part of their channels
     calls = {c[:3] for c in amx_calls}
     assert {(18, 2, 1), (36, 3, 1), (64, 4, 1), (72, 5, 1), (144, 9, 1)} <= calls, calls
+    # the residual blocks' second convs write over the block's input
+    assert {c[0] for c in amx_calls if c[5]} >= {18, 36, 72, 144}, amx_calls
     assert {(64, 4, 2), (18, 4, 2)} <= calls, calls  # 18 -> 18 + 36 (the fuse's chains)
     assert any(c[2] == 2 and c[3] for c in amx_calls), amx_calls
     # 1x1: the fuse step's upsampling convs (36 -> 18: two N tiles), layer1's 256 -> 64 (four)
