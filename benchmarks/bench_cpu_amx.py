@@ -5,8 +5,8 @@ bf16 engine with the kernel on and off, in one process.
     python benchmarks/bench_cpu_amx.py [--models w18_small_v2 w18] [--rounds 40]
 
 Per conv: 2 threads, channels_last bf16, w18's widths and sizes at 1x3x512x1024 (stride 1 and
-2), residual + ReLU where the widths match at stride 1, else ReLU, alternating calls, medians; GFLOP/s counted as direct convolution. Per
-model: one bf16 engine, the kernel switched on and off in alternate calls (30 ms idle before
+2), residual + ReLU where the widths match at stride 1, else ReLU, alternating calls, medians;
+GFLOP/s counted as direct convolution. Per model: one bf16 engine, the kernel switched on and off in alternate calls (30 ms idle before
 each), median of per-round ratios, and each variant's error against the float64 reference.
 Needs a CPU with AMX (Intel Xeon from Sapphire Rapids on).
 """
@@ -47,7 +47,7 @@ def per_conv(rounds):
         packed, bf, cache = cpu_ext.conv_amx_pack(wt), b.float(), {}
         calls = {"oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, stride, 1, res, True, cache),
                  "AMX": lambda: cpu_ext.conv_amx_cpu(x, packed, bf, res, relu=True,
-                                                        weight_size=wt.shape[:2], stride=stride)}
+                                                     weight_size=wt.shape[:2], stride=stride)}
         times = {k: [] for k in calls}
         with torch.inference_mode():
             diff = float((calls["oneDNN"]().float() - calls["AMX"]().float()).abs().max())

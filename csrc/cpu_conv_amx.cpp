@@ -118,9 +118,10 @@ struct Problem {
   const uint16_t* x;    // [N, H, W, Ci] bf16 bits
   const uint16_t* b;    // packed B tiles
   const float* bias;    // [Co] or null
-  const float* bias_rep;  // [kRows * Co + kN]: bias[i % Co], the dense epilogue's bias; or null
-  // [kRows * Co + kN]: floor[i % Co], 0 on channels with a ReLU and -inf elsewhere, when the ReLU
-  // covers only some channels (batched stride-2 convs); else null
+  const float* bias_rep;  // [kRows * Co]: bias[i % Co], the dense epilogue's bias; or null
+  // The ReLU's floor per channel, 0 where it acts and -inf elsewhere, when it covers only some
+  // channels (batched stride-2 convs), else null: [Co] for the per-tile epilogue, [kRows * Co]
+  // (floor[i % Co]) for the dense one (per_pixel).
   const float* floor_rep;
   const uint16_t* res;  // [N, H, W, Co] or null
   uint16_t* out;        // [N, H, W, Co]
@@ -235,14 +236,16 @@ inline bool interior_block(const Problem& p, int64_t xb) {
   return p.s * xb - p.pad >= 0 && p.s * (xb + kRows - 1) - p.pad + p.k - 1 <= p.W - 1;
 }
 
+// Up to four N tiles (the N-major order's range) all groups are one pass, so the dense epilogue
+// sees every channel of a block; below 16 outputs a row stride of Co floats would overlap a
+// tile's own rows.
+inline bool dense_epilogue(int64_t co, int64_t nt) { return co >= kN && nt <= kGroup; }
+
 HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
   configure(p);
   // + kN: the dense layout's last tile writes up to 15 columns past pixel 15's Co values
   alignas(64) float cbuf[kGroup * kRows * kN + kN];
-  // Up to four N tiles (this order's range) all groups are one pass, so the dense epilogue sees
-  // every channel of a block; below 16 outputs a row stride of Co floats would overlap a tile's
-  // own rows.
-  const bool dense = p.co >= kN && p.nt <= kGroup;
+  const bool dense = dense_epilogue(p.co, p.nt);
   alignas(64) uint16_t segment[kMaxSegment * kMaxCi];  // an edge block's pixels (stage_segment)
   const int64_t ci = p.ci, W = p.W, H = p.H, s = p.s, Ho = p.Ho, Wo = p.Wo;
   const int64_t full_k = p.tail ? p.kt - 1 : p.kt;
@@ -431,6 +434,15 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
 #undef HF_STORE
 #undef HF_FOR_C
 
+// A per-channel vector repeated for a block's 16 pixels: value i is per_channel[i % Co], as the
+// dense epilogue walks a block's [pixel][Co] output.
+std::vector<float> per_pixel(const std::vector<float>& per_channel) {
+  std::vector<float> rep;
+  rep.reserve(kRows * per_channel.size());
+  for (int r = 0; r < kRows; ++r) rep.insert(rep.end(), per_channel.begin(), per_channel.end());
+  return rep;
+}
+
 #else
 bool amx_ready() { return false; }
 #endif
@@ -527,19 +539,17 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayR
   p.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
   p.b = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   p.bias = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  // Only the dense epilogue reads the bias repeated per pixel; the per-tile one reads p.bias.
+  const bool dense = dense_epilogue(co, nt);
   std::vector<float> bias_rep;
-  if (p.bias != nullptr) {
-    bias_rep.resize(static_cast<size_t>(kRows * co + kN));
-    for (size_t i = 0; i < bias_rep.size(); ++i) bias_rep[i] = p.bias[i % co];
-  }
-  p.bias_rep = p.bias != nullptr ? bias_rep.data() : nullptr;
+  if (p.bias != nullptr && dense) bias_rep = per_pixel(std::vector<float>(p.bias, p.bias + co));
+  p.bias_rep = bias_rep.empty() ? nullptr : bias_rep.data();
   std::vector<float> floor_rep;
   if (!relu_ranges.empty()) {
     std::vector<float> floor(static_cast<size_t>(co), -std::numeric_limits<float>::infinity());
     for (size_t i = 0; i < relu_ranges.size(); i += 2)
       std::fill(floor.begin() + relu_ranges[i], floor.begin() + relu_ranges[i + 1], 0.0f);
-    floor_rep.resize(static_cast<size_t>(kRows * co + kN));
-    for (size_t i = 0; i < floor_rep.size(); ++i) floor_rep[i] = floor[i % co];
+    floor_rep = dense ? per_pixel(floor) : std::move(floor);
   }
   p.floor_rep = floor_rep.empty() ? nullptr : floor_rep.data();
   p.res = residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;

@@ -404,21 +404,21 @@ def amx_conv_supported() -> bool:
 
 
 def conv_amx_pack(weight: torch.Tensor) -> torch.Tensor:
-    """The AMX conv's packed weight (bfloat16 B tiles, [3, ceil(Co/16), ceil(3 Ci/32), 16, 16, 2])
-    from a [Co, Ci, 3, 3] weight of any float dtype with Ci even (rounded to bfloat16 once).
-    Callers keep it as long as the weight does not change."""
+    """The AMX conv's packed weight (bfloat16 B tiles, [k, ceil(Co/16), ceil(k Ci/32), 16, 16, 2])
+    from a [Co, Ci, k, k] weight, k 3 or 1, of any float dtype with Ci even (rounded to bfloat16
+    once). Callers keep it as long as the weight does not change."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
     return torch.ops.hrnet_fast_cpu.conv_amx_pack(weight)
 
 
 def conv_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                    residual: Optional[torch.Tensor] = None, *, relu: bool,
-                    weight_size: Sequence[int], stride: int = 1,
-                    relu_ranges: Optional[Sequence[Tuple[int, int]]] = None,
-                    into_residual: bool = False) -> torch.Tensor:
-    """``act(F.conv2d(x, weight, bias, stride, padding=1) + residual)`` in bfloat16 on AMX
-    tiles, stride 1 or 2, with ``packed = conv_amx_pack(weight)`` and ``weight_size =
+                 residual: Optional[torch.Tensor] = None, *, relu: bool,
+                 weight_size: Sequence[int], stride: int = 1,
+                 relu_ranges: Optional[Sequence[Tuple[int, int]]] = None,
+                 into_residual: bool = False) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding=k // 2) + residual)`` in bfloat16 on AMX
+    tiles, k x k (3x3 or 1x1), stride 1 or 2, with ``packed = conv_amx_pack(weight)`` and ``weight_size =
     weight.shape[:2]`` (the packing pads both widths; x's channels are checked against it): x
     [N, Ci, H, W] and residual (None or [N, Co, Ho, Wo]) dense channels_last bfloat16, bias None
     or [Co] (float32 is best); float32 accumulation, bias and residual added in float32, one

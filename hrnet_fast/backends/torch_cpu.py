@@ -308,12 +308,14 @@ def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
         if packed is None:
             bias = None if spec.bias is None else spec.bias.float()
             packed = packs[id(spec)] = (cpu_ext.conv_amx_pack(spec.weight), bias)
-        into = into_residual and residual is not None and (
-            residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last)
-            and not residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
-        if residual is not None and not (residual.dtype == x.dtype and
-                                         residual.is_contiguous(memory_format=torch.channels_last)):
-            residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        into = False
+        if residual is not None:
+            if residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last):
+                # the kernel refuses a residual sharing x's memory (and would then be switched off)
+                into = into_residual and (residual.untyped_storage().data_ptr()
+                                          != x.untyped_storage().data_ptr())
+            else:
+                residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
         ranges = spec.relu_ranges  # set: the ReLU on those channels only (spec.relu is False)
         return cpu_ext.conv_amx_cpu(x, packed[0], packed[1], residual,
                                     relu=spec.relu or ranges is not None,
