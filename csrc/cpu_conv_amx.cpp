@@ -2,8 +2,9 @@
 // 2, on Intel AMX tiles (the thin layers of the bfloat16 CPU engine).
 //
 //   hrnet_fast_cpu::conv_amx_pack(Tensor weight) -> Tensor
-//     weight [Co, Ci, k, k], k 3 or 1 (any float dtype; Ci even) -> bfloat16 B tiles, see
-//     "Packing" below.
+//     weight [Co, Ci, k, k], k 3 or 1 (any float dtype; Ci even, at most 512 for 3x3) -> bfloat16
+//     B tiles, see "Packing" below. The conv takes Ci <= 512; wider 1x1 packings are for the seg
+//     head (cpu_head_amx.cpp), whose classifier reads the 270 to 960 head channels.
 //   hrnet_fast_cpu::conv_amx(Tensor x, Tensor packed, int[] weight_size, Tensor? bias,
 //                            Tensor? residual, bool relu, int stride=1,
 //                            int[] relu_ranges=[]) -> Tensor
@@ -67,15 +68,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define HF_AMX_COMPILED 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define HF_AMX_COMPILED 0
-#endif
+#include "cpu_amx.h"
 
 namespace {
 
@@ -86,33 +79,10 @@ constexpr int kN = 16;      // output channels per N tile
 constexpr int kGroup = 4;   // C tiles, N tiles per pass
 constexpr int64_t kMaxCi = 512;  // bounds the edge-block staging buffers (kMaxSegment pixels)
 
+using hf_amx::amx_ready;
+
 #if HF_AMX_COMPILED
-#define HF_AMX_TARGET \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-
-// AMX needs CPU support (CPUID.(7,0):EDX bits 22 AMX-BF16 and 24 AMX-TILE, AVX512-BF16 in
-// CPUID.(7,1):EAX bit 5) and, on Linux, this process's permission for the tile data state
-// (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); asked once.
-bool amx_ready_uncached() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1, avx512f = (b >> 16) & 1;
-  if (!(tile && bf16 && avx512f)) return false;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return false;
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
-bool amx_ready() {
-  static const bool ready = amx_ready_uncached();
-  return ready;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using hf_amx::TileConfig;
 
 struct Problem {
   const uint16_t* x;    // [N, H, W, Ci] bf16 bits
@@ -442,18 +412,16 @@ std::vector<float> per_pixel(const std::vector<float>& per_channel) {
   for (int r = 0; r < kRows; ++r) rep.insert(rep.end(), per_channel.begin(), per_channel.end());
   return rep;
 }
-
-#else
-bool amx_ready() { return false; }
 #endif
 
 at::Tensor conv_amx_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point() && weight.dim() == 4 &&
                   (weight.size(2) == 3 || weight.size(2) == 1) &&
                   weight.size(3) == weight.size(2) && weight.size(0) > 0 &&
-                  weight.size(1) > 0 && weight.size(1) % 2 == 0 && weight.size(1) <= kMaxCi,
-              "hrnet_fast_cpu::conv_amx_pack: weight must be [Co, Ci, 3, 3] or [Co, Ci, 1, 1] "
-              "on the CPU with Ci even and at most ", kMaxCi, ", got ", weight.scalar_type(), " ",
+                  weight.size(1) > 0 && weight.size(1) % 2 == 0 &&
+                  (weight.size(2) == 1 || weight.size(1) <= kMaxCi),
+              "hrnet_fast_cpu::conv_amx_pack: weight must be [Co, Ci, 3, 3] (Ci at most ", kMaxCi,
+              ") or [Co, Ci, 1, 1] on the CPU with Ci even, got ", weight.scalar_type(), " ",
               weight.sizes());
   const int64_t co = weight.size(0), ci = weight.size(1), ks = weight.size(2), kd = ks * ci;
   const int64_t nt = (co + kN - 1) / kN, kt = (kd + kK - 1) / kK;

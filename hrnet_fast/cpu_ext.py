@@ -47,12 +47,12 @@ from .ops._validate import check_fuse_meta
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
            "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
-           "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu",
+           "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu", "seg_head_amx_cpu",
            "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
-SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_amx.cpp")
+SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_amx.cpp", "cpu_head_amx.cpp")
 # -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
 # compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
 EXTRA_CFLAGS = ["-O3"]
@@ -290,6 +290,20 @@ def _conv_amx_into_fake(residual, x, packed, weight_size, bias, relu, stride=1, 
                  lambda: f"residual must be {tuple(out.shape)}, got {tuple(residual.shape)}")
 
 
+def _seg_head_amx_fake(x, proj, proj_size, proj_bias, contributions, mode, align_corners, cls,
+                       cls_size, cls_bias):
+    torch._check(x.dim() == 4 and x.dtype == torch.bfloat16 and x.shape[1] == proj_size[1],
+                 lambda: f"x must be a 4-d bfloat16 tensor of {proj_size[1]} channels, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    torch._check(cls_size[1] == proj_size[0], lambda: "cls must take the projection's outputs")
+    torch._check(mode in ("nearest", "bilinear"), lambda: f"mode must be nearest or bilinear")
+    for t in contributions:
+        torch._check(t.dim() == 4 and t.shape[1] == proj_size[0],
+                     lambda: f"contributions must be [N, {proj_size[0]}, h, w]")
+    return torch.empty((x.shape[0], cls_size[0], x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
@@ -300,7 +314,8 @@ def _register_fake() -> None:
                        ("conv3x3_thin", _conv3x3_thin_fake),
                        ("conv3x3_thin_into", _conv3x3_thin_into_fake),
                        ("conv_amx_pack", _conv_amx_pack_fake),
-                       ("conv_amx", _conv_amx_fake), ("conv_amx_into", _conv_amx_into_fake)):
+                       ("conv_amx", _conv_amx_fake), ("conv_amx_into", _conv_amx_into_fake),
+                       ("seg_head_amx", _seg_head_amx_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -438,3 +453,22 @@ def conv_amx_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Ten
         return residual
     return torch.ops.hrnet_fast_cpu.conv_amx(x, packed, size, bias, residual, bool(relu),
                                              int(stride), flat)
+
+
+def seg_head_amx_cpu(x: torch.Tensor, proj: torch.Tensor, proj_bias: Optional[torch.Tensor],
+                     contributions: Sequence[torch.Tensor], cls: torch.Tensor,
+                     cls_bias: Optional[torch.Tensor], *, proj_size: Sequence[int],
+                     cls_size: Sequence[int], mode: str, align_corners: bool) -> torch.Tensor:
+    """The CPU engine's bfloat16 seg head in one pass on AMX tiles (``csrc/cpu_head_amx.cpp``):
+    ``conv1x1(relu(conv1x1(x, Wp) + bp + sum_k F.interpolate(c_k, size=x.shape[-2:])), Wc) + bc``
+    with ``proj = conv_amx_pack(Wp)``, ``proj_size = Wp.shape[:2]``, ``cls = conv_amx_pack(Wc)``,
+    ``cls_size = Wc.shape[:2]`` (both 1x1). x [N, Ci, H, W] dense channels_last bfloat16 with Ci
+    even; contributions [N, Cm, h, w] bfloat16 (h <= H, w <= W, channel stride 1); mode "nearest"
+    or "bilinear". The head map is summed in float32 and rounded to bfloat16 once, never written
+    to memory; the result is a new channels_last bfloat16 tensor. Raises RuntimeError when the
+    kernel is unavailable (no build, no AMX) or an argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.seg_head_amx(
+        x, proj, [int(v) for v in proj_size[:2]], proj_bias, list(contributions), str(mode),
+        bool(align_corners), cls, [int(v) for v in cls_size[:2]], cls_bias)

@@ -165,12 +165,15 @@ def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bo
               if be.resize_narrow_head_branches and 2 * xs[k].shape[1] < head.projections[k].out_channels]
     if narrow:
         x = be.resize_concat([xs[0]] + [xs[k] for k in narrow], size, mode, align)
-        base = be.conv(x, merged_projection(be, head, narrow))
+        projection = merged_projection(be, head, narrow)
     else:
-        base = be.conv(xs[0], head.projections[0])
+        x, projection = xs[0], head.projections[0]
     contributions = [be.conv(xs[k], head.projections[k]) for k in range(1, len(xs)) if k not in narrow]
     c = head.classifier
-    return be.head(base, contributions, c.weight, c.bias, mode, align)
+    y = be.projected_head(x, projection, contributions, c.weight, c.bias, mode, align)
+    if y is not None:
+        return y
+    return be.head(be.conv(x, projection), contributions, c.weight, c.bias, mode, align)
 
 
 def merged_projection(be: Backend, head, narrow: List[int]) -> ConvSpec:

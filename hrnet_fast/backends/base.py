@@ -88,6 +88,13 @@ class Backend:
     def head(self, base, contributions, weight, bias, mode: str, align_corners: bool):
         return seg_head_torch(base, contributions, weight, bias, mode, align_corners)
 
+    def projected_head(self, x: torch.Tensor, projection: ConvSpec,
+                       contributions: Sequence[torch.Tensor], weight, bias, mode: str,
+                       align_corners: bool) -> Optional[torch.Tensor]:
+        """``head(conv(x, projection), contributions, weight, bias, ...)`` as one op, or None: then
+        the engine runs the conv and ``head`` (engine.run_seg_head)."""
+        return None
+
     def resize_concat(self, parts: Sequence[torch.Tensor], size, mode: str, align_corners: bool):
         """``cat([resize(p, size) for p in parts], dim=1)`` (the CPU seg head's input)."""
         return torch.cat([resize(p, size, mode, align_corners) for p in parts], dim=1)

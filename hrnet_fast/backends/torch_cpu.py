@@ -326,6 +326,53 @@ def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
                              "those convolutions run in oneDNN (same math in bfloat16, slower)")
 
 
+_AMX_HEAD = {"on": True}  # False once the AMX seg head kernel failed in ordinary inference
+
+
+def amx_head_fits(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
+                  weight: torch.Tensor) -> bool:
+    """Whether the AMX seg head (csrc/cpu_head_amx.cpp) takes this head: a bfloat16 x the AMX conv
+    would take (amx_input_fits) with an even channel count, a plain 1x1 projection (no ReLU), a 1x1
+    classifier (``final_conv_kernel=3`` keeps the unfused head), and contributions of x's dtype and
+    batch at the projection's width, at most x's size, with channel stride 1."""
+    w = projection.weight
+    if (not _AMX_HEAD["on"] or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[1] % 2
+            or w.dim() != 4 or tuple(w.shape[-2:]) != (1, 1) or projection.stride != 1
+            or projection.padding != 0 or projection.relu or projection.relu_ranges is not None
+            or weight.dim() != 4 or tuple(weight.shape[-2:]) != (1, 1)
+            or weight.shape[1] != w.shape[0]):
+        return False
+    for c in contributions:
+        if (c.dtype != x.dtype or c.dim() != 4 or c.shape[0] != x.shape[0]
+                or c.shape[1] != w.shape[0] or c.shape[2] > x.shape[2] or c.shape[3] > x.shape[3]
+                or (c.shape[1] > 1 and c.stride(1) != 1)):
+            return False
+    return amx_input_fits(x, w, weight)
+
+
+def amx_head(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
+             weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str, align_corners: bool,
+             packs: dict) -> Optional[torch.Tensor]:
+    """The AMX seg head's result, or None when it failed: then it is off for the process and the
+    engine runs the head unfused, after one warning. ``packs`` keeps the packed weights and float32
+    biases, by identity of the projection's ConvSpec and of the classifier's weight."""
+    try:
+        key = (id(projection), id(weight))
+        packed = packs.get(key)
+        if packed is None:
+            pb = None if projection.bias is None else projection.bias.float()
+            cb = None if bias is None else bias.float()
+            packed = packs[key] = (cpu_ext.conv_amx_pack(projection.weight), pb,
+                                   cpu_ext.conv_amx_pack(weight), cb)
+        return cpu_ext.seg_head_amx_cpu(x, packed[0], packed[1], contributions, packed[2],
+                                        packed[3], proj_size=projection.weight.shape[:2],
+                                        cls_size=weight.shape[:2], mode=mode,
+                                        align_corners=align_corners)
+    except RuntimeError as e:
+        return kernel_failed(_AMX_HEAD, "cpu-amx-head", f"CPU AMX seg head kernel failed ({e})",
+                             "the seg head runs unfused (same math in bfloat16, slower)")
+
+
 def _memo_fits(table: Dict[int, bool], rule, spec: ConvSpec) -> bool:
     """``rule(spec)``, remembered in ``table`` by identity of the spec (a plan's specs are fixed
     for its life: checked once instead of on every call)."""
@@ -391,6 +438,7 @@ class TorchCPU(Backend):
         self._thin_specs: Dict[int, bool] = {}
         self._amx_packs: Dict[int, tuple] = {}  # the AMX kernel's (packed weight, float32 bias)
         self._amx_specs: Dict[int, bool] = {}
+        self._amx_head_packs: dict = {}  # the AMX seg head's packed weights (amx_head)
 
     def _thin_spec(self, spec: ConvSpec) -> bool:
         return _memo_fits(self._thin_specs, thin_spec_fits, spec)
@@ -497,6 +545,15 @@ class TorchCPU(Backend):
             if out is not None:
                 return out
         return super().fuse(base, contributions, mode, align_corners, relu, bias)
+
+    def projected_head(self, x, projection, contributions, weight, bias, mode: str,
+                       align_corners: bool):
+        # bfloat16 on AMX: projection, fuse step and classifier in one pass, the head map never
+        # written (csrc/cpu_head_amx.cpp; figures in benchmarks/RESULTS.md).
+        if not amx_head_fits(x, projection, contributions, weight):
+            return None
+        return amx_head(x, projection, contributions, weight, bias, mode, align_corners,
+                        self._amx_head_packs)
 
     def resize_concat(self, parts, size, mode: str, align_corners: bool):
         # One pass writing the concatenation (csrc/cpu_fuse.cpp) instead of resized intermediates
