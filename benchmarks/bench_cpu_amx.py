@@ -1,8 +1,9 @@
 """The bfloat16 AMX conv kernel (csrc/cpu_conv_amx.cpp) against oneDNN's fused conv as the engine
 calls it (``torch_cpu.conv_fused``: reordered weight, ReLU and residual fused), per conv, and the
-bf16 engine with the kernel on and off, in one process.
+bf16 engine with the kernel on and off, in one process; with ``--switch head``, the engine with the
+AMX seg head (csrc/cpu_head_amx.cpp) on and off instead (no per-conv part).
 
-    python benchmarks/bench_cpu_amx.py [--models w18_small_v2 w18] [--rounds 40]
+    python benchmarks/bench_cpu_amx.py [--models w18_small_v2 w18] [--rounds 40] [--switch head]
 
 Per conv: 2 threads, channels_last bf16, w18's widths and sizes at 1x3x512x1024 (stride 1 and
 2), residual + ReLU where the widths match at stride 1, else ReLU, alternating calls, medians;
@@ -64,28 +65,30 @@ def per_conv(rounds):
               f"max |diff| {diff:.3g}")
 
 
-def per_model(preset, rounds):
+def per_model(preset, rounds, switch):
+    """The engine with ``switch`` (torch_cpu._AMX or torch_cpu._AMX_HEAD) on and off."""
     ref = randomize_batchnorm(HighResolutionNet(HRNetConfig.preset(preset))).eval()
     x = torch.randn(1, 3, 512, 1024)
     engine = optimize(ref, backend="torch", dtype=torch.bfloat16)
     times = {True: [], False: []}
+    name = "AMX head" if switch is torch_cpu._AMX_HEAD else "AMX"
     with torch.inference_mode():
         e64 = ref.double()(x.double())
         ref.float()
         for on in (True, False):
-            torch_cpu._AMX["on"] = on
+            switch["on"] = on
             y = engine(x.bfloat16()).double()
-            print(f"{preset} AMX {'on ' if on else 'off'}: rel. err {float((y - e64).norm() / e64.norm()):.2e}")
+            print(f"{preset} {name} {'on ' if on else 'off'}: rel. err {float((y - e64).norm() / e64.norm()):.2e}")
         for _ in range(rounds):
             for on in (True, False):
-                torch_cpu._AMX["on"] = on
+                switch["on"] = on
                 time.sleep(0.03)
                 t0 = time.perf_counter()
                 engine(x.bfloat16())
                 times[on].append(time.perf_counter() - t0)
-    torch_cpu._AMX["on"] = True
+    switch["on"] = True
     ratio = paired_speedup(times[False], times[True])
-    print(f"{preset} bf16 1x3x512x1024: AMX on {1e3 * statistics.median(times[True]):.1f} ms, off "
+    print(f"{preset} bf16 1x3x512x1024: {name} on {1e3 * statistics.median(times[True]):.1f} ms, off "
           f"{1e3 * statistics.median(times[False]):.1f} ms, {ratio:.2f}x by per-round ratios")
 
 
@@ -93,14 +96,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["w18_small_v2", "w18"])
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--switch", choices=("conv", "head"), default="conv",
+                        help="what the model rounds switch on and off: the AMX conv kernel "
+                             "(default) or the AMX seg head")
     args = parser.parse_args()
     torch.set_num_threads(2)
     keep_freed_memory()  # as the engine runs: warm calls reuse heap memory (no page faults)
     if not cpu_ext.amx_conv_supported():
         sys.exit("this CPU (or its OS) offers no AMX-BF16 tiles, or the CPU kernels did not build")
-    per_conv(args.rounds)
+    switch = torch_cpu._AMX if args.switch == "conv" else torch_cpu._AMX_HEAD
+    if args.switch == "conv":
+        per_conv(args.rounds)
     for preset in args.models:
-        per_model(preset, max(4, args.rounds // 5))
+        per_model(preset, max(4, args.rounds // 5), switch)
 
 
 if __name__ == "__main__":

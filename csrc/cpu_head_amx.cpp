@@ -32,11 +32,14 @@
 // reaches exactly the pixels that read it.
 //
 // Work: at::parallel_for over output rows. Per row, each bilinear contribution's two source rows
-// are blended once (float32). Per block of 16 pixels: the projection's C tiles (groups of four N
-// tiles) go to hbuf [16][16 NT] float32; the AVX-512 epilogue adds bias and resized contributions,
-// applies the ReLU and writes h to abuf [16][32 KT] bfloat16 (zero past Cm, so the classifier's
-// K tiles are all full: its packed weight is zero there too); the classifier's C tiles go to cbuf
-// and out. Tile registers: 0 A (full K), 1 A (the projection's K tail), 2 B, 3 B (K tail), 4-7 C.
+// are blended once (float32). Per pair of 16-pixel blocks: for each pair of 16-channel N tiles, the
+// projection's four C tiles (two blocks x two N tiles) go to a 4 KiB buffer and the AVX-512
+// epilogue adds bias and resized contributions, applies the ReLU and writes those 32 channels of h
+// to abuf [16][32 KT] bfloat16 per block (zero past Cm, so the classifier's K tiles are all full:
+// its packed weight is zero there too); then the classifier's tiles, in the same 2 x 2 order, and
+// its epilogue write out. Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4-7 C. On this
+// project's 2-vCPU development VM a tile product took 6.6-16.7 ns (host contention; 16 cycles on
+// the hardware), and a product with its tile loads about twice that: the head is AMX-bound there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -57,7 +60,6 @@ constexpr const char* kOp = "hrnet_fast_cpu::seg_head_amx: ";
 constexpr int kRows = 16;   // pixels per block = A and C tile rows
 constexpr int kK = 32;      // bf16 values per full K tile
 constexpr int kN = 16;      // output channels per N tile
-constexpr int kGroup = 4;   // C tiles
 constexpr int64_t kTileElems = kK / 2 * kN * 2;  // bf16 values of one packed B tile
 
 using hf_amx::amx_ready;
@@ -82,15 +84,6 @@ struct HeadProblem {
 #if HF_AMX_COMPILED
 using hf_amx::TileConfig;
 
-// Tile numbers are immediates in the instructions: one case per C tile.
-#define HF_FOR_C(i, stmt)       \
-  switch (i) {                  \
-    case 0: { stmt(4); break; } \
-    case 1: { stmt(5); break; } \
-    case 2: { stmt(6); break; } \
-    default: { stmt(7); break; } \
-  }
-
 // Every tile full-size: A 16 x 32 bf16, B 16 rows of 16 bf16 pairs, C 16 x 16 float32.
 HF_AMX_TARGET void configure() {
   TileConfig cfg;
@@ -101,40 +94,13 @@ HF_AMX_TARGET void configure() {
   _tile_loadconfig(&cfg);
 }
 
-// The classifier's C tiles of one block for N tiles [g0, g0 + groups): sum over its K tiles (all
-// full: abuf and the packed weight are zero past Cm) of A (abuf, 16 rows a_stride bytes apart)
-// times m's B tiles, stored at column 16 t of dst (dst_stride bytes per row). Tile registers:
-// 0 A, 2 B, 4-7 C.
-HF_AMX_TARGET void block_matmul(const Matmul& m, const uint16_t* a, int64_t a_stride, int64_t g0,
-                                int groups, float* dst, int64_t dst_stride) {
-  for (int t = 0; t < groups; ++t) {
-#define HF_ZERO(T) _tile_zero(T)
-    HF_FOR_C(t, HF_ZERO)
-  }
-  const uint16_t* bt = m.b + g0 * m.kt * kTileElems;
-  for (int64_t k = 0; k < m.kt; ++k) {
-    _tile_loadd(0, a + k * kK, a_stride);
-    for (int t = 0; t < groups; ++t) {
-      _tile_loadd(2, bt + (t * m.kt + k) * kTileElems, kN * 4);
-#define HF_DP(T) _tile_dpbf16ps(T, 0, 2)
-      HF_FOR_C(t, HF_DP)
-    }
-  }
-  for (int t = 0; t < groups; ++t) {
-#define HF_STORE(T) _tile_stored(T, dst + t * kN, dst_stride)
-    HF_FOR_C(t, HF_STORE)
-  }
-}
-#undef HF_ZERO
-#undef HF_DP
-#undef HF_STORE
-#undef HF_FOR_C
-
-// The projection of two 16-pixel blocks (a[b]: each block's first pixel, rows ci values apart;
-// a_tail[b]: its K tail, staged zero-padded to 32 values per row, when Ci is not a multiple of 32)
-// into hbuf[b] ([16][hstride] float32), two blocks x two N tiles per pass: each B tile serves 32
-// pixels (one block x four N tiles: 16, with the 68 KB of w18's packed projection streaming from
-// L2 once per block). Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4 + 2 b + j C.
+// One N pair (tiles n0 and n0 + 1, or n0 alone at the end) of two 16-pixel blocks: sum over m's K
+// tiles of A (a[b]: the block's first pixel, rows a_stride values apart; a_tail[b]: its K tail
+// staged zero-padded to 32 values per row, when m has a tail) times the B tiles, stored at column
+// 16 j of dst[b] (dst_stride floats per row). Two blocks x two N tiles: each B tile serves 32
+// pixels, each A tile two N tiles, and four independent accumulation chains cover a product's
+// latency (27 ns against 17 ns of throughput per product, measured on the development VM).
+// Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4 + 2 b + j C.
 #define HF_TILE_PAIR(b, j, stmt)        \
   switch ((b) * 2 + (j)) {              \
     case 0: { stmt(4, 0, 2); break; }   \
@@ -143,40 +109,38 @@ HF_AMX_TARGET void block_matmul(const Matmul& m, const uint16_t* a, int64_t a_st
     default: { stmt(7, 1, 3); break; }  \
   }
 
-HF_AMX_TARGET void project_pair(const Matmul& m, const uint16_t* const a[2],
-                                const uint16_t* const a_tail[2], int blocks, int64_t ci,
-                                float* const hbuf[2], int64_t hstride) {
+HF_AMX_TARGET void pair_tiles(const Matmul& m, const uint16_t* const a[2],
+                              const uint16_t* const a_tail[2], int blocks, int64_t a_stride,
+                              int64_t n0, float* const dst[2], int64_t dst_stride) {
   const int64_t full_k = m.tail ? m.kt - 1 : m.kt;
-  for (int64_t n0 = 0; n0 < m.nt; n0 += 2) {
-    const int ntiles = m.nt - n0 >= 2 ? 2 : 1;
-    for (int b = 0; b < blocks; ++b)
-      for (int j = 0; j < ntiles; ++j) {
+  const int ntiles = m.nt - n0 >= 2 ? 2 : 1;
+  for (int b = 0; b < blocks; ++b)
+    for (int j = 0; j < ntiles; ++j) {
 #define HF_ZERO2(C, A, B) _tile_zero(C)
-        HF_TILE_PAIR(b, j, HF_ZERO2)
-      }
-    const uint16_t* bt = m.b + n0 * m.kt * kTileElems;
-    for (int64_t k = 0; k < m.kt; ++k) {
-      if (k < full_k) {
-        _tile_loadd(0, a[0] + k * kK, ci * 2);
-        if (blocks == 2) _tile_loadd(1, a[1] + k * kK, ci * 2);
-      } else {
-        _tile_loadd(0, a_tail[0], kK * 2);
-        if (blocks == 2) _tile_loadd(1, a_tail[1], kK * 2);
-      }
-      _tile_loadd(2, bt + k * kTileElems, kN * 4);
-      if (ntiles == 2) _tile_loadd(3, bt + (m.kt + k) * kTileElems, kN * 4);
-      for (int b = 0; b < blocks; ++b)
-        for (int j = 0; j < ntiles; ++j) {
-#define HF_DP2(C, A, B) _tile_dpbf16ps(C, A, B)
-          HF_TILE_PAIR(b, j, HF_DP2)
-        }
+      HF_TILE_PAIR(b, j, HF_ZERO2)
     }
+  const uint16_t* bt = m.b + n0 * m.kt * kTileElems;
+  for (int64_t k = 0; k < m.kt; ++k) {
+    if (k < full_k) {
+      _tile_loadd(0, a[0] + k * kK, a_stride * 2);
+      if (blocks == 2) _tile_loadd(1, a[1] + k * kK, a_stride * 2);
+    } else {
+      _tile_loadd(0, a_tail[0], kK * 2);
+      if (blocks == 2) _tile_loadd(1, a_tail[1], kK * 2);
+    }
+    _tile_loadd(2, bt + k * kTileElems, kN * 4);
+    if (ntiles == 2) _tile_loadd(3, bt + (m.kt + k) * kTileElems, kN * 4);
     for (int b = 0; b < blocks; ++b)
       for (int j = 0; j < ntiles; ++j) {
-#define HF_STORE2(C, A, B) _tile_stored(C, hbuf[b] + (n0 + j) * kN, hstride * 4)
-        HF_TILE_PAIR(b, j, HF_STORE2)
+#define HF_DP2(C, A, B) _tile_dpbf16ps(C, A, B)
+        HF_TILE_PAIR(b, j, HF_DP2)
       }
   }
+  for (int b = 0; b < blocks; ++b)
+    for (int j = 0; j < ntiles; ++j) {
+#define HF_STORE2(C, A, B) _tile_stored(C, dst[b] + j * kN, dst_stride * 4)
+      HF_TILE_PAIR(b, j, HF_STORE2)
+    }
 }
 #undef HF_ZERO2
 #undef HF_DP2
@@ -210,60 +174,86 @@ struct RowSource {
   const uint16_t* row;
 };
 
-// h for the block's valid pixels: hbuf (float32, hstride floats per pixel) + bias + the resized
-// contributions, ReLU, rounded to bfloat16 into abuf (astride values per pixel; columns past Cm are
-// never written and stay zero).
-HF_AMX_TARGET void head_epilogue(const HeadProblem& p, const std::vector<RowSource>& rows,
-                                 const float* hbuf, int64_t hstride, uint16_t* abuf,
-                                 int64_t astride, int64_t x0, int valid) {
-  const int64_t cm = p.proj.outputs;
-  const __m512 zero = _mm512_setzero_ps();
+// One contribution's values at one output pixel: two float32 pixels of the blended row and their
+// weights (bilinear), or one bfloat16 pixel of the source row (nearest, same size; t0 null).
+struct PixelTap {
+  const float* t0;
+  const float* t1;
+  float w0, w1;
+  const uint16_t* row;
+};
+
+// The taps of pixels x0 .. x0 + valid - 1: taps[r * sources + k].
+HF_AMX_TARGET void fill_taps(const std::vector<RowSource>& rows, PixelTap* taps, int64_t x0,
+                             int valid) {
+  const size_t nsrc = rows.size();
   for (int r = 0; r < valid; ++r) {
     const int64_t x = x0 + r;
-    const float* h = hbuf + r * hstride;
-    uint16_t* a = abuf + r * astride;
-    for (int64_t c = 0; c < cm; c += kN) {
-      const int64_t left = cm - c;
-      const __mmask16 mask = left >= kN ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << left) - 1u);
-      __m512 v = _mm512_maskz_loadu_ps(mask, h + c);
-      if (p.proj.bias != nullptr)
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.proj.bias + c));
-      for (const RowSource& rs : rows) {
-        const Source& s = *rs.s;
-        if (s.kind == Kind::Bilinear) {
-          const __m512 t0 = _mm512_maskz_loadu_ps(mask, rs.blended + s.cols.off0[x] + c);
-          const __m512 t1 = _mm512_maskz_loadu_ps(mask, rs.blended + s.cols.off1[x] + c);
-          const __m512 lerp = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(s.cols.l0[x]), t0),
-                                            _mm512_mul_ps(_mm512_set1_ps(s.cols.l1[x]), t1));
-          v = _mm512_add_ps(v, lerp);
-        } else {
-          const int64_t off = s.kind == Kind::Same ? x * s.sw : s.cols.off0[x];
-          v = _mm512_add_ps(v, load_bf16(mask, rs.row + off + c));
-        }
+    for (size_t k = 0; k < nsrc; ++k) {
+      const Source& s = *rows[k].s;
+      PixelTap& t = taps[r * nsrc + k];
+      if (s.kind == Kind::Bilinear) {
+        t.t0 = rows[k].blended + s.cols.off0[x];
+        t.t1 = rows[k].blended + s.cols.off1[x];
+        t.w0 = s.cols.l0[x];
+        t.w1 = s.cols.l1[x];
+      } else {
+        t.t0 = nullptr;
+        t.row = rows[k].row + (s.kind == Kind::Same ? x * s.sw : s.cols.off0[x]);
       }
-      v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
-      const __m256bh o = _mm512_cvtneps_pbh(v);
-      _mm256_mask_storeu_epi16(a + c, mask, reinterpret_cast<__m256i>(o));
     }
   }
 }
 
-// The classifier's C tiles of N tiles [g0, g0 + groups) (cbuf [pixel][kGroup * 16], tile t at
-// column 16 t) + bias -> out.
-HF_AMX_TARGET void classifier_epilogue(const HeadProblem& p, const float* cbuf, int groups,
-                                       int64_t g0, int64_t pix, int valid) {
-  const int64_t co = p.cls.outputs;
-  for (int t = 0; t < groups; ++t) {
-    const int64_t ch = (g0 + t) * kN;
-    const int count = static_cast<int>(std::min<int64_t>(kN, co - ch));
-    const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1u);
-    const __m512 bias = p.cls.bias != nullptr ? _mm512_maskz_loadu_ps(mask, p.cls.bias + ch)
-                                              : _mm512_setzero_ps();
-    for (int r = 0; r < valid; ++r) {
-      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(cbuf + r * kGroup * kN + t * kN), bias);
+// Head channels [c0, c0 + count) (count <= 32) of one block's valid pixels: the projection's sums
+// (sums: [16][32] float32, channel c0 at column 0) + bias + the resized contributions, ReLU,
+// rounded to bfloat16 into abuf (astride values per pixel; columns past Cm are never written and
+// stay zero).
+HF_AMX_TARGET void head_slice(const HeadProblem& p, const PixelTap* taps, size_t nsrc,
+                              const float* sums, uint16_t* abuf, int64_t astride, int64_t c0,
+                              int64_t count, int valid) {
+  const float* bias = p.proj.bias;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int r = 0; r < valid; ++r) {
+    const PixelTap* tap = taps + r * nsrc;
+    for (int64_t i = 0; i < count; i += kN) {
+      const int64_t left = count - i, c = c0 + i;
+      const __mmask16 mask = left >= kN ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << left) - 1u);
+      __m512 v = _mm512_maskz_loadu_ps(mask, sums + r * 2 * kN + i);
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + c));
+      for (size_t k = 0; k < nsrc; ++k) {
+        const PixelTap& t = tap[k];
+        if (t.t0 != nullptr) {
+          const __m512 v0 = _mm512_maskz_loadu_ps(mask, t.t0 + c);
+          const __m512 v1 = _mm512_maskz_loadu_ps(mask, t.t1 + c);
+          v = _mm512_add_ps(v, _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(t.w0), v0),
+                                             _mm512_mul_ps(_mm512_set1_ps(t.w1), v1)));
+        } else {
+          v = _mm512_add_ps(v, load_bf16(mask, t.row + c));
+        }
+      }
+      v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
       const __m256bh o = _mm512_cvtneps_pbh(v);
-      _mm256_mask_storeu_epi16(p.out + (pix + r) * co + ch, mask, reinterpret_cast<__m256i>(o));
+      _mm256_mask_storeu_epi16(abuf + r * astride + c, mask, reinterpret_cast<__m256i>(o));
+    }
+  }
+}
+
+// The classifier's sums of one block (sums: [16][cstride] float32) + bias -> out's pixels from pix.
+HF_AMX_TARGET void classifier_epilogue(const HeadProblem& p, const float* sums, int64_t cstride,
+                                       int64_t pix, int valid) {
+  const int64_t co = p.cls.outputs;
+  for (int r = 0; r < valid; ++r) {
+    for (int64_t c = 0; c < co; c += kN) {
+      const int64_t left = co - c;
+      const __mmask16 mask = left >= kN ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << left) - 1u);
+      __m512 v = _mm512_maskz_loadu_ps(mask, sums + r * cstride + c);
+      if (p.cls.bias != nullptr)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.cls.bias + c));
+      const __m256bh o = _mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(p.out + (pix + r) * co + c, mask, reinterpret_cast<__m256i>(o));
     }
   }
 }
@@ -271,20 +261,23 @@ HF_AMX_TARGET void classifier_epilogue(const HeadProblem& p, const float* cbuf, 
 HF_AMX_TARGET void head_rows(const HeadProblem& p, int64_t begin, int64_t end) {
   configure();
   const int64_t ci = p.ci, H = p.H, W = p.W, cm = p.proj.outputs;
-  const int64_t hstride = p.proj.nt * kN;  // floats per pixel in hbuf
   const int64_t astride = p.cls.kt * kK;   // bf16 values per pixel in abuf (>= Cm, zero past it)
-  std::vector<float> hbufs(static_cast<size_t>(2 * kRows * hstride));
-  float* const hbuf[2] = {hbufs.data(), hbufs.data() + kRows * hstride};
-  std::vector<uint16_t> abuf(static_cast<size_t>(kRows * astride), 0);
+  const int64_t cstride = p.cls.nt * kN;   // floats per pixel of the classifier's sums
+  const size_t nsrc = p.sources.size();
+  std::vector<uint16_t> abufs(static_cast<size_t>(2 * kRows * astride), 0);
+  const uint16_t* const abuf[2] = {abufs.data(), abufs.data() + kRows * astride};
+  std::vector<float> csums(static_cast<size_t>(2 * kRows * cstride));
   // a partial block's pixels (rows past it would read past the tensor), and each block's K tail
   std::vector<uint16_t> stage(static_cast<size_t>(kRows * ci), 0);
   alignas(64) uint16_t tails[2][kRows * kK];
+  alignas(64) float sums[2][kRows * 2 * kN];  // one N pair of the projection, per block
+  float* const sum_ptr[2] = {sums[0], sums[1]};
   const int64_t full_k = p.proj.tail ? p.proj.kt - 1 : p.proj.kt;
   const __mmask32 tail_mask = p.proj.tail ? static_cast<__mmask32>((1ull << p.proj.tail) - 1) : 0;
-  alignas(64) float cbuf[kGroup * kRows * kN];
-  std::vector<std::vector<float>> blended(p.sources.size());
-  std::vector<RowSource> rows(p.sources.size());
-  for (size_t k = 0; k < p.sources.size(); ++k) {
+  std::vector<std::vector<float>> blended(nsrc);
+  std::vector<RowSource> rows(nsrc);
+  std::vector<PixelTap> taps(2 * kRows * std::max<size_t>(nsrc, 1));
+  for (size_t k = 0; k < nsrc; ++k) {
     if (p.sources[k].kind == Kind::Bilinear)
       blended[k].resize(static_cast<size_t>(p.sources[k].w * cm));
     rows[k].s = &p.sources[k];
@@ -292,7 +285,7 @@ HF_AMX_TARGET void head_rows(const HeadProblem& p, int64_t begin, int64_t end) {
   }
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / H, y = item % H;
-    for (size_t k = 0; k < p.sources.size(); ++k) {
+    for (size_t k = 0; k < nsrc; ++k) {
       const Source& s = p.sources[k];
       const uint16_t* img = static_cast<const uint16_t*>(s.data) + n * s.sn;
       if (s.kind == Kind::Same) {
@@ -328,17 +321,24 @@ HF_AMX_TARGET void head_rows(const HeadProblem& p, int64_t begin, int64_t end) {
                                _mm512_maskz_loadu_epi16(tail_mask, src + r * ci));
           a_tail[b] = tails[b];
         }
+        fill_taps(rows, taps.data() + b * kRows * nsrc, xb, valid[b]);
       }
-      project_pair(p.proj, a, a_tail, blocks, ci, hbuf, hstride);
-      for (int b = 0; b < blocks; ++b) {
-        const int64_t xb = x0 + b * kRows;
-        head_epilogue(p, rows, hbuf[b], hstride, abuf.data(), astride, xb, valid[b]);
-        for (int64_t g0 = 0; g0 < p.cls.nt; g0 += kGroup) {
-          const int groups = static_cast<int>(std::min<int64_t>(kGroup, p.cls.nt - g0));
-          block_matmul(p.cls, abuf.data(), astride * 2, g0, groups, cbuf, kGroup * kN * 4);
-          classifier_epilogue(p, cbuf, groups, g0, (n * H + y) * W + xb, valid[b]);
-        }
+      // Projection and head epilogue per N pair, so the sums stay in L1 (4 KiB) and h goes
+      // straight to abuf: no [32][Cm] float32 buffer (35 KiB for w18) beside the streaming weights.
+      for (int64_t n0 = 0; n0 < p.proj.nt; n0 += 2) {
+        pair_tiles(p.proj, a, a_tail, blocks, ci, n0, sum_ptr, 2 * kN);
+        const int64_t c0 = n0 * kN, count = std::min<int64_t>(2 * kN, cm - c0);
+        for (int b = 0; b < blocks; ++b)
+          head_slice(p, taps.data() + b * kRows * nsrc, nsrc, sums[b], abufs.data() +
+                     b * kRows * astride, astride, c0, count, valid[b]);
       }
+      for (int64_t n0 = 0; n0 < p.cls.nt; n0 += 2) {
+        float* const dst[2] = {csums.data() + n0 * kN, csums.data() + kRows * cstride + n0 * kN};
+        pair_tiles(p.cls, abuf, nullptr, blocks, astride, n0, dst, cstride);
+      }
+      for (int b = 0; b < blocks; ++b)
+        classifier_epilogue(p, csums.data() + b * kRows * cstride, cstride,
+                            (n * H + y) * W + x0 + b * kRows, valid[b]);
     }
   }
   _tile_release();
@@ -415,6 +415,7 @@ at::Tensor seg_head_amx(const at::Tensor& x, const at::Tensor& proj, at::IntArra
   p.ci = ci;
   p.proj = proj_m;
   p.cls = cls_m;
+  p.cls.tail = 0;  // abuf is zero past Cm and so is the packed classifier: every K tile is full
   for (const at::Tensor& t : contributions)
     p.sources.push_back(hf_resize::make_source(t, H, W, mode_s == "nearest", align_corners));
   p.out = reinterpret_cast<uint16_t*>(out.data_ptr());

@@ -296,7 +296,7 @@ def _seg_head_amx_fake(x, proj, proj_size, proj_bias, contributions, mode, align
                  lambda: f"x must be a 4-d bfloat16 tensor of {proj_size[1]} channels, got "
                          f"{x.dtype} {tuple(x.shape)}")
     torch._check(cls_size[1] == proj_size[0], lambda: "cls must take the projection's outputs")
-    torch._check(mode in ("nearest", "bilinear"), lambda: f"mode must be nearest or bilinear")
+    torch._check(mode in ("nearest", "bilinear"), lambda: "mode must be nearest or bilinear")
     for t in contributions:
         torch._check(t.dim() == 4 and t.shape[1] == proj_size[0],
                      lambda: f"contributions must be [N, {proj_size[0]}, h, w]")
