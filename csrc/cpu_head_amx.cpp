@@ -38,8 +38,8 @@
 // to abuf [16][32 KT] bfloat16 per block (zero past Cm, so the classifier's K tiles are all full:
 // its packed weight is zero there too); then the classifier's tiles, in the same 2 x 2 order, and
 // its epilogue write out. Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4-7 C. On this
-// project's 2-vCPU development VM a tile product took 6.6-16.7 ns (host contention; 16 cycles on
-// the hardware), and a product with its tile loads about twice that: the head is AMX-bound there.
+// project's 2-vCPU development VM a tile product took 6.6-16.7 ns (the host shares the unit; 16
+// cycles on the hardware), and w18's head needs 5.4 products per pixel: it is AMX-bound there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -99,7 +99,8 @@ HF_AMX_TARGET void configure() {
 // staged zero-padded to 32 values per row, when m has a tail) times the B tiles, stored at column
 // 16 j of dst[b] (dst_stride floats per row). Two blocks x two N tiles: each B tile serves 32
 // pixels, each A tile two N tiles, and four independent accumulation chains cover a product's
-// latency (27 ns against 17 ns of throughput per product, measured on the development VM).
+// latency (a dependent chain ran 1.2-1.6x slower per product than four chains on the development
+// VM; benchmarks/cpu_amx_throughput.c).
 // Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4 + 2 b + j C.
 #define HF_TILE_PAIR(b, j, stmt)        \
   switch ((b) * 2 + (j)) {              \

@@ -1,5 +1,5 @@
 """The optional CPU kernels (``csrc/cpu_fuse.cpp``, ``csrc/cpu_conv_thin.cpp``,
-``csrc/cpu_conv_amx.cpp``): build, status, fake kernels, wrappers.
+``csrc/cpu_conv_amx.cpp``, ``csrc/cpu_head_amx.cpp``): build, status, fake kernels, wrappers.
 
 The kernel computes the fuse step ``act(base + sum_k resize(c_k, base size))`` in one pass over
 memory, reading each contribution at its own resolution (the torch composition allocates a
@@ -21,7 +21,8 @@ The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat``
 (``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
 channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv_amx_pack`` / ``conv_amx`` /
 ``conv_amx_into`` (``csrc/cpu_conv_amx.cpp``: 3x3 and 1x1 convolutions in bfloat16 on Intel AMX
-tiles). Their fake
+tiles), and ``seg_head_amx`` (``csrc/cpu_head_amx.cpp``: the bfloat16 seg head in one AMX pass).
+Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
 """
