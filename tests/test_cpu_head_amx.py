@@ -78,6 +78,7 @@ CASES = [
     (2, 34, 7, 37, 36, 5, [(4, 19), (2, 10)]),
     (1, 64, 9, 17, 50, 70, [(5, 9), (9, 17)]),
     (2, 30, 5, 48, 18, 16, []),
+    (1, 34, 3, 7, 36, 19, [(2, 4)]),  # narrower than one block
 ]
 
 
@@ -101,6 +102,18 @@ def test_without_biases(built):
     head = Head(1, 30, 6, 21, 36, 19, [(3, 11)], seed=3, bias=False)
     assert_close_to_oracle(head.run("bilinear"), head.composed(torch.float64, "bilinear"),
                            head.composed(BF16, "bilinear"), dtype=BF16, what="no biases")
+
+
+def test_a_channel_slice_contribution(built):
+    """A contribution with channel stride 1 but wider pixel strides (a channel slice of a
+    channels_last tensor, as the fuse kernel takes): its strides are read, not assumed."""
+    head = Head(2, 34, 7, 37, 36, 5, [], seed=9)
+    wide = _tensor((2, 44, 4, 19), seed=10)
+    head.cs = [wide[:, 4:40]]
+    assert not head.cs[0].is_contiguous(memory_format=CL)
+    for mode in ("bilinear", "nearest"):
+        assert_close_to_oracle(head.run(mode), head.composed(torch.float64, mode),
+                               head.composed(BF16, mode), dtype=BF16, what=f"slice {mode}")
 
 
 def test_nan_in_x_stays_at_its_pixel(built):
