@@ -65,30 +65,32 @@ def per_conv(rounds):
               f"max |diff| {diff:.3g}")
 
 
-def per_model(preset, rounds, switch):
-    """The engine with ``switch`` (torch_cpu._AMX or torch_cpu._AMX_HEAD) on and off."""
+def per_model(preset, rounds, switch, dtype=torch.bfloat16):
+    """The ``dtype`` engine with ``switch`` (torch_cpu._AMX, _AMX_HEAD or _F32_HEAD) on and off."""
     ref = randomize_batchnorm(HighResolutionNet(HRNetConfig.preset(preset))).eval()
     x = torch.randn(1, 3, 512, 1024)
-    engine = optimize(ref, backend="torch", dtype=torch.bfloat16)
+    engine = optimize(ref, backend="torch", dtype=dtype)
     times = {True: [], False: []}
-    name = "AMX head" if switch is torch_cpu._AMX_HEAD else "AMX"
+    name = {id(torch_cpu._AMX_HEAD): "AMX head", id(torch_cpu._F32_HEAD): "fp32 head"}.get(
+        id(switch), "AMX")
     with torch.inference_mode():
         e64 = ref.double()(x.double())
         ref.float()
         for on in (True, False):
             switch["on"] = on
-            y = engine(x.bfloat16()).double()
+            y = engine(x.to(dtype)).double()
             print(f"{preset} {name} {'on ' if on else 'off'}: rel. err {float((y - e64).norm() / e64.norm()):.2e}")
         for _ in range(rounds):
             for on in (True, False):
                 switch["on"] = on
                 time.sleep(0.03)
                 t0 = time.perf_counter()
-                engine(x.bfloat16())
+                engine(x.to(dtype))
                 times[on].append(time.perf_counter() - t0)
     switch["on"] = True
     ratio = paired_speedup(times[False], times[True])
-    print(f"{preset} bf16 1x3x512x1024: {name} on {1e3 * statistics.median(times[True]):.1f} ms, off "
+    print(f"{preset} {str(dtype)[6:]} 1x3x512x1024: {name} on "
+          f"{1e3 * statistics.median(times[True]):.1f} ms, off "
           f"{1e3 * statistics.median(times[False]):.1f} ms, {ratio:.2f}x by per-round ratios")
 
 

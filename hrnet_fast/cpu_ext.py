@@ -1,5 +1,6 @@
 """The optional CPU kernels (``csrc/cpu_fuse.cpp``, ``csrc/cpu_conv_thin.cpp``,
-``csrc/cpu_conv_amx.cpp``, ``csrc/cpu_head_amx.cpp``): build, status, fake kernels, wrappers.
+``csrc/cpu_conv_amx.cpp``, ``csrc/cpu_head_amx.cpp``, ``csrc/cpu_head_f32.cpp``): build, status,
+fake kernels, wrappers.
 
 The kernel computes the fuse step ``act(base + sum_k resize(c_k, base size))`` in one pass over
 memory, reading each contribution at its own resolution (the torch composition allocates a
@@ -21,7 +22,8 @@ The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat``
 (``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
 channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv_amx_pack`` / ``conv_amx`` /
 ``conv_amx_into`` (``csrc/cpu_conv_amx.cpp``: 3x3 and 1x1 convolutions in bfloat16 on Intel AMX
-tiles), and ``seg_head_amx`` (``csrc/cpu_head_amx.cpp``: the bfloat16 seg head in one AMX pass).
+tiles), and ``seg_head_amx`` / ``seg_head_f32`` (``csrc/cpu_head_amx.cpp``,
+``csrc/cpu_head_f32.cpp``: the seg head in one pass, bfloat16 on AMX tiles, float32 on AVX-512).
 Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
@@ -49,11 +51,13 @@ __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsampl
            "resize_concat_cpu",
            "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
            "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu", "seg_head_amx_cpu",
+           "seg_head_f32_cpu",
            "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
-SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_amx.cpp", "cpu_head_amx.cpp")
+SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_amx.cpp", "cpu_head_amx.cpp",
+           "cpu_head_f32.cpp")
 # -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
 # compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
 EXTRA_CFLAGS = ["-O3"]
@@ -305,6 +309,21 @@ def _seg_head_amx_fake(x, proj, proj_size, proj_bias, contributions, mode, align
                        device=x.device, memory_format=torch.channels_last)
 
 
+def _seg_head_f32_fake(x, proj, proj_bias, contributions, mode, align_corners, cls, cls_bias):
+    torch._check(x.dim() == 4 and x.dtype == torch.float32 and proj.dim() == 4
+                 and x.shape[1] == proj.shape[1],
+                 lambda: f"x must be a 4-d float32 tensor of proj's {proj.shape[1]} channels, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    torch._check(cls.dim() == 4 and cls.shape[1] == proj.shape[0],
+                 lambda: "cls must take the projection's outputs")
+    torch._check(mode in ("nearest", "bilinear"), lambda: "mode must be nearest or bilinear")
+    for t in contributions:
+        torch._check(t.dim() == 4 and t.shape[1] == proj.shape[0],
+                     lambda: f"contributions must be [N, {proj.shape[0]}, h, w]")
+    return torch.empty((x.shape[0], cls.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
@@ -316,7 +335,8 @@ def _register_fake() -> None:
                        ("conv3x3_thin_into", _conv3x3_thin_into_fake),
                        ("conv_amx_pack", _conv_amx_pack_fake),
                        ("conv_amx", _conv_amx_fake), ("conv_amx_into", _conv_amx_into_fake),
-                       ("seg_head_amx", _seg_head_amx_fake)):
+                       ("seg_head_amx", _seg_head_amx_fake),
+                       ("seg_head_f32", _seg_head_f32_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -473,3 +493,21 @@ def seg_head_amx_cpu(x: torch.Tensor, proj: torch.Tensor, proj_bias: Optional[to
     return torch.ops.hrnet_fast_cpu.seg_head_amx(
         x, proj, [int(v) for v in proj_size[:2]], proj_bias, list(contributions), str(mode),
         bool(align_corners), cls, [int(v) for v in cls_size[:2]], cls_bias)
+
+
+def seg_head_f32_cpu(x: torch.Tensor, proj: torch.Tensor, proj_bias: Optional[torch.Tensor],
+                     contributions: Sequence[torch.Tensor], cls: torch.Tensor,
+                     cls_bias: Optional[torch.Tensor], *, mode: str,
+                     align_corners: bool) -> torch.Tensor:
+    """The CPU engine's float32 seg head in one pass (``csrc/cpu_head_f32.cpp``, AVX-512):
+    ``conv1x1(relu(conv1x1(x, proj) + proj_bias + sum_k F.interpolate(c_k, size=x.shape[-2:])),
+    cls) + cls_bias`` with proj [Cm, Ci, 1, 1] and cls [Co, Cm, 1, 1] float32. x [N, Ci, H, W]
+    dense channels_last float32; contributions [N, Cm, h, w] float32 (h <= H, w <= W, channel
+    stride 1); mode "nearest" or "bilinear". float32 throughout, the head map never written to
+    memory; agrees with the unfused head to float32 rounding. The result is a new channels_last
+    tensor. Raises RuntimeError when the kernel is unavailable (no build, no AVX-512) or an
+    argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.seg_head_f32(x, proj, proj_bias, list(contributions),
+                                                 str(mode), bool(align_corners), cls, cls_bias)

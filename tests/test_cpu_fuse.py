@@ -494,8 +494,11 @@ def test_engine_with_the_kernel_matches_the_reference(kernel_calls):
 
 
 def test_seg_head_fuses_over_its_projection(kernel, monkeypatch):
-    """The seg head's fuse writes over the head's projection (no second full-size tensor); the
-    engine's output is bit-identical to the head fusing into a new tensor."""
+    """The unfused seg head (where the one-pass heads do not run: no AVX-512 or AMX, a 3x3
+    classifier) fuses over the head's projection (no second full-size tensor); the engine's output
+    is bit-identical to the head fusing into a new tensor."""
+    monkeypatch.setitem(torch_cpu._F32_HEAD, "on", False)
+    monkeypatch.setitem(torch_cpu._AMX_HEAD, "on", False)
     calls = []
     real = cpu_ext.upsample_add_relu_into_cpu
 

@@ -327,27 +327,59 @@ def amx_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
 
 
 _AMX_HEAD = {"on": True}  # False once the AMX seg head kernel failed in ordinary inference
+_F32_HEAD = {"on": True}  # the same for the float32 one (csrc/cpu_head_f32.cpp)
+
+
+def head_shapes_fit(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
+                    weight: torch.Tensor) -> bool:
+    """What both fused seg heads need: a dense channels_last x, a plain 1x1 projection (no ReLU), a
+    1x1 classifier (``final_conv_kernel=3`` keeps the unfused head), and contributions of x's dtype
+    and batch at the projection's width, at most x's size, with channel stride 1."""
+    w = projection.weight
+    if (x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last)
+            or w.dim() != 4 or tuple(w.shape[-2:]) != (1, 1) or projection.stride != 1
+            or projection.padding != 0 or projection.relu or projection.relu_ranges is not None
+            or weight.dim() != 4 or tuple(weight.shape[-2:]) != (1, 1)
+            or weight.shape[1] != w.shape[0] or w.shape[1] != x.shape[1]):
+        return False
+    return all(c.dtype == x.dtype and c.dim() == 4 and c.shape[0] == x.shape[0]
+               and c.shape[1] == w.shape[0] and c.shape[2] <= x.shape[2]
+               and c.shape[3] <= x.shape[3] and (c.shape[1] <= 1 or c.stride(1) == 1)
+               for c in contributions)
 
 
 def amx_head_fits(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
                   weight: torch.Tensor) -> bool:
-    """Whether the AMX seg head (csrc/cpu_head_amx.cpp) takes this head: a bfloat16 x the AMX conv
-    would take (amx_input_fits) with an even channel count, a plain 1x1 projection (no ReLU), a 1x1
-    classifier (``final_conv_kernel=3`` keeps the unfused head), and contributions of x's dtype and
-    batch at the projection's width, at most x's size, with channel stride 1."""
-    w = projection.weight
-    if (not _AMX_HEAD["on"] or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[1] % 2
-            or w.dim() != 4 or tuple(w.shape[-2:]) != (1, 1) or projection.stride != 1
-            or projection.padding != 0 or projection.relu or projection.relu_ranges is not None
-            or weight.dim() != 4 or tuple(weight.shape[-2:]) != (1, 1)
-            or weight.shape[1] != w.shape[0]):
-        return False
-    for c in contributions:
-        if (c.dtype != x.dtype or c.dim() != 4 or c.shape[0] != x.shape[0]
-                or c.shape[1] != w.shape[0] or c.shape[2] > x.shape[2] or c.shape[3] > x.shape[3]
-                or (c.shape[1] > 1 and c.stride(1) != 1)):
-            return False
-    return amx_input_fits(x, w, weight)
+    """Whether the AMX seg head (csrc/cpu_head_amx.cpp) takes this head: head_shapes_fit, bfloat16
+    with an even channel count, and an x the AMX conv would take (amx_input_fits)."""
+    return (_AMX_HEAD["on"] and x.dtype == torch.bfloat16 and x.dim() == 4 and x.shape[1] % 2 == 0
+            and head_shapes_fit(x, projection, contributions, weight)
+            and amx_input_fits(x, projection.weight, weight))
+
+
+def f32_head_fits(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
+                  weight: torch.Tensor) -> bool:
+    """Whether the float32 seg head (csrc/cpu_head_f32.cpp, AVX-512) takes this head:
+    head_shapes_fit, float32 weights, and an x the thin-layer kernel's rules take (float32 on the
+    CPU, no autograd, trace or export, AVX-512)."""
+    return (_F32_HEAD["on"] and x.dtype == torch.float32
+            and projection.weight.dtype == torch.float32 and weight.dtype == torch.float32
+            and head_shapes_fit(x, projection, contributions, weight)
+            and thin_input_fits(x, projection.weight, weight))
+
+
+def f32_head(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
+             weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
+             align_corners: bool) -> Optional[torch.Tensor]:
+    """The float32 seg head's result, or None when it failed: then it is off for the process and
+    the engine runs the head unfused, after one warning."""
+    try:
+        return cpu_ext.seg_head_f32_cpu(x, projection.weight, projection.bias, contributions,
+                                        weight, bias, mode=mode, align_corners=align_corners)
+    except RuntimeError as e:
+        return kernel_failed(_F32_HEAD, "cpu-f32-head", f"CPU float32 seg head kernel failed ({e})",
+                             "the seg head runs unfused (same results to float32 rounding, "
+                             "slower)")
 
 
 def amx_head(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
@@ -548,12 +580,15 @@ class TorchCPU(Backend):
 
     def projected_head(self, x, projection, contributions, weight, bias, mode: str,
                        align_corners: bool):
-        # bfloat16 on AMX: projection, fuse step and classifier in one pass, the head map never
-        # written (csrc/cpu_head_amx.cpp; figures in benchmarks/RESULTS.md).
-        if not amx_head_fits(x, projection, contributions, weight):
-            return None
-        return amx_head(x, projection, contributions, weight, bias, mode, align_corners,
-                        self._amx_head_packs)
+        # Projection, fuse step and classifier in one pass, the head map never written: bfloat16
+        # on AMX (csrc/cpu_head_amx.cpp), float32 on AVX-512 (csrc/cpu_head_f32.cpp); figures in
+        # benchmarks/RESULTS.md.
+        if amx_head_fits(x, projection, contributions, weight):
+            return amx_head(x, projection, contributions, weight, bias, mode, align_corners,
+                            self._amx_head_packs)
+        if f32_head_fits(x, projection, contributions, weight):
+            return f32_head(x, projection, contributions, weight, bias, mode, align_corners)
+        return None
 
     def resize_concat(self, parts, size, mode: str, align_corners: bool):
         # One pass writing the concatenation (csrc/cpu_fuse.cpp) instead of resized intermediates
