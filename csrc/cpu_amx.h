@@ -45,8 +45,29 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+// Every tile register full-size (16 rows of 64 bytes): A 16 x 32 bfloat16, B 16 rows of 16
+// bfloat16 pairs, C 16 x 16 float32. The kernels' 2 x 2 tile orders use this configuration.
+HF_AMX_TARGET inline void configure_full_tiles() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
 #else
 inline bool amx_ready() { return false; }
 #endif
 
 }  // namespace hf_amx
+
+// The 2 x 2 tile order's registers (tile numbers are immediates in the instructions): A tiles 0
+// and 1 (two pixel blocks b), B tiles 2 and 3 (two N tiles j), C tile 4 + 2 b + j;
+// stmt(C, A, B) for one (b, j).
+#define HF_TILE_PAIR(b, j, stmt)        \
+  switch ((b) * 2 + (j)) {              \
+    case 0: { stmt(4, 0, 2); break; }   \
+    case 1: { stmt(5, 0, 3); break; }   \
+    case 2: { stmt(6, 1, 2); break; }   \
+    default: { stmt(7, 1, 3); break; }  \
+  }

@@ -292,25 +292,8 @@ HF_AMX_TARGET void run_rows(const Problem& p, int64_t begin, int64_t end) {
 // tiles are full 32-wide K: the K tail of each block and window row is staged, zero-padded, with
 // masked AVX-512 loads (the B tiles are zero past Kd), so no value outside a window is read.
 // Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4 + 2 b + j C.
-#define HF_TILE_PAIR(b, j, stmt)        \
-  switch ((b) * 2 + (j)) {              \
-    case 0: { stmt(4, 0, 2); break; }   \
-    case 1: { stmt(5, 0, 3); break; }   \
-    case 2: { stmt(6, 1, 2); break; }   \
-    default: { stmt(7, 1, 3); break; }  \
-  }
-
-HF_AMX_TARGET void configure_square() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = t == 2 || t == 3 ? kK / 2 : kRows;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end) {
-  configure_square();
+  hf_amx::configure_full_tiles();
   alignas(64) float cbuf[4 * kRows * kN];
   const int64_t ci = p.ci, W = p.W, H = p.H, s = p.s, Ho = p.Ho, Wo = p.Wo;
   const int64_t full_k = p.tail ? p.kt - 1 : p.kt;
@@ -397,7 +380,6 @@ HF_AMX_TARGET void run_rows_square(const Problem& p, int64_t begin, int64_t end)
 #undef HF_ZERO2
 #undef HF_DP2
 #undef HF_STORE2
-#undef HF_TILE_PAIR
 #undef HF_ZERO
 #undef HF_DP_FULL
 #undef HF_DP_TAIL

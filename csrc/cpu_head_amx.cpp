@@ -63,7 +63,6 @@ constexpr int kN = 16;      // output channels per N tile
 constexpr int64_t kTileElems = kK / 2 * kN * 2;  // bf16 values of one packed B tile
 
 using hf_amx::amx_ready;
-using hf_resize::Kind;
 using hf_resize::Source;
 
 // One packed 1x1 weight ([1, NT, KT, 16, 16, 2]) and what the kernel reads with it.
@@ -82,34 +81,13 @@ struct HeadProblem {
 };
 
 #if HF_AMX_COMPILED
-using hf_amx::TileConfig;
-
-// Every tile full-size: A 16 x 32 bf16, B 16 rows of 16 bf16 pairs, C 16 x 16 float32.
-HF_AMX_TARGET void configure() {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = i == 2 || i == 3 ? kK / 2 : kRows;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 // One N pair (tiles n0 and n0 + 1, or n0 alone at the end) of two 16-pixel blocks: sum over m's K
 // tiles of A (a[b]: the block's first pixel, rows a_stride values apart; a_tail[b]: its K tail
 // staged zero-padded to 32 values per row, when m has a tail) times the B tiles, stored at column
 // 16 j of dst[b] (dst_stride floats per row). Two blocks x two N tiles: each B tile serves 32
 // pixels, each A tile two N tiles, and four independent accumulation chains cover a product's
 // latency (a dependent chain ran 1.2-1.6x slower per product than four chains on the development
-// VM; benchmarks/cpu_amx_throughput.c).
-// Tile registers: 0, 1 A (blocks), 2, 3 B (N tiles), 4 + 2 b + j C.
-#define HF_TILE_PAIR(b, j, stmt)        \
-  switch ((b) * 2 + (j)) {              \
-    case 0: { stmt(4, 0, 2); break; }   \
-    case 1: { stmt(5, 0, 3); break; }   \
-    case 2: { stmt(6, 1, 2); break; }   \
-    default: { stmt(7, 1, 3); break; }  \
-  }
-
+// VM; benchmarks/cpu_amx_throughput.c). Tile registers: HF_TILE_PAIR (csrc/cpu_amx.h).
 HF_AMX_TARGET void pair_tiles(const Matmul& m, const uint16_t* const a[2],
                               const uint16_t* const a_tail[2], int blocks, int64_t a_stride,
                               int64_t n0, float* const dst[2], int64_t dst_stride) {
@@ -146,85 +124,49 @@ HF_AMX_TARGET void pair_tiles(const Matmul& m, const uint16_t* const a[2],
 #undef HF_ZERO2
 #undef HF_DP2
 #undef HF_STORE2
-#undef HF_TILE_PAIR
+
+HF_AMX_TARGET inline __mmask16 lanes_below(int64_t left) {
+  return left >= kN ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
 
 HF_AMX_TARGET inline __m512 load_bf16(__mmask16 mask, const uint16_t* p) {
   const __m256i v = _mm256_maskz_loadu_epi16(mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// dst[i] = h0 * r0[i] + h1 * r1[i] for one source pixel's Cm values (bfloat16 in, float32 out).
+// dst[i] = fma(h0, r0[i], h1 * r1[i]) for one source pixel's Cm values (bfloat16 in, float32
+// out); the fused multiply-add is explicit so the rounding does not depend on inlining.
 HF_AMX_TARGET void blend_pixel(float* dst, const uint16_t* r0, const uint16_t* r1, float h0,
                                float h1, int64_t cm) {
   const __m512 w0 = _mm512_set1_ps(h0), w1 = _mm512_set1_ps(h1);
   for (int64_t c = 0; c < cm; c += kN) {
-    const int64_t left = cm - c;
-    const __mmask16 mask = left >= kN ? static_cast<__mmask16>(0xFFFF)
-                                      : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(w0, load_bf16(mask, r0 + c)),
-                                   _mm512_mul_ps(w1, load_bf16(mask, r1 + c)));
+    const __mmask16 mask = lanes_below(cm - c);
+    const __m512 v = _mm512_fmadd_ps(w0, load_bf16(mask, r0 + c),
+                                     _mm512_mul_ps(w1, load_bf16(mask, r1 + c)));
     _mm512_mask_storeu_ps(dst + c, mask, v);
   }
 }
 
-// Where one row's contribution values are: a bilinear source's blended row (float32, w Cm values),
-// or the source row itself (bfloat16) for nearest and same-size sources.
-struct RowSource {
-  const Source* s;
-  const float* blended;
-  const uint16_t* row;
-};
-
-// One contribution's values at one output pixel: two float32 pixels of the blended row and their
-// weights (bilinear), or one bfloat16 pixel of the source row (nearest, same size; t0 null).
-struct PixelTap {
-  const float* t0;
-  const float* t1;
-  float w0, w1;
-  const uint16_t* row;
-};
-
-// The taps of pixels x0 .. x0 + valid - 1: taps[r * sources + k].
-HF_AMX_TARGET void fill_taps(const std::vector<RowSource>& rows, PixelTap* taps, int64_t x0,
-                             int valid) {
-  const size_t nsrc = rows.size();
-  for (int r = 0; r < valid; ++r) {
-    const int64_t x = x0 + r;
-    for (size_t k = 0; k < nsrc; ++k) {
-      const Source& s = *rows[k].s;
-      PixelTap& t = taps[r * nsrc + k];
-      if (s.kind == Kind::Bilinear) {
-        t.t0 = rows[k].blended + s.cols.off0[x];
-        t.t1 = rows[k].blended + s.cols.off1[x];
-        t.w0 = s.cols.l0[x];
-        t.w1 = s.cols.l1[x];
-      } else {
-        t.t0 = nullptr;
-        t.row = rows[k].row + (s.kind == Kind::Same ? x * s.sw : s.cols.off0[x]);
-      }
-    }
-  }
-}
+using Tap = hf_resize::PixelTap<uint16_t>;
 
 // Head channels [c0, c0 + count) (count <= 32) of one block's valid pixels: the projection's sums
 // (sums: [16][32] float32, channel c0 at column 0) + bias + the resized contributions, ReLU,
 // rounded to bfloat16 into abuf (astride values per pixel; columns past Cm are never written and
 // stay zero).
-HF_AMX_TARGET void head_slice(const HeadProblem& p, const PixelTap* taps, size_t nsrc,
+HF_AMX_TARGET void head_slice(const HeadProblem& p, const Tap* taps, size_t nsrc,
                               const float* sums, uint16_t* abuf, int64_t astride, int64_t c0,
                               int64_t count, int valid) {
   const float* bias = p.proj.bias;
   const __m512 zero = _mm512_setzero_ps();
   for (int r = 0; r < valid; ++r) {
-    const PixelTap* tap = taps + r * nsrc;
+    const Tap* tap = taps + r * nsrc;
     for (int64_t i = 0; i < count; i += kN) {
-      const int64_t left = count - i, c = c0 + i;
-      const __mmask16 mask = left >= kN ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << left) - 1u);
+      const int64_t c = c0 + i;
+      const __mmask16 mask = lanes_below(count - i);
       __m512 v = _mm512_maskz_loadu_ps(mask, sums + r * 2 * kN + i);
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + c));
       for (size_t k = 0; k < nsrc; ++k) {
-        const PixelTap& t = tap[k];
+        const Tap& t = tap[k];
         if (t.t0 != nullptr) {
           const __m512 v0 = _mm512_maskz_loadu_ps(mask, t.t0 + c);
           const __m512 v1 = _mm512_maskz_loadu_ps(mask, t.t1 + c);
@@ -247,9 +189,7 @@ HF_AMX_TARGET void classifier_epilogue(const HeadProblem& p, const float* sums, 
   const int64_t co = p.cls.outputs;
   for (int r = 0; r < valid; ++r) {
     for (int64_t c = 0; c < co; c += kN) {
-      const int64_t left = co - c;
-      const __mmask16 mask = left >= kN ? static_cast<__mmask16>(0xFFFF)
-                                        : static_cast<__mmask16>((1u << left) - 1u);
+      const __mmask16 mask = lanes_below(co - c);
       __m512 v = _mm512_maskz_loadu_ps(mask, sums + r * cstride + c);
       if (p.cls.bias != nullptr)
         v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.cls.bias + c));
@@ -260,7 +200,7 @@ HF_AMX_TARGET void classifier_epilogue(const HeadProblem& p, const float* sums, 
 }
 
 HF_AMX_TARGET void head_rows(const HeadProblem& p, int64_t begin, int64_t end) {
-  configure();
+  hf_amx::configure_full_tiles();
   const int64_t ci = p.ci, H = p.H, W = p.W, cm = p.proj.outputs;
   const int64_t astride = p.cls.kt * kK;   // bf16 values per pixel in abuf (>= Cm, zero past it)
   const int64_t cstride = p.cls.nt * kN;   // floats per pixel of the classifier's sums
@@ -275,32 +215,11 @@ HF_AMX_TARGET void head_rows(const HeadProblem& p, int64_t begin, int64_t end) {
   float* const sum_ptr[2] = {sums[0], sums[1]};
   const int64_t full_k = p.proj.tail ? p.proj.kt - 1 : p.proj.kt;
   const __mmask32 tail_mask = p.proj.tail ? static_cast<__mmask32>((1ull << p.proj.tail) - 1) : 0;
-  std::vector<std::vector<float>> blended(nsrc);
-  std::vector<RowSource> rows(nsrc);
-  std::vector<PixelTap> taps(2 * kRows * std::max<size_t>(nsrc, 1));
-  for (size_t k = 0; k < nsrc; ++k) {
-    if (p.sources[k].kind == Kind::Bilinear)
-      blended[k].resize(static_cast<size_t>(p.sources[k].w * cm));
-    rows[k].s = &p.sources[k];
-    rows[k].blended = blended[k].data();
-  }
+  hf_resize::RowTaps<uint16_t> sources(p.sources, cm);
+  std::vector<Tap> taps(2 * kRows * std::max<size_t>(nsrc, 1));
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / H, y = item % H;
-    for (size_t k = 0; k < nsrc; ++k) {
-      const Source& s = p.sources[k];
-      const uint16_t* img = static_cast<const uint16_t*>(s.data) + n * s.sn;
-      if (s.kind == Kind::Same) {
-        rows[k].row = img + y * s.sh;
-      } else if (s.kind == Kind::Nearest) {
-        rows[k].row = img + s.rows.off0[y];
-      } else {
-        const uint16_t* r0 = img + s.rows.off0[y];
-        const uint16_t* r1 = img + s.rows.off1[y];
-        for (int64_t xs = 0; xs < s.w; ++xs)
-          blend_pixel(blended[k].data() + xs * cm, r0 + xs * s.sw, r1 + xs * s.sw, s.rows.l0[y],
-                      s.rows.l1[y], cm);
-      }
-    }
+    sources.start_row(n, y, blend_pixel);
     const uint16_t* xrow = p.x + (n * H + y) * W * ci;
     for (int64_t x0 = 0; x0 < W; x0 += 2 * kRows) {
       const int blocks = W - x0 > kRows ? 2 : 1;
@@ -322,7 +241,7 @@ HF_AMX_TARGET void head_rows(const HeadProblem& p, int64_t begin, int64_t end) {
                                _mm512_maskz_loadu_epi16(tail_mask, src + r * ci));
           a_tail[b] = tails[b];
         }
-        fill_taps(rows, taps.data() + b * kRows * nsrc, xb, valid[b]);
+        sources.taps(taps.data() + b * kRows * nsrc, xb, valid[b]);
       }
       // Projection and head epilogue per N pair, so the sums stay in L1 (4 KiB) and h goes
       // straight to abuf: no [32][Cm] float32 buffer (35 KiB for w18) beside the streaming weights.

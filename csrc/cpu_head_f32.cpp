@@ -61,7 +61,6 @@ constexpr int kLanes = 16;  // float32 lanes of a zmm register
 constexpr int kPx = 8;      // pixels per register tile
 constexpr int kVec = 3;     // 16-channel vectors per register tile
 
-using hf_resize::Kind;
 using hf_resize::Source;
 
 bool avx512_enabled() {
@@ -123,30 +122,17 @@ HF_AVX512 HF_ALWAYS_INLINE __mmask16 lanes_below(int64_t left) {
                         : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// Where one row's contribution values are: a bilinear source's blended row (w Cm values), or the
-// source row itself for nearest and same-size sources.
-struct RowSource {
-  const Source* s;
-  const float* blended;
-  const float* row;
-};
+using Tap = hf_resize::PixelTap<float>;
 
-// One contribution at one pixel: two pixels of the blended row and their weights (bilinear), or
-// one pixel of the source row (nearest, same size; t0 null).
-struct PixelTap {
-  const float* t0;
-  const float* t1;
-  float w0, w1;
-  const float* row;
-};
-
+// dst[i] = fma(h0, r0[i], h1 * r1[i]) for one source pixel's Cm values; the fused multiply-add
+// is explicit so the rounding does not depend on inlining.
 HF_AVX512 void blend_pixel(float* dst, const float* r0, const float* r1, float h0, float h1,
                            int64_t cm) {
   const __m512 w0 = _mm512_set1_ps(h0), w1 = _mm512_set1_ps(h1);
   for (int64_t c = 0; c < cm; c += kLanes) {
     const __mmask16 mask = lanes_below(cm - c);
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(w0, _mm512_maskz_loadu_ps(mask, r0 + c)),
-                                   _mm512_mul_ps(w1, _mm512_maskz_loadu_ps(mask, r1 + c)));
+    const __m512 v = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, r0 + c),
+                                     _mm512_mul_ps(w1, _mm512_maskz_loadu_ps(mask, r1 + c)));
     _mm512_mask_storeu_ps(dst + c, mask, v);
   }
 }
@@ -156,34 +142,13 @@ HF_AVX512 void head_rows(const HeadF32& p, int64_t begin, int64_t end) {
   const size_t nsrc = p.sources.size();
   std::vector<float> hbuf(static_cast<size_t>(kPx * cmp));  // h of one block, [8][cmp]
   std::vector<float> zeros(static_cast<size_t>(std::max(ci, cmp)), 0.0f);  // rows past W
-  std::vector<std::vector<float>> blended(nsrc);
-  std::vector<RowSource> rows(nsrc);
-  std::vector<PixelTap> taps(kPx * std::max<size_t>(nsrc, 1));
-  for (size_t k = 0; k < nsrc; ++k) {
-    if (p.sources[k].kind == Kind::Bilinear)
-      blended[k].resize(static_cast<size_t>(p.sources[k].w * cm));
-    rows[k].s = &p.sources[k];
-    rows[k].blended = blended[k].data();
-  }
+  hf_resize::RowTaps<float> sources(p.sources, cm);
+  std::vector<Tap> taps(kPx * std::max<size_t>(nsrc, 1));
   __m512 acc[kPx][kVec];
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / H, y = item % H;
-    for (size_t k = 0; k < nsrc; ++k) {
-      const Source& s = p.sources[k];
-      const float* img = static_cast<const float*>(s.data) + n * s.sn;
-      if (s.kind == Kind::Same) {
-        rows[k].row = img + y * s.sh;
-      } else if (s.kind == Kind::Nearest) {
-        rows[k].row = img + s.rows.off0[y];
-      } else {
-        const float* r0 = img + s.rows.off0[y];
-        const float* r1 = img + s.rows.off1[y];
-        for (int64_t xs = 0; xs < s.w; ++xs)
-          blend_pixel(blended[k].data() + xs * cm, r0 + xs * s.sw, r1 + xs * s.sw, s.rows.l0[y],
-                      s.rows.l1[y], cm);
-      }
-    }
+    sources.start_row(n, y, blend_pixel);
     const float* xrow = p.x + (n * H + y) * W * ci;
     for (int64_t x0 = 0; x0 < W; x0 += kPx) {
       const int valid = static_cast<int>(std::min<int64_t>(kPx, W - x0));
@@ -193,35 +158,20 @@ HF_AVX512 void head_rows(const HeadF32& p, int64_t begin, int64_t end) {
         xp[q] = q < valid ? xrow + (x0 + q) * ci : zeros.data();
         hp[q] = hbuf.data() + q * cmp;
       }
-      for (int q = 0; q < valid; ++q) {
-        for (size_t k = 0; k < nsrc; ++k) {
-          const Source& s = *rows[k].s;
-          PixelTap& t = taps[q * nsrc + k];
-          const int64_t xx = x0 + q;
-          if (s.kind == Kind::Bilinear) {
-            t.t0 = rows[k].blended + s.cols.off0[xx];
-            t.t1 = rows[k].blended + s.cols.off1[xx];
-            t.w0 = s.cols.l0[xx];
-            t.w1 = s.cols.l1[xx];
-          } else {
-            t.t0 = nullptr;
-            t.row = rows[k].row + (s.kind == Kind::Same ? xx * s.sw : s.cols.off0[xx]);
-          }
-        }
-      }
+      sources.taps(taps.data(), x0, valid);
       // projection tiles, each finished at once into hbuf (zero past Cm: weights, bias and the
       // masked taps are zero there)
       for (int64_t v0 = 0; v0 < cmp / kLanes; v0 += kVec) {
         const int nv = static_cast<int>(std::min<int64_t>(kVec, cmp / kLanes - v0));
         matmul(nv, xp, ci, p.wp + v0 * kLanes, cmp, acc);
         for (int q = 0; q < valid; ++q) {
-          const PixelTap* tap = taps.data() + q * nsrc;
+          const Tap* tap = taps.data() + q * nsrc;
           for (int j = 0; j < nv; ++j) {
             const int64_t ch = (v0 + j) * kLanes;
             const __mmask16 mask = lanes_below(cm - ch);
             __m512 v = _mm512_add_ps(acc[q][j], _mm512_loadu_ps(p.bp + ch));
             for (size_t k = 0; k < nsrc; ++k) {
-              const PixelTap& t = tap[k];
+              const Tap& t = tap[k];
               if (t.t0 != nullptr) {
                 const __m512 a = _mm512_maskz_loadu_ps(mask, t.t0 + ch);
                 const __m512 b = _mm512_maskz_loadu_ps(mask, t.t1 + ch);
@@ -313,8 +263,9 @@ at::Tensor seg_head_f32(const at::Tensor& x, const at::Tensor& proj,
     TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, kOp, "contributions[", k,
                 "] must have channel stride 1 (channels_last), got strides ", t.strides());
   }
-  const std::vector<float> wp = lay_out(proj, cm, ci), bp = lay_out_bias(proj_bias, cm, "proj_bias");
-  const std::vector<float> wc = lay_out(cls, co, cm), bc = lay_out_bias(cls_bias, co, "cls_bias");
+  const std::vector<float> wp = lay_out(proj, cm, ci), wc = lay_out(cls, co, cm);
+  const std::vector<float> bp = lay_out_bias(proj_bias, cm, "proj_bias");
+  const std::vector<float> bc = lay_out_bias(cls_bias, co, "cls_bias");
   at::Tensor out =
       at::empty({N, co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;

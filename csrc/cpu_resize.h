@@ -106,4 +106,79 @@ inline Source make_source(const at::Tensor& t, int64_t H, int64_t W, bool neares
   return s;
 }
 
+// One source's values at one output pixel, for kernels that add the resized sources pixel by
+// pixel (the one-pass seg heads): two float32 pixels of the source's blended row and their weights
+// (bilinear), or one pixel of the source row itself (nearest, same size; t0 null). T: the
+// storage's element (float, or uint16_t for bfloat16 bits).
+template <typename T>
+struct PixelTap {
+  const float* t0;
+  const float* t1;
+  float w0, w1;
+  const T* row;
+};
+
+// The sources of one output row: start_row blends each bilinear source's two rows once (w C
+// float32 values, with the caller's blend(dst, r0, r1, h0, h1, C) for one source pixel) and finds
+// the row of the others; taps then gives any pixel's PixelTaps. One per thread (it owns the
+// blended rows).
+template <typename T>
+class RowTaps {
+ public:
+  RowTaps(const std::vector<Source>& sources, int64_t channels)
+      : sources_(sources), channels_(channels), blended_(sources.size()), rows_(sources.size()) {
+    for (size_t k = 0; k < sources.size(); ++k)
+      if (sources[k].kind == Kind::Bilinear)
+        blended_[k].resize(static_cast<size_t>(sources[k].w * channels));
+  }
+
+  size_t size() const { return sources_.size(); }
+
+  template <typename Blend>
+  void start_row(int64_t n, int64_t y, Blend blend) {
+    for (size_t k = 0; k < sources_.size(); ++k) {
+      const Source& s = sources_[k];
+      const T* img = static_cast<const T*>(s.data) + n * s.sn;
+      if (s.kind == Kind::Same) {
+        rows_[k] = img + y * s.sh;
+      } else if (s.kind == Kind::Nearest) {
+        rows_[k] = img + s.rows.off0[y];
+      } else {
+        const T* r0 = img + s.rows.off0[y];
+        const T* r1 = img + s.rows.off1[y];
+        for (int64_t xs = 0; xs < s.w; ++xs)
+          blend(blended_[k].data() + xs * channels_, r0 + xs * s.sw, r1 + xs * s.sw,
+                s.rows.l0[y], s.rows.l1[y], channels_);
+      }
+    }
+  }
+
+  // The taps of pixels x0 .. x0 + count - 1 of the current row: taps[r * size() + k].
+  void taps(PixelTap<T>* taps, int64_t x0, int count) const {
+    const size_t nsrc = sources_.size();
+    for (int r = 0; r < count; ++r) {
+      const int64_t x = x0 + r;
+      for (size_t k = 0; k < nsrc; ++k) {
+        const Source& s = sources_[k];
+        PixelTap<T>& t = taps[r * nsrc + k];
+        if (s.kind == Kind::Bilinear) {
+          t.t0 = blended_[k].data() + s.cols.off0[x];
+          t.t1 = blended_[k].data() + s.cols.off1[x];
+          t.w0 = s.cols.l0[x];
+          t.w1 = s.cols.l1[x];
+        } else {
+          t.t0 = nullptr;
+          t.row = rows_[k] + (s.kind == Kind::Same ? x * s.sw : s.cols.off0[x]);
+        }
+      }
+    }
+  }
+
+ private:
+  const std::vector<Source>& sources_;
+  int64_t channels_;
+  std::vector<std::vector<float>> blended_;
+  std::vector<const T*> rows_;
+};
+
 }  // namespace hf_resize
