@@ -13,6 +13,19 @@ from hrnet_fast.check import rel_err  # noqa: F401
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def require_native_precision(dtype: torch.dtype, device=DEVICE) -> None:
+    """Skip, saying so, where the CPU engine refuses ``dtype`` because this CPU would emulate it
+    (bfloat16 without AVX512-BF16/AMX, float16 without AVX512-FP16/AMX-FP16): the engine is then
+    NOT tested in that dtype here. The refusal itself is tested on every machine
+    (tests/test_cpu_precision.py)."""
+    if torch.device(device).type != "cpu" or dtype == torch.float32:
+        return
+    from hrnet_fast.backends.torch_cpu import native_precision
+    ok, why = native_precision(dtype)
+    if not ok:
+        pytest.skip(f"{why}: the {dtype} CPU engine is NOT tested on this machine")
+
+
 @contextlib.contextmanager
 def poisoned_allocations(monkeypatch):
     """Within the block, ``torch.empty`` / ``torch.empty_like`` return NaN-filled memory, so an output

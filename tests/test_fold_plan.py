@@ -321,7 +321,10 @@ def test_stack_aligns_split_starts_with_zero_rows():
     y = conv2d_bias_act_torch(x, b.conv.weight, b.conv.bias, 2, 1, None, b.conv.relu, b.conv.relu_ranges)
     for c, s in zip(convs, b.splits):
         want = nn.functional.conv2d(x, c.weight, c.bias, 2, 1)
-        assert torch.equal(y[:, s.start:s.end], want.relu() if c.relu else want)
+        want = want.relu() if c.relu else want
+        # float64 to rounding, not bit for bit: the GEMM may block 96 output channels differently
+        # from 18 (it does on AVX2 CPUs); a wrong row or bias is off by O(1)
+        assert rel_err(y[:, s.start:s.end], want) < 1e-13
     assert not y[:, gaps].any()
 
 

@@ -11,7 +11,7 @@ from hrnet_fast.engine import run_plan
 from hrnet_fast.kernels import triton_status
 from hrnet_fast.plan import build_plan
 from hrnet_fast.reference import HighResolutionNet
-from helpers import DEVICE, poisoned_allocations, randomize_bn, rel_err
+from helpers import DEVICE, poisoned_allocations, randomize_bn, rel_err, require_native_precision
 from oracles import assert_model_close
 
 TOL = 1e-5
@@ -65,6 +65,7 @@ def test_pose_engine_matches_reference(backend, mode, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pose_engine_low_precision(dtype):
+    require_native_precision(dtype, DEVICE)
     if dtype == torch.bfloat16 and DEVICE.type == "cpu":
         backend = "torch"  # the interpreter has no bf16
     else:
