@@ -29,8 +29,10 @@
 // stride 1 is read by transposes, pixel stride 1 by copies, anything else by gathers;
 // channels_last, NCHW and channel slices all fit); packed from conv3x3_thin_pack; bias [Co]. The
 // output is a new dense tensor (conv3x3_thin) or ``residual`` (conv3x3_thin_into, which must then
-// be dense and share no memory with x). Needs AVX-512 (torch's own CPU capability, which honours
-// ATEN_CPU_CAPABILITY); elsewhere it raises and callers keep oneDNN.
+// be dense and share no memory with x). Needs AVX-512 or AVX2 (torch's own CPU capability, which
+// honours ATEN_CPU_CAPABILITY; the AVX2 variant, with 8-lane vectors and the same operations in
+// the same order, is csrc/cpu_conv_thin_avx2.cpp; what the two share is in csrc/cpu_conv_thin.h);
+// elsewhere it raises and callers keep oneDNN.
 //
 // Numerics, per output element, float32 throughout (taps outside the image read 0):
 //   direct:   acc = 0;  for ci, ky, kx: acc = fma(x[ci][y+ky-1][x+kx-1], w[co][ci][ky][kx], acc)
@@ -57,6 +59,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_conv_thin.h"
+
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define HF_THIN_X86 1
 #include <immintrin.h>
@@ -70,32 +74,17 @@ namespace {
 
 constexpr const char* kOp = "hrnet_fast_cpu::conv3x3_thin: ";
 constexpr int kLanes = 16;     // float32 lanes of a zmm register: pixels per vector
-constexpr int kTileCo = 6;     // output channels per register tile
 constexpr int kTilePx = 4;     // vectors of pixels per register tile (64 pixels)
+static_assert(kLanes * kTilePx == hf_thin::kWinoBlock, "a Winograd block is one register tile row");
+static_assert(kLanes == hf_thin::kPeriodPx, "a gathered write's period is one vector of pixels");
 
-bool avx512_enabled() {
-  static const bool on = at::get_cpu_capability() == "AVX512";
-  return on;
-}
-
-struct Problem {
-  int64_t N, H, W, Ci, Co;
-  const float* x;
-  int64_t sn, sc, sh, sw;      // x's element strides
-  const float* w;              // packed [Ci][3][3][Co]
-  const float* bias;           // [Co] or null
-  const float* res;            // [N, Co, H, W] or null
-  int64_t rn, rc, rh, rw;      // residual's element strides
-  float* out;                  // dense [N, Co, H, W] (may be res)
-  bool out_channels_last;      // else planar (contiguous NCHW)
-  bool relu;
-  int64_t in_pitch;    // floats per planar input channel row: 1 + W + zero padding
-  int64_t out_pitch;   // floats per planar output channel row
-  // Winograd F(2x2, 3x3)
-  const float* u;      // transformed weights [16][Ci][Co]
-  int64_t tiles;       // 2-pixel tiles per row: ceil(W / 2)
-  int64_t half_pitch;  // floats per half (even or odd columns) of a planar input channel row
-};
+using hf_thin::kTileCo;
+using hf_thin::kWinoPos;
+using hf_thin::Period;
+using hf_thin::Problem;
+using hf_thin::ring_row;
+using hf_thin::thread_scratch;
+using hf_thin::with_rest;
 
 #if HF_THIN_X86
 // One register tile: CB output channels from co0, R vectors of 16 pixels from x0, written planar
@@ -125,21 +114,6 @@ HF_AVX512 HF_ALWAYS_INLINE void tile(const Problem& p, const float* const* rows,
     for (int r = 0; r < R; ++r)
       _mm512_storeu_ps(orow + (co0 + c) * p.out_pitch + x0 + kLanes * r, acc[c][r]);
 }
-
-// Calls f(std::integral_constant<int, k>{}) for k = n in 1 .. kTileCo - 1: the channel remainder
-// (Co % kTileCo channels) of a tile, which takes a register tile of its own width.
-template <typename F>
-HF_ALWAYS_INLINE void with_rest(int64_t n, F f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: break;
-  }
-}
-static_assert(kTileCo == 6, "with_rest covers remainders 1 .. 5");
 
 // The channel remainder (Co % kTileCo channels from co0) of one pixel block.
 template <int R>
@@ -266,8 +240,6 @@ HF_AVX512 void read_input_row(const Problem& p, const float* src, float* planar)
 // Planar input rows are stored deinterleaved: per channel, the "a" half holds columns -1, 1, 3, ...
 // (index t: column 2t - 1) and the "b" half columns 0, 2, 4, ... (index t: column 2t), so the four
 // columns of 16 consecutive tiles are four contiguous loads: a[t], b[t], a[t+1], b[t+1].
-constexpr int kWinoPos = 16;
-
 // a/b halves of channel ci in a deinterleaved slot.
 HF_AVX512 HF_ALWAYS_INLINE float* half_a(const Problem& p, float* slot, int64_t ci) {
   return slot + (2 * ci) * p.half_pitch;
@@ -434,14 +406,6 @@ HF_AVX512 void wino_rows(const Problem& p, float* const* rows, float* vbuf, floa
   for (; t0 < p.tiles; t0 += kLanes) wino_block<1>(p, rows, t0, vbuf, mbuf, orow0, orow1);
 }
 
-// Index tables of one channels_last output period (16 pixels, Co vectors of 16 flat positions
-// f = x * Co + co): where position f sits in the planar row (co * out_pitch + x) and in the
-// residual row (co * rc + x * rw), and its bias.
-struct Period {
-  std::vector<int32_t> planar_index, residual_index;
-  std::vector<float> bias;
-};
-
 // out row = act(planar row + bias + residual row), channels_last: W * Co floats, gathered from the
 // planar row one period at a time; the residual is loaded directly when it is dense channels_last.
 HF_AVX512 void write_row_channels_last_gathered(const Problem& p, const float* orow,
@@ -549,16 +513,6 @@ HF_AVX512 void write_row_planar(const Problem& p, const float* orow, const float
   }
 }
 
-// This thread's scratch, kept across calls (torch's threads persist; a fresh 0.1-1 MB allocation
-// per call cost 20-200 us in page faults and zeroing): ``zeroed`` floats set to zero (input rows,
-// whose padding columns must read 0), then ``more`` floats as they are (written before read).
-float* thread_scratch(int64_t zeroed, int64_t more) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < zeroed + more) buffer.resize(zeroed + more);
-  std::fill(buffer.begin(), buffer.begin() + zeroed, 0.0f);
-  return buffer.data();
-}
-
 void write_rows(const Problem& p, const float* orow, int64_t n, int64_t y, const Period& period) {
   const float* res = p.res != nullptr ? p.res + n * p.rn + y * p.rh : nullptr;
   if (p.out_channels_last) {
@@ -566,21 +520,6 @@ void write_rows(const Problem& p, const float* orow, int64_t n, int64_t y, const
   } else {
     write_row_planar(p, orow, res, p.out + n * p.Co * p.H * p.W + y * p.W);
   }
-}
-
-// Input row yi of image n from a ring of K slots of ``slot`` floats in scratch: read (by ``read``)
-// only when its slot holds another row; rows outside the image are the zero row.
-template <int K, typename Read>
-HF_ALWAYS_INLINE float* ring_row(const Problem& p, int64_t n, int64_t yi, float* scratch,
-                                 int64_t slot, float* zero_row, int64_t* tags, Read read) {
-  if (yi < 0 || yi >= p.H) return zero_row;
-  const int64_t k = yi % K;
-  float* row = scratch + k * slot;
-  if (tags[k] != n * p.H + yi) {
-    read(p, p.x + n * p.sn + yi * p.sh, row);
-    tags[k] = n * p.H + yi;
-  }
-  return row;
 }
 
 void run_winograd(const Problem& p, const Period& period) {
@@ -611,18 +550,9 @@ void run_winograd(const Problem& p, const Period& period) {
   });
 }
 
-void run(const Problem& p) {
+void run_avx512(const Problem& p) {
   const int64_t Co = p.Co;
-  Period period;
-  period.planar_index.resize(kLanes * Co);
-  period.residual_index.resize(kLanes * Co);
-  period.bias.resize(kLanes * Co);
-  for (int64_t f = 0; f < kLanes * Co; ++f) {
-    const int64_t co = f % Co, x = f / Co;
-    period.planar_index[f] = static_cast<int32_t>(co * p.out_pitch + x);
-    period.residual_index[f] = static_cast<int32_t>(co * p.rc + x * p.rw);
-    period.bias[f] = p.bias != nullptr ? p.bias[co] : 0.0f;
-  }
+  const Period period = hf_thin::make_period(p);
   if (p.u != nullptr) {
     run_winograd(p, period);
     return;
@@ -647,9 +577,30 @@ void run(const Problem& p) {
     }
   });
 }
-#else
-void run(const Problem&) { TORCH_CHECK(false, kOp, "built without x86-64 AVX-512 support"); }
 #endif
+
+// Which variant runs here: torch's own CPU capability (it honours ATEN_CPU_CAPABILITY).
+enum class Isa { None, Avx2, Avx512 };
+
+Isa thin_isa() {
+  static const Isa isa = [] {
+#if HF_THIN_X86
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return Isa::Avx512;
+    if (cap == "AVX2") return Isa::Avx2;
+#endif
+    return Isa::None;
+  }();
+  return isa;
+}
+
+void run(const Problem& p) {
+#if HF_THIN_X86
+  if (thin_isa() == Isa::Avx512) return run_avx512(p);
+  if (thin_isa() == Isa::Avx2) return hf_thin::run_avx2(p);
+#endif
+  TORCH_CHECK(false, kOp, "needs x86-64 AVX2 or AVX-512");
+}
 
 // Gathers take 32-bit element offsets: 16 pixels (and, for the residual, Co channels) of a row.
 bool gather_offsets_fit(int64_t channels, int64_t channel_stride, int64_t pixel_stride) {
@@ -674,7 +625,7 @@ Packed packed_shape(const at::Tensor& packed) {
 
 void check_args(const at::Tensor& x, const Packed& w, const c10::optional<at::Tensor>& bias,
                 const at::Tensor* residual) {
-  TORCH_CHECK(avx512_enabled(), kOp, "needs AVX-512 (torch reports CPU capability ",
+  TORCH_CHECK(thin_isa() != Isa::None, kOp, "needs AVX2 or AVX-512 (torch reports CPU capability ",
               at::get_cpu_capability(), ")");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, kOp,
               "x must be a 4-d float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ",
@@ -770,7 +721,7 @@ at::Tensor compute(const at::Tensor& x, const at::Tensor& packed, const Packed& 
   p.out_pitch = w16 + kLanes;
   p.tiles = (p.W + 1) / 2;
   if (w.winograd) {  // blocks of up to 64 tiles; the last may reach past W (zero input, not written)
-    const int64_t block = kLanes * kTilePx;
+    const int64_t block = hf_thin::kWinoBlock;
     const int64_t covered = (p.tiles + block - 1) / block * block;
     p.half_pitch = covered + 2 * kLanes;
     p.out_pitch = 2 * covered + kLanes;
@@ -806,6 +757,36 @@ void conv3x3_thin_into(at::Tensor& residual, const at::Tensor& x, const at::Tens
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------ shared by the variants
+namespace hf_thin {
+
+Period make_period(const Problem& p) {
+  const int64_t n = int64_t{kPeriodPx} * p.Co;
+  Period period;
+  period.planar_index.resize(n);
+  period.residual_index.resize(n);
+  period.bias.resize(n);
+  for (int64_t f = 0; f < n; ++f) {
+    const int64_t co = f % p.Co, x = f / p.Co;
+    period.planar_index[f] = static_cast<int32_t>(co * p.out_pitch + x);
+    period.residual_index[f] = static_cast<int32_t>(co * p.rc + x * p.rw);
+    period.bias[f] = p.bias != nullptr ? p.bias[co] : 0.0f;
+  }
+  return period;
+}
+
+// This thread's scratch, kept across calls (torch's threads persist; a fresh 0.1-1 MB allocation
+// per call cost 20-200 us in page faults and zeroing): ``zeroed`` floats set to zero (input rows,
+// whose padding columns must read 0), then ``more`` floats as they are (written before read).
+float* thread_scratch(int64_t zeroed, int64_t more) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < zeroed + more) buffer.resize(zeroed + more);
+  std::fill(buffer.begin(), buffer.begin() + zeroed, 0.0f);
+  return buffer.data();
+}
+
+}  // namespace hf_thin
 
 TORCH_LIBRARY_FRAGMENT(hrnet_fast_cpu, m) {
   m.def("conv3x3_thin_pack(Tensor weight, bool winograd) -> Tensor");

@@ -1,4 +1,5 @@
-// hrnet_fast CPU kernel: the float32 segmentation head in one pass (AVX-512).
+// hrnet_fast CPU kernel: the float32 segmentation head in one pass (AVX-512; AVX2 in
+// csrc/cpu_head_f32_avx2.cpp).
 //
 //   hrnet_fast_cpu::seg_head_f32(Tensor x, Tensor proj, Tensor? proj_bias, Tensor[] contributions,
 //                                str mode, bool align_corners, Tensor cls, Tensor? cls_bias)
@@ -16,10 +17,11 @@
 //
 // Tensors: float32 CPU; x [N, Ci, H, W] dense channels_last; contributions [N, Cm, h_k, w_k] with
 // channel stride 1 (other strides are read), h_k <= H, w_k <= W; biases [Cm] / [Co] or None. The
-// weights are laid out for the kernel on every call ([Ci][Cm] and [Cm][Co], zero-padded to 16
-// lanes: about 40 K values for w18, a few tens of microseconds). The output is a new channels_last
-// tensor [N, Co, H, W]. Needs AVX-512 (torch's CPU capability); elsewhere it raises and the engine
-// keeps the unfused head.
+// weights are laid out for the kernel on every call ([Ci][Cm] and [Cm][Co], zero-padded to the
+// vector width, 16 lanes or 8 for AVX2: about 40 K values for w18, a few tens of microseconds).
+// The output is a new channels_last tensor [N, Co, H, W]. Needs AVX-512 or AVX2 (torch's CPU
+// capability; the AVX2 variant is csrc/cpu_head_f32_avx2.cpp, the same operations in the same
+// order); elsewhere it raises and the engine keeps the unfused head.
 //
 // Numerics, per pixel, all float32, no intermediate rounding: a = sum over Ci in order of x * w
 // (fused multiply-adds); a += bias; for each contribution a += its resized value (the formulas of
@@ -43,6 +45,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_head_f32.h"
 #include "cpu_resize.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -58,30 +61,32 @@ namespace {
 
 constexpr const char* kOp = "hrnet_fast_cpu::seg_head_f32: ";
 constexpr int kLanes = 16;  // float32 lanes of a zmm register
-constexpr int kPx = 8;      // pixels per register tile
 constexpr int kVec = 3;     // 16-channel vectors per register tile
 
 using hf_resize::Source;
 
-bool avx512_enabled() {
-  static const bool on = at::get_cpu_capability() == "AVX512";
-  return on;
+// Which variant runs here: torch's own CPU capability (it honours ATEN_CPU_CAPABILITY).
+enum class Isa { None, Avx2, Avx512 };
+
+Isa head_isa() {
+  static const Isa isa = [] {
+#if HF_HEAD_X86
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return Isa::Avx512;
+    if (cap == "AVX2") return Isa::Avx2;
+#endif
+    return Isa::None;
+  }();
+  return isa;
 }
 
-int64_t round16(int64_t v) { return (v + kLanes - 1) / kLanes * kLanes; }
+// The variant's vector width in float32 lanes: weights and biases are laid out to multiples of it.
+int64_t isa_lanes() { return head_isa() == Isa::Avx512 ? 16 : 8; }
 
-struct HeadF32 {
-  const float* x;  // [N, H, W, Ci]
-  int64_t N, H, W, ci;
-  const float* wp;  // [Ci][cmp], zero past Cm
-  const float* bp;  // [cmp], zero past Cm
-  int64_t cm, cmp;
-  const float* wc;  // [Cm][cop], zero past Co
-  const float* bc;  // [cop], zero past Co
-  int64_t co, cop;
-  std::vector<Source> sources;
-  float* out;  // [N, H, W, Co]
-};
+int64_t round_up(int64_t v, int64_t lanes) { return (v + lanes - 1) / lanes * lanes; }
+
+using hf_head::HeadF32;
+using hf_head::kPx;
 
 #if HF_HEAD_X86
 // acc[p][j] = sum over k of rows[p][k] * w[k * wstride + 16 j .. + 16]: V vectors of 16 outputs
@@ -203,10 +208,10 @@ HF_AVX512 void head_rows(const HeadF32& p, int64_t begin, int64_t end) {
 }
 #endif
 
-// [outputs, inputs, 1, 1] -> [inputs][round16(outputs)] float32, zero past outputs; bias ->
-// [round16(outputs)] (zeros when None).
-std::vector<float> lay_out(const at::Tensor& w, int64_t outputs, int64_t inputs) {
-  const int64_t stride = round16(outputs);
+// [outputs, inputs, 1, 1] -> [inputs][round_up(outputs, lanes)] float32, zero past outputs;
+// bias -> [round_up(outputs, lanes)] (zeros when None).
+std::vector<float> lay_out(const at::Tensor& w, int64_t outputs, int64_t inputs, int64_t lanes) {
+  const int64_t stride = round_up(outputs, lanes);
   std::vector<float> dst(static_cast<size_t>(inputs * stride), 0.0f);
   const at::Tensor src = w.contiguous();
   const float* s = src.data_ptr<float>();
@@ -216,8 +221,8 @@ std::vector<float> lay_out(const at::Tensor& w, int64_t outputs, int64_t inputs)
 }
 
 std::vector<float> lay_out_bias(const c10::optional<at::Tensor>& b, int64_t outputs,
-                                const char* what) {
-  std::vector<float> dst(static_cast<size_t>(round16(outputs)), 0.0f);
+                                int64_t lanes, const char* what) {
+  std::vector<float> dst(static_cast<size_t>(round_up(outputs, lanes)), 0.0f);
   if (b.has_value()) {
     TORCH_CHECK(b->device().is_cpu() && b->dim() == 1 && b->numel() == outputs, kOp, what,
                 " must be a CPU tensor [", outputs, "], got ", b->sizes());
@@ -231,7 +236,7 @@ at::Tensor seg_head_f32(const at::Tensor& x, const at::Tensor& proj,
                         const c10::optional<at::Tensor>& proj_bias, at::TensorList contributions,
                         c10::string_view mode, bool align_corners, const at::Tensor& cls,
                         const c10::optional<at::Tensor>& cls_bias) {
-  TORCH_CHECK(HF_HEAD_X86 && avx512_enabled(), kOp, "needs AVX-512 (torch reports CPU capability ",
+  TORCH_CHECK(head_isa() != Isa::None, kOp, "needs AVX2 or AVX-512 (torch reports CPU capability ",
               at::get_cpu_capability(), ")");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -263,9 +268,10 @@ at::Tensor seg_head_f32(const at::Tensor& x, const at::Tensor& proj,
     TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, kOp, "contributions[", k,
                 "] must have channel stride 1 (channels_last), got strides ", t.strides());
   }
-  const std::vector<float> wp = lay_out(proj, cm, ci), wc = lay_out(cls, co, cm);
-  const std::vector<float> bp = lay_out_bias(proj_bias, cm, "proj_bias");
-  const std::vector<float> bc = lay_out_bias(cls_bias, co, "cls_bias");
+  const int64_t lanes = isa_lanes();
+  const std::vector<float> wp = lay_out(proj, cm, ci, lanes), wc = lay_out(cls, co, cm, lanes);
+  const std::vector<float> bp = lay_out_bias(proj_bias, cm, lanes, "proj_bias");
+  const std::vector<float> bc = lay_out_bias(cls_bias, co, lanes, "cls_bias");
   at::Tensor out =
       at::empty({N, co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
@@ -279,15 +285,22 @@ at::Tensor seg_head_f32(const at::Tensor& x, const at::Tensor& proj,
   p.wp = wp.data();
   p.bp = bp.data();
   p.cm = cm;
-  p.cmp = round16(cm);
+  p.cmp = round_up(cm, lanes);
   p.wc = wc.data();
   p.bc = bc.data();
   p.co = co;
-  p.cop = round16(co);
+  p.cop = round_up(co, lanes);
   for (const at::Tensor& t : contributions)
     p.sources.push_back(hf_resize::make_source(t, H, W, mode_s == "nearest", align_corners));
   p.out = out.data_ptr<float>();
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) { head_rows(p, begin, end); });
+  const bool avx512 = head_isa() == Isa::Avx512;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      head_rows(p, begin, end);
+    } else {
+      hf_head::head_rows_avx2(p, begin, end);
+    }
+  });
 #endif
   return out;
 }

@@ -20,10 +20,10 @@ shows the compiler output.
 The ops are ``torch.ops.hrnet_fast_cpu.upsample_add_relu`` and ``resize_concat`` (schemas in
 ``csrc/cpu_fuse.cpp``), and ``conv3x3_thin_pack`` / ``conv3x3_thin`` / ``conv3x3_thin_into``
 (``csrc/cpu_conv_thin.cpp``: 3x3 convolutions of thin layers, vectorised over pixels instead of
-channels, direct or Winograd F(2x2, 3x3); AVX-512 only), and ``conv_amx_pack`` / ``conv_amx`` /
+channels, direct or Winograd F(2x2, 3x3); AVX-512 or AVX2), and ``conv_amx_pack`` / ``conv_amx`` /
 ``conv_amx_into`` (``csrc/cpu_conv_amx.cpp``: 3x3 and 1x1 convolutions in bfloat16 on Intel AMX
 tiles), and ``seg_head_amx`` / ``seg_head_f32`` (``csrc/cpu_head_amx.cpp``,
-``csrc/cpu_head_f32.cpp``: the seg head in one pass, bfloat16 on AMX tiles, float32 on AVX-512).
+``csrc/cpu_head_f32.cpp``: the seg head in one pass, bfloat16 on AMX tiles, float32 on AVX-512 or AVX2).
 Their fake
 kernels are registered here once the library is loaded, so torch.compile and opcheck can trace
 them.
@@ -49,15 +49,15 @@ from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
-           "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
+           "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "f32_head_supported", "jit_build_directory",
            "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu", "seg_head_amx_cpu",
            "seg_head_f32_cpu",
            "SOURCES", "DTYPES"]
 
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
-SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_amx.cpp", "cpu_head_amx.cpp",
-           "cpu_head_f32.cpp")
+SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_thin_avx2.cpp", "cpu_conv_amx.cpp",
+           "cpu_head_amx.cpp", "cpu_head_f32.cpp", "cpu_head_f32_avx2.cpp")
 # -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
 # compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
 EXTRA_CFLAGS = ["-O3"]
@@ -392,10 +392,16 @@ def resize_concat_cpu(parts: Sequence[torch.Tensor], size: Sequence[int], *, mod
 
 
 def thin_conv_supported() -> bool:
-    """Whether ``conv3x3_thin`` can run here: torch's CPU capability is AVX-512 (it honours
-    ``ATEN_CPU_CAPABILITY``); the kernel has no AVX2 or baseline variant (with 8 lanes or fewer,
-    oneDNN's channel padding costs little)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    """Whether ``conv3x3_thin`` can run here: torch's CPU capability (it honours
+    ``ATEN_CPU_CAPABILITY``) is AVX-512 or AVX2 (the kernel's two variants, the same
+    operations in the same order); there is no baseline variant."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
+
+
+def f32_head_supported() -> bool:
+    """Whether ``seg_head_f32`` can run here: torch's CPU capability is AVX-512 or AVX2 (the
+    kernel's two variants, the same operations in the same order)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
 
 
 def conv3x3_thin_pack(weight: torch.Tensor, *, winograd: bool) -> torch.Tensor:
@@ -418,7 +424,7 @@ def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     (``channels_last=False``) contiguous NCHW, or ``residual`` itself with ``into_residual`` (dense
     in either layout, sharing no memory with x). Agrees with F.conv2d to float32 rounding (another
     summation order; Winograd's transforms add a few roundings). Raises RuntimeError when the
-    kernel is unavailable (no build, or no AVX-512) or an argument does not fit."""
+    kernel is unavailable (no build, or neither AVX-512 nor AVX2) or an argument does not fit."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
     if into_residual:
@@ -499,13 +505,13 @@ def seg_head_f32_cpu(x: torch.Tensor, proj: torch.Tensor, proj_bias: Optional[to
                      contributions: Sequence[torch.Tensor], cls: torch.Tensor,
                      cls_bias: Optional[torch.Tensor], *, mode: str,
                      align_corners: bool) -> torch.Tensor:
-    """The CPU engine's float32 seg head in one pass (``csrc/cpu_head_f32.cpp``, AVX-512):
+    """The CPU engine's float32 seg head in one pass (``csrc/cpu_head_f32.cpp``, AVX-512 or AVX2):
     ``conv1x1(relu(conv1x1(x, proj) + proj_bias + sum_k F.interpolate(c_k, size=x.shape[-2:])),
     cls) + cls_bias`` with proj [Cm, Ci, 1, 1] and cls [Co, Cm, 1, 1] float32. x [N, Ci, H, W]
     dense channels_last float32; contributions [N, Cm, h, w] float32 (h <= H, w <= W, channel
     stride 1); mode "nearest" or "bilinear". float32 throughout, the head map never written to
     memory; agrees with the unfused head to float32 rounding. The result is a new channels_last
-    tensor. Raises RuntimeError when the kernel is unavailable (no build, no AVX-512) or an
+    tensor. Raises RuntimeError when the kernel is unavailable (no build, no AVX-512/AVX2) or an
     argument does not fit."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")

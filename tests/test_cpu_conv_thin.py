@@ -2,8 +2,9 @@
 conv3x3_thin_into) and its use by the torch backend on the CPU (TorchCPU.conv, conv_into_residual
 and the planar block chain TorchCPU.blocks in hrnet_fast/backends/torch_cpu.py).
 
-The kernel needs AVX-512 and the JIT build (shared with the CPU fuse kernel). Where either is
-missing, every kernel test is skipped with the reason: the kernel is then NOT tested.
+The kernel needs AVX-512 or AVX2 (its two variants; the tests run the one torch's CPU capability
+picks) and the JIT build (shared with the CPU fuse kernel). Where either is missing, every kernel
+test is skipped with the reason: the kernel is then NOT tested.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ ALGORITHMS = ["direct", "winograd"]
 @pytest.fixture(scope="module")
 def built():
     if not cpu_ext.thin_conv_supported():
-        pytest.skip("this CPU (torch's capability) has no AVX-512: the thin conv kernel is NOT tested")
+        pytest.skip("this CPU (torch's capability) has neither AVX-512 nor AVX2: the thin conv kernel "
+                    "is NOT tested")
     ok, why = cpu_ext.cpu_ext_status()
     if not ok:
         pytest.skip(f"the CPU kernels could not be built here ({why}): the thin conv is NOT tested")
@@ -202,12 +204,24 @@ def test_bad_input_gets_one_clear_error(kernel, bad, match):
                                         (144, 144, True), (256, 18, True), (64, 64, True),
                                         (32, 32, False), (128, 128, False), (256, 36, False),
                                         (40, 40, True), (30, 30, False)])
-def test_the_width_rule(ci, co, pays):
-    """The kernel takes the widths where oneDNN pads output channels by 10% or more, up to 72
-    (w18's 18, 36, 72), and the measured wins: w18's 144 and 256 -> 18, layer1's 64; not the
+def test_the_width_rule_avx512(ci, co, pays):
+    """AVX-512: the kernel takes the widths where oneDNN pads output channels by 10% or more, up
+    to 72 (w18's 18, 36, 72), and the measured wins: w18's 144 and 256 -> 18, layer1's 64; not the
     unmeasured multiples of 16 of w32/w48. Direct up to 24 output channels, Winograd above."""
-    assert torch_cpu.thin_conv_pays(ci, co) is pays
-    assert torch_cpu.thin_winograd(co) is (co > 24)
+    assert torch_cpu.thin_conv_pays(ci, co, "AVX512") is pays
+    assert torch_cpu.thin_winograd(co, "AVX512") is (co > 24)
+
+
+@pytest.mark.parametrize("ci,co,pays", [(18, 18, True), (36, 36, True), (72, 72, True),
+                                        (144, 144, True), (256, 18, True), (64, 64, True),
+                                        (48, 48, True), (384, 384, True), (32, 32, False),
+                                        (256, 32, False), (20, 20, True), (30, 30, False), (512, 512, False),
+                                        (256, 400, False)])
+def test_the_width_rule_avx2(ci, co, pays):
+    """AVX2: Winograd on every width up to 384 (all measured wins), except the multiples of 8
+    below 36 output channels, which oneDNN fills (32: a loss)."""
+    assert torch_cpu.thin_conv_pays(ci, co, "AVX2") is pays
+    assert torch_cpu.thin_winograd(co, "AVX2") is True
 
 
 @pytest.fixture
@@ -298,8 +312,8 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(thin_calls, monkeypatch,
     assert torch_cpu._THIN["on"] is False and len(thin_calls) == fail_at - 1
 
 
-def test_without_avx512_onednn_answers(thin_calls, monkeypatch):
-    """A CPU without AVX-512 (torch's capability) never calls the kernel."""
+def test_without_avx_onednn_answers(thin_calls, monkeypatch):
+    """A CPU without AVX-512 or AVX2 (torch's capability) never calls the kernel."""
     monkeypatch.setattr(cpu_ext, "thin_conv_supported", lambda: False)
     model = _model("w18_small_v2")
     x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(14))

@@ -494,7 +494,7 @@ def test_engine_with_the_kernel_matches_the_reference(kernel_calls):
 
 
 def test_seg_head_fuses_over_its_projection(kernel, monkeypatch):
-    """The unfused seg head (where the one-pass heads do not run: no AVX-512 or AMX, a 3x3
+    """The unfused seg head (where the one-pass heads do not run: no AVX-512, AVX2 or AMX, a 3x3
     classifier) fuses over the head's projection (no second full-size tensor); the engine's output
     is bit-identical to the head fusing into a new tensor."""
     monkeypatch.setitem(torch_cpu._F32_HEAD, "on", False)

@@ -1,9 +1,9 @@
 """The float32 seg head in one pass (csrc/cpu_head_f32.cpp, hrnet_fast/cpu_ext.py: seg_head_f32_cpu)
 and its use by the torch backend's float32 engine (TorchCPU.projected_head, engine.run_seg_head).
 
-The kernel needs AVX-512 (torch's CPU capability) and the JIT build. Where either is missing, every
-kernel test is skipped with the reason: the kernel is then NOT tested. The routing tests at the end
-run everywhere.
+The kernel needs AVX-512 or AVX2 (torch's CPU capability picks the variant) and the JIT build.
+Where either is missing, every kernel test is skipped with the reason: the kernel is then NOT
+tested. The routing tests at the end run everywhere.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def built():
     ok, why = cpu_ext.cpu_ext_status()
     if not ok:
         pytest.skip(f"the CPU kernels could not be built here ({why}): the fp32 head is NOT tested")
-    if not cpu_ext.thin_conv_supported():
-        pytest.skip("torch's CPU capability is not AVX-512 here: the fp32 head is NOT tested")
+    if not cpu_ext.f32_head_supported():
+        pytest.skip("torch's CPU capability is neither AVX-512 nor AVX2 here: the fp32 head is NOT "
+                    "tested")
 
 
 def _tensor(shape, seed):

@@ -184,19 +184,36 @@ THIN_MAX_CHANNELS = 72
 THIN_MIN_PADDING = 1.1
 THIN_EXTRA_WIDTHS = {(144, 144), (256, 18), (64, 64)}
 THIN_DIRECT_MAX_OUT = 24
+# AVX2 (the kernel's 8-lane variant; AMD EPYC Zen 3, 2 threads, same A/B): oneDNN pads to 8
+# lanes and has no fp32 Winograd there; Winograd against oneDNN: 18 ch 132 against 85 GFLOP/s,
+# 36 230/138, 72 244/145, 144 191/131, 256 -> 18 123/106, 64 185/169, 48 189/167, 96 235/171,
+# 128 153/131, 192 186/159, 384 228/173; only 32 ch lost (149/152). Direct lost to Winograd on
+# every width. So on AVX2: Winograd for every width up to 384 except those oneDNN fills (a
+# multiple of 8 below 36 output channels).
+THIN_AVX2_MAX_CHANNELS = 384
+THIN_AVX2_MIN_OUT = 36
 
 
-def thin_conv_pays(in_channels: int, out_channels: int) -> bool:
-    """Whether a 3x3 stride-1 conv of these widths runs faster in the thin-layer kernel."""
+def _isa(isa: Optional[str]) -> str:
+    return isa if isa is not None else torch.backends.cpu.get_cpu_capability()
+
+
+def thin_conv_pays(in_channels: int, out_channels: int, isa: Optional[str] = None) -> bool:
+    """Whether a 3x3 stride-1 conv of these widths runs faster in the thin-layer kernel, on the
+    kernel variant for ``isa`` (torch's CPU capability, "AVX512" or "AVX2"; default: this CPU's)."""
+    if _isa(isa) == "AVX2":
+        padded = -(-out_channels // 8) * 8
+        return (in_channels <= THIN_AVX2_MAX_CHANNELS and out_channels <= THIN_AVX2_MAX_CHANNELS
+                and (out_channels >= THIN_AVX2_MIN_OUT or padded >= THIN_MIN_PADDING * out_channels))
     padded = -(-out_channels // 16) * 16
     return ((in_channels, out_channels) in THIN_EXTRA_WIDTHS
             or (in_channels <= THIN_MAX_CHANNELS and out_channels <= THIN_MAX_CHANNELS
                 and padded >= THIN_MIN_PADDING * out_channels))
 
 
-def thin_winograd(out_channels: int) -> bool:
+def thin_winograd(out_channels: int, isa: Optional[str] = None) -> bool:
     """Whether the thin-layer kernel runs this width as Winograd F(2x2, 3x3) (else direct)."""
-    return out_channels > THIN_DIRECT_MAX_OUT
+    return _isa(isa) == "AVX2" or out_channels > THIN_DIRECT_MAX_OUT
 
 
 def thin_spec_fits(spec: ConvSpec) -> bool:
@@ -210,7 +227,8 @@ def thin_spec_fits(spec: ConvSpec) -> bool:
 
 def thin_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the thin-layer kernel takes ``x``: float32 on the CPU, no autograd, trace or export in
-    progress, the kernel built and this CPU's capability AVX-512. Builds the kernel on first use."""
+    progress, the kernel built and this CPU's capability AVX-512 or AVX2. Builds the kernel on
+    first use."""
     if (not _THIN["on"] or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
             or in_side_path()):
         return False
@@ -359,10 +377,10 @@ def amx_head_fits(x: torch.Tensor, projection: ConvSpec, contributions: Sequence
 
 def f32_head_fits(x: torch.Tensor, projection: ConvSpec, contributions: Sequence[torch.Tensor],
                   weight: torch.Tensor) -> bool:
-    """Whether the float32 seg head (csrc/cpu_head_f32.cpp, AVX-512) takes this head:
+    """Whether the float32 seg head (csrc/cpu_head_f32.cpp) takes this head:
     head_shapes_fit, float32 weights, and an x the thin-layer kernel's rules take (float32 on the
-    CPU, no autograd, trace or export, AVX-512)."""
-    return (_F32_HEAD["on"] and x.dtype == torch.float32
+    CPU, no autograd, trace or export) on an AVX-512 or AVX2 CPU."""
+    return (_F32_HEAD["on"] and x.dtype == torch.float32 and cpu_ext.f32_head_supported()
             and projection.weight.dtype == torch.float32 and weight.dtype == torch.float32
             and head_shapes_fit(x, projection, contributions, weight)
             and thin_input_fits(x, projection.weight, weight))

@@ -1,0 +1,87 @@
+// hrnet_fast CPU kernel: what the thin-layer conv's instruction-set variants share
+// (csrc/cpu_conv_thin.cpp: the op, its checks and the AVX-512 variant; csrc/cpu_conv_thin_avx2.cpp:
+// the AVX2 + FMA variant). Both compute the same math in the same summation order (see the op's
+// header comment), so their outputs agree to float32 rounding (bit for bit unless the compiler
+// contracts a multiply and an add differently; tests/test_cpu_isa_variants.py compares them on
+// an AVX-512 CPU); only the vector width differs.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#define HF_THIN_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace hf_thin {
+
+constexpr int kTileCo = 6;      // output channels per register tile
+constexpr int kWinoPos = 16;    // Winograd F(2x2, 3x3): positions of a 4x4 transformed tile
+constexpr int kPeriodPx = 16;   // pixels per period of the gathered channels_last write's tables
+constexpr int kWinoBlock = 64;  // Winograd tiles per block (the caller's pitches cover whole blocks)
+
+struct Problem {
+  int64_t N, H, W, Ci, Co;
+  const float* x;
+  int64_t sn, sc, sh, sw;      // x's element strides
+  const float* w;              // packed [Ci][3][3][Co]
+  const float* bias;           // [Co] or null
+  const float* res;            // [N, Co, H, W] or null
+  int64_t rn, rc, rh, rw;      // residual's element strides
+  float* out;                  // dense [N, Co, H, W] (may be res)
+  bool out_channels_last;      // else planar (contiguous NCHW)
+  bool relu;
+  int64_t in_pitch;    // floats per planar input channel row: 1 + W + zero padding
+  int64_t out_pitch;   // floats per planar output channel row
+  // Winograd F(2x2, 3x3)
+  const float* u;      // transformed weights [16][Ci][Co]
+  int64_t tiles;       // 2-pixel tiles per row: ceil(W / 2)
+  int64_t half_pitch;  // floats per half (even or odd columns) of a planar input channel row
+};
+
+// Index tables of one channels_last output period (kPeriodPx pixels, Co * kPeriodPx flat
+// positions f = x * Co + co): where position f sits in the planar row (co * out_pitch + x) and in
+// the residual row (co * rc + x * rw), and its bias.
+struct Period {
+  std::vector<int32_t> planar_index, residual_index;
+  std::vector<float> bias;
+};
+Period make_period(const Problem& p);
+
+// This thread's scratch, kept across calls: ``zeroed`` floats set to zero, then ``more`` floats
+// as they are (written before read).
+float* thread_scratch(int64_t zeroed, int64_t more);
+
+// Calls f(std::integral_constant<int, k>{}) for k = n in 1 .. kTileCo - 1: the channel remainder
+// (Co % kTileCo channels) of a tile, which takes a register tile of its own width.
+template <typename F>
+HF_THIN_ALWAYS_INLINE void with_rest(int64_t n, F f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: break;
+  }
+}
+static_assert(kTileCo == 6, "with_rest covers remainders 1 .. 5");
+
+// Input row yi of image n from a ring of K slots of ``slot`` floats in scratch: read (by ``read``)
+// only when its slot holds another row; rows outside the image are the zero row.
+template <int K, typename Read>
+HF_THIN_ALWAYS_INLINE float* ring_row(const Problem& p, int64_t n, int64_t yi, float* scratch,
+                                      int64_t slot, float* zero_row, int64_t* tags, Read read) {
+  if (yi < 0 || yi >= p.H) return zero_row;
+  const int64_t k = yi % K;
+  float* row = scratch + k * slot;
+  if (tags[k] != n * p.H + yi) {
+    read(p, p.x + n * p.sn + yi * p.sh, row);
+    tags[k] = n * p.H + yi;
+  }
+  return row;
+}
+
+// The AVX2 + FMA variant (csrc/cpu_conv_thin_avx2.cpp); the caller checked the CPU.
+void run_avx2(const Problem& p);
+
+}  // namespace hf_thin

@@ -1,0 +1,556 @@
+// hrnet_fast CPU kernel: the AVX2 + FMA variant of the thin-layer 3x3 conv (the op, its math, its
+// checks and the AVX-512 variant are in csrc/cpu_conv_thin.cpp).
+//
+// Why a variant: AMD EPYC/Ryzen and older Intel CPUs have no AVX-512, and there oneDNN's fp32
+// convolutions of w18's 18/36-channel branches ran at 73-90 GFLOP/s on 2 cores of an AMD EPYC
+// (Zen 3), 38-47% of the FMA peak (benchmarks/RESULTS.md); oneDNN vectorises over 8 output
+// channels there, so 18 channels take 24 lanes, and it has no fp32 Winograd on AVX2.
+//
+// Same algorithms, layouts, work split and summation order as the AVX-512 variant, with 8-lane
+// vectors: register tiles of 6 output channels x 2 vectors of 8 pixels (direct) or 8 Winograd
+// tiles (12 of the 16 ymm registers accumulate), 8 x 8 register transposes for channels_last rows,
+// AVX2 masked loads/stores and gathers for the edges. Every output element is computed by the same
+// sequence of float32 operations as in the AVX-512 variant (see csrc/cpu_conv_thin.h).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu_conv_thin.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HF_AVX2 __attribute__((target("avx2,fma")))
+
+namespace hf_thin {
+namespace {
+
+constexpr int kLanes = 8;    // float32 lanes of a ymm register
+constexpr int kTilePx = 2;   // vectors of pixels (or tiles) per register tile: 6 x 2 accumulators
+constexpr int kBlockVecs = kWinoBlock / kLanes;  // vectors per full Winograd block (8)
+static_assert(kPeriodPx % kLanes == 0, "a period is whole vectors");
+
+// Lanes 0 .. min(max(n, 0), 8) - 1 set (all bits), the rest clear: AVX2's mask form.
+HF_AVX2 HF_THIN_ALWAYS_INLINE __m256i first_lanes(int64_t n) {
+  const int k = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n, kLanes)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Stores the first min(n, 8) lanes of v (m: first_lanes(n)). AVX2's masked store is microcoded
+// and slow on AMD Zen 2/3 (the 18 -> 18 conv spent 38% of its time in the row reads and writes
+// with masked stores everywhere), so whole vectors take a plain store.
+HF_AVX2 HF_THIN_ALWAYS_INLINE void store_first(float* dst, int64_t n, __m256i m, __m256 v) {
+  if (n >= kLanes) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    _mm256_maskstore_ps(dst, m, v);
+  }
+}
+
+// Loads the first min(n, 8) lanes from src, zeros in the rest (m: first_lanes(n)); whole vectors
+// take a plain load, the masked one only at an edge.
+HF_AVX2 HF_THIN_ALWAYS_INLINE __m256 load_first(const float* src, int64_t n, __m256i m) {
+  return n >= kLanes ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m);
+}
+
+HF_AVX2 HF_THIN_ALWAYS_INLINE __m256i lane_times(int64_t stride) {
+  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                            _mm256_set1_epi32(static_cast<int>(stride)));
+}
+
+HF_AVX2 HF_THIN_ALWAYS_INLINE __m256 masked_gather(const float* base, __m256i offsets, __m256i m) {
+  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, offsets, _mm256_castsi256_ps(m), 4);
+}
+
+// One register tile: CB output channels from co0, R vectors of 8 pixels from x0, written planar to
+// orow[co * out_pitch + x]. rows[ky]: the planar input row y + ky - 1 (column x at index x + 1).
+template <int CB, int R>
+HF_AVX2 HF_THIN_ALWAYS_INLINE void tile(const Problem& p, const float* const* rows, int64_t x0,
+                                        int64_t co0, float* orow) {
+  __m256 acc[CB][R];
+  for (int c = 0; c < CB; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  const int64_t Co = p.Co;
+  for (int64_t ci = 0; ci < p.Ci; ++ci) {
+    for (int ky = 0; ky < 3; ++ky) {
+      const float* in = rows[ky] + ci * p.in_pitch + x0;
+      const float* wk = p.w + (ci * 3 + ky) * 3 * Co + co0;
+      for (int kx = 0; kx < 3; ++kx) {
+        __m256 v[R];
+        for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_ps(in + kx + kLanes * r);
+        for (int c = 0; c < CB; ++c) {
+          const __m256 wv = _mm256_broadcast_ss(wk + kx * Co + c);
+          for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(v[r], wv, acc[c][r]);
+        }
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int r = 0; r < R; ++r)
+      _mm256_storeu_ps(orow + (co0 + c) * p.out_pitch + x0 + kLanes * r, acc[c][r]);
+}
+
+template <int R>
+HF_AVX2 HF_THIN_ALWAYS_INLINE void tile_rest(const Problem& p, const float* const* rows, int64_t x0,
+                                             int64_t co0, float* orow) {
+  with_rest(p.Co - co0, [&](auto cb) HF_AVX2 { tile<decltype(cb)::value, R>(p, rows, x0, co0, orow); });
+}
+
+// A whole output row, planar, before bias: 16-pixel blocks, then one 8-pixel block (it may reach
+// past W; those lanes read the zero padding and are never written out).
+HF_AVX2 void conv_row(const Problem& p, const float* const* rows, float* orow) {
+  constexpr int64_t block = kLanes * kTilePx;
+  const int64_t full = p.W / block * block;
+  const int64_t co_full = p.Co / kTileCo * kTileCo;
+  for (int64_t x0 = 0; x0 < full; x0 += block) {
+    for (int64_t co = 0; co < co_full; co += kTileCo) tile<kTileCo, kTilePx>(p, rows, x0, co, orow);
+    if (co_full < p.Co) tile_rest<kTilePx>(p, rows, x0, co_full, orow);
+  }
+  for (int64_t x0 = full; x0 < p.W; x0 += kLanes) {
+    for (int64_t co = 0; co < co_full; co += kTileCo) tile<kTileCo, 1>(p, rows, x0, co, orow);
+    if (co_full < p.Co) tile_rest<1>(p, rows, x0, co_full, orow);
+  }
+}
+
+// r[i] lane j -> r[j] lane i (an 8 x 8 float transpose in registers, 24 shuffles).
+HF_AVX2 HF_THIN_ALWAYS_INLINE void transpose8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));          // columns 0 | 4
+    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));      // 1 | 5
+    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));  // 2 | 6
+    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));  // 3 | 7
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x31);
+  }
+}
+
+// Channels c0 .. c0 + 7 of pixels x0 .. x0 + 7 of a row whose channels are adjacent (pixel stride
+// sw): r[j] = channel c0 + j across the 8 pixels; channels and pixels past the row (nc, npix) read
+// 0 and are never loaded.
+HF_AVX2 HF_THIN_ALWAYS_INLINE void load_transposed(const float* row, int64_t sw, int64_t x0,
+                                                   int64_t npix, int64_t c0, int64_t nc,
+                                                   __m256 r[8]) {
+  const __m256i m = first_lanes(nc);
+  for (int k = 0; k < 8; ++k)
+    r[k] = k < npix ? load_first(row + (x0 + k) * sw + c0, nc, m) : _mm256_setzero_ps();
+  transpose8(r);
+}
+
+// Walks a channels_last row of W pixels and C channels in blocks of 8 pixels x 8 channels:
+// f(x, mask of the valid pixels, c0, nc, r) with r[j] = channel c0 + j across pixels x .. x + 7.
+template <typename F>
+HF_AVX2 HF_THIN_ALWAYS_INLINE void for_each_transposed(const float* row, int64_t sw, int64_t W,
+                                                       int64_t C, F f) {
+  for (int64_t x = 0; x < W; x += kLanes) {
+    const int64_t npix = std::min<int64_t>(kLanes, W - x);
+    const __m256i m = first_lanes(npix);
+    for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+      const int64_t nc = std::min<int64_t>(kLanes, C - c0);
+      __m256 r[8];
+      load_transposed(row, sw, x, npix, c0, nc, r);
+      f(x, m, c0, nc, r);
+    }
+  }
+}
+
+// planar[ci * in_pitch + 1 + x] = src[ci * sc + x * sw].
+HF_AVX2 void read_input_row(const Problem& p, const float* src, float* planar) {
+  if (p.sc == 1 && p.sw != 1) {  // channels_last: contiguous loads and register transposes
+    for_each_transposed(src, p.sw, p.W, p.Ci,
+                        [&](int64_t x, __m256i m, int64_t c0, int64_t nc, const __m256* r) HF_AVX2 {
+      for (int64_t j = 0; j < nc; ++j) store_first(planar + (c0 + j) * p.in_pitch + 1 + x, p.W - x, m, r[j]);
+    });
+    return;
+  }
+  const __m256i lane_offsets = lane_times(p.sw);
+  for (int64_t ci = 0; ci < p.Ci; ++ci) {
+    float* dst = planar + ci * p.in_pitch + 1;
+    const float* row = src + ci * p.sc;
+    for (int64_t x = 0; x < p.W; x += kLanes) {
+      const __m256i m = first_lanes(p.W - x);
+      const __m256 v = p.sw == 1 ? load_first(row + x, p.W - x, m)
+                                 : masked_gather(row + x * p.sw, lane_offsets, m);
+      store_first(dst + x, p.W - x, m, v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ Winograd F(2x2, 3x3)
+// See the AVX-512 variant for the transforms and the deinterleaved row layout (a half: columns
+// -1, 1, 3, ...; b half: columns 0, 2, 4, ...).
+HF_AVX2 HF_THIN_ALWAYS_INLINE float* half_a(const Problem& p, float* slot, int64_t ci) {
+  return slot + (2 * ci) * p.half_pitch;
+}
+
+// Even and odd lanes of the 16 values lo (0-7) and hi (8-15): lo0 lo2 .. hi6 and lo1 lo3 .. hi7.
+HF_AVX2 HF_THIN_ALWAYS_INLINE __m256 even_lanes(__m256 lo, __m256 hi) {
+  const __m256 s = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // 0 2 8 10 | 4 6 12 14
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+HF_AVX2 HF_THIN_ALWAYS_INLINE __m256 odd_lanes(__m256 lo, __m256 hi) {
+  const __m256 s = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+HF_AVX2 void read_input_row_wino(const Problem& p, const float* src, float* slot) {
+  const __m256i two_pixels = lane_times(2 * p.sw);
+  const int64_t evens = (p.W + 1) / 2, odds = p.W / 2;
+  if (p.sc == 1 && p.sw != 1) {  // channels_last: 16 pixels as two register transposes, then split
+    for (int64_t t = 0; t < evens; t += kLanes) {
+      const __m256i me = first_lanes(evens - t), mo = first_lanes(odds - t);
+      const int64_t x = 2 * t, n_lo = std::min<int64_t>(kLanes, p.W - x);
+      const int64_t n_hi = std::max<int64_t>(0, std::min<int64_t>(kLanes, p.W - x - kLanes));
+      for (int64_t c0 = 0; c0 < p.Ci; c0 += kLanes) {
+        const int64_t nc = std::min<int64_t>(kLanes, p.Ci - c0);
+        __m256 lo[8], hi[8];
+        load_transposed(src, p.sw, x, n_lo, c0, nc, lo);
+        load_transposed(src, p.sw, x + kLanes, n_hi, c0, nc, hi);
+        for (int64_t j = 0; j < nc; ++j) {
+          float* a = half_a(p, slot, c0 + j);
+          store_first(a + p.half_pitch + t, evens - t, me, even_lanes(lo[j], hi[j]));
+          store_first(a + t + 1, odds - t, mo, odd_lanes(lo[j], hi[j]));
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t ci = 0; ci < p.Ci; ++ci) {
+    float* a = half_a(p, slot, ci);  // a[t + 1] = column 2t + 1
+    float* b = a + p.half_pitch;      // b[t] = column 2t
+    const float* row = src + ci * p.sc;
+    for (int64_t t = 0; t < evens; t += kLanes) {
+      const __m256i me = first_lanes(evens - t), mo = first_lanes(odds - t);
+      __m256 even, odd;
+      if (p.sw == 1) {
+        const __m256 lo = load_first(row + 2 * t, p.W - 2 * t, first_lanes(p.W - 2 * t));
+        const __m256 hi = load_first(row + 2 * t + kLanes, p.W - 2 * t - kLanes,
+                                      first_lanes(p.W - 2 * t - kLanes));
+        even = even_lanes(lo, hi);
+        odd = odd_lanes(lo, hi);
+      } else {
+        even = masked_gather(row + 2 * t * p.sw, two_pixels, me);
+        odd = masked_gather(row + (2 * t + 1) * p.sw, two_pixels, mo);
+      }
+      store_first(b + t, evens - t, me, even);
+      store_first(a + t + 1, odds - t, mo, odd);
+    }
+  }
+}
+
+// V for R vectors of 8 tiles from t0, every input channel: vbuf[p][ci][8 R].
+template <int R>
+HF_AVX2 void input_transform(const Problem& p, float* const* rows, int64_t t0, float* vbuf) {
+  const int64_t vstride = p.Ci * kLanes * R;  // floats per position
+  for (int64_t ci = 0; ci < p.Ci; ++ci) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t t = t0 + kLanes * r;
+      __m256 row_t[4][4];
+      for (int i = 0; i < 4; ++i) {
+        const float* a = half_a(p, rows[i], ci);
+        const float* b = a + p.half_pitch;
+        const __m256 d0 = _mm256_loadu_ps(a + t), d1 = _mm256_loadu_ps(b + t);
+        const __m256 d2 = _mm256_loadu_ps(a + t + 1), d3 = _mm256_loadu_ps(b + t + 1);
+        row_t[i][0] = _mm256_sub_ps(d0, d2);
+        row_t[i][1] = _mm256_add_ps(d1, d2);
+        row_t[i][2] = _mm256_sub_ps(d2, d1);
+        row_t[i][3] = _mm256_sub_ps(d1, d3);
+      }
+      float* v = vbuf + ci * kLanes * R + kLanes * r;
+      for (int j = 0; j < 4; ++j) {
+        _mm256_storeu_ps(v + (0 * 4 + j) * vstride, _mm256_sub_ps(row_t[0][j], row_t[2][j]));
+        _mm256_storeu_ps(v + (1 * 4 + j) * vstride, _mm256_add_ps(row_t[1][j], row_t[2][j]));
+        _mm256_storeu_ps(v + (2 * 4 + j) * vstride, _mm256_sub_ps(row_t[2][j], row_t[1][j]));
+        _mm256_storeu_ps(v + (3 * 4 + j) * vstride, _mm256_sub_ps(row_t[1][j], row_t[3][j]));
+      }
+    }
+  }
+}
+
+// M[pos] for CB output channels from co0 and RB vectors of tiles from vector r0 of a block of R
+// vectors: mbuf[pos][co][8 R].
+template <int CB, int RB, int R>
+HF_AVX2 HF_THIN_ALWAYS_INLINE void wino_gemm(const Problem& p, const float* v, const float* u,
+                                             int64_t co0, int r0, float* m) {
+  __m256 acc[CB][RB];
+  for (int c = 0; c < CB; ++c)
+    for (int r = 0; r < RB; ++r) acc[c][r] = _mm256_setzero_ps();
+  for (int64_t ci = 0; ci < p.Ci; ++ci) {
+    __m256 vv[RB];
+    for (int r = 0; r < RB; ++r) vv[r] = _mm256_loadu_ps(v + ci * kLanes * R + kLanes * (r0 + r));
+    for (int c = 0; c < CB; ++c) {
+      const __m256 uc = _mm256_broadcast_ss(u + ci * p.Co + co0 + c);
+      for (int r = 0; r < RB; ++r) acc[c][r] = _mm256_fmadd_ps(vv[r], uc, acc[c][r]);
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int r = 0; r < RB; ++r)
+      _mm256_storeu_ps(m + (co0 + c) * kLanes * R + kLanes * (r0 + r), acc[c][r]);
+}
+
+// Y = A^T M A for every output channel into the planar output rows orow0 (row y) and orow1
+// (row y + 1), columns 2t and 2t + 1 interleaved.
+template <int R>
+HF_AVX2 void output_transform(const Problem& p, const float* mbuf, int64_t t0, float* orow0,
+                              float* orow1) {
+  const int64_t mstride = p.Co * kLanes * R;  // floats per position
+  for (int64_t co = 0; co < p.Co; ++co) {
+    for (int r = 0; r < R; ++r) {
+      const float* mp = mbuf + co * kLanes * R + kLanes * r;
+      __m256 m[16];
+      for (int pos = 0; pos < kWinoPos; ++pos) m[pos] = _mm256_loadu_ps(mp + pos * mstride);
+      __m256 s[4], d[4];  // A^T over the rows of M: s = rows 0+1+2, d = rows 1-2-3
+      for (int j = 0; j < 4; ++j) {
+        s[j] = _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j]);
+        d[j] = _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
+      }
+      const __m256 y00 = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
+      const __m256 y01 = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+      const __m256 y10 = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), d[2]);
+      const __m256 y11 = _mm256_sub_ps(_mm256_sub_ps(d[1], d[2]), d[3]);
+      const int64_t x = 2 * (t0 + kLanes * r);
+      float* o0 = orow0 + co * p.out_pitch + x;
+      float* o1 = orow1 + co * p.out_pitch + x;
+      // tiles 0-3 and 4-7 interleaved: unpack within 128-bit halves, then join the halves
+      const __m256 lo0 = _mm256_unpacklo_ps(y00, y01), hi0 = _mm256_unpackhi_ps(y00, y01);
+      const __m256 lo1 = _mm256_unpacklo_ps(y10, y11), hi1 = _mm256_unpackhi_ps(y10, y11);
+      _mm256_storeu_ps(o0, _mm256_permute2f128_ps(lo0, hi0, 0x20));
+      _mm256_storeu_ps(o0 + kLanes, _mm256_permute2f128_ps(lo0, hi0, 0x31));
+      _mm256_storeu_ps(o1, _mm256_permute2f128_ps(lo1, hi1, 0x20));
+      _mm256_storeu_ps(o1 + kLanes, _mm256_permute2f128_ps(lo1, hi1, 0x31));
+    }
+  }
+}
+
+// The products of one position for all output channels, RB = 2 vectors at a time (1 for R = 1).
+template <int R>
+HF_AVX2 void wino_position(const Problem& p, const float* v, const float* u, float* m) {
+  constexpr int RB = R < kTilePx ? R : kTilePx;
+  const int64_t co_full = p.Co / kTileCo * kTileCo;
+  for (int r0 = 0; r0 < R; r0 += RB) {
+    for (int64_t co = 0; co < co_full; co += kTileCo) wino_gemm<kTileCo, RB, R>(p, v, u, co, r0, m);
+    with_rest(p.Co - co_full,
+              [&](auto cb) HF_AVX2 { wino_gemm<decltype(cb)::value, RB, R>(p, v, u, co_full, r0, m); });
+  }
+}
+
+// One block of 8 R tiles: V for every input channel, then per position the products for every
+// output channel, then Y.
+template <int R>
+HF_AVX2 void wino_block(const Problem& p, float* const* rows, int64_t t0, float* vbuf,
+                        float* mbuf, float* orow0, float* orow1) {
+  input_transform<R>(p, rows, t0, vbuf);
+  for (int pos = 0; pos < kWinoPos; ++pos) {
+    wino_position<R>(p, vbuf + pos * p.Ci * kLanes * R, p.u + pos * p.Ci * p.Co,
+                     mbuf + pos * p.Co * kLanes * R);
+  }
+  output_transform<R>(p, mbuf, t0, orow0, orow1);
+}
+
+// Two planar output rows (y, y + 1) before bias: blocks of 64 tiles, then of 32, 16 and 8 (the
+// last may reach past the row's tiles, never past the caller's pitches, which cover whole blocks
+// of 64).
+HF_AVX2 void wino_rows(const Problem& p, float* const* rows, float* vbuf, float* mbuf,
+                       float* orow0, float* orow1) {
+  const int64_t full = p.tiles / kWinoBlock * kWinoBlock;
+  int64_t t0 = 0;
+  for (; t0 < full; t0 += kWinoBlock) wino_block<kBlockVecs>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+  while (t0 < p.tiles) {
+    const int64_t left = p.tiles - t0;
+    if (left > 2 * kLanes) {
+      wino_block<4>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      t0 += 4 * kLanes;
+    } else if (left > kLanes) {
+      wino_block<2>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      t0 += 2 * kLanes;
+    } else {
+      wino_block<1>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      t0 += kLanes;
+    }
+  }
+}
+
+// out row = act(planar row + bias + residual row), channels_last: W * Co floats, gathered from the
+// planar row one period (16 pixels, 2 Co vectors) at a time.
+HF_AVX2 void write_row_channels_last_gathered(const Problem& p, const float* orow,
+                                              const Period& period, const float* res, float* out) {
+  const int64_t total = p.W * p.Co;
+  const bool res_dense = p.rc == 1 && p.rw == p.Co;
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t vectors = kPeriodPx / kLanes * p.Co;  // per period
+  int64_t f = 0;
+  for (int64_t k = 0; f < total; ++k) {
+    const float* src = orow + kPeriodPx * k;
+    const float* res_period = res != nullptr ? res + kPeriodPx * k * p.rw : nullptr;
+    for (int64_t j = 0; j < vectors && f < total; ++j, f += kLanes) {
+      const __m256i m = first_lanes(total - f);
+      const __m256i idx = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(period.planar_index.data() + kLanes * j));
+      __m256 v = masked_gather(src, idx, m);
+      v = _mm256_add_ps(v, _mm256_loadu_ps(period.bias.data() + kLanes * j));
+      if (res != nullptr) {
+        v = _mm256_add_ps(v, res_dense ? load_first(res + f, total - f, m)
+                                       : masked_gather(res_period,
+                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                                           period.residual_index.data() + kLanes * j)),
+                                                       m));
+      }
+      if (p.relu) v = _mm256_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
+      store_first(out + f, total - f, m, v);
+    }
+  }
+}
+
+// out row = act(planar row + bias + residual row), channels_last, by 8 x 8 register transposes.
+HF_AVX2 void write_row_channels_last(const Problem& p, const float* orow, const Period& period,
+                                     const float* res, float* out) {
+  const bool res_planar = res != nullptr && p.rw == 1;
+  if (res != nullptr && !res_planar && p.rc != 1) {
+    write_row_channels_last_gathered(p, orow, period, res, out);
+    return;
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t x = 0; x < p.W; x += kLanes) {
+    const int64_t npix = std::min<int64_t>(kLanes, p.W - x);
+    const __m256i mp = first_lanes(npix);
+    for (int64_t c0 = 0; c0 < p.Co; c0 += kLanes) {
+      const int64_t nc = std::min<int64_t>(kLanes, p.Co - c0);
+      const __m256i mc = first_lanes(nc);
+      __m256 r[8];
+      for (int64_t j = 0; j < 8; ++j) {
+        if (j >= nc) {
+          r[j] = zero;
+          continue;
+        }
+        r[j] = _mm256_loadu_ps(orow + (c0 + j) * p.out_pitch + x);
+        if (res_planar) r[j] = _mm256_add_ps(r[j], load_first(res + (c0 + j) * p.rc + x, npix, mp));
+      }
+      transpose8(r);  // r[k]: pixel x + k, channels c0 ..
+      const __m256 b = p.bias != nullptr ? load_first(p.bias + c0, nc, mc) : zero;
+      for (int64_t k = 0; k < npix; ++k) {
+        __m256 v = _mm256_add_ps(r[k], b);
+        if (res != nullptr && !res_planar) {
+          v = _mm256_add_ps(v, load_first(res + (x + k) * p.rw + c0, nc, mc));
+        }
+        if (p.relu) v = _mm256_max_ps(zero, v);
+        store_first(out + (x + k) * p.Co + c0, nc, mc, v);
+      }
+    }
+  }
+}
+
+// out row = act(planar row + bias + residual row), planar: channel co's W floats at co * H * W.
+HF_AVX2 void write_row_planar(const Problem& p, const float* orow, const float* res, float* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t plane = p.H * p.W;
+  if (res != nullptr && p.rw != 1 && p.rc == 1) {
+    for_each_transposed(res, p.rw, p.W, p.Co,
+                        [&](int64_t x, __m256i m, int64_t c0, int64_t nc, const __m256* r) HF_AVX2 {
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t co = c0 + j;
+        const __m256 b = _mm256_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
+        __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(orow + co * p.out_pitch + x), b), r[j]);
+        if (p.relu) v = _mm256_max_ps(zero, v);
+        store_first(out + co * plane + x, p.W - x, m, v);
+      }
+    });
+    return;
+  }
+  const __m256i res_offsets = lane_times(p.rw);
+  for (int64_t co = 0; co < p.Co; ++co) {
+    const __m256 b = _mm256_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
+    const float* src = orow + co * p.out_pitch;
+    const float* r = res != nullptr ? res + co * p.rc : nullptr;
+    float* dst = out + co * plane;
+    for (int64_t x = 0; x < p.W; x += kLanes) {
+      const __m256i m = first_lanes(p.W - x);
+      __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + x), b);
+      if (r != nullptr) {
+        v = _mm256_add_ps(v, p.rw == 1 ? load_first(r + x, p.W - x, m)
+                                       : masked_gather(r + x * p.rw, res_offsets, m));
+      }
+      if (p.relu) v = _mm256_max_ps(zero, v);
+      store_first(dst + x, p.W - x, m, v);
+    }
+  }
+}
+
+void write_rows(const Problem& p, const float* orow, int64_t n, int64_t y, const Period& period) {
+  const float* res = p.res != nullptr ? p.res + n * p.rn + y * p.rh : nullptr;
+  if (p.out_channels_last) {
+    write_row_channels_last(p, orow, period, res, p.out + (n * p.H + y) * p.W * p.Co);
+  } else {
+    write_row_planar(p, orow, res, p.out + n * p.Co * p.H * p.W + y * p.W);
+  }
+}
+
+void run_winograd(const Problem& p, const Period& period) {
+  const int64_t pairs = (p.H + 1) / 2;
+  const int64_t slot = 2 * p.Ci * p.half_pitch;
+  const int64_t vsize = kWinoPos * p.Ci * kWinoBlock;
+  const int64_t msize = kWinoPos * p.Co * kWinoBlock;
+  at::parallel_for(0, p.N * pairs, 1, [&](int64_t begin, int64_t end) {
+    // Four deinterleaved input rows (slot = row % 4), a zero row, V and M blocks, two output rows.
+    float* scratch = thread_scratch(5 * slot, vsize + msize + 2 * p.Co * p.out_pitch);
+    float* zero_row = scratch + 4 * slot;
+    float* vbuf = zero_row + slot;
+    float* mbuf = vbuf + vsize;
+    float* orow0 = mbuf + msize;
+    float* orow1 = orow0 + p.Co * p.out_pitch;
+    int64_t slot_tag[4] = {-1, -1, -1, -1};
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / pairs, y = 2 * (t % pairs);
+      float* rows[4];
+      for (int i = 0; i < 4; ++i) {
+        rows[i] = ring_row<4>(p, n, y + i - 1, scratch, slot, zero_row, slot_tag, read_input_row_wino);
+      }
+      wino_rows(p, rows, vbuf, mbuf, orow0, orow1);
+      write_rows(p, orow0, n, y, period);
+      if (y + 1 < p.H) write_rows(p, orow1, n, y + 1, period);
+    }
+  });
+}
+
+}  // namespace
+
+void run_avx2(const Problem& p) {
+  const Period period = make_period(p);
+  if (p.u != nullptr) {
+    run_winograd(p, period);
+    return;
+  }
+  const int64_t plane = p.Ci * p.in_pitch;
+  at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
+    // Three planar input rows (slot = row % 3), a zero row, the planar output row.
+    float* scratch = thread_scratch(4 * plane, p.Co * p.out_pitch);
+    float* zero_row = scratch + 3 * plane;
+    float* orow = scratch + 4 * plane;
+    int64_t slot_tag[3] = {-1, -1, -1};
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / p.H, y = t % p.H;
+      const float* rows[3];
+      for (int ky = 0; ky < 3; ++ky) {
+        rows[ky] = ring_row<3>(p, n, y + ky - 1, scratch, plane, zero_row, slot_tag, read_input_row);
+      }
+      conv_row(p, rows, orow);
+      write_rows(p, orow, n, y, period);
+    }
+  });
+}
+
+}  // namespace hf_thin
+
+#else
+#include <c10/util/Exception.h>
+
+namespace hf_thin {
+void run_avx2(const Problem&) { TORCH_CHECK(false, "hrnet_fast_cpu::conv3x3_thin: built without x86-64 AVX2"); }
+}  // namespace hf_thin
+#endif

@@ -1,0 +1,171 @@
+// hrnet_fast CPU kernel: the AVX2 + FMA variant of the float32 seg head in one pass (the op, its
+// math, its checks and the AVX-512 variant are in csrc/cpu_head_f32.cpp).
+//
+// Why: on AVX2 CPUs (AMD EPYC Zen 3, 2 threads, w18_small_v2 at 1x3x512x1024) the unfused head's
+// 126 -> 270 projection ran at 67 GFLOP/s in oneDNN (33 ms, about a third of the machine's FMA
+// peak) and the 270-channel head map (35 MB float32) was written and read back.
+//
+// Same blocks of 8 pixels as the AVX-512 variant; register tiles of 4 pixels x 3 vectors of 8
+// channels (12 of the 16 ymm registers accumulate, each weight vector loaded once per input
+// channel for 4 pixels); weights laid out to multiples of 8 lanes. Per output value the same
+// float32 operations in the same order as the AVX-512 variant (see csrc/cpu_head_f32.h).
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_head_f32.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HF_AVX2 __attribute__((target("avx2,fma")))
+#define HF_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace hf_head {
+namespace {
+
+constexpr int kLanes = 8;    // float32 lanes of a ymm register
+constexpr int kTilePx = 4;   // pixels per register tile
+constexpr int kVec = 3;      // vectors of 8 channels per register tile
+static_assert(kPx % kTilePx == 0, "a block is whole register tiles");
+
+using Tap = hf_resize::PixelTap<float>;
+
+HF_AVX2 HF_ALWAYS_INLINE __m256i first_lanes(int64_t n) {
+  const int k = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n, kLanes)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The first min(n, 8) values from src, zeros after; the masked load only at an edge.
+HF_AVX2 HF_ALWAYS_INLINE __m256 load_first(const float* src, int64_t n) {
+  return n >= kLanes ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, first_lanes(n));
+}
+
+// Stores the first min(n, 8) lanes; AVX2's masked store is slow on AMD Zen 2/3, so only at an edge.
+HF_AVX2 HF_ALWAYS_INLINE void store_first(float* dst, int64_t n, __m256 v) {
+  if (n >= kLanes) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    _mm256_maskstore_ps(dst, first_lanes(n), v);
+  }
+}
+
+// acc[p][j] = sum over k of rows[p][k] * w[k * wstride + 8 j .. + 8] for 4 rows and V vectors.
+template <int V>
+HF_AVX2 HF_ALWAYS_INLINE void matmul_tile(const float* const* rows, int64_t k_count,
+                                          const float* w, int64_t wstride,
+                                          __m256 acc[kTilePx][kVec]) {
+  __m256 a[kTilePx][V];  // local accumulators (see the AVX-512 variant: they stay in registers)
+  for (int p = 0; p < kTilePx; ++p)
+    for (int j = 0; j < V; ++j) a[p][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_count; ++k) {
+    __m256 wv[V];
+    for (int j = 0; j < V; ++j) wv[j] = _mm256_loadu_ps(w + k * wstride + j * kLanes);
+    for (int p = 0; p < kTilePx; ++p) {
+      const __m256 b = _mm256_broadcast_ss(rows[p] + k);
+      for (int j = 0; j < V; ++j) a[p][j] = _mm256_fmadd_ps(b, wv[j], a[p][j]);
+    }
+  }
+  for (int p = 0; p < kTilePx; ++p)
+    for (int j = 0; j < V; ++j) acc[p][j] = a[p][j];
+}
+
+HF_AVX2 HF_ALWAYS_INLINE void matmul(int v, const float* const* rows, int64_t k_count,
+                                     const float* w, int64_t wstride, __m256 acc[kTilePx][kVec]) {
+  if (v == 3)
+    matmul_tile<3>(rows, k_count, w, wstride, acc);
+  else if (v == 2)
+    matmul_tile<2>(rows, k_count, w, wstride, acc);
+  else
+    matmul_tile<1>(rows, k_count, w, wstride, acc);
+}
+
+// dst[i] = fma(h0, r0[i], h1 * r1[i]) for one source pixel's Cm values.
+HF_AVX2 void blend_pixel(float* dst, const float* r0, const float* r1, float h0, float h1,
+                         int64_t cm) {
+  const __m256 w0 = _mm256_set1_ps(h0), w1 = _mm256_set1_ps(h1);
+  for (int64_t c = 0; c < cm; c += kLanes) {
+    const __m256 v = _mm256_fmadd_ps(w0, load_first(r0 + c, cm - c),
+                                     _mm256_mul_ps(w1, load_first(r1 + c, cm - c)));
+    store_first(dst + c, cm - c, v);
+  }
+}
+
+}  // namespace
+
+HF_AVX2 void head_rows_avx2(const HeadF32& p, int64_t begin, int64_t end) {
+  const int64_t ci = p.ci, H = p.H, W = p.W, cm = p.cm, cmp = p.cmp;
+  const size_t nsrc = p.sources.size();
+  std::vector<float> hbuf(static_cast<size_t>(kPx * cmp));  // h of one block, [8][cmp]
+  std::vector<float> zeros(static_cast<size_t>(std::max(ci, cmp)), 0.0f);  // rows past W
+  hf_resize::RowTaps<float> sources(p.sources, cm);
+  std::vector<Tap> taps(kPx * std::max<size_t>(nsrc, 1));
+  __m256 acc[kTilePx][kVec];
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / H, y = item % H;
+    sources.start_row(n, y, blend_pixel);
+    const float* xrow = p.x + (n * H + y) * W * ci;
+    for (int64_t x0 = 0; x0 < W; x0 += kPx) {
+      const int valid = static_cast<int>(std::min<int64_t>(kPx, W - x0));
+      const float* xp[kPx];
+      const float* hp[kPx];
+      for (int q = 0; q < kPx; ++q) {
+        xp[q] = q < valid ? xrow + (x0 + q) * ci : zeros.data();
+        hp[q] = hbuf.data() + q * cmp;
+      }
+      sources.taps(taps.data(), x0, valid);
+      // projection tiles, each finished at once into hbuf (zero past Cm)
+      for (int64_t v0 = 0; v0 < cmp / kLanes; v0 += kVec) {
+        const int nv = static_cast<int>(std::min<int64_t>(kVec, cmp / kLanes - v0));
+        for (int q0 = 0; q0 < valid; q0 += kTilePx) {
+          matmul(nv, xp + q0, ci, p.wp + v0 * kLanes, cmp, acc);
+          for (int q = q0; q < std::min(valid, q0 + kTilePx); ++q) {
+            const Tap* tap = taps.data() + q * nsrc;
+            for (int j = 0; j < nv; ++j) {
+              const int64_t ch = (v0 + j) * kLanes;
+              __m256 v = _mm256_add_ps(acc[q - q0][j], _mm256_loadu_ps(p.bp + ch));
+              for (size_t k = 0; k < nsrc; ++k) {
+                const Tap& t = tap[k];
+                if (t.t0 != nullptr) {
+                  const __m256 a = load_first(t.t0 + ch, cm - ch);
+                  const __m256 b = load_first(t.t1 + ch, cm - ch);
+                  v = _mm256_add_ps(v, _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(t.w0), a),
+                                                     _mm256_mul_ps(_mm256_set1_ps(t.w1), b)));
+                } else {
+                  v = _mm256_add_ps(v, load_first(t.row + ch, cm - ch));
+                }
+              }
+              _mm256_storeu_ps(hbuf.data() + q * cmp + ch, _mm256_max_ps(zero, v));  // NaN stays
+            }
+          }
+        }
+      }
+      // classifier tiles over h
+      float* out = p.out + ((n * H + y) * W + x0) * p.co;
+      for (int64_t v0 = 0; v0 < p.cop / kLanes; v0 += kVec) {
+        const int nv = static_cast<int>(std::min<int64_t>(kVec, p.cop / kLanes - v0));
+        for (int q0 = 0; q0 < valid; q0 += kTilePx) {
+          matmul(nv, hp + q0, cm, p.wc + v0 * kLanes, p.cop, acc);
+          for (int q = q0; q < std::min(valid, q0 + kTilePx); ++q)
+            for (int j = 0; j < nv; ++j) {
+              const int64_t ch = (v0 + j) * kLanes;
+              const __m256 v = _mm256_add_ps(acc[q - q0][j], _mm256_loadu_ps(p.bc + ch));
+              store_first(out + q * p.co + ch, p.co - ch, v);
+            }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace hf_head
+
+#else
+#include <c10/util/Exception.h>
+
+namespace hf_head {
+void head_rows_avx2(const HeadF32&, int64_t, int64_t) {
+  TORCH_CHECK(false, "hrnet_fast_cpu::seg_head_f32: built without x86-64 AVX2");
+}
+}  // namespace hf_head
+#endif
