@@ -57,11 +57,13 @@ HF_AVX2 HF_ALWAYS_INLINE void matmul_tile(const float* const* rows, int64_t k_co
   __m256 a[kTilePx][V];  // local accumulators (see the AVX-512 variant: they stay in registers)
   for (int p = 0; p < kTilePx; ++p)
     for (int j = 0; j < V; ++j) a[p][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k_count; ++k) {
+  const float* r[kTilePx];  // the row pointers in registers, the weight row walked by its stride
+  for (int p = 0; p < kTilePx; ++p) r[p] = rows[p];
+  for (int64_t k = 0; k < k_count; ++k, w += wstride) {
     __m256 wv[V];
-    for (int j = 0; j < V; ++j) wv[j] = _mm256_loadu_ps(w + k * wstride + j * kLanes);
+    for (int j = 0; j < V; ++j) wv[j] = _mm256_loadu_ps(w + j * kLanes);
     for (int p = 0; p < kTilePx; ++p) {
-      const __m256 b = _mm256_broadcast_ss(rows[p] + k);
+      const __m256 b = _mm256_broadcast_ss(r[p] + k);
       for (int j = 0; j < V; ++j) a[p][j] = _mm256_fmadd_ps(b, wv[j], a[p][j]);
     }
   }
