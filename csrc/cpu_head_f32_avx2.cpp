@@ -1,9 +1,9 @@
 // hrnet_fast CPU kernel: the AVX2 + FMA variant of the float32 seg head in one pass (the op, its
 // math, its checks and the AVX-512 variant are in csrc/cpu_head_f32.cpp).
 //
-// Why: on AVX2 CPUs (AMD EPYC Zen 3, 2 threads, w18_small_v2 at 1x3x512x1024) the unfused head's
-// 126 -> 270 projection ran at 67 GFLOP/s in oneDNN (33 ms, about a third of the machine's FMA
-// peak) and the 270-channel head map (35 MB float32) was written and read back.
+// Why: as on AVX-512, the 270-channel head map (w18 at 1x3x512x1024: 35 MB float32) is never
+// written and read back; on an AMD EPYC (Zen 3, 2 threads) w18's head alone ran 1.13x faster
+// than the unfused head (benchmarks/RESULTS.md).
 //
 // Same blocks of 8 pixels as the AVX-512 variant; register tiles of 4 pixels x 3 vectors of 8
 // channels (12 of the 16 ymm registers accumulate, each weight vector loaded once per input
