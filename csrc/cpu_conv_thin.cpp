@@ -60,6 +60,7 @@
 #include <vector>
 
 #include "cpu_conv_thin.h"
+#include "cpu_isa.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define HF_THIN_X86 1
@@ -579,25 +580,15 @@ void run_avx512(const Problem& p) {
 }
 #endif
 
-// Which variant runs here: torch's own CPU capability (it honours ATEN_CPU_CAPABILITY).
-enum class Isa { None, Avx2, Avx512 };
+using hf_isa::Isa;
 
-Isa thin_isa() {
-  static const Isa isa = [] {
-#if HF_THIN_X86
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return Isa::Avx512;
-    if (cap == "AVX2") return Isa::Avx2;
-#endif
-    return Isa::None;
-  }();
-  return isa;
-}
+// Which variant runs here (torch's CPU capability); none without x86-64.
+bool thin_supported() { return HF_THIN_X86 && hf_isa::cpu_isa() != Isa::Default; }
 
 void run(const Problem& p) {
 #if HF_THIN_X86
-  if (thin_isa() == Isa::Avx512) return run_avx512(p);
-  if (thin_isa() == Isa::Avx2) return hf_thin::run_avx2(p);
+  if (hf_isa::cpu_isa() == Isa::Avx512) return run_avx512(p);
+  if (hf_isa::cpu_isa() == Isa::Avx2) return hf_thin::run_avx2(p);
 #endif
   TORCH_CHECK(false, kOp, "needs x86-64 AVX2 or AVX-512");
 }
@@ -625,7 +616,7 @@ Packed packed_shape(const at::Tensor& packed) {
 
 void check_args(const at::Tensor& x, const Packed& w, const c10::optional<at::Tensor>& bias,
                 const at::Tensor* residual) {
-  TORCH_CHECK(thin_isa() != Isa::None, kOp, "needs AVX2 or AVX-512 (torch reports CPU capability ",
+  TORCH_CHECK(thin_supported(), kOp, "needs AVX2 or AVX-512 (torch reports CPU capability ",
               at::get_cpu_capability(), ")");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, kOp,
               "x must be a 4-d float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ",

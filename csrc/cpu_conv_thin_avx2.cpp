@@ -19,39 +19,18 @@
 #include "cpu_conv_thin.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define HF_AVX2 __attribute__((target("avx2,fma")))
+#include "cpu_avx2.h"
 
 namespace hf_thin {
 namespace {
 
-constexpr int kLanes = 8;    // float32 lanes of a ymm register
+using hf_avx2::first_lanes;
+using hf_avx2::kLanes;
+using hf_avx2::load_first;
+using hf_avx2::store_first;
 constexpr int kTilePx = 2;   // vectors of pixels (or tiles) per register tile: 6 x 2 accumulators
 constexpr int kBlockVecs = kWinoBlock / kLanes;  // vectors per full Winograd block (8)
 static_assert(kPeriodPx % kLanes == 0, "a period is whole vectors");
-
-// Lanes 0 .. min(max(n, 0), 8) - 1 set (all bits), the rest clear: AVX2's mask form.
-HF_AVX2 HF_THIN_ALWAYS_INLINE __m256i first_lanes(int64_t n) {
-  const int k = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n, kLanes)));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// Stores the first min(n, 8) lanes of v (m: first_lanes(n)). AVX2's masked store is microcoded
-// and slow on AMD Zen 2/3 (the 18 -> 18 conv spent 38% of its time in the row reads and writes
-// with masked stores everywhere), so whole vectors take a plain store.
-HF_AVX2 HF_THIN_ALWAYS_INLINE void store_first(float* dst, int64_t n, __m256i m, __m256 v) {
-  if (n >= kLanes) {
-    _mm256_storeu_ps(dst, v);
-  } else {
-    _mm256_maskstore_ps(dst, m, v);
-  }
-}
-
-// Loads the first min(n, 8) lanes from src, zeros in the rest (m: first_lanes(n)); whole vectors
-// take a plain load, the masked one only at an edge.
-HF_AVX2 HF_THIN_ALWAYS_INLINE __m256 load_first(const float* src, int64_t n, __m256i m) {
-  return n >= kLanes ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m);
-}
 
 HF_AVX2 HF_THIN_ALWAYS_INLINE __m256i lane_times(int64_t stride) {
   return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -137,25 +116,23 @@ HF_AVX2 HF_THIN_ALWAYS_INLINE void transpose8(__m256 r[8]) {
 HF_AVX2 HF_THIN_ALWAYS_INLINE void load_transposed(const float* row, int64_t sw, int64_t x0,
                                                    int64_t npix, int64_t c0, int64_t nc,
                                                    __m256 r[8]) {
-  const __m256i m = first_lanes(nc);
   for (int k = 0; k < 8; ++k)
-    r[k] = k < npix ? load_first(row + (x0 + k) * sw + c0, nc, m) : _mm256_setzero_ps();
+    r[k] = k < npix ? load_first(row + (x0 + k) * sw + c0, nc) : _mm256_setzero_ps();
   transpose8(r);
 }
 
 // Walks a channels_last row of W pixels and C channels in blocks of 8 pixels x 8 channels:
-// f(x, mask of the valid pixels, c0, nc, r) with r[j] = channel c0 + j across pixels x .. x + 7.
+// f(x, c0, nc, r) with r[j] = channel c0 + j across pixels x .. x + 7.
 template <typename F>
 HF_AVX2 HF_THIN_ALWAYS_INLINE void for_each_transposed(const float* row, int64_t sw, int64_t W,
                                                        int64_t C, F f) {
   for (int64_t x = 0; x < W; x += kLanes) {
     const int64_t npix = std::min<int64_t>(kLanes, W - x);
-    const __m256i m = first_lanes(npix);
     for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
       const int64_t nc = std::min<int64_t>(kLanes, C - c0);
       __m256 r[8];
       load_transposed(row, sw, x, npix, c0, nc, r);
-      f(x, m, c0, nc, r);
+      f(x, c0, nc, r);
     }
   }
 }
@@ -164,8 +141,8 @@ HF_AVX2 HF_THIN_ALWAYS_INLINE void for_each_transposed(const float* row, int64_t
 HF_AVX2 void read_input_row(const Problem& p, const float* src, float* planar) {
   if (p.sc == 1 && p.sw != 1) {  // channels_last: contiguous loads and register transposes
     for_each_transposed(src, p.sw, p.W, p.Ci,
-                        [&](int64_t x, __m256i m, int64_t c0, int64_t nc, const __m256* r) HF_AVX2 {
-      for (int64_t j = 0; j < nc; ++j) store_first(planar + (c0 + j) * p.in_pitch + 1 + x, p.W - x, m, r[j]);
+                        [&](int64_t x, int64_t c0, int64_t nc, const __m256* r) HF_AVX2 {
+      for (int64_t j = 0; j < nc; ++j) store_first(planar + (c0 + j) * p.in_pitch + 1 + x, p.W - x, r[j]);
     });
     return;
   }
@@ -175,9 +152,9 @@ HF_AVX2 void read_input_row(const Problem& p, const float* src, float* planar) {
     const float* row = src + ci * p.sc;
     for (int64_t x = 0; x < p.W; x += kLanes) {
       const __m256i m = first_lanes(p.W - x);
-      const __m256 v = p.sw == 1 ? load_first(row + x, p.W - x, m)
+      const __m256 v = p.sw == 1 ? load_first(row + x, p.W - x)
                                  : masked_gather(row + x * p.sw, lane_offsets, m);
-      store_first(dst + x, p.W - x, m, v);
+      store_first(dst + x, p.W - x, v);
     }
   }
 }
@@ -205,7 +182,6 @@ HF_AVX2 void read_input_row_wino(const Problem& p, const float* src, float* slot
   const int64_t evens = (p.W + 1) / 2, odds = p.W / 2;
   if (p.sc == 1 && p.sw != 1) {  // channels_last: 16 pixels as two register transposes, then split
     for (int64_t t = 0; t < evens; t += kLanes) {
-      const __m256i me = first_lanes(evens - t), mo = first_lanes(odds - t);
       const int64_t x = 2 * t, n_lo = std::min<int64_t>(kLanes, p.W - x);
       const int64_t n_hi = std::max<int64_t>(0, std::min<int64_t>(kLanes, p.W - x - kLanes));
       for (int64_t c0 = 0; c0 < p.Ci; c0 += kLanes) {
@@ -215,8 +191,8 @@ HF_AVX2 void read_input_row_wino(const Problem& p, const float* src, float* slot
         load_transposed(src, p.sw, x + kLanes, n_hi, c0, nc, hi);
         for (int64_t j = 0; j < nc; ++j) {
           float* a = half_a(p, slot, c0 + j);
-          store_first(a + p.half_pitch + t, evens - t, me, even_lanes(lo[j], hi[j]));
-          store_first(a + t + 1, odds - t, mo, odd_lanes(lo[j], hi[j]));
+          store_first(a + p.half_pitch + t, evens - t, even_lanes(lo[j], hi[j]));
+          store_first(a + t + 1, odds - t, odd_lanes(lo[j], hi[j]));
         }
       }
     }
@@ -230,17 +206,16 @@ HF_AVX2 void read_input_row_wino(const Problem& p, const float* src, float* slot
       const __m256i me = first_lanes(evens - t), mo = first_lanes(odds - t);
       __m256 even, odd;
       if (p.sw == 1) {
-        const __m256 lo = load_first(row + 2 * t, p.W - 2 * t, first_lanes(p.W - 2 * t));
-        const __m256 hi = load_first(row + 2 * t + kLanes, p.W - 2 * t - kLanes,
-                                      first_lanes(p.W - 2 * t - kLanes));
+        const __m256 lo = load_first(row + 2 * t, p.W - 2 * t);
+        const __m256 hi = load_first(row + 2 * t + kLanes, p.W - 2 * t - kLanes);
         even = even_lanes(lo, hi);
         odd = odd_lanes(lo, hi);
       } else {
         even = masked_gather(row + 2 * t * p.sw, two_pixels, me);
         odd = masked_gather(row + (2 * t + 1) * p.sw, two_pixels, mo);
       }
-      store_first(b + t, evens - t, me, even);
-      store_first(a + t + 1, odds - t, mo, odd);
+      store_first(b + t, evens - t, even);
+      store_first(a + t + 1, odds - t, odd);
     }
   }
 }
@@ -401,14 +376,14 @@ HF_AVX2 void write_row_channels_last_gathered(const Problem& p, const float* oro
       __m256 v = masked_gather(src, idx, m);
       v = _mm256_add_ps(v, _mm256_loadu_ps(period.bias.data() + kLanes * j));
       if (res != nullptr) {
-        v = _mm256_add_ps(v, res_dense ? load_first(res + f, total - f, m)
+        v = _mm256_add_ps(v, res_dense ? load_first(res + f, total - f)
                                        : masked_gather(res_period,
                                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
                                                            period.residual_index.data() + kLanes * j)),
                                                        m));
       }
       if (p.relu) v = _mm256_max_ps(zero, v);  // max(0, NaN) is NaN: the second operand wins
-      store_first(out + f, total - f, m, v);
+      store_first(out + f, total - f, v);
     }
   }
 }
@@ -424,10 +399,8 @@ HF_AVX2 void write_row_channels_last(const Problem& p, const float* orow, const 
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t x = 0; x < p.W; x += kLanes) {
     const int64_t npix = std::min<int64_t>(kLanes, p.W - x);
-    const __m256i mp = first_lanes(npix);
     for (int64_t c0 = 0; c0 < p.Co; c0 += kLanes) {
       const int64_t nc = std::min<int64_t>(kLanes, p.Co - c0);
-      const __m256i mc = first_lanes(nc);
       __m256 r[8];
       for (int64_t j = 0; j < 8; ++j) {
         if (j >= nc) {
@@ -435,17 +408,17 @@ HF_AVX2 void write_row_channels_last(const Problem& p, const float* orow, const 
           continue;
         }
         r[j] = _mm256_loadu_ps(orow + (c0 + j) * p.out_pitch + x);
-        if (res_planar) r[j] = _mm256_add_ps(r[j], load_first(res + (c0 + j) * p.rc + x, npix, mp));
+        if (res_planar) r[j] = _mm256_add_ps(r[j], load_first(res + (c0 + j) * p.rc + x, npix));
       }
       transpose8(r);  // r[k]: pixel x + k, channels c0 ..
-      const __m256 b = p.bias != nullptr ? load_first(p.bias + c0, nc, mc) : zero;
+      const __m256 b = p.bias != nullptr ? load_first(p.bias + c0, nc) : zero;
       for (int64_t k = 0; k < npix; ++k) {
         __m256 v = _mm256_add_ps(r[k], b);
         if (res != nullptr && !res_planar) {
-          v = _mm256_add_ps(v, load_first(res + (x + k) * p.rw + c0, nc, mc));
+          v = _mm256_add_ps(v, load_first(res + (x + k) * p.rw + c0, nc));
         }
         if (p.relu) v = _mm256_max_ps(zero, v);
-        store_first(out + (x + k) * p.Co + c0, nc, mc, v);
+        store_first(out + (x + k) * p.Co + c0, nc, v);
       }
     }
   }
@@ -457,13 +430,13 @@ HF_AVX2 void write_row_planar(const Problem& p, const float* orow, const float* 
   const int64_t plane = p.H * p.W;
   if (res != nullptr && p.rw != 1 && p.rc == 1) {
     for_each_transposed(res, p.rw, p.W, p.Co,
-                        [&](int64_t x, __m256i m, int64_t c0, int64_t nc, const __m256* r) HF_AVX2 {
+                        [&](int64_t x, int64_t c0, int64_t nc, const __m256* r) HF_AVX2 {
       for (int64_t j = 0; j < nc; ++j) {
         const int64_t co = c0 + j;
         const __m256 b = _mm256_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
         __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(orow + co * p.out_pitch + x), b), r[j]);
         if (p.relu) v = _mm256_max_ps(zero, v);
-        store_first(out + co * plane + x, p.W - x, m, v);
+        store_first(out + co * plane + x, p.W - x, v);
       }
     });
     return;
@@ -478,11 +451,11 @@ HF_AVX2 void write_row_planar(const Problem& p, const float* orow, const float* 
       const __m256i m = first_lanes(p.W - x);
       __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + x), b);
       if (r != nullptr) {
-        v = _mm256_add_ps(v, p.rw == 1 ? load_first(r + x, p.W - x, m)
+        v = _mm256_add_ps(v, p.rw == 1 ? load_first(r + x, p.W - x)
                                        : masked_gather(r + x * p.rw, res_offsets, m));
       }
       if (p.relu) v = _mm256_max_ps(zero, v);
-      store_first(dst + x, p.W - x, m, v);
+      store_first(dst + x, p.W - x, v);
     }
   }
 }

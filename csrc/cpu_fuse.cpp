@@ -56,6 +56,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "cpu_resize.h"
 
 #include <algorithm>
@@ -318,25 +319,14 @@ HF_TARGET_AVX512 void on_avx512(const P& p, int64_t b, int64_t e) { Kernel(p, b,
 using RowFn = KernelFn<Plan>;
 using ConcatFn = KernelFn<ConcatPlan>;
 
-// torch's own choice ("AVX512", "AVX2", "DEFAULT", ...), read once.
-int isa_level() {
-  static const int level = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return 2;
-    if (cap == "AVX2") return 1;
-    return 0;
-  }();
-  return level;
-}
-
 // The variant of Kernel for torch's CPU capability.
 template <typename P, KernelFn<P> Kernel>
 KernelFn<P> pick_isa() {
 #if HF_X86_VARIANTS
-  switch (isa_level()) {
-    case 2:
+  switch (hf_isa::cpu_isa()) {
+    case hf_isa::Isa::Avx512:
       return &on_avx512<P, Kernel>;
-    case 1:
+    case hf_isa::Isa::Avx2:
       return &on_avx2<P, Kernel>;
     default:
       break;

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "cpu_head_f32.h"
+#include "cpu_isa.h"
 #include "cpu_resize.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -65,23 +66,13 @@ constexpr int kVec = 3;     // 16-channel vectors per register tile
 
 using hf_resize::Source;
 
-// Which variant runs here: torch's own CPU capability (it honours ATEN_CPU_CAPABILITY).
-enum class Isa { None, Avx2, Avx512 };
+using hf_isa::Isa;
 
-Isa head_isa() {
-  static const Isa isa = [] {
-#if HF_HEAD_X86
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512") return Isa::Avx512;
-    if (cap == "AVX2") return Isa::Avx2;
-#endif
-    return Isa::None;
-  }();
-  return isa;
-}
+// Which variant runs here (torch's CPU capability); none without x86-64.
+bool head_supported() { return HF_HEAD_X86 && hf_isa::cpu_isa() != Isa::Default; }
 
 // The variant's vector width in float32 lanes: weights and biases are laid out to multiples of it.
-int64_t isa_lanes() { return head_isa() == Isa::Avx512 ? 16 : 8; }
+int64_t isa_lanes() { return hf_isa::cpu_isa() == Isa::Avx512 ? 16 : 8; }
 
 int64_t round_up(int64_t v, int64_t lanes) { return (v + lanes - 1) / lanes * lanes; }
 
@@ -236,7 +227,7 @@ at::Tensor seg_head_f32(const at::Tensor& x, const at::Tensor& proj,
                         const c10::optional<at::Tensor>& proj_bias, at::TensorList contributions,
                         c10::string_view mode, bool align_corners, const at::Tensor& cls,
                         const c10::optional<at::Tensor>& cls_bias) {
-  TORCH_CHECK(head_isa() != Isa::None, kOp, "needs AVX2 or AVX-512 (torch reports CPU capability ",
+  TORCH_CHECK(head_supported(), kOp, "needs AVX2 or AVX-512 (torch reports CPU capability ",
               at::get_cpu_capability(), ")");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -293,7 +284,7 @@ at::Tensor seg_head_f32(const at::Tensor& x, const at::Tensor& proj,
   for (const at::Tensor& t : contributions)
     p.sources.push_back(hf_resize::make_source(t, H, W, mode_s == "nearest", align_corners));
   p.out = out.data_ptr<float>();
-  const bool avx512 = head_isa() == Isa::Avx512;
+  const bool avx512 = hf_isa::cpu_isa() == Isa::Avx512;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     if (avx512) {
       head_rows(p, begin, end);

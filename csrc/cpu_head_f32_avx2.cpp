@@ -16,42 +16,23 @@
 #include "cpu_head_f32.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define HF_AVX2 __attribute__((target("avx2,fma")))
-#define HF_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "cpu_avx2.h"
 
 namespace hf_head {
 namespace {
 
-constexpr int kLanes = 8;    // float32 lanes of a ymm register
+using hf_avx2::kLanes;
+using hf_avx2::load_first;
+using hf_avx2::store_first;
 constexpr int kTilePx = 4;   // pixels per register tile
 constexpr int kVec = 3;      // vectors of 8 channels per register tile
 static_assert(kPx % kTilePx == 0, "a block is whole register tiles");
 
 using Tap = hf_resize::PixelTap<float>;
 
-HF_AVX2 HF_ALWAYS_INLINE __m256i first_lanes(int64_t n) {
-  const int k = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n, kLanes)));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// The first min(n, 8) values from src, zeros after; the masked load only at an edge.
-HF_AVX2 HF_ALWAYS_INLINE __m256 load_first(const float* src, int64_t n) {
-  return n >= kLanes ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, first_lanes(n));
-}
-
-// Stores the first min(n, 8) lanes; AVX2's masked store is slow on AMD Zen 2/3, so only at an edge.
-HF_AVX2 HF_ALWAYS_INLINE void store_first(float* dst, int64_t n, __m256 v) {
-  if (n >= kLanes) {
-    _mm256_storeu_ps(dst, v);
-  } else {
-    _mm256_maskstore_ps(dst, first_lanes(n), v);
-  }
-}
-
 // acc[p][j] = sum over k of rows[p][k] * w[k * wstride + 8 j .. + 8] for 4 rows and V vectors.
 template <int V>
-HF_AVX2 HF_ALWAYS_INLINE void matmul_tile(const float* const* rows, int64_t k_count,
+HF_AVX2 HF_AVX2_INLINE void matmul_tile(const float* const* rows, int64_t k_count,
                                           const float* w, int64_t wstride,
                                           __m256 acc[kTilePx][kVec]) {
   __m256 a[kTilePx][V];  // local accumulators (see the AVX-512 variant: they stay in registers)
@@ -71,7 +52,7 @@ HF_AVX2 HF_ALWAYS_INLINE void matmul_tile(const float* const* rows, int64_t k_co
     for (int j = 0; j < V; ++j) acc[p][j] = a[p][j];
 }
 
-HF_AVX2 HF_ALWAYS_INLINE void matmul(int v, const float* const* rows, int64_t k_count,
+HF_AVX2 HF_AVX2_INLINE void matmul(int v, const float* const* rows, int64_t k_count,
                                      const float* w, int64_t wstride, __m256 acc[kTilePx][kVec]) {
   if (v == 3)
     matmul_tile<3>(rows, k_count, w, wstride, acc);

@@ -49,7 +49,7 @@ from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
-           "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "f32_head_supported", "jit_build_directory",
+           "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
            "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu", "seg_head_amx_cpu",
            "seg_head_f32_cpu",
            "SOURCES", "DTYPES"]
@@ -392,15 +392,9 @@ def resize_concat_cpu(parts: Sequence[torch.Tensor], size: Sequence[int], *, mod
 
 
 def thin_conv_supported() -> bool:
-    """Whether ``conv3x3_thin`` can run here: torch's CPU capability (it honours
-    ``ATEN_CPU_CAPABILITY``) is AVX-512 or AVX2 (the kernel's two variants, the same
+    """Whether ``conv3x3_thin`` and ``seg_head_f32`` can run here: torch's CPU capability (it
+    honours ``ATEN_CPU_CAPABILITY``) is AVX-512 or AVX2 (each kernel's two variants, the same
     operations in the same order); there is no baseline variant."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
-
-
-def f32_head_supported() -> bool:
-    """Whether ``seg_head_f32`` can run here: torch's CPU capability is AVX-512 or AVX2 (the
-    kernel's two variants, the same operations in the same order)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
 
 

@@ -29,7 +29,7 @@ def built():
     ok, why = cpu_ext.cpu_ext_status()
     if not ok:
         pytest.skip(f"the CPU kernels could not be built here ({why}): the fp32 head is NOT tested")
-    if not cpu_ext.f32_head_supported():
+    if not cpu_ext.thin_conv_supported():
         pytest.skip("torch's CPU capability is neither AVX-512 nor AVX2 here: the fp32 head is NOT "
                     "tested")
 

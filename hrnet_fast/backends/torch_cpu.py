@@ -380,7 +380,7 @@ def f32_head_fits(x: torch.Tensor, projection: ConvSpec, contributions: Sequence
     """Whether the float32 seg head (csrc/cpu_head_f32.cpp) takes this head:
     head_shapes_fit, float32 weights, and an x the thin-layer kernel's rules take (float32 on the
     CPU, no autograd, trace or export) on an AVX-512 or AVX2 CPU."""
-    return (_F32_HEAD["on"] and x.dtype == torch.float32 and cpu_ext.f32_head_supported()
+    return (_F32_HEAD["on"] and x.dtype == torch.float32
             and projection.weight.dtype == torch.float32 and weight.dtype == torch.float32
             and head_shapes_fit(x, projection, contributions, weight)
             and thin_input_fits(x, projection.weight, weight))
