@@ -25,15 +25,29 @@ HF_AVX2 HF_AVX2_INLINE __m256 load_first(const float* src, int64_t n) {
   return n >= kLanes ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, first_lanes(n));
 }
 
-// Stores the first min(n, 8) lanes of v. AVX2's masked store is microcoded and slow on AMD Zen
-// 2/3 (the 18 -> 18 thin conv spent 38% of its time in row reads and writes with masked stores
-// everywhere), so whole vectors take a plain store.
+// Stores the first min(n, 8) lanes of v (none for n <= 0). AVX2's masked store is microcoded and
+// slow on AMD Zen 2/3 (the 18 -> 18 thin conv spent 38% of its time in row reads and writes with
+// masked stores everywhere), so whole vectors take a plain store and an edge takes at most three
+// plain narrow stores (4, 2 and 1 lanes): an 18-channel channels_last pixel ends in 2 lanes.
 HF_AVX2 HF_AVX2_INLINE void store_first(float* dst, int64_t n, __m256 v) {
   if (n >= kLanes) {
     _mm256_storeu_ps(dst, v);
-  } else {
-    _mm256_maskstore_ps(dst, first_lanes(n), v);
+    return;
   }
+  __m128 part = _mm256_castps256_ps128(v);
+  if (n >= 4) {
+    _mm_storeu_ps(dst, part);
+    part = _mm256_extractf128_ps(v, 1);
+    dst += 4;
+    n -= 4;
+  }
+  if (n >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst), part);
+    part = _mm_movehl_ps(part, part);
+    dst += 2;
+    n -= 2;
+  }
+  if (n >= 1) _mm_store_ss(dst, part);
 }
 
 }  // namespace hf_avx2
