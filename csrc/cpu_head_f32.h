@@ -13,7 +13,7 @@
 
 namespace hf_head {
 
-constexpr int kPx = 8;  // pixels per block: one row of taps and one [kPx][Cm] buffer of h
+constexpr int kPx = 8;  // AVX-512 pixels per block: one row of taps, one [kPx][Cm] buffer of h
 
 struct HeadF32 {
   const float* x;  // [N, H, W, Ci]

@@ -5,9 +5,14 @@
 // written and read back; on an AMD EPYC (Zen 3, 2 threads) w18's head alone ran 1.13x faster
 // than the unfused head (benchmarks/RESULTS.md).
 //
-// Same blocks of 8 pixels as the AVX-512 variant; register tiles of 4 pixels x 3 vectors of 8
-// channels (12 of the 16 ymm registers accumulate, each weight vector loaded once per input
-// channel for 4 pixels); weights laid out to multiples of 8 lanes. Per output value the same
+// Blocks of 48 pixels: each projection weight slice (Ci x 16 channels) is loaded from L2 once per
+// 48 pixels and then served from L1; with the AVX-512 variant's 8 pixels it came from L2 every 8.
+// Register tiles (12 of the 16 ymm registers accumulate): the projection 6 pixels x 2 vectors of
+// 8 channels (2 weight loads and 6 broadcasts per input channel; a 4 x 3 tile needs 16 registers
+// and GCC then folded the third weight vector into 4 FMAs as memory operands), the classifier
+// 4 pixels x 3 vectors (19 classes are 24 lanes: one tile column). Against 8-pixel blocks and
+// 4 x 3 tiles everywhere (same process, alternating, Zen 3, 2 threads): w18's head 1.29x, w48's
+// 1.38x, a 33x71 map 1.16x. Weights laid out to multiples of 8 lanes. Per output value the same
 // float32 operations in the same order as the AVX-512 variant (see csrc/cpu_head_f32.h).
 #include <algorithm>
 #include <cstdint>
@@ -24,42 +29,45 @@ namespace {
 using hf_avx2::kLanes;
 using hf_avx2::load_first;
 using hf_avx2::store_first;
-constexpr int kTilePx = 4;   // pixels per register tile
-constexpr int kVec = 3;      // vectors of 8 channels per register tile
-static_assert(kPx % kTilePx == 0, "a block is whole register tiles");
+constexpr int kBlockPx = 48;    // pixels per block: one row of taps, one [48][Cm] buffer of h
+constexpr int kProjTilePx = 6;  // projection register tile: 6 pixels x 2 vectors
+constexpr int kProjVec = 2;
+constexpr int kClsTilePx = 4;   // classifier register tile: 4 pixels x 3 vectors
+constexpr int kClsVec = 3;
+static_assert(kBlockPx % kProjTilePx == 0 && kBlockPx % kClsTilePx == 0,
+              "a full block is whole register tiles");
 
 using Tap = hf_resize::PixelTap<float>;
 
-// acc[p][j] = sum over k of rows[p][k] * w[k * wstride + 8 j .. + 8] for 4 rows and V vectors.
-template <int V>
+// acc[p][j] = sum over k of rows[p][k] * w[k * wstride + 8 j .. + 8] for TP rows and V vectors.
+template <int TP, int VM, int V>
 HF_AVX2 HF_AVX2_INLINE void matmul_tile(const float* const* rows, int64_t k_count,
-                                          const float* w, int64_t wstride,
-                                          __m256 acc[kTilePx][kVec]) {
-  __m256 a[kTilePx][V];  // local accumulators (see the AVX-512 variant: they stay in registers)
-  for (int p = 0; p < kTilePx; ++p)
+                                          const float* w, int64_t wstride, __m256 acc[TP][VM]) {
+  __m256 a[TP][V];  // local accumulators (see the AVX-512 variant: they stay in registers)
+  for (int p = 0; p < TP; ++p)
     for (int j = 0; j < V; ++j) a[p][j] = _mm256_setzero_ps();
-  const float* r[kTilePx];  // the row pointers in registers, the weight row walked by its stride
-  for (int p = 0; p < kTilePx; ++p) r[p] = rows[p];
+  const float* r[TP];  // the row pointers in registers, the weight row walked by its stride
+  for (int p = 0; p < TP; ++p) r[p] = rows[p];
   for (int64_t k = 0; k < k_count; ++k, w += wstride) {
     __m256 wv[V];
     for (int j = 0; j < V; ++j) wv[j] = _mm256_loadu_ps(w + j * kLanes);
-    for (int p = 0; p < kTilePx; ++p) {
+    for (int p = 0; p < TP; ++p) {
       const __m256 b = _mm256_broadcast_ss(r[p] + k);
       for (int j = 0; j < V; ++j) a[p][j] = _mm256_fmadd_ps(b, wv[j], a[p][j]);
     }
   }
-  for (int p = 0; p < kTilePx; ++p)
+  for (int p = 0; p < TP; ++p)
     for (int j = 0; j < V; ++j) acc[p][j] = a[p][j];
 }
 
+template <int TP, int VM>
 HF_AVX2 HF_AVX2_INLINE void matmul(int v, const float* const* rows, int64_t k_count,
-                                     const float* w, int64_t wstride, __m256 acc[kTilePx][kVec]) {
-  if (v == 3)
-    matmul_tile<3>(rows, k_count, w, wstride, acc);
-  else if (v == 2)
-    matmul_tile<2>(rows, k_count, w, wstride, acc);
-  else
-    matmul_tile<1>(rows, k_count, w, wstride, acc);
+                                     const float* w, int64_t wstride, __m256 acc[TP][VM]) {
+  if constexpr (VM >= 3) {
+    if (v == 3) return matmul_tile<TP, VM, 3>(rows, k_count, w, wstride, acc);
+  }
+  if (v == 2) return matmul_tile<TP, VM, 2>(rows, k_count, w, wstride, acc);
+  matmul_tile<TP, VM, 1>(rows, k_count, w, wstride, acc);
 }
 
 // dst[i] = fma(h0, r0[i], h1 * r1[i]) for one source pixel's Cm values.
@@ -73,36 +81,40 @@ HF_AVX2 void blend_pixel(float* dst, const float* r0, const float* r1, float h0,
   }
 }
 
-}  // namespace
-
-HF_AVX2 void head_rows_avx2(const HeadF32& p, int64_t begin, int64_t end) {
+// Output rows begin .. end - 1 with projection tiles TP x VM, classifier tiles CT x CV and blocks of
+// BP pixels. A block's last tile may reach past W: its extra rows read zeros (projection) or
+// stale h (classifier) and are never stored.
+template <int TP, int VM, int CT, int CV, int BP>
+HF_AVX2 void head_rows_impl(const HeadF32& p, int64_t begin, int64_t end) {
   const int64_t ci = p.ci, H = p.H, W = p.W, cm = p.cm, cmp = p.cmp;
   const size_t nsrc = p.sources.size();
-  std::vector<float> hbuf(static_cast<size_t>(kPx * cmp));  // h of one block, [8][cmp]
+  std::vector<float> hbuf(static_cast<size_t>(BP * cmp));  // h of one block, [BP][cmp]
   std::vector<float> zeros(static_cast<size_t>(std::max(ci, cmp)), 0.0f);  // rows past W
   hf_resize::RowTaps<float> sources(p.sources, cm);
-  std::vector<Tap> taps(kPx * std::max<size_t>(nsrc, 1));
-  __m256 acc[kTilePx][kVec];
+  std::vector<Tap> taps(BP * std::max<size_t>(nsrc, 1));
+  __m256 acc[TP][VM];
+  __m256 cacc[CT][CV];
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / H, y = item % H;
     sources.start_row(n, y, blend_pixel);
     const float* xrow = p.x + (n * H + y) * W * ci;
-    for (int64_t x0 = 0; x0 < W; x0 += kPx) {
-      const int valid = static_cast<int>(std::min<int64_t>(kPx, W - x0));
-      const float* xp[kPx];
-      const float* hp[kPx];
-      for (int q = 0; q < kPx; ++q) {
+    for (int64_t x0 = 0; x0 < W; x0 += BP) {
+      const int valid = static_cast<int>(std::min<int64_t>(BP, W - x0));
+      const int tiled = std::max((valid + TP - 1) / TP * TP, (valid + CT - 1) / CT * CT);
+      const float* xp[BP + TP];
+      const float* hp[BP + TP];
+      for (int q = 0; q < tiled; ++q) {
         xp[q] = q < valid ? xrow + (x0 + q) * ci : zeros.data();
-        hp[q] = hbuf.data() + q * cmp;
+        hp[q] = hbuf.data() + std::min(q, BP - 1) * cmp;
       }
       sources.taps(taps.data(), x0, valid);
       // projection tiles, each finished at once into hbuf (zero past Cm)
-      for (int64_t v0 = 0; v0 < cmp / kLanes; v0 += kVec) {
-        const int nv = static_cast<int>(std::min<int64_t>(kVec, cmp / kLanes - v0));
-        for (int q0 = 0; q0 < valid; q0 += kTilePx) {
-          matmul(nv, xp + q0, ci, p.wp + v0 * kLanes, cmp, acc);
-          for (int q = q0; q < std::min(valid, q0 + kTilePx); ++q) {
+      for (int64_t v0 = 0; v0 < cmp / kLanes; v0 += VM) {
+        const int nv = static_cast<int>(std::min<int64_t>(VM, cmp / kLanes - v0));
+        for (int q0 = 0; q0 < valid; q0 += TP) {
+          matmul<TP, VM>(nv, xp + q0, ci, p.wp + v0 * kLanes, cmp, acc);
+          for (int q = q0; q < std::min(valid, q0 + TP); ++q) {
             const Tap* tap = taps.data() + q * nsrc;
             for (int j = 0; j < nv; ++j) {
               const int64_t ch = (v0 + j) * kLanes;
@@ -125,20 +137,26 @@ HF_AVX2 void head_rows_avx2(const HeadF32& p, int64_t begin, int64_t end) {
       }
       // classifier tiles over h
       float* out = p.out + ((n * H + y) * W + x0) * p.co;
-      for (int64_t v0 = 0; v0 < p.cop / kLanes; v0 += kVec) {
-        const int nv = static_cast<int>(std::min<int64_t>(kVec, p.cop / kLanes - v0));
-        for (int q0 = 0; q0 < valid; q0 += kTilePx) {
-          matmul(nv, hp + q0, cm, p.wc + v0 * kLanes, p.cop, acc);
-          for (int q = q0; q < std::min(valid, q0 + kTilePx); ++q)
+      for (int64_t v0 = 0; v0 < p.cop / kLanes; v0 += CV) {
+        const int nv = static_cast<int>(std::min<int64_t>(CV, p.cop / kLanes - v0));
+        for (int q0 = 0; q0 < valid; q0 += CT) {
+          matmul<CT, CV>(nv, hp + q0, cm, p.wc + v0 * kLanes, p.cop, cacc);
+          for (int q = q0; q < std::min(valid, q0 + CT); ++q)
             for (int j = 0; j < nv; ++j) {
               const int64_t ch = (v0 + j) * kLanes;
-              const __m256 v = _mm256_add_ps(acc[q - q0][j], _mm256_loadu_ps(p.bc + ch));
+              const __m256 v = _mm256_add_ps(cacc[q - q0][j], _mm256_loadu_ps(p.bc + ch));
               store_first(out + q * p.co + ch, p.co - ch, v);
             }
         }
       }
     }
   }
+}
+
+}  // namespace
+
+HF_AVX2 void head_rows_avx2(const HeadF32& p, int64_t begin, int64_t end) {
+  head_rows_impl<kProjTilePx, kProjVec, kClsTilePx, kClsVec, kBlockPx>(p, begin, end);
 }
 
 }  // namespace hf_head

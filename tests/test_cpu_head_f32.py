@@ -69,8 +69,10 @@ class Head:
 CASES = [
     # n, ci, h, w, cm, co, contribution sizes: w18's head (126 -> 270 -> 19), odd widths and
     # channel counts, Cm and Co not multiples of 16 or of the 3-vector tile (70 outputs: 5
-    # vectors), partial 8-pixel blocks, batch 2, a contribution at full size, none at all
+    # vectors), partial 8-pixel blocks (AVX-512) and 48-pixel blocks (AVX2: 101 columns are two
+    # full blocks and 5 pixels), batch 2, a contribution at full size, none at all
     (1, 126, 16, 32, 270, 19, [(2, 4)]),
+    (1, 40, 4, 101, 24, 7, [(2, 26)]),
     (2, 33, 7, 37, 36, 5, [(4, 19), (2, 10)]),
     (1, 64, 9, 17, 50, 70, [(5, 9), (9, 17)]),
     (2, 30, 5, 48, 18, 16, []),
