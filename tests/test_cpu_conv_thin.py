@@ -214,12 +214,12 @@ def test_the_width_rule_avx512(ci, co, pays):
 
 @pytest.mark.parametrize("ci,co,pays", [(18, 18, True), (36, 36, True), (72, 72, True),
                                         (144, 144, True), (256, 18, True), (64, 64, True),
-                                        (48, 48, True), (384, 384, True), (32, 32, False),
-                                        (256, 32, False), (20, 20, True), (30, 30, False), (512, 512, False),
-                                        (256, 400, False)])
+                                        (48, 48, True), (384, 384, True), (32, 32, True),
+                                        (256, 32, True), (20, 20, True), (30, 30, True),
+                                        (8, 8, True), (512, 512, False), (256, 400, False),
+                                        (400, 64, False)])
 def test_the_width_rule_avx2(ci, co, pays):
-    """AVX2: Winograd on every width up to 384 (all measured wins), except the multiples of 8
-    below 36 output channels, which oneDNN fills (32: a loss)."""
+    """AVX2: Winograd on every width up to 384 channels in and out (all measured wins)."""
     assert torch_cpu.thin_conv_pays(ci, co, "AVX2") is pays
     assert torch_cpu.thin_winograd(co, "AVX2") is True
 

@@ -188,10 +188,12 @@ THIN_DIRECT_MAX_OUT = 24
 # lanes and has no fp32 Winograd there; Winograd against oneDNN: 18 ch 132 against 85 GFLOP/s,
 # 36 230/138, 72 244/145, 144 191/131, 256 -> 18 123/106, 64 185/169, 48 189/167, 96 235/171,
 # 128 153/131, 192 186/159, 384 228/173; only 32 ch lost (149/152). Direct lost to Winograd on
-# every width. So on AVX2: Winograd for every width up to 384 except those oneDNN fills (a
-# multiple of 8 below 36 output channels).
+# every width. After the Winograd blocks' position stride was padded (4 KB aliasing at channel
+# counts divisible by 16), the widths below 36 won too, Winograd time against oneDNN's, channels_
+# last and planar: 32 ch at 128x256 1.14-1.23x and at 64x128 1.37-1.43x, 256 -> 32 1.15-1.21x,
+# 30 ch (w30) 1.49-1.87x, 256 -> 30 1.36-1.41x, 24 ch 1.07-1.37x, 16 ch 1.19-1.36x, 8 ch
+# 1.00-1.70x. So on AVX2: Winograd for every width up to 384.
 THIN_AVX2_MAX_CHANNELS = 384
-THIN_AVX2_MIN_OUT = 36
 
 
 def _isa(isa: Optional[str]) -> str:
@@ -202,9 +204,7 @@ def thin_conv_pays(in_channels: int, out_channels: int, isa: Optional[str] = Non
     """Whether a 3x3 stride-1 conv of these widths runs faster in the thin-layer kernel, on the
     kernel variant for ``isa`` (torch's CPU capability, "AVX512" or "AVX2"; default: this CPU's)."""
     if _isa(isa) == "AVX2":
-        padded = -(-out_channels // 8) * 8
-        return (in_channels <= THIN_AVX2_MAX_CHANNELS and out_channels <= THIN_AVX2_MAX_CHANNELS
-                and (out_channels >= THIN_AVX2_MIN_OUT or padded >= THIN_MIN_PADDING * out_channels))
+        return in_channels <= THIN_AVX2_MAX_CHANNELS and out_channels <= THIN_AVX2_MAX_CHANNELS
     padded = -(-out_channels // 16) * 16
     return ((in_channels, out_channels) in THIN_EXTRA_WIDTHS
             or (in_channels <= THIN_MAX_CHANNELS and out_channels <= THIN_MAX_CHANNELS
