@@ -81,8 +81,8 @@ def _oracle(x, w, b, residual, relu):
 # (N, Ci, Co, H, W): w18's widths (a 6-channel register tile: 18 = 3 tiles, 40 = 6 tiles + 4),
 # widths below a tile, widths of 1; odd sizes (odd rows: Winograd's last row pair is half used),
 # widths below one 16-pixel vector, one over a 64-pixel tile (Winograd: 64 + 32 + 16-tile blocks
-# at 223 columns), a single pixel; batch 2; 45 columns (a 32-tile block, partly used) with a
-# channel remainder.
+# at 223 columns), a single pixel; batch 2; 45 columns (23 tiles: blocks of 16 and 8, partly used)
+# with a channel remainder.
 SHAPES = [(2, 18, 18, 33, 71), (1, 36, 36, 7, 79), (2, 5, 7, 3, 2), (1, 18, 40, 1, 1),
           (1, 72, 72, 10, 64), (2, 1, 1, 9, 17), (1, 3, 18, 16, 15), (1, 8, 12, 5, 223),
           (2, 20, 26, 11, 45)]
@@ -222,6 +222,50 @@ def test_the_width_rule_avx2(ci, co, pays):
     """AVX2: Winograd on every width up to 384 channels in and out (all measured wins)."""
     assert torch_cpu.thin_conv_pays(ci, co, "AVX2") is pays
     assert torch_cpu.thin_winograd(co, "AVX2") is True
+
+
+@pytest.mark.parametrize("width,ci,co,pays", [
+    (6, 256, 256, False), (6, 144, 144, False), (6, 72, 72, False), (6, 64, 64, False),
+    (6, 18, 18, True), (6, 36, 36, True),            # oneDNN pads 18 and 36 channels
+    (12, 128, 128, False), (12, 192, 192, False), (12, 72, 72, True),  # 6 tiles in 8 lanes
+    (16, 256, 256, True), (16, 144, 144, True),       # 8 tiles: one full vector
+    (18, 384, 384, False),                            # 9 tiles in 16 lanes
+    (20, 144, 144, False), (24, 256, 256, True), (48, 32, 32, True), (5, 8, 8, False),
+    (1024, 384, 384, True), (3, 20, 20, True)])
+def test_the_row_rule_avx2(width, ci, co, pays):
+    """AVX2: narrow rows run in oneDNN unless oneDNN pads the width; the kernel needs 70% of its
+    lanes filled and, for weights beyond L2 (Ci * Co > 8192), 8 tiles or more per row. AVX-512 has
+    no row rule."""
+    assert torch_cpu.thin_row_pays(width, ci, co, "AVX2") is pays
+    assert torch_cpu.thin_row_pays(width, ci, co, "AVX512") is True
+
+
+def test_narrow_rows_stay_in_onednn(built, monkeypatch):
+    """The row rule decides per call. With the AVX2 rule in force, a w32 pose engine at 128x96
+    sends its 32- and 64-channel convs (24 and 12 columns) to the kernel and its 128- and
+    256-channel ones (6 and 3 columns) to oneDNN, and matches the float64 reference."""
+    rule = torch_cpu.thin_row_pays
+    monkeypatch.setattr(torch_cpu, "thin_row_pays", lambda w, ci, co, isa=None: rule(w, ci, co, "AVX2"))
+    monkeypatch.setitem(torch_cpu._THIN, "on", True)
+    seen = set()
+    real = cpu_ext.conv3x3_thin_cpu
+
+    def spy(x, *args, **kwargs):
+        seen.add((x.shape[1], x.shape[-1]))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", spy)
+    torch.manual_seed(3)
+    model = randomize_bn(HRNet(HRNetConfig.preset("w32", head="pose", num_classes=17), fast=False),
+                         3).eval()
+    x = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(14))
+    with torch.inference_mode():
+        out = optimize(model, backend="torch")(x)
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    assert_model_close(out, ref64, dtype=torch.float32, what="w32 pose 128x96")
+    widths = {w for _, w in seen}
+    assert (32, 24) in seen and (64, 12) in seen
+    assert widths <= {24, 12}, seen  # nothing at 6 or 3 columns
 
 
 @pytest.fixture

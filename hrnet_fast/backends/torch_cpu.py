@@ -211,6 +211,38 @@ def thin_conv_pays(in_channels: int, out_channels: int, isa: Optional[str] = Non
                 and padded >= THIN_MIN_PADDING * out_channels))
 
 
+# AVX2, per row (same A/B, batch 1 and 8, Winograd against oneDNN): a row of W pixels is (W + 1) / 2
+# Winograd tiles, computed in 8-lane vectors (csrc/cpu_conv_thin_avx2.cpp, wino_rows: the tiles
+# rounded up to 8), and every block of tiles streams all 16 transformed weight matrices (64 * Ci *
+# Co bytes). Narrow rows (pose crops: 256x192 leaves 6-48 columns per branch) waste lanes and,
+# when the weights outgrow L2, re-read them from L3 for a few tiles:
+# - 6 columns (3 tiles): 64-256 channels lost (0.44-0.79x); 18 and 36 won (1.24-1.94x, oneDNN
+#   pads those);
+# - 12 columns: 128 and 192 lost (0.83-0.99x, 0.86x), 72 won (1.04-1.33x);
+# - 16 columns: 128-256 won or tied (0.97-1.41x);
+# - 18 columns (9 tiles in 16 lanes): 384 lost (0.87x);
+# - 24 columns: 64-256 won (1.16-1.30x).
+# So on AVX2 a row takes the kernel when oneDNN pads the width by 10% or more, or when at least 70%
+# of the lanes are tiles and either the weights fit L2 (Ci * Co <= 8192: 512 KB) or a block holds
+# 8 tiles or more.
+THIN_AVX2_MIN_LANE_USE = 0.7
+THIN_AVX2_L2_WEIGHTS = 8192  # Ci * Co
+
+
+def thin_row_pays(width: int, in_channels: int, out_channels: int,
+                  isa: Optional[str] = None) -> bool:
+    """Whether the thin-layer kernel pays on rows of ``width`` pixels (the rule above; AVX-512:
+    no row rule, not measured there)."""
+    if _isa(isa) != "AVX2" or width <= 0:
+        return True
+    if -(-out_channels // 8) * 8 >= THIN_MIN_PADDING * out_channels:
+        return True
+    tiles = (width + 1) // 2  # computed in 8-lane vectors: the lanes are tiles rounded up to 8
+    if tiles < THIN_AVX2_MIN_LANE_USE * (-(-tiles // 8) * 8):
+        return False
+    return in_channels * out_channels <= THIN_AVX2_L2_WEIGHTS or tiles >= 8
+
+
 def thin_winograd(out_channels: int, isa: Optional[str] = None) -> bool:
     """Whether the thin-layer kernel runs this width as Winograd F(2x2, 3x3) (else direct)."""
     return _isa(isa) == "AVX2" or out_channels > THIN_DIRECT_MAX_OUT
@@ -493,6 +525,13 @@ class TorchCPU(Backend):
     def _thin_spec(self, spec: ConvSpec) -> bool:
         return _memo_fits(self._thin_specs, thin_spec_fits, spec)
 
+    def _thin_takes(self, x: torch.Tensor, specs: Sequence[ConvSpec]) -> bool:
+        """Whether the thin-layer kernel runs these stride-1 convs of ``x`` (one conv or a chain)."""
+        return (all(self._thin_spec(spec) for spec in specs)
+                and all(thin_row_pays(x.shape[-1], spec.weight.shape[1], spec.weight.shape[0])
+                        for spec in specs)
+                and thin_input_fits(x, *(spec.weight for spec in specs)))
+
     def _amx(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor],
              into_residual: bool = False) -> Optional[torch.Tensor]:
         """The AMX kernel's result for a bf16 conv it takes, else None (the caller goes on)."""
@@ -518,7 +557,7 @@ class TorchCPU(Backend):
         y = self._amx(x, spec, residual)
         if y is not None:
             return y
-        if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
+        if self._thin_takes(x, (spec,)):
             y = thin_conv(x, spec, self._thin_packs, residual)
             if y is not None:
                 return y
@@ -544,7 +583,7 @@ class TorchCPU(Backend):
         y = self._amx(x, spec, residual, into_residual=True)
         if y is not None:
             return y
-        if self._thin_spec(spec) and thin_input_fits(x, spec.weight):
+        if self._thin_takes(x, (spec,)):
             y = thin_conv(x, spec, self._thin_packs, residual,
                           into_residual=dense_as(residual, True))
             if y is not None:
@@ -564,8 +603,7 @@ class TorchCPU(Backend):
         the block's input where that input is already dense in its output layout."""
         specs = [spec for b in blocks for spec in b.convs]
         if (not blocks or any(b.downsample is not None or len(b.convs) != 2 for b in blocks)
-                or not all(self._thin_spec(spec) for spec in specs)
-                or not thin_input_fits(x, *(spec.weight for spec in specs))):
+                or not self._thin_takes(x, specs)):
             return None
         h = x
         for i, block in enumerate(blocks):
