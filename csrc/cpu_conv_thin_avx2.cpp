@@ -507,14 +507,87 @@ void run_winograd(const Problem& p, const Period& period) {
   });
 }
 
+// Row pairs per packed Winograd row, or 1. Narrow rows (pose crops: 3-12 tiles) fill few lanes
+// and stream all 16 transformed weight matrices for those few tiles; g row pairs' tiles side by
+// side (each pair's tiles followed by one junk tile that straddles two pairs) in one row of at most
+// 64 tiles fill more lanes and read the weights once per g pairs. Packed when that fills a larger
+// share of the lanes with real tiles, with at most an even share of the row pairs per thread.
+int64_t packed_pairs(const Problem& p, int64_t items) {
+  const auto lanes = [](int64_t tiles) { return (tiles + kLanes - 1) / kLanes * kLanes; };
+  const int64_t stride = p.tiles + 1, threads = std::max(1, at::get_num_threads());
+  const int64_t g = std::min<int64_t>(kWinoBlock / stride, (items + threads - 1) / threads);
+  if (g < 2 || g * p.tiles * lanes(p.tiles) <= p.tiles * lanes(g * stride - 1)) return 1;
+  return g;
+}
+
+// Zeros one packed segment of a packed input row: both halves of every channel over its
+// ``stride`` tiles (rows above or below the image, or past the last row pair).
+HF_AVX2 void zero_segment(const Problem& v, float* segment, int64_t stride) {
+  for (int64_t ci = 0; ci < v.Ci; ++ci) {
+    float* a = half_a(v, segment, ci);
+    std::fill(a, a + stride, 0.0f);
+    std::fill(a + v.half_pitch, a + v.half_pitch + stride, 0.0f);
+  }
+}
+
+// run_winograd over packed rows: row pair t of the flattened (image, pair) order goes to group
+// t / g, segment t % g, whose tiles start at tile (t % g) * (tiles + 1) of the packed row. Every
+// segment has its own zero column -1 (its first a-half value, never written) and its zero columns
+// past W, as a row of its own would.
+void run_winograd_packed(const Problem& p, int64_t g) {
+  const int64_t pairs = (p.H + 1) / 2, items = p.N * pairs, stride = p.tiles + 1;
+  Problem v = p;  // the packed row's pitches; W, H and everything else as p
+  v.tiles = g * stride - 1;
+  const int64_t covered = (v.tiles + kWinoBlock - 1) / kWinoBlock * kWinoBlock;
+  v.half_pitch = covered + 2 * kLanes;
+  v.out_pitch = 2 * covered + kLanes;
+  const Period period = make_period(v);
+  const int64_t slot = 2 * v.Ci * v.half_pitch;
+  const int64_t vsize = kWinoPos * pos_stride(v.Ci, kBlockVecs);
+  const int64_t msize = kWinoPos * pos_stride(v.Co, kBlockVecs);
+  at::parallel_for(0, (items + g - 1) / g, 1, [&](int64_t begin, int64_t end) {
+    float* scratch = thread_scratch(4 * slot, vsize + msize + 2 * v.Co * v.out_pitch);
+    float* rows[4] = {scratch, scratch + slot, scratch + 2 * slot, scratch + 3 * slot};
+    float* vbuf = scratch + 4 * slot;
+    float* mbuf = vbuf + vsize;
+    float* orow0 = mbuf + msize;
+    float* orow1 = orow0 + v.Co * v.out_pitch;
+    for (int64_t k = begin; k < end; ++k) {
+      for (int64_t s = 0; s < g; ++s) {
+        const int64_t t = k * g + s, n = t / pairs, y = 2 * (t % pairs);
+        for (int i = 0; i < 4; ++i) {
+          float* segment = rows[i] + s * stride;
+          const int64_t yi = y + i - 1;
+          if (t < items && yi >= 0 && yi < p.H) {
+            read_input_row_wino(v, p.x + n * p.sn + yi * p.sh, segment);
+          } else {
+            zero_segment(v, segment, stride);
+          }
+        }
+      }
+      wino_rows(v, rows, vbuf, mbuf, orow0, orow1);
+      for (int64_t s = 0; s < g && k * g + s < items; ++s) {
+        const int64_t t = k * g + s, n = t / pairs, y = 2 * (t % pairs);
+        write_rows(v, orow0 + 2 * s * stride, n, y, period);
+        if (y + 1 < p.H) write_rows(v, orow1 + 2 * s * stride, n, y + 1, period);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void run_avx2(const Problem& p) {
-  const Period period = make_period(p);
   if (p.u != nullptr) {
-    run_winograd(p, period);
+    const int64_t g = packed_pairs(p, p.N * ((p.H + 1) / 2));
+    if (g > 1) {
+      run_winograd_packed(p, g);
+    } else {
+      run_winograd(p, make_period(p));
+    }
     return;
   }
+  const Period period = make_period(p);
   const int64_t plane = p.Ci * p.in_pitch;
   at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
     // Three planar input rows (slot = row % 3), a zero row, the planar output row.

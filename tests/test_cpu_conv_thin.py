@@ -107,6 +107,36 @@ def test_matches_oracle_in_every_layout(kernel, shape):
                                what=f"{shape} x {xl} residual {rl} out_cl={out_cl} relu={relu}")
 
 
+# Narrow rows (pose crops), where the AVX2 Winograd packs several row pairs' tiles into one row:
+# 6 columns with two groups of row pairs (the second partial at one thread) and an odd height; 11
+# columns (odd: the last tile's second column is past W); 3 columns; 24 columns.
+NARROW = [(4, 32, 32, 9, 6), (2, 24, 20, 7, 11), (3, 8, 40, 4, 3), (1, 36, 36, 16, 24)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", NARROW, ids=lambda s: "x".join(map(str, s)))
+def test_narrow_rows_match_the_oracle(built, shape, threads):
+    """Winograd on narrow rows, in every input, residual and output layout, against float64, on
+    1 and 2 threads (the packing depends on the thread count); the output allocation poisoned."""
+    n, ci, co, h, w = shape
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, (xl, rl, out_cl) in enumerate(itertools.product(LAYOUTS, ["none", "cl", "nchw"],
+                                                               [True, False])):
+            x = _tensor((n, ci, h, w), xl, seed=k)
+            res = None if rl == "none" else _tensor((n, co, h, w), rl, seed=200 + k)
+            wt, b = _weights(ci, co, k)
+            packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
+            with poisoned_malloc():
+                out = cpu_ext.conv3x3_thin_cpu(x, packed, b, res, relu=k % 2 == 0,
+                                               channels_last=out_cl)
+            assert_close_to_oracle(out, _oracle(x, wt, b, res, k % 2 == 0), dtype=torch.float32,
+                                   what=f"{shape} x {xl} residual {rl} out_cl={out_cl}")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("layout", ["cl", "nchw"])
 def test_into_residual_writes_the_residual(kernel, layout):
     """conv3x3_thin_into: the result lands in the residual's own memory (either dense layout) and
@@ -224,28 +254,39 @@ def test_the_width_rule_avx2(ci, co, pays):
     assert torch_cpu.thin_winograd(co, "AVX2") is True
 
 
-@pytest.mark.parametrize("width,ci,co,pays", [
-    (6, 256, 256, False), (6, 144, 144, False), (6, 72, 72, False), (6, 64, 64, False),
-    (6, 18, 18, True), (6, 36, 36, True),            # oneDNN pads 18 and 36 channels
-    (12, 128, 128, False), (12, 192, 192, False), (12, 72, 72, True),  # 6 tiles in 8 lanes
-    (16, 256, 256, True), (16, 144, 144, True),       # 8 tiles: one full vector
-    (18, 384, 384, False),                            # 9 tiles in 16 lanes
-    (20, 144, 144, False), (24, 256, 256, True), (48, 32, 32, True), (5, 8, 8, False),
-    (1024, 384, 384, True), (3, 20, 20, True)])
-def test_the_row_rule_avx2(width, ci, co, pays):
-    """AVX2: narrow rows run in oneDNN unless oneDNN pads the width; the kernel needs 70% of its
-    lanes filled and, for weights beyond L2 (Ci * Co > 8192), 8 tiles or more per row. AVX-512 has
-    no row rule."""
-    assert torch_cpu.thin_row_pays(width, ci, co, "AVX2") is pays
-    assert torch_cpu.thin_row_pays(width, ci, co, "AVX512") is True
+@pytest.mark.parametrize("shape,ci,co,pays", [
+    ((8, 0, 8, 6), 256, 256, True),     # 8 row pairs of 3 tiles packed per row: 48 of 64 lanes
+    ((1, 0, 8, 6), 256, 256, False),    # 2 pairs per thread: 6 tiles per pass of 4 MB of weights
+    ((8, 0, 16, 12), 128, 128, True), ((1, 0, 16, 12), 128, 128, False),
+    ((4, 0, 12, 9), 384, 384, False),   # narrow rows of the widest weights
+    ((1, 0, 16, 32), 384, 384, True),   # a full row of 16 tiles
+    ((1, 0, 17, 17), 144, 144, True), ((2, 0, 9, 9), 256, 256, True),
+    ((1, 0, 8, 6), 18, 18, True), ((1, 0, 8, 6), 36, 36, True),  # oneDNN pads 18 and 36
+    ((1, 0, 1, 5), 8, 8, False),        # 3 tiles in 8 lanes, nothing to pack with
+    ((1, 0, 512, 1024), 384, 384, True), ((2, 0, 3, 3), 20, 20, True)])
+def test_the_row_rule_avx2(shape, ci, co, pays):
+    """AVX2, on 2 threads: narrow rows run in oneDNN unless oneDNN pads the width; the kernel needs
+    70% of its lanes filled (after packing row pairs), 8 tiles or more per pass of weights beyond
+    L2 (Ci * Co > 8192), and full rows for the widest weights. AVX-512 has no row rule."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch_cpu.thin_row_pays(shape, ci, co, "AVX2") is pays
+        assert torch_cpu.thin_row_pays(shape, ci, co, "AVX512") is True
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_narrow_rows_stay_in_onednn(built, monkeypatch):
-    """The row rule decides per call. With the AVX2 rule in force, a w32 pose engine at 128x96
-    sends its 32- and 64-channel convs (24 and 12 columns) to the kernel and its 128- and
-    256-channel ones (6 and 3 columns) to oneDNN, and matches the float64 reference."""
+    """The row rule decides per call. With the AVX2 rule in force on 2 threads, a w32 pose engine
+    at 2x3x128x96 sends its 32-, 64- and 128-channel convs (24, 12 and 6 columns; the last two
+    packed) to the kernel and its 256-channel ones (3 columns: 4 of 8 lanes) to oneDNN, and
+    matches the float64 reference."""
     rule = torch_cpu.thin_row_pays
-    monkeypatch.setattr(torch_cpu, "thin_row_pays", lambda w, ci, co, isa=None: rule(w, ci, co, "AVX2"))
+    monkeypatch.setattr(torch_cpu, "thin_row_pays",
+                        lambda shape, ci, co, isa=None: rule(shape, ci, co, "AVX2"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     monkeypatch.setitem(torch_cpu._THIN, "on", True)
     seen = set()
     real = cpu_ext.conv3x3_thin_cpu
@@ -259,13 +300,15 @@ def test_narrow_rows_stay_in_onednn(built, monkeypatch):
     model = randomize_bn(HRNet(HRNetConfig.preset("w32", head="pose", num_classes=17), fast=False),
                          3).eval()
     x = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(14))
-    with torch.inference_mode():
-        out = optimize(model, backend="torch")(x)
-        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    try:
+        with torch.inference_mode():
+            out = optimize(model, backend="torch")(x)
+            ref64 = HighResolutionNet.forward(model.double(), x.double())
+    finally:
+        torch.set_num_threads(before)
     assert_model_close(out, ref64, dtype=torch.float32, what="w32 pose 128x96")
-    widths = {w for _, w in seen}
-    assert (32, 24) in seen and (64, 12) in seen
-    assert widths <= {24, 12}, seen  # nothing at 6 or 3 columns
+    assert {(32, 24), (64, 12), (128, 6)} <= seen, seen
+    assert all(w != 3 for _, w in seen), seen  # no 256-channel conv at 3 columns
 
 
 @pytest.fixture

@@ -215,32 +215,49 @@ def thin_conv_pays(in_channels: int, out_channels: int, isa: Optional[str] = Non
 # Winograd tiles, computed in 8-lane vectors (csrc/cpu_conv_thin_avx2.cpp, wino_rows: the tiles
 # rounded up to 8), and every block of tiles streams all 16 transformed weight matrices (64 * Ci *
 # Co bytes). Narrow rows (pose crops: 256x192 leaves 6-48 columns per branch) waste lanes and,
-# when the weights outgrow L2, re-read them from L3 for a few tiles:
-# - 6 columns (3 tiles): 64-256 channels lost (0.44-0.79x); 18 and 36 won (1.24-1.94x, oneDNN
-#   pads those);
-# - 12 columns: 128 and 192 lost (0.83-0.99x, 0.86x), 72 won (1.04-1.33x);
-# - 16 columns: 128-256 won or tied (0.97-1.41x);
-# - 18 columns (9 tiles in 16 lanes): 384 lost (0.87x);
-# - 24 columns: 64-256 won (1.16-1.30x).
-# So on AVX2 a row takes the kernel when oneDNN pads the width by 10% or more, or when at least 70%
-# of the lanes are tiles and either the weights fit L2 (Ci * Co <= 8192: 512 KB) or a block holds
-# 8 tiles or more.
+# when the weights outgrow L2, re-read them for a few tiles; the kernel packs several row pairs'
+# tiles into one row where that fills more lanes (``winograd_row``). Before packing: 6 columns
+# (3 tiles) lost at 64-256 channels (0.44-0.79x), 12 columns at 128-192 (0.83-0.99x), 18 columns
+# at 384 (0.87x). Packed (real tiles per block, kernel against oneDNN): 256 ch at 8x6 1.01-1.34x,
+# 144 at 8x6 1.50x, 128 at 16x12 1.06-1.07x, 72 at 16x12 1.44x, 144 at 17x17 1.34x, 256 at 9x9
+# 1.10x, 192 at 24x18 1.14x; 384 at 12x9 still 0.60x (its 590 KB of weights per position exceed
+# L2 for every 16 tiles). So on AVX2 a row takes the kernel when oneDNN pads the width by 10% or
+# more, or when at least 70% of the computed lanes are real tiles, weights beyond L2 (Ci * Co >
+# 8192: 512 KB) get 8 tiles or more per pass, and Ci * Co > 65536 comes with full rows of 16 tiles.
 THIN_AVX2_MIN_LANE_USE = 0.7
 THIN_AVX2_L2_WEIGHTS = 8192  # Ci * Co
+THIN_AVX2_NARROW_MAX_WEIGHTS = 65536  # Ci * Co that narrow rows (under 16 tiles) may have
 
 
-def thin_row_pays(width: int, in_channels: int, out_channels: int,
+def winograd_row(width: int, height: int, batch: int) -> Tuple[int, int]:
+    """(real tiles, computed lanes) of one Winograd row of the AVX2 kernel for a [batch, C, height,
+    width] input on torch's threads: one row pair's tiles, or several row pairs' packed side by
+    side as ``packed_pairs`` in csrc/cpu_conv_thin_avx2.cpp decides."""
+    def lanes(t):
+        return -(-t // 8) * 8
+    tiles = (width + 1) // 2
+    stride, items = tiles + 1, batch * ((height + 1) // 2)
+    threads = max(1, torch.get_num_threads())
+    g = min(64 // stride, -(-items // threads))
+    if g < 2 or g * tiles * lanes(tiles) <= tiles * lanes(g * stride - 1):
+        return tiles, lanes(tiles)
+    return g * tiles, lanes(g * stride - 1)
+
+
+def thin_row_pays(shape: Sequence[int], in_channels: int, out_channels: int,
                   isa: Optional[str] = None) -> bool:
-    """Whether the thin-layer kernel pays on rows of ``width`` pixels (the rule above; AVX-512:
-    no row rule, not measured there)."""
-    if _isa(isa) != "AVX2" or width <= 0:
+    """Whether the thin-layer kernel pays on an input of ``shape`` [N, C, H, W] (the rule above;
+    AVX-512: no row rule, not measured there)."""
+    batch, height, width = shape[0], shape[-2], shape[-1]
+    if _isa(isa) != "AVX2" or min(batch, height, width) <= 0:
         return True
     if -(-out_channels // 8) * 8 >= THIN_MIN_PADDING * out_channels:
         return True
-    tiles = (width + 1) // 2  # computed in 8-lane vectors: the lanes are tiles rounded up to 8
-    if tiles < THIN_AVX2_MIN_LANE_USE * (-(-tiles // 8) * 8):
-        return False
-    return in_channels * out_channels <= THIN_AVX2_L2_WEIGHTS or tiles >= 8
+    real, lanes = winograd_row(width, height, batch)
+    weights = in_channels * out_channels
+    return (real >= THIN_AVX2_MIN_LANE_USE * lanes
+            and (weights <= THIN_AVX2_L2_WEIGHTS or real >= 8)
+            and (weights <= THIN_AVX2_NARROW_MAX_WEIGHTS or (width + 1) // 2 >= 16))
 
 
 def thin_winograd(out_channels: int, isa: Optional[str] = None) -> bool:
@@ -528,7 +545,7 @@ class TorchCPU(Backend):
     def _thin_takes(self, x: torch.Tensor, specs: Sequence[ConvSpec]) -> bool:
         """Whether the thin-layer kernel runs these stride-1 convs of ``x`` (one conv or a chain)."""
         return (all(self._thin_spec(spec) for spec in specs)
-                and all(thin_row_pays(x.shape[-1], spec.weight.shape[1], spec.weight.shape[0])
+                and all(thin_row_pays(x.shape, spec.weight.shape[1], spec.weight.shape[0])
                         for spec in specs)
                 and thin_input_fits(x, *(spec.weight for spec in specs)))
 
