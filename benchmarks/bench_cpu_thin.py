@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu_thin.py [--threads 2] [--rounds 15]
     python benchmarks/bench_cpu_thin.py --models w18_small_v2 w18 [--rounds 8]
+    python benchmarks/bench_cpu_thin.py --narrow [--rounds 11]
 
 Per conv: w18's 3x3 stride-1 shapes (and layer1's 64 channels), float32, channels_last input and
 output, one process, the implementations called in turn (round robin) and the median of each
@@ -9,6 +10,9 @@ reported as GFLOP/s counted as direct convolution: oneDNN's fused conv as the to
 (weights reordered once), the kernel's direct algorithm and its Winograd F(2x2, 3x3), each with
 its packed weight cached as the backend does, plus both algorithms planar (NCHW) in and out, as
 inside a branch's chain.
+
+Narrow rows (``--narrow``): pose-crop shapes at batch 1-8, oneDNN against the kernel's Winograd
+(packed where it packs), and the row rule's pick for each.
 
 Per model (``--models``): one engine at 1x3x512x1024 with the kernel on and off in alternate calls
 (``torch_cpu._THIN``), the median of per-round ratios.
@@ -66,6 +70,31 @@ def per_conv(rounds: int) -> None:
         print(f"{ci:>3} -> {co:<3} at {h}x{w}: " + " | ".join(cells) + " GFLOP/s")
 
 
+# Narrow rows, batch > 1 (pose crops: 8x3x256x192 leaves 64x48 .. 8x6 per branch; w48 at 384x288;
+# 17x17 and 9x9 rows): (N, Ci, Co, H, W).
+NARROW_SHAPES = [(8, 32, 32, 64, 48), (8, 64, 64, 32, 24), (8, 128, 128, 16, 12),
+                 (8, 256, 256, 8, 6), (1, 256, 256, 8, 6), (8, 144, 144, 8, 6),
+                 (8, 72, 72, 16, 12), (4, 192, 192, 24, 18), (4, 384, 384, 12, 9),
+                 (1, 144, 144, 17, 17), (2, 256, 256, 9, 9)]
+
+
+def narrow(rounds: int) -> None:
+    """oneDNN against the kernel's Winograd on narrow rows (channels_last in and out), and whether
+    the engine's row rule (``torch_cpu.thin_row_pays``) gives the conv to the kernel."""
+    for n, ci, co, h, w in NARROW_SHAPES:
+        x = torch.randn(n, ci, h, w).contiguous(memory_format=torch.channels_last)
+        wt, b = torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5), torch.randn(co)
+        wino = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
+        cache: dict = {}
+        times = round_robin({
+            "oneDNN": lambda: torch_cpu.conv_fused(x, wt, b, 1, 1, None, True, cache),
+            "Winograd": lambda: cpu_ext.conv3x3_thin_cpu(x, wino, b, relu=True)}, rounds)
+        one, kernel = (1e3 * statistics.median(times[k]) for k in ("oneDNN", "Winograd"))
+        rule = "kernel" if torch_cpu.thin_row_pays(x.shape, ci, co) else "oneDNN"
+        print(f"{n}x{ci}->{co} at {h}x{w}: oneDNN {one:.2f} ms, Winograd {kernel:.2f} ms "
+              f"({one / kernel:.2f}x); the row rule picks {rule}")
+
+
 def per_model(presets, rounds: int) -> None:
     from hrnet_fast import HRNet, optimize
     from hrnet_fast.check import randomize_batchnorm
@@ -92,6 +121,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--models", nargs="*", help="time whole engines instead (e.g. w18_small_v2 w18)")
+    p.add_argument("--narrow", action="store_true",
+                   help="narrow rows with batch > 1 (pose crops) instead, and the row rule's pick")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the engine runs: warm calls reuse heap memory (no page faults)
@@ -102,6 +133,8 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}")
     if args.models:
         per_model(args.models, args.rounds)
+    elif args.narrow:
+        narrow(args.rounds)
     else:
         per_conv(args.rounds)
 
