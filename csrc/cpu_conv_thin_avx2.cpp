@@ -224,8 +224,8 @@ HF_AVX2 void read_input_row_wino(const Problem& p, const float* src, float* slot
 // ([pos][c][8 R]): one cache line more than the data. Unpadded, C * 8 R floats is a multiple of
 // 4 KB for 64 tiles and C a multiple of 16 (64 channels: 16 KB), so the input transform's 16
 // stores and the output transform's 16 loads of one tile vector all fell in one 8-way L1 set.
-// The line of padding made 48/64-channel convs 1.11-1.16x and 256 -> 18 1.25x faster on a Zen 3
-// (same process, alternating; 18/36/72/144 channels unchanged within 2%).
+// The line of padding made 48- and 64-channel convs 1.08-1.20x and 256 -> 18 1.17-1.25x faster on
+// a Zen 3 (same process, alternating; 18/36/72/144 channels unchanged within 2%).
 constexpr int64_t kPosPad = 16;
 HF_THIN_ALWAYS_INLINE int64_t pos_stride(int64_t C, int R) { return C * kLanes * R + kPosPad; }
 

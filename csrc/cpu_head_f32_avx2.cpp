@@ -2,8 +2,8 @@
 // math, its checks and the AVX-512 variant are in csrc/cpu_head_f32.cpp).
 //
 // Why: as on AVX-512, the 270-channel head map (w18 at 1x3x512x1024: 35 MB float32) is never
-// written and read back; on an AMD EPYC (Zen 3, 2 threads) w18's head alone ran 1.13x faster
-// than the unfused head (benchmarks/RESULTS.md).
+// written and read back; on an AMD EPYC (Zen 3, 2 threads) w18's head alone ran 1.11-1.13x faster
+// than the unfused head with caches flushed before each call (benchmarks/RESULTS.md).
 //
 // Blocks of 48 pixels: each projection weight slice (Ci x 16 channels) is loaded from L2 once per
 // 48 pixels and then served from L1; with the AVX-512 variant's 8 pixels it came from L2 every 8.
@@ -11,9 +11,10 @@
 // 8 channels (2 weight loads and 6 broadcasts per input channel; a 4 x 3 tile needs 16 registers
 // and GCC then folded the third weight vector into 4 FMAs as memory operands), the classifier
 // 4 pixels x 3 vectors (19 classes are 24 lanes: one tile column). Against 8-pixel blocks and
-// 4 x 3 tiles everywhere (same process, alternating, Zen 3, 2 threads): w18's head 1.29x, w48's
-// 1.38x, a 33x71 map 1.16x. Weights laid out to multiples of 8 lanes. Per output value the same
-// float32 operations in the same order as the AVX-512 variant (see csrc/cpu_head_f32.h).
+// 4 x 3 tiles everywhere (same process, alternating, Zen 3, 2 threads, inputs in cache): w18's
+// head 1.29x, w48's 1.38x, a 33x71 map 1.16x. Weights laid out to multiples of 8 lanes. Per
+// output value the same float32 operations in the same order as the AVX-512 variant (see
+// csrc/cpu_head_f32.h).
 #include <algorithm>
 #include <cstdint>
 #include <vector>

@@ -218,12 +218,14 @@ def thin_conv_pays(in_channels: int, out_channels: int, isa: Optional[str] = Non
 # when the weights outgrow L2, re-read them for a few tiles; the kernel packs several row pairs'
 # tiles into one row where that fills more lanes (``winograd_row``). Before packing: 6 columns
 # (3 tiles) lost at 64-256 channels (0.44-0.79x), 12 columns at 128-192 (0.83-0.99x), 18 columns
-# at 384 (0.87x). Packed (real tiles per block, kernel against oneDNN): 256 ch at 8x6 1.01-1.34x,
-# 144 at 8x6 1.50x, 128 at 16x12 1.06-1.07x, 72 at 16x12 1.44x, 144 at 17x17 1.34x, 256 at 9x9
-# 1.10x, 192 at 24x18 1.14x; 384 at 12x9 still 0.60x (its 590 KB of weights per position exceed
-# L2 for every 16 tiles). So on AVX2 a row takes the kernel when oneDNN pads the width by 10% or
-# more, or when at least 70% of the computed lanes are real tiles, weights beyond L2 (Ci * Co >
-# 8192: 512 KB) get 8 tiles or more per pass, and Ci * Co > 65536 comes with full rows of 16 tiles.
+# at 384 (0.87x). Packed, kernel against oneDNN over two runs (batch in front): 256 ch at 8x8x6
+# 1.11-1.27x, 144 at 8x8x6 1.20-1.40x, 128 at 8x16x12 1.19-1.28x, 72 at 8x16x12 1.34-1.37x,
+# 192 at 4x24x18 1.29-1.40x, 144 at 1x17x17 1.13-1.16x, 256 at 2x9x9 0.91-0.92x (the rule's one
+# miss), 256 at 1x8x6 0.92-0.94x (2 row pairs per thread: 6 tiles per pass); 384 at 4x12x9
+# 0.42-0.45x (590 KB of weights per position exceed L2). So on AVX2 a row takes the kernel when
+# oneDNN pads the width by 10% or more, or when at least 70% of the computed lanes are real tiles,
+# weights beyond L2 (Ci * Co > 8192: 512 KB) get 8 tiles or more per pass, and Ci * Co > 65536
+# comes with full rows of 16 tiles.
 THIN_AVX2_MIN_LANE_USE = 0.7
 THIN_AVX2_L2_WEIGHTS = 8192  # Ci * Co
 THIN_AVX2_NARROW_MAX_WEIGHTS = 65536  # Ci * Co that narrow rows (under 16 tiles) may have
