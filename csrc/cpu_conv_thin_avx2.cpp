@@ -480,29 +480,50 @@ void write_rows(const Problem& p, const float* orow, int64_t n, int64_t y, const
   }
 }
 
-void run_winograd(const Problem& p, const Period& period) {
-  const int64_t pairs = (p.H + 1) / 2;
-  const int64_t slot = 2 * p.Ci * p.half_pitch;
+// This thread's Winograd buffers for p: ``nslots`` input-row slots of 2 Ci half-rows (zeroed: their
+// padding columns must read 0), then the V and M blocks and two planar output rows.
+struct WinoScratch {
+  float* slots;
+  int64_t slot;  // floats per slot
+  float *vbuf, *mbuf, *orow0, *orow1;
+};
+
+WinoScratch wino_scratch(const Problem& p, int nslots) {
   const int64_t vsize = kWinoPos * pos_stride(p.Ci, kBlockVecs);
   const int64_t msize = kWinoPos * pos_stride(p.Co, kBlockVecs);
+  WinoScratch w;
+  w.slot = 2 * p.Ci * p.half_pitch;
+  w.slots = thread_scratch(nslots * w.slot, vsize + msize + 2 * p.Co * p.out_pitch);
+  w.vbuf = w.slots + nslots * w.slot;
+  w.mbuf = w.vbuf + vsize;
+  w.orow0 = w.mbuf + msize;
+  w.orow1 = w.orow0 + p.Co * p.out_pitch;
+  return w;
+}
+
+// Output rows y and y + 1 (if inside the image) of image n from the planar rows orow0 / orow1.
+void write_row_pair(const Problem& p, const float* orow0, const float* orow1, int64_t n,
+                    int64_t y, const Period& period) {
+  write_rows(p, orow0, n, y, period);
+  if (y + 1 < p.H) write_rows(p, orow1, n, y + 1, period);
+}
+
+void run_winograd(const Problem& p, const Period& period) {
+  const int64_t pairs = (p.H + 1) / 2;
   at::parallel_for(0, p.N * pairs, 1, [&](int64_t begin, int64_t end) {
-    // Four deinterleaved input rows (slot = row % 4), a zero row, V and M blocks, two output rows.
-    float* scratch = thread_scratch(5 * slot, vsize + msize + 2 * p.Co * p.out_pitch);
-    float* zero_row = scratch + 4 * slot;
-    float* vbuf = zero_row + slot;
-    float* mbuf = vbuf + vsize;
-    float* orow0 = mbuf + msize;
-    float* orow1 = orow0 + p.Co * p.out_pitch;
+    // Four deinterleaved input rows (slot = row % 4) and a zero row.
+    const WinoScratch w = wino_scratch(p, 5);
+    float* zero_row = w.slots + 4 * w.slot;
     int64_t slot_tag[4] = {-1, -1, -1, -1};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / pairs, y = 2 * (t % pairs);
       float* rows[4];
       for (int i = 0; i < 4; ++i) {
-        rows[i] = ring_row<4>(p, n, y + i - 1, scratch, slot, zero_row, slot_tag, read_input_row_wino);
+        rows[i] = ring_row<4>(p, n, y + i - 1, w.slots, w.slot, zero_row, slot_tag,
+                              read_input_row_wino);
       }
-      wino_rows(p, rows, vbuf, mbuf, orow0, orow1);
-      write_rows(p, orow0, n, y, period);
-      if (y + 1 < p.H) write_rows(p, orow1, n, y + 1, period);
+      wino_rows(p, rows, w.vbuf, w.mbuf, w.orow0, w.orow1);
+      write_row_pair(p, w.orow0, w.orow1, n, y, period);
     }
   });
 }
@@ -542,16 +563,9 @@ void run_winograd_packed(const Problem& p, int64_t g) {
   v.half_pitch = covered + 2 * kLanes;
   v.out_pitch = 2 * covered + kLanes;
   const Period period = make_period(v);
-  const int64_t slot = 2 * v.Ci * v.half_pitch;
-  const int64_t vsize = kWinoPos * pos_stride(v.Ci, kBlockVecs);
-  const int64_t msize = kWinoPos * pos_stride(v.Co, kBlockVecs);
   at::parallel_for(0, (items + g - 1) / g, 1, [&](int64_t begin, int64_t end) {
-    float* scratch = thread_scratch(4 * slot, vsize + msize + 2 * v.Co * v.out_pitch);
-    float* rows[4] = {scratch, scratch + slot, scratch + 2 * slot, scratch + 3 * slot};
-    float* vbuf = scratch + 4 * slot;
-    float* mbuf = vbuf + vsize;
-    float* orow0 = mbuf + msize;
-    float* orow1 = orow0 + v.Co * v.out_pitch;
+    const WinoScratch w = wino_scratch(v, 4);  // the packed row's four input rows
+    float* rows[4] = {w.slots, w.slots + w.slot, w.slots + 2 * w.slot, w.slots + 3 * w.slot};
     for (int64_t k = begin; k < end; ++k) {
       for (int64_t s = 0; s < g; ++s) {
         const int64_t t = k * g + s, n = t / pairs, y = 2 * (t % pairs);
@@ -565,11 +579,11 @@ void run_winograd_packed(const Problem& p, int64_t g) {
           }
         }
       }
-      wino_rows(v, rows, vbuf, mbuf, orow0, orow1);
+      wino_rows(v, rows, w.vbuf, w.mbuf, w.orow0, w.orow1);
       for (int64_t s = 0; s < g && k * g + s < items; ++s) {
-        const int64_t t = k * g + s, n = t / pairs, y = 2 * (t % pairs);
-        write_rows(v, orow0 + 2 * s * stride, n, y, period);
-        if (y + 1 < p.H) write_rows(v, orow1 + 2 * s * stride, n, y + 1, period);
+        const int64_t t = k * g + s;
+        write_row_pair(v, w.orow0 + 2 * s * stride, w.orow1 + 2 * s * stride, t / pairs,
+                       2 * (t % pairs), period);
       }
     }
   });

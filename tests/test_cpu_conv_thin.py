@@ -8,6 +8,7 @@ test is skipped with the reason: the kernel is then NOT tested.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 
@@ -28,6 +29,17 @@ LAYOUTS = ["cl", "nchw", "cl_slice", "nchw_slice", "nchw_cols"]
 
 
 ALGORITHMS = ["direct", "winograd"]
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op threads set to ``n`` inside (the AVX2 Winograd packs by thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +131,7 @@ def test_narrow_rows_match_the_oracle(built, shape, threads):
     """Winograd on narrow rows, in every input, residual and output layout, against float64, on
     1 and 2 threads (the packing depends on the thread count); the output allocation poisoned."""
     n, ci, co, h, w = shape
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for k, (xl, rl, out_cl) in enumerate(itertools.product(LAYOUTS, ["none", "cl", "nchw"],
                                                                [True, False])):
             x = _tensor((n, ci, h, w), xl, seed=k)
@@ -133,8 +143,6 @@ def test_narrow_rows_match_the_oracle(built, shape, threads):
                                                channels_last=out_cl)
             assert_close_to_oracle(out, _oracle(x, wt, b, res, k % 2 == 0), dtype=torch.float32,
                                    what=f"{shape} x {xl} residual {rl} out_cl={out_cl}")
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("layout", ["cl", "nchw"])
@@ -268,16 +276,12 @@ def test_the_row_rule_avx2(shape, ci, co, pays):
     """AVX2, on 2 threads: narrow rows run in oneDNN unless oneDNN pads the width; the kernel needs
     70% of its lanes filled (after packing row pairs), 8 tiles or more per pass of weights beyond
     L2 (Ci * Co > 8192), and full rows for the widest weights. AVX-512 has no row rule."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         assert torch_cpu.thin_row_pays(shape, ci, co, "AVX2") is pays
         assert torch_cpu.thin_row_pays(shape, ci, co, "AVX512") is True
-    finally:
-        torch.set_num_threads(before)
 
 
-def test_narrow_rows_stay_in_onednn(built, monkeypatch):
+def test_narrow_rows_stay_in_onednn(thin_calls, monkeypatch):
     """The row rule decides per call. With the AVX2 rule in force on 2 threads, a w32 pose engine
     at 2x3x128x96 sends its 32-, 64- and 128-channel convs (24, 12 and 6 columns; the last two
     packed) to the kernel and its 256-channel ones (3 columns: 4 of 8 lanes) to oneDNN, and
@@ -285,42 +289,30 @@ def test_narrow_rows_stay_in_onednn(built, monkeypatch):
     rule = torch_cpu.thin_row_pays
     monkeypatch.setattr(torch_cpu, "thin_row_pays",
                         lambda shape, ci, co, isa=None: rule(shape, ci, co, "AVX2"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.setitem(torch_cpu._THIN, "on", True)
-    seen = set()
-    real = cpu_ext.conv3x3_thin_cpu
-
-    def spy(x, *args, **kwargs):
-        seen.add((x.shape[1], x.shape[-1]))
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", spy)
     torch.manual_seed(3)
     model = randomize_bn(HRNet(HRNetConfig.preset("w32", head="pose", num_classes=17), fast=False),
                          3).eval()
     x = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(14))
-    try:
-        with torch.inference_mode():
-            out = optimize(model, backend="torch")(x)
-            ref64 = HighResolutionNet.forward(model.double(), x.double())
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(2), torch.inference_mode():
+        out = optimize(model, backend="torch")(x)
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
     assert_model_close(out, ref64, dtype=torch.float32, what="w32 pose 128x96")
+    seen = {(shape[1], shape[-1]) for *_, shape in thin_calls}
     assert {(32, 24), (64, 12), (128, 6)} <= seen, seen
     assert all(w != 3 for _, w in seen), seen  # no 256-channel conv at 3 columns
 
 
 @pytest.fixture
 def thin_calls(built, monkeypatch):
-    """Every call of the thin conv kernel: (x's channels_last-ness, channels_last out, into)."""
+    """Every call of the thin conv kernel: (x's channels_last-ness, channels_last out, into,
+    x's shape)."""
     calls = []
     real = cpu_ext.conv3x3_thin_cpu
     monkeypatch.setitem(torch_cpu._THIN, "on", True)
 
     def spy(x, *args, **kwargs):
         calls.append((x.is_contiguous(memory_format=CL), kwargs.get("channels_last", True),
-                      kwargs.get("into_residual", False)))
+                      kwargs.get("into_residual", False), tuple(x.shape)))
         return real(x, *args, **kwargs)
 
     monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", spy)
@@ -347,8 +339,8 @@ def test_engine_chains_match_the_reference(thin_calls, preset, mode, size):
         ref64 = HighResolutionNet.forward(model.double(), x.double())
     assert_model_close(out, ref64, dtype=torch.float32, what=f"{preset} {mode} {size}")
     assert out.is_contiguous(memory_format=CL) or out.is_contiguous()
-    planar_out = sum(1 for _, out_cl, _ in thin_calls if not out_cl)
-    cl_out = sum(1 for _, out_cl, _ in thin_calls if out_cl)
+    planar_out = sum(1 for _, out_cl, *_ in thin_calls if not out_cl)
+    cl_out = sum(1 for _, out_cl, *_ in thin_calls if out_cl)
     assert planar_out > 0 and cl_out > 0 and planar_out > cl_out  # chains, not single convs
 
 
