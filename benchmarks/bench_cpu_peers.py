@@ -2,7 +2,7 @@
 OpenVINO, in one process.
 
     python benchmarks/bench_cpu_peers.py [--presets w18_small_v2 w18] [--repeats 10] [--compile]
-                                         [--threads 2] [--json bench_cpu_peers.json]
+                                         [--threads 2] [--json results/cpu_peers.json]
 
 Per model: the same weights (random, with random BatchNorm statistics) and one 1x3x512x1024 fp32
 input for every row; each row built and warmed up, then all rows timed round robin (one call of
@@ -58,7 +58,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (slow)")
-    p.add_argument("--json", default="bench_cpu_peers.json", help="where to write all rows")
+    p.add_argument("--json", default="results/cpu_peers.json",
+                   help="where to write all rows (results/ is git-ignored)")
     args = p.parse_args()
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--threads and --repeats must be at least 1, --warmup at least 0")
@@ -92,6 +93,7 @@ def main() -> None:
                   f"{paired:.2f}x by the median of per-round ratios "
                   f"(goal >= {GOAL}x: {'met' if min(speedup, paired) >= GOAL else 'not met'})")
 
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"saved {args.json}")
