@@ -8,7 +8,8 @@
 //
 // Same algorithms, layouts, work split and summation order as the AVX-512 variant, with 8-lane
 // vectors: register tiles of 6 output channels x 2 vectors of 8 pixels (direct) or 8 Winograd
-// tiles (12 of the 16 ymm registers accumulate), 8 x 8 register transposes for channels_last rows,
+// tiles (12 of the 16 ymm registers accumulate; Winograd's 24- and 8-tile blocks, which the AVX-512
+// variant does not have, take 4 x 3 and 12 x 1 tiles), 8 x 8 register transposes for channels_last rows,
 // AVX2 masked loads/stores and gathers for the edges. Every output element is computed by the same
 // sequence of float32 operations as in the AVX-512 variant (see csrc/cpu_conv_thin.h).
 #include <ATen/Parallel.h>
@@ -318,15 +319,42 @@ HF_AVX2 void output_transform(const Problem& p, const float* mbuf, int64_t t0, f
   }
 }
 
-// The products of one position for all output channels, RB = 2 vectors at a time (1 for R = 1).
+// The products of one position for CB output channels at a time over RB vectors of tiles, CB x RB
+// accumulators: CB channels from co0, then a tile of the remaining Co % CB channels.
+template <int CB, int RB, int R>
+HF_AVX2 HF_THIN_ALWAYS_INLINE int64_t wino_channels(const Problem& p, const float* v,
+                                                    const float* u, int64_t co0, int r0, float* m) {
+  const int64_t full = co0 + (p.Co - co0) / CB * CB;
+  for (int64_t co = co0; co < full; co += CB) wino_gemm<CB, RB, R>(p, v, u, co, r0, m);
+  return full;
+}
+
+// The products of one position for all output channels. Register tiles by block width (same
+// process, alternating, Zen 3, 2 threads; every output element sums the same products in the same
+// order whatever the tile): 6 channels x 2 vectors for R = 2, 4 and 8; 4 x 3 for R = 3, which made
+// the 17-24 leftover tiles of a row one block instead of 16 + 8 (w32 pose's 32 channels at 8x64x48
+// 1.25x, 256 -> 32 there 1.16x, 144 channels at 2x20x44 1.26x); 12 x 1 for R = 1 (6 x 1's six
+// accumulators likely leave the FMA latency exposed; 144 channels at 30x15 1.12x, 64 at 8x32x16
+// 1.09x).
+// 4 x 3 for two thirds of a full block, or 4 x 3 + 12 x 1 for R = 4, lost (0.87-1.00x).
 template <int R>
 HF_AVX2 void wino_position(const Problem& p, const float* v, const float* u, float* m) {
-  constexpr int RB = R < kTilePx ? R : kTilePx;
-  const int64_t co_full = p.Co / kTileCo * kTileCo;
-  for (int r0 = 0; r0 < R; r0 += RB) {
-    for (int64_t co = 0; co < co_full; co += kTileCo) wino_gemm<kTileCo, RB, R>(p, v, u, co, r0, m);
-    with_rest(p.Co - co_full,
-              [&](auto cb) HF_AVX2 { wino_gemm<decltype(cb)::value, RB, R>(p, v, u, co_full, r0, m); });
+  if constexpr (R == 3) {
+    const int64_t co = wino_channels<4, 3, R>(p, v, u, 0, 0, m);
+    with_rest(p.Co - co,
+              [&](auto cb) HF_AVX2 { wino_gemm<decltype(cb)::value, 3, R>(p, v, u, co, 0, m); });
+  } else if constexpr (R == 1) {
+    const int64_t co12 = wino_channels<2 * kTileCo, 1, R>(p, v, u, 0, 0, m);
+    const int64_t co = wino_channels<kTileCo, 1, R>(p, v, u, co12, 0, m);
+    with_rest(p.Co - co,
+              [&](auto cb) HF_AVX2 { wino_gemm<decltype(cb)::value, 1, R>(p, v, u, co, 0, m); });
+  } else {
+    for (int r0 = 0; r0 < R; r0 += kTilePx) {
+      const int64_t co = wino_channels<kTileCo, kTilePx, R>(p, v, u, 0, r0, m);
+      with_rest(p.Co - co, [&](auto cb) HF_AVX2 {
+        wino_gemm<decltype(cb)::value, kTilePx, R>(p, v, u, co, r0, m);
+      });
+    }
   }
 }
 
@@ -343,22 +371,27 @@ HF_AVX2 void wino_block(const Problem& p, float* const* rows, int64_t t0, float*
   output_transform<R>(p, mbuf, t0, orow0, orow1);
 }
 
-// Two planar output rows (y, y + 1) before bias: blocks of 64 tiles, then of 32, 16 and 8, so
-// that the lanes computed are the tiles rounded up to 8 (the last block may reach past the row's
-// tiles, never past the caller's pitches, which cover whole blocks of 64). Every block streams
-// all 16 transformed weight matrices; two smaller blocks still beat one with 8-15 idle lanes
-// (same process, 17-24 tiles as 16 + 8 against 32: 18-256 channels 1.12-1.27x).
+// Two planar output rows (y, y + 1) before bias: blocks of 64 tiles, then blocks of 32, 24, 16 or 8
+// tiles, so that the lanes computed are the tiles rounded up to 8 (the last block may reach past
+// the row's tiles, never past the caller's pitches, which cover whole blocks of 64). Every block
+// streams all 16 transformed weight matrices, yet smaller blocks still beat one with idle lanes
+// (same process, 17-24 tiles as 16 + 8 against 32: 18-256 channels 1.12-1.27x), and an 8-tile
+// block is the slowest per tile: 33-40 leftover tiles run as 24 + 16, not 32 + 8 (64 channels at
+// 64x76 1.09x, 144 at 2x20x72 1.07x, 18-72 channels 1.01-1.03x).
 HF_AVX2 void wino_rows(const Problem& p, float* const* rows, float* vbuf, float* mbuf,
                        float* orow0, float* orow1) {
   const int64_t full = p.tiles / kWinoBlock * kWinoBlock;
   int64_t t0 = 0;
   for (; t0 < full; t0 += kWinoBlock) wino_block<kBlockVecs>(p, rows, t0, vbuf, mbuf, orow0, orow1);
   while (t0 < p.tiles) {
-    const int64_t left = p.tiles - t0;
-    if (left > 3 * kLanes) {
+    const int64_t vecs = (p.tiles - t0 + kLanes - 1) / kLanes;  // 1 .. 8
+    if (vecs == 4 || vecs > 5) {
       wino_block<4>(p, rows, t0, vbuf, mbuf, orow0, orow1);
       t0 += 4 * kLanes;
-    } else if (left > kLanes) {
+    } else if (vecs >= 3) {
+      wino_block<3>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      t0 += 3 * kLanes;
+    } else if (vecs == 2) {
       wino_block<2>(p, rows, t0, vbuf, mbuf, orow0, orow1);
       t0 += 2 * kLanes;
     } else {
