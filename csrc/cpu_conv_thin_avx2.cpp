@@ -564,14 +564,28 @@ void run_winograd(const Problem& p, const Period& period) {
 // Row pairs per packed Winograd row, or 1. Narrow rows (pose crops: 3-12 tiles) fill few lanes
 // and stream all 16 transformed weight matrices for those few tiles; g row pairs' tiles side by
 // side (each pair's tiles followed by one junk tile that straddles two pairs) in one row of at most
-// 64 tiles fill more lanes and read the weights once per g pairs. Packed when that fills a larger
-// share of the lanes with real tiles, with at most an even share of the row pairs per thread.
+// 64 tiles fill more lanes and read the weights once per g pairs. Packed when the largest g (at
+// most an even share of the row pairs per thread) fills a larger share of the lanes with real
+// tiles; then g is the one of 2 .. largest that computes the fewest lanes on the busiest thread
+// (packed rows per thread x lanes per row; ties to the larger g). The largest alone left the last
+// packed row mostly junk: 128 channels at 8x16x12 ran 9 pairs per row, 8 rows of 64 lanes, where
+// 8 pairs take 8 rows of 56 (1.18x; 192 at 4x24x18 1.15x, 72 at 8x16x12 1.12x, 64 at 8x32x24
+// 1.04x, 144 and 256 at 8x8x6 unchanged; same process, alternating, Zen 3, 2 threads).
+// torch_cpu.winograd_row (Python) computes the same g for the row rule.
 int64_t packed_pairs(const Problem& p, int64_t items) {
   const auto lanes = [](int64_t tiles) { return (tiles + kLanes - 1) / kLanes * kLanes; };
   const int64_t stride = p.tiles + 1, threads = std::max(1, at::get_num_threads());
   const int64_t g = std::min<int64_t>(kWinoBlock / stride, (items + threads - 1) / threads);
   if (g < 2 || g * p.tiles * lanes(p.tiles) <= p.tiles * lanes(g * stride - 1)) return 1;
-  return g;
+  const auto busiest = [&](int64_t k) {
+    const int64_t rows = (items + k - 1) / k;
+    return (rows + threads - 1) / threads * lanes(k * stride - 1);
+  };
+  int64_t best = g;
+  for (int64_t k = g - 1; k >= 2; --k) {
+    if (busiest(k) < busiest(best)) best = k;
+  }
+  return best;
 }
 
 // Zeros one packed segment of a packed input row: both halves of every channel over its

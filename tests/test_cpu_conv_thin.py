@@ -281,6 +281,21 @@ def test_the_row_rule_avx2(shape, ci, co, pays):
         assert torch_cpu.thin_row_pays(shape, ci, co, "AVX512") is True
 
 
+@pytest.mark.parametrize("width,height,batch,row", [
+    (12, 16, 8, (48, 56)),   # 6 tiles: 8 pairs per row (8 rows of 56 lanes), not 9 (8 rows of 64)
+    (18, 24, 4, (36, 40)),   # 9 tiles: 4 pairs per row, 12 rows (6 per thread) of 40 lanes
+    (6, 8, 8, (48, 64)),     # 3 tiles: 16 pairs per row, one row per thread
+    (24, 32, 8, (36, 40)),   # 12 tiles: 3 pairs (22 rows per thread of 40 lanes), not 4 (16 of 56)
+    (48, 64, 8, (24, 24)),   # 24 tiles fill their lanes: not packed
+    (6, 8, 1, (6, 8))])      # 2 pairs per thread would not fill more lanes: not packed
+def test_packing_computes_the_fewest_lanes(width, height, batch, row):
+    """AVX2 packing on 2 threads (winograd_row, the mirror of the kernel's packed_pairs; checked
+    equal to it over 4500 shapes on 1-8 threads when the rule was written): among the pair counts
+    that fit a row, the one whose busiest thread computes the fewest lanes."""
+    with torch_threads(2):
+        assert torch_cpu.winograd_row(width, height, batch) == row
+
+
 def test_narrow_rows_stay_in_onednn(thin_calls, monkeypatch):
     """The row rule decides per call. With the AVX2 rule in force on 2 threads, a w32 pose engine
     at 2x3x128x96 sends its 32-, 64- and 128-channel convs (24, 12 and 6 columns; the last two

@@ -243,7 +243,14 @@ def winograd_row(width: int, height: int, batch: int) -> Tuple[int, int]:
     g = min(64 // stride, -(-items // threads))
     if g < 2 or g * tiles * lanes(tiles) <= tiles * lanes(g * stride - 1):
         return tiles, lanes(tiles)
-    return g * tiles, lanes(g * stride - 1)
+
+    def busiest(k):  # lanes computed by the busiest thread with k pairs per row
+        return -(-(-(-items // k)) // threads) * lanes(k * stride - 1)
+    best = g
+    for k in range(g - 1, 1, -1):
+        if busiest(k) < busiest(best):
+            best = k
+    return best * tiles, lanes(best * stride - 1)
 
 
 def thin_row_pays(shape: Sequence[int], in_channels: int, out_channels: int,
