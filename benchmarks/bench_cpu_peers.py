@@ -3,9 +3,11 @@ OpenVINO, in one process.
 
     python benchmarks/bench_cpu_peers.py [--presets w18_small_v2 w18] [--repeats 10] [--compile]
                                          [--threads 2] [--json results/cpu_peers.json]
+    python benchmarks/bench_cpu_peers.py --head pose --presets w32 --size 256x192 --batch 8
 
-Per model: the same weights (random, with random BatchNorm statistics) and one 1x3x512x1024 fp32
-input for every row; each row built and warmed up, then all rows timed round robin (one call of
+Per model: the same weights (random, with random BatchNorm statistics) and one fp32 input
+(default 1x3x512x1024, segmentation head; ``--head pose`` is the top-down keypoint model with
+17 joints) for every row; each row built and warmed up, then all rows timed round robin (one call of
 each in turn, an idle gap before each call), median of ``--repeats``: ``hrnet_fast.bench.run_bench``.
 Rows: the reference in eager mode, the hrnet_fast engine (torch backend), torch.compile of the
 reference (``--compile``: minutes of compilation), ONNX Runtime (ORT_ENABLE_ALL), OpenVINO with
@@ -54,6 +56,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["w18_small_v2", "w18"], choices=PRESET_NAMES)
     p.add_argument("--size", type=parse_size, default=(512, 1024), help="HxW (default 512x1024)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--head", default="seg", choices=["seg", "pose", "classification", "features"])
     p.add_argument("--threads", type=int, default=2, help="torch's, ONNX Runtime's and OpenVINO's")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
@@ -61,20 +65,22 @@ def main() -> None:
     p.add_argument("--json", default="results/cpu_peers.json",
                    help="where to write all rows (results/ is git-ignored)")
     args = p.parse_args()
-    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--threads and --repeats must be at least 1, --warmup at least 0")
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--threads, --repeats and --batch must be at least 1, --warmup at least 0")
 
     torch.set_num_threads(args.threads)
     peers = ["eager"] + (["compile"] if args.compile else []) + list(ONNX_PEERS)
-    result = run_bench(args.presets, [args.size], [1], [torch.float32], ["torch"], peers,
+    result = run_bench(args.presets, [args.size], [args.batch], [torch.float32], ["torch"], peers,
                        torch.device("cpu"), warmup=args.warmup, repeats=args.repeats,
+                       head=args.head, num_classes=17 if args.head == "pose" else None,
                        progress=stderr_progress)
     by_key = {(r["preset"], r["kind"], r["name"]): r for r in result["rows"]}
 
     env = result["environment"]
     print(f"{env['device_name']}; {env['threads']} threads; torch {env['torch']}, onnxruntime "
           f"{env.get('onnxruntime', 'absent')}, openvino {env.get('openvino', 'absent')}")
-    print(f"1x3x{args.size[0]}x{args.size[1]} fp32, round robin, median of {args.repeats}, ms:")
+    print(f"{args.batch}x3x{args.size[0]}x{args.size[1]} fp32, head {args.head}, round robin, "
+          f"median of {args.repeats}, ms:")
     table = [[label] + [cell(by_key.get((preset, kind, name))) for preset in args.presets]
              for (kind, name), label in ROWS if kind == "impl" or name in peers]
     print_table(["implementation"] + args.presets, table)
