@@ -3,7 +3,8 @@
 //
 //   hrnet_fast_cpu::conv3x3_thin_pack(Tensor weight, bool winograd) -> Tensor
 //     weight [Co, Ci, 3, 3] float32 -> direct [Ci][3][3][Co], or Winograd U = G g G^T as
-//     [16][Ci][Co] (computed in double, rounded once). Callers keep it while the weight is unchanged.
+//     [16][Ci][Co] (computed in double, rounded once; on AVX2 each position's Ci x Co matrix in panels
+//     of 12 output channels, see kPanelCo). Callers keep it while the weight is unchanged.
 //   hrnet_fast_cpu::conv3x3_thin(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, bool relu,
 //                                bool channels_last) -> Tensor
 //     out = act(conv2d(x, weight, bias, stride=1, padding=1) + residual), a new dense tensor,
@@ -668,12 +669,36 @@ at::Tensor winograd_weights(const at::Tensor& weight) {
   return u;
 }
 
+// [16][Ci][Co] -> each position's matrix in the AVX2 variant's panels (kPanelCo in cpu_conv_thin.h).
+at::Tensor panelled(const at::Tensor& u) {
+  const int64_t ci_n = u.size(1), co_n = u.size(2);
+  at::Tensor out = at::empty(u.sizes(), u.options());
+  const float* src = u.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t pos = 0; pos < kWinoPos; ++pos) {
+    const float* s = src + pos * ci_n * co_n;
+    float* d = dst + pos * ci_n * co_n;
+    for (int64_t ci = 0; ci < ci_n; ++ci) {
+      for (int64_t co = 0; co < co_n; ++co) {
+        int64_t stride;
+        d[hf_thin::panel_offset(ci_n, co_n, ci, co, &stride)] = s[ci * co_n + co];
+      }
+    }
+  }
+  return out;
+}
+
 at::Tensor conv3x3_thin_pack(const at::Tensor& weight, bool winograd) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 4 &&
                   weight.size(2) == 3 && weight.size(3) == 3 && weight.size(0) > 0 && weight.size(1) > 0,
               "hrnet_fast_cpu::conv3x3_thin_pack: weight must be float32 [Co, Ci, 3, 3] on the CPU, "
               "got ", weight.scalar_type(), " ", weight.sizes());
-  return winograd ? winograd_weights(weight) : weight.permute({1, 2, 3, 0}).contiguous();
+  if (!winograd) return weight.permute({1, 2, 3, 0}).contiguous();
+  at::Tensor u = winograd_weights(weight);
+#if HF_THIN_X86
+  if (hf_isa::cpu_isa() == Isa::Avx2) u = panelled(u);
+#endif
+  return u;
 }
 
 at::Tensor compute(const at::Tensor& x, const at::Tensor& packed, const Packed& w,

@@ -19,6 +19,25 @@ constexpr int kWinoPos = 16;    // Winograd F(2x2, 3x3): positions of a 4x4 tran
 constexpr int kPeriodPx = 16;   // pixels per period of the gathered channels_last write's tables
 constexpr int kWinoBlock = 64;  // Winograd tiles per block (the caller's pitches cover whole blocks)
 
+// The AVX2 variant's Winograd weights: each position's Ci x Co matrix as panels of kPanelCo output
+// channels, panel k = channels [12k, 12k + w_k) with w_k = min(12, Co - 12k), stored [ci][w_k] at
+// 12k * Ci; a register tile of 4, 6 or 12 channels (its start a multiple of its width, or the last
+// channels) lies in one panel and reads it as a contiguous stream. The row-major [Ci][Co] form
+// made a tile's Ci broadcasts Co * 4 bytes apart: for Co a multiple of 64 those lines fall in a few
+// L1 sets and come from L2 every time. Panels against [Ci][Co], same process, alternating, Zen 3,
+// 2 threads: 256 channels at 8x8x6 1.38x, 384 at 16x32 1.34x, 144 at 16x32 1.19x, 192 at 32x64
+// 1.16x, 96 at 64x128 1.07x, 18-64 channels within 3%; whole models 1.035x (w18 seg 512x1024) to
+// 1.07x (w48 seg, w32 pose). The AVX-512 variant reads [Ci][Co] (not measured there, so not
+// changed). conv3x3_thin_pack writes the order of the variant this process runs.
+constexpr int kPanelCo = 12;
+// Offset of (ci, co0) in a panelled Ci x Co matrix, and that panel's row length (ci stride).
+HF_THIN_ALWAYS_INLINE int64_t panel_offset(int64_t Ci, int64_t Co, int64_t ci, int64_t co0,
+                                           int64_t* stride) {
+  const int64_t first = co0 / kPanelCo * kPanelCo;
+  *stride = Co - first < kPanelCo ? Co - first : kPanelCo;
+  return first * Ci + ci * *stride + (co0 - first);
+}
+
 struct Problem {
   int64_t N, H, W, Ci, Co;
   const float* x;
@@ -33,7 +52,7 @@ struct Problem {
   int64_t in_pitch;    // floats per planar input channel row: 1 + W + zero padding
   int64_t out_pitch;   // floats per planar output channel row
   // Winograd F(2x2, 3x3)
-  const float* u;      // transformed weights [16][Ci][Co]
+  const float* u;      // transformed weights [16][Ci][Co] (AVX2: panels, see kPanelCo)
   int64_t tiles;       // 2-pixel tiles per row: ceil(W / 2)
   int64_t half_pitch;  // floats per half (even or odd columns) of a planar input channel row
 };

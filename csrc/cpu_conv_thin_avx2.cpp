@@ -32,6 +32,8 @@ using hf_avx2::store_first;
 constexpr int kTilePx = 2;   // vectors of pixels (or tiles) per register tile: 6 x 2 accumulators
 constexpr int kBlockVecs = kWinoBlock / kLanes;  // vectors per full Winograd block (8)
 static_assert(kPeriodPx % kLanes == 0, "a period is whole vectors");
+static_assert(kPanelCo % kTileCo == 0 && kPanelCo % 4 == 0,
+              "the Winograd register tiles (6, 4 and 12 channels) never straddle two panels");
 
 HF_AVX2 HF_THIN_ALWAYS_INLINE __m256i lane_times(int64_t stride) {
   return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -260,7 +262,8 @@ HF_AVX2 void input_transform(const Problem& p, float* const* rows, int64_t t0, f
 }
 
 // M[pos] for CB output channels from co0 and RB vectors of tiles from vector r0 of a block of R
-// vectors: mbuf[pos][co][8 R].
+// vectors: mbuf[pos][co][8 R]. u: this position's weights in panels (kPanelCo); the CB channels lie
+// in one panel.
 template <int CB, int RB, int R>
 HF_AVX2 HF_THIN_ALWAYS_INLINE void wino_gemm(const Problem& p, const float* v, const float* u,
                                              int64_t co0, int r0, float* m) {
@@ -269,10 +272,11 @@ HF_AVX2 HF_THIN_ALWAYS_INLINE void wino_gemm(const Problem& p, const float* v, c
     for (int r = 0; r < RB; ++r) acc[c][r] = _mm256_setzero_ps();
   // pointers walked by their strides: GCC otherwise reloads Co from p and recomputes every
   // broadcast address per input channel (30 instructions around 12 FMAs)
-  const int64_t Ci = p.Ci, Co = p.Co;
+  const int64_t Ci = p.Ci;
+  int64_t ustride;
   const float* vp = v + kLanes * r0;
-  const float* up = u + co0;
-  for (int64_t ci = 0; ci < Ci; ++ci, vp += kLanes * R, up += Co) {
+  const float* up = u + panel_offset(Ci, p.Co, 0, co0, &ustride);
+  for (int64_t ci = 0; ci < Ci; ++ci, vp += kLanes * R, up += ustride) {
     __m256 vv[RB];
     for (int r = 0; r < RB; ++r) vv[r] = _mm256_loadu_ps(vp + kLanes * r);
     for (int c = 0; c < CB; ++c) {

@@ -400,7 +400,8 @@ def thin_conv_supported() -> bool:
 
 def conv3x3_thin_pack(weight: torch.Tensor, *, winograd: bool) -> torch.Tensor:
     """The thin conv's packed weight: [Ci, 3, 3, Co] for the direct algorithm, or the Winograd
-    F(2x2, 3x3) transform G g G^T as [16, Ci, Co] (computed in float64, rounded once), from a
+    F(2x2, 3x3) transform G g G^T as [16, Ci, Co] (computed in float64, rounded once; on AVX2 each
+    position's matrix ordered in panels of 12 output channels, the order its kernel reads), from a
     float32 [Co, Ci, 3, 3] weight. Callers keep it as long as the weight does not change."""
     if not load_extension():
         raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
