@@ -550,6 +550,18 @@ def _load_warnings():
     return first, second, [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
+def test_the_kernels_build_wherever_they_can():
+    """Where a C++ compiler and ninja are present and the kernels are not switched off, they must
+    build. Every kernel test skips when the build fails (a machine without a compiler runs the
+    torch composition), so without this a compile error in csrc/ would pass the suite as a few
+    hundred skips."""
+    why = cpu_ext._precheck()
+    if why is not None:
+        pytest.skip(f"the CPU kernels cannot be built here: {why}")
+    ok, reason = cpu_ext.cpu_ext_status()
+    assert ok, f"the CPU kernels failed to build: {reason}"
+
+
 def test_missing_compiler_warns_once(fresh_loader):
     fresh_loader.setenv("CXX", "no-such-compiler-hrnet-fast")
     first, second, said = _load_warnings()
