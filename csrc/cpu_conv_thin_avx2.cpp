@@ -575,7 +575,7 @@ void run_winograd(const Problem& p, const Period& period) {
 // packed row mostly junk: 128 channels at 8x16x12 ran 9 pairs per row, 8 rows of 64 lanes, where
 // 8 pairs take 8 rows of 56 (1.18x; 192 at 4x24x18 1.15x, 72 at 8x16x12 1.12x, 64 at 8x32x24
 // 1.04x, 144 and 256 at 8x8x6 unchanged; same process, alternating, Zen 3, 2 threads).
-// torch_cpu.winograd_row (Python) computes the same g for the row rule.
+// torch_cpu.winograd_rows (Python) computes the same g for the row rule.
 int64_t packed_pairs(const Problem& p, int64_t items) {
   const auto lanes = [](int64_t tiles) { return (tiles + kLanes - 1) / kLanes * kLanes; };
   const int64_t stride = p.tiles + 1, threads = std::max(1, at::get_num_threads());

@@ -264,43 +264,46 @@ def test_the_width_rule_avx2(ci, co, pays):
 
 @pytest.mark.parametrize("shape,ci,co,pays", [
     ((8, 0, 8, 6), 256, 256, True),     # 8 row pairs of 3 tiles packed per row: 48 of 64 lanes
-    ((1, 0, 8, 6), 256, 256, False),    # 2 pairs per thread: 6 tiles per pass of 4 MB of weights
-    ((8, 0, 16, 12), 128, 128, True), ((1, 0, 16, 12), 128, 128, False),
-    ((4, 0, 12, 9), 384, 384, False),   # narrow rows of the widest weights
-    ((1, 0, 16, 32), 384, 384, True),   # a full row of 16 tiles
-    ((1, 0, 17, 17), 144, 144, True), ((2, 0, 9, 9), 256, 256, True),
-    ((1, 0, 8, 6), 18, 18, True), ((1, 0, 8, 6), 36, 36, True),  # oneDNN pads 18 and 36
-    ((1, 0, 1, 5), 8, 8, False),        # 3 tiles in 8 lanes, nothing to pack with
-    ((1, 0, 512, 1024), 384, 384, True), ((2, 0, 3, 3), 20, 20, True)])
+    ((1, 0, 8, 6), 256, 256, True),     # 2 pairs per thread: 6 tiles per pass of 4 MB of weights
+    ((1, 0, 4, 3), 256, 256, False),    # 2 tiles per pass of weights
+    ((1, 0, 2, 11), 256, 256, False),   # 6 tiles, but one row for two threads
+    ((2, 0, 4, 3), 384, 384, False),    # 4 tiles per pass
+    ((4, 0, 12, 9), 384, 384, True), ((1, 0, 16, 12), 128, 128, True),
+    ((1, 0, 4, 6), 192, 192, False), ((1, 0, 4, 6), 96, 96, True),  # weights up to 128 x 128
+    ((1, 0, 16, 32), 384, 384, True), ((1, 0, 17, 17), 144, 144, True),
+    ((2, 0, 9, 9), 256, 256, True), ((1, 0, 8, 6), 18, 18, True),
+    ((1, 0, 8, 6), 36, 36, True),       # oneDNN pads 18 and 36
+    ((1, 0, 1, 5), 8, 8, True), ((1, 0, 512, 1024), 384, 384, True), ((2, 0, 3, 3), 20, 20, True)])
 def test_the_row_rule_avx2(shape, ci, co, pays):
-    """AVX2, on 2 threads: narrow rows run in oneDNN unless oneDNN pads the width; the kernel needs
-    70% of its lanes filled (after packing row pairs), 8 tiles or more per pass of weights beyond
-    L2 (Ci * Co > 8192), and full rows for the widest weights. AVX-512 has no row rule."""
+    """AVX2, on 2 threads: a conv takes the kernel when oneDNN pads its width, when its weights are
+    at most 128 x 128, or when each of its rows (after packing) holds 6 real tiles or more and
+    every thread gets a row; else oneDNN. AVX-512 has no row rule."""
     with torch_threads(2):
         assert torch_cpu.thin_row_pays(shape, ci, co, "AVX2") is pays
         assert torch_cpu.thin_row_pays(shape, ci, co, "AVX512") is True
 
 
-@pytest.mark.parametrize("width,height,batch,row", [
-    (12, 16, 8, (48, 56)),   # 6 tiles: 8 pairs per row (8 rows of 56 lanes), not 9 (8 rows of 64)
-    (18, 24, 4, (36, 40)),   # 9 tiles: 4 pairs per row, 12 rows (6 per thread) of 40 lanes
-    (6, 8, 8, (48, 64)),     # 3 tiles: 16 pairs per row, one row per thread
-    (24, 32, 8, (36, 40)),   # 12 tiles: 3 pairs (22 rows per thread of 40 lanes), not 4 (16 of 56)
-    (48, 64, 8, (24, 24)),   # 24 tiles fill their lanes: not packed
-    (6, 8, 1, (6, 8))])      # 2 pairs per thread would not fill more lanes: not packed
-def test_packing_computes_the_fewest_lanes(width, height, batch, row):
-    """AVX2 packing on 2 threads (winograd_row, the mirror of the kernel's packed_pairs; checked
+@pytest.mark.parametrize("width,height,batch,rows", [
+    (12, 16, 8, (48, 56, 8)),   # 6 tiles: 8 pairs per row (8 rows of 56 lanes), not 9 (8 of 64)
+    (18, 24, 4, (36, 40, 12)),  # 9 tiles: 4 pairs per row, 12 rows (6 per thread) of 40 lanes
+    (6, 8, 8, (48, 64, 2)),     # 3 tiles: 16 pairs per row, one row per thread
+    (24, 32, 8, (36, 40, 43)),  # 12 tiles: 3 pairs (22 rows per thread of 40 lanes), not 4 (16 of 56)
+    (48, 64, 8, (24, 24, 256)),  # 24 tiles fill their lanes: not packed
+    (6, 8, 1, (6, 8, 2)),       # 2 pairs per thread: one of 7 tiles each
+    (5, 2, 1, (3, 8, 1))])      # one row pair, nothing to pack with
+def test_packing_computes_the_fewest_lanes(width, height, batch, rows):
+    """AVX2 packing on 2 threads (winograd_rows, the mirror of the kernel's packed_pairs; checked
     equal to it over 4500 shapes on 1-8 threads when the rule was written): among the pair counts
     that fit a row, the one whose busiest thread computes the fewest lanes."""
     with torch_threads(2):
-        assert torch_cpu.winograd_row(width, height, batch) == row
+        assert torch_cpu.winograd_rows(width, height, batch) == rows
 
 
 def test_narrow_rows_stay_in_onednn(thin_calls, monkeypatch):
     """The row rule decides per call. With the AVX2 rule in force on 2 threads, a w32 pose engine
     at 2x3x128x96 sends its 32-, 64- and 128-channel convs (24, 12 and 6 columns; the last two
-    packed) to the kernel and its 256-channel ones (3 columns: 4 of 8 lanes) to oneDNN, and
-    matches the float64 reference."""
+    packed) to the kernel and its 256-channel ones (3 columns, 4 row pairs: two packed rows of 4
+    real tiles, each streaming 4 MB of weights) to oneDNN, and matches the float64 reference."""
     rule = torch_cpu.thin_row_pays
     monkeypatch.setattr(torch_cpu, "thin_row_pays",
                         lambda shape, ci, co, isa=None: rule(shape, ci, co, "AVX2"))

@@ -214,27 +214,27 @@ def thin_conv_pays(in_channels: int, out_channels: int, isa: Optional[str] = Non
 # AVX2, per row (same A/B, batch 1 and 8, Winograd against oneDNN): a row of W pixels is (W + 1) / 2
 # Winograd tiles, computed in 8-lane vectors (csrc/cpu_conv_thin_avx2.cpp, wino_rows: the tiles
 # rounded up to 8), and every block of tiles streams all 16 transformed weight matrices (64 * Ci *
-# Co bytes). Narrow rows (pose crops: 256x192 leaves 6-48 columns per branch) waste lanes and,
-# when the weights outgrow L2, re-read them for a few tiles; the kernel packs several row pairs'
-# tiles into one row where that fills more lanes (``winograd_row``). Before packing: 6 columns
-# (3 tiles) lost at 64-256 channels (0.44-0.79x), 12 columns at 128-192 (0.83-0.99x), 18 columns
-# at 384 (0.87x). Packed, kernel against oneDNN over two runs (batch in front): 256 ch at 8x8x6
-# 1.11-1.27x, 144 at 8x8x6 1.20-1.40x, 128 at 8x16x12 1.19-1.28x, 72 at 8x16x12 1.34-1.37x,
-# 192 at 4x24x18 1.29-1.40x, 144 at 1x17x17 1.13-1.16x, 256 at 2x9x9 0.91-0.92x (the rule's one
-# miss), 256 at 1x8x6 0.92-0.94x (2 row pairs per thread: 6 tiles per pass); 384 at 4x12x9
-# 0.42-0.45x (590 KB of weights per position exceed L2). So on AVX2 a row takes the kernel when
-# oneDNN pads the width by 10% or more, or when at least 70% of the computed lanes are real tiles,
-# weights beyond L2 (Ci * Co > 8192: 512 KB) get 8 tiles or more per pass, and Ci * Co > 65536
-# comes with full rows of 16 tiles.
-THIN_AVX2_MIN_LANE_USE = 0.7
-THIN_AVX2_L2_WEIGHTS = 8192  # Ci * Co
-THIN_AVX2_NARROW_MAX_WEIGHTS = 65536  # Ci * Co that narrow rows (under 16 tiles) may have
+# Co bytes). Narrow rows (pose crops: 256x192 leaves 6-48 columns per branch) waste lanes and, with
+# wide weights, stream them for a few tiles; the kernel packs several row pairs' tiles into one
+# row where that fills more lanes (``winograd_rows``). Since the weights are read in panels and
+# 17-24 leftover tiles run as one block, the kernel wins wherever a thread gets work for 6 tiles or
+# more per pass of weights (kernel against oneDNN, 2 threads, 2026-11-27): 256 ch at 8x8x6 1.26x
+# and at 1x8x6 1.32x, 384 at 4x12x9 1.36x, 8x8x6 1.36x, 1x8x6 1.20x, 1x24x18 1.39x, 128 at 1x16x12
+# 1.38x, 144 at 1x17x17 1.21x, 256 at 2x9x9 1.16x and 2x4x5 1.14x, 384 at 2x2x11 1.01x; and
+# weights up to 128 x 128 win at any size (96 at 1x4x6 1.60x, 64 at 1x4x4 1.85x, 8 at 1x1x5 4.95x).
+# It loses with wide weights and fewer real tiles per row (256 at 1x4x3 0.56x, 1x2x5 0.63x, 1x4x5
+# 0.81x, 384 at 2x4x3 0.86x, 192 at 1x4x6 0.93x) and with one row for two threads (256 at 1x2x11
+# 0.82x, 384 at 1x2x12 0.78x). So on AVX2 a row takes the kernel when oneDNN pads the width by 10%
+# or more, when Ci * Co <= 16384, or when its row holds 6 real tiles or more and every thread
+# gets a row. (Misses, all under 0.25 ms: 144-192 ch on one row of 3-6 tiles, 1.06-1.14x.)
+THIN_AVX2_SMALL_WEIGHTS = 16384  # Ci * Co: 1 MB of transformed weights
+THIN_AVX2_MIN_TILES = 6  # real tiles per row (after packing) for wider weights
 
 
-def winograd_row(width: int, height: int, batch: int) -> Tuple[int, int]:
-    """(real tiles, computed lanes) of one Winograd row of the AVX2 kernel for a [batch, C, height,
-    width] input on torch's threads: one row pair's tiles, or several row pairs' packed side by
-    side as ``packed_pairs`` in csrc/cpu_conv_thin_avx2.cpp decides."""
+def winograd_rows(width: int, height: int, batch: int) -> Tuple[int, int, int]:
+    """(real tiles, computed lanes, rows) of the AVX2 kernel's Winograd rows for a [batch, C, height,
+    width] input on torch's threads: one row pair's tiles per row, or several row pairs' packed side
+    by side as ``packed_pairs`` in csrc/cpu_conv_thin_avx2.cpp decides."""
     def lanes(t):
         return -(-t // 8) * 8
     tiles = (width + 1) // 2
@@ -242,7 +242,7 @@ def winograd_row(width: int, height: int, batch: int) -> Tuple[int, int]:
     threads = max(1, torch.get_num_threads())
     g = min(64 // stride, -(-items // threads))
     if g < 2 or g * tiles * lanes(tiles) <= tiles * lanes(g * stride - 1):
-        return tiles, lanes(tiles)
+        return tiles, lanes(tiles), items
 
     def busiest(k):  # lanes computed by the busiest thread with k pairs per row
         return -(-(-(-items // k)) // threads) * lanes(k * stride - 1)
@@ -250,7 +250,7 @@ def winograd_row(width: int, height: int, batch: int) -> Tuple[int, int]:
     for k in range(g - 1, 1, -1):
         if busiest(k) < busiest(best):
             best = k
-    return best * tiles, lanes(best * stride - 1)
+    return best * tiles, lanes(best * stride - 1), -(-items // best)
 
 
 def thin_row_pays(shape: Sequence[int], in_channels: int, out_channels: int,
@@ -262,11 +262,10 @@ def thin_row_pays(shape: Sequence[int], in_channels: int, out_channels: int,
         return True
     if -(-out_channels // 8) * 8 >= THIN_MIN_PADDING * out_channels:
         return True
-    real, lanes = winograd_row(width, height, batch)
-    weights = in_channels * out_channels
-    return (real >= THIN_AVX2_MIN_LANE_USE * lanes
-            and (weights <= THIN_AVX2_L2_WEIGHTS or real >= 8)
-            and (weights <= THIN_AVX2_NARROW_MAX_WEIGHTS or (width + 1) // 2 >= 16))
+    if in_channels * out_channels <= THIN_AVX2_SMALL_WEIGHTS:
+        return True
+    real, _, rows = winograd_rows(width, height, batch)
+    return real >= THIN_AVX2_MIN_TILES and rows >= max(1, torch.get_num_threads())
 
 
 def thin_winograd(out_channels: int, isa: Optional[str] = None) -> bool:
