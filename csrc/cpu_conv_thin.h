@@ -26,7 +26,7 @@ constexpr int kWinoBlock = 64;  // Winograd tiles per block (the caller's pitche
 // made a tile's Ci broadcasts Co * 4 bytes apart: for Co a multiple of 64 those lines fall in a few
 // L1 sets and come from L2 every time. Panels against [Ci][Co], same process, alternating, Zen 3,
 // 2 threads: 256 channels at 8x8x6 1.38x, 384 at 16x32 1.34x, 144 at 16x32 1.19x, 192 at 32x64
-// 1.16x, 96 at 64x128 1.07x, 18-64 channels within 3%; whole models 1.035x (w18 seg 512x1024) to
+// 1.16x, 96 at 64x128 1.07x, 18-64 channels 0.98-1.03x; whole models 1.035x (w18 seg 512x1024) to
 // 1.07x (w48 seg, w32 pose). The AVX-512 variant reads [Ci][Co] (not measured there, so not
 // changed). conv3x3_thin_pack writes the order of the variant this process runs.
 constexpr int kPanelCo = 12;
