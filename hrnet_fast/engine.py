@@ -331,6 +331,23 @@ class HRNetEngine(nn.Module):
         """Refold the source's weights on the next call (for changes the watch cannot see)."""
         self._stale = True
 
+    # What a backend derived from the weights (oneDNN's opaque reordered weights, the CPU kernels'
+    # packs in this machine's instruction-set order, CUDA graphs) is never pickled or copied: a
+    # pickled engine (torch.save, copy.deepcopy) keeps its source model and settings and folds
+    # them again when loaded, on the machine that loads it.
+    _DERIVED = ("plan", "_be", "_watch", "_compiled")
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in self._DERIVED:
+            state.pop(name, None)
+        state["_graphs"], state["_seen_shapes"] = {}, {}
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.rebuild()
+
     def extra_repr(self) -> str:
         return (f"preset={self.config.name}, backend={self.backend}, dtype={self.dtype}, "
                 f"device={self.device}, channels_last={self.channels_last}, "

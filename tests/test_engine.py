@@ -78,6 +78,29 @@ def test_weight_change_after_optimize_is_picked_up():
     assert rel_err(after, before) > 1e-3
 
 
+def test_a_saved_or_copied_engine_folds_again(tmp_path):
+    """torch.save and copy.deepcopy of an optimize() engine keep its source model and settings,
+    not what the backend derived (oneDNN's opaque weights cannot be pickled at all; the CPU
+    kernels' packs are in this machine's instruction-set order): the loaded engine folds again,
+    equals the original, and follows its own copy of the source."""
+    import copy
+    model = _model(fast=False)
+    engine = optimize(model, backend="torch")
+    with torch.inference_mode():
+        out = engine(X)
+    torch.save(engine, tmp_path / "engine.pt")
+    loaded = torch.load(tmp_path / "engine.pt", weights_only=False)
+    copied = copy.deepcopy(engine)
+    assert loaded.source is not model and copied.source is not model
+    with torch.inference_mode():
+        assert torch.equal(loaded(X), out) and torch.equal(copied(X), out)
+    with torch.no_grad():
+        copied.source.last_layer[3].weight.add_(0.1)
+        changed = copied(X)
+        assert rel_err(changed, _reference_forward(copied.source, X)) < TOL
+        assert torch.equal(engine(X), out)  # the original watches the original source only
+
+
 # ------------------------------------------------------------------ the drop-in HRNet
 
 def test_dropin_uses_engine_only_in_eval_without_grad():
