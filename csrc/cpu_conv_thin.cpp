@@ -3,8 +3,8 @@
 //
 //   hrnet_fast_cpu::conv3x3_thin_pack(Tensor weight, bool winograd) -> Tensor
 //     weight [Co, Ci, 3, 3] float32 -> direct [Ci][3][3][Co], or Winograd U = G g G^T as
-//     [16][Ci][Co] (computed in double, rounded once; on AVX2 each position's Ci x Co matrix in panels
-//     of 12 output channels, see kPanelCo). Callers keep it while the weight is unchanged.
+//     [16][Ci][Co] (computed in double, rounded once; on AVX2 each position's Ci x Co matrix in
+//     panels of 12 output channels, see kPanelCo). Callers keep it while the weight is unchanged.
 //   hrnet_fast_cpu::conv3x3_thin(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, bool relu,
 //                                bool channels_last) -> Tensor
 //     out = act(conv2d(x, weight, bias, stride=1, padding=1) + residual), a new dense tensor,
@@ -669,7 +669,7 @@ at::Tensor winograd_weights(const at::Tensor& weight) {
   return u;
 }
 
-// [16][Ci][Co] -> each position's matrix in the AVX2 variant's panels (kPanelCo in cpu_conv_thin.h).
+// [16][Ci][Co] -> each position's matrix in the AVX2 variant's panels (kPanelCo, cpu_conv_thin.h).
 at::Tensor panelled(const at::Tensor& u) {
   const int64_t ci_n = u.size(1), co_n = u.size(2);
   at::Tensor out = at::empty(u.sizes(), u.options());

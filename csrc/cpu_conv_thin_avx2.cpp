@@ -8,9 +8,10 @@
 //
 // Same algorithms, layouts, work split and summation order as the AVX-512 variant, with 8-lane
 // vectors: register tiles of 6 output channels x 2 vectors of 8 pixels (direct) or 8 Winograd
-// tiles (12 of the 16 ymm registers accumulate; Winograd's 24- and 8-tile blocks, which the AVX-512
-// variant does not have, take 4 x 3 and 12 x 1 tiles), 8 x 8 register transposes for channels_last rows,
-// AVX2 masked loads/stores and gathers for the edges. Every output element is computed by the same
+// tiles (12 of the 16 ymm registers accumulate; Winograd's 24- and 8-tile blocks, which the
+// AVX-512 variant does not have, take 4 x 3 and 12 x 1 tiles, and the transformed weights are in
+// panels, see kPanelCo), 8 x 8 register transposes for channels_last rows, AVX2 masked loads and
+// gathers for the edges. Every output element is computed by the same
 // sequence of float32 operations as in the AVX-512 variant (see csrc/cpu_conv_thin.h).
 #include <ATen/Parallel.h>
 
@@ -323,8 +324,8 @@ HF_AVX2 void output_transform(const Problem& p, const float* mbuf, int64_t t0, f
   }
 }
 
-// The products of one position for CB output channels at a time over RB vectors of tiles, CB x RB
-// accumulators: CB channels from co0, then a tile of the remaining Co % CB channels.
+// The products of one position in whole register tiles of CB output channels x RB vectors of
+// tiles, from channel co0 as far as whole tiles go; returns the first channel left over.
 template <int CB, int RB, int R>
 HF_AVX2 HF_THIN_ALWAYS_INLINE int64_t wino_channels(const Problem& p, const float* v,
                                                     const float* u, int64_t co0, int r0, float* m) {
@@ -337,10 +338,10 @@ HF_AVX2 HF_THIN_ALWAYS_INLINE int64_t wino_channels(const Problem& p, const floa
 // process, alternating, Zen 3, 2 threads; every output element sums the same products in the same
 // order whatever the tile): 6 channels x 2 vectors for R = 2, 4 and 8; 4 x 3 for R = 3, which made
 // the 17-24 leftover tiles of a row one block instead of 16 + 8 (w32 pose's 32 channels at 8x64x48
-// 1.25x, 256 -> 32 there 1.16x, 144 channels at 2x20x44 1.26x); 12 x 1 for R = 1 (6 x 1's six
-// accumulators likely leave the FMA latency exposed; 144 channels at 30x15 1.12x, 64 at 8x32x16
-// 1.09x).
-// 4 x 3 for two thirds of a full block, or 4 x 3 + 12 x 1 for R = 4, lost (0.87-1.00x).
+// 1.14-1.25x, 256 -> 32 there 1.16-1.18x, 144 channels at 2x20x44 1.26x); 12 x 1 for R = 1 (6 x
+// 1's six accumulators likely leave the FMA latency exposed; 144 channels at 30x15 1.12x, 64 at
+// 8x32x16 1.09x). 4 x 3 for two thirds of a full block, or 4 x 3 + 12 x 1 for R = 4, lost
+// (0.87-1.02x).
 template <int R>
 HF_AVX2 void wino_position(const Problem& p, const float* v, const float* u, float* m) {
   if constexpr (R == 3) {
