@@ -577,7 +577,8 @@ void run_winograd(const Problem& p, const Period& period) {
 // 8 pairs take 8 rows of 56 (1.18x; 192 at 4x24x18 1.15x, 72 at 8x16x12 1.12x, 64 at 8x32x24
 // 1.04x, 144 and 256 at 8x8x6 unchanged; same process, alternating, Zen 3, 2 threads).
 // torch_cpu.winograd_rows (Python) computes the same g for the row rule.
-int64_t packed_pairs(const Problem& p, int64_t items) {
+int64_t packed_pairs(const Problem& p) {
+  const int64_t items = p.N * ((p.H + 1) / 2);
   const auto lanes = [](int64_t tiles) { return (tiles + kLanes - 1) / kLanes * kLanes; };
   const int64_t stride = p.tiles + 1, threads = std::max(1, at::get_num_threads());
   const int64_t g = std::min<int64_t>(kWinoBlock / stride, (items + threads - 1) / threads);
@@ -645,7 +646,7 @@ void run_winograd_packed(const Problem& p, int64_t g) {
 
 void run_avx2(const Problem& p) {
   if (p.u != nullptr) {
-    const int64_t g = packed_pairs(p, p.N * ((p.H + 1) / 2));
+    const int64_t g = packed_pairs(p);
     if (g > 1) {
       run_winograd_packed(p, g);
     } else {

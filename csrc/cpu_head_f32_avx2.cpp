@@ -82,11 +82,12 @@ HF_AVX2 void blend_pixel(float* dst, const float* r0, const float* r1, float h0,
   }
 }
 
-// Output rows begin .. end - 1 with projection tiles TP x VM, classifier tiles CT x CV and blocks of
-// BP pixels. A block's last tile may reach past W: its extra rows read zeros (projection) or
-// stale h (classifier) and are never stored.
-template <int TP, int VM, int CT, int CV, int BP>
-HF_AVX2 void head_rows_impl(const HeadF32& p, int64_t begin, int64_t end) {
+}  // namespace
+
+// Output rows begin .. end - 1. A block's last register tile may reach past W: its extra rows read
+// zeros (projection) or stale h (classifier) and are never stored.
+HF_AVX2 void head_rows_avx2(const HeadF32& p, int64_t begin, int64_t end) {
+  constexpr int TP = kProjTilePx, VM = kProjVec, CT = kClsTilePx, CV = kClsVec, BP = kBlockPx;
   const int64_t ci = p.ci, H = p.H, W = p.W, cm = p.cm, cmp = p.cmp;
   const size_t nsrc = p.sources.size();
   std::vector<float> hbuf(static_cast<size_t>(BP * cmp));  // h of one block, [BP][cmp]
@@ -152,12 +153,6 @@ HF_AVX2 void head_rows_impl(const HeadF32& p, int64_t begin, int64_t end) {
       }
     }
   }
-}
-
-}  // namespace
-
-HF_AVX2 void head_rows_avx2(const HeadF32& p, int64_t begin, int64_t end) {
-  head_rows_impl<kProjTilePx, kProjVec, kClsTilePx, kClsVec, kBlockPx>(p, begin, end);
 }
 
 }  // namespace hf_head

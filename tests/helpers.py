@@ -27,6 +27,17 @@ def require_native_precision(dtype: torch.dtype, device=DEVICE) -> None:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def poisoned_allocations(monkeypatch):
     """Within the block, ``torch.empty`` / ``torch.empty_like`` return NaN-filled memory, so an output
     element that an implementation allocates but never writes shows up as NaN."""

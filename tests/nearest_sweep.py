@@ -14,12 +14,13 @@ integers below 2^24 are exact in float32 in any order, so the result must equal 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from helpers import torch_threads
 
 MAX_IN, MAX_OUT = 64, 130
 # Contribution values are integers below 2^16: 64 of them sum below 2^22, exact in float32.
@@ -28,16 +29,10 @@ _VALUE_BOUND = 2 ** 16
 Run = Callable[[torch.Tensor, List[torch.Tensor]], torch.Tensor]
 
 
-@contextlib.contextmanager
 def one_cpu_thread():
     """torch on one CPU thread for the block: the sweep makes thousands of tiny CPU ops, where
     more threads only add waiting (tens of times slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return torch_threads(1)
 
 
 def sweep_pairs() -> List[Tuple[int, int]]:

@@ -16,7 +16,7 @@ import torch
 from hrnet_fast import HRNet, HRNetConfig
 from hrnet_fast.cli import main
 from hrnet_fast.pose_io import marker_sizes
-from helpers import randomize_bn
+from helpers import randomize_bn, torch_threads
 from test_cli import _read_png, assert_one_line_error, assert_usage_error
 
 TINY = ["--preset", "w18_small_v1", "--input-size", "64x48"]
@@ -35,10 +35,8 @@ COCO_LIMBS_1BASED = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Models this small run faster on one thread, which also leaves other processes their cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _image(h=60, w=80, seed=0):

@@ -8,14 +8,13 @@ test is skipped with the reason: the kernel is then NOT tested.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import warnings
 
 import pytest
 import torch
 
-from helpers import poisoned_malloc, randomize_bn
+from helpers import poisoned_malloc, randomize_bn, torch_threads
 from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -29,17 +28,6 @@ LAYOUTS = ["cl", "nchw", "cl_slice", "nchw_slice", "nchw_cols"]
 
 
 ALGORITHMS = ["direct", "winograd"]
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """torch's intra-op threads set to ``n`` inside (the AVX2 Winograd packs by thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import poisoned_allocations, poisoned_malloc, randomize_bn
+from helpers import poisoned_allocations, poisoned_malloc, randomize_bn, torch_threads
 from nearest_sweep import assert_sweep_bit_exact, sweep_pairs
 from oracles import (assert_close_to_oracle, assert_model_close, fuse_fp64, fuse_same_dtype,
                      resize_concat_fp64, resize_concat_same_dtype)
@@ -164,14 +164,10 @@ def test_other_instruction_sets(kernel, capability):
 
 def test_same_result_on_one_and_two_threads(kernel):
     base, contribs = _inputs((46, 46), [(6, 12), (23, 23)], torch.float32, True, seed=3)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = kernel(base, contribs, "bilinear", False, True)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = kernel(base, contribs, "bilinear", False, True)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 

@@ -235,11 +235,15 @@ def winograd_rows(width: int, height: int, batch: int) -> Tuple[int, int, int]:
     """(real tiles, computed lanes, rows) of the AVX2 kernel's Winograd rows for a [batch, C, height,
     width] input on torch's threads: one row pair's tiles per row, or several row pairs' packed side
     by side as ``packed_pairs`` in csrc/cpu_conv_thin_avx2.cpp decides."""
+    return _winograd_rows(width, height, batch, max(1, torch.get_num_threads()))
+
+
+@lru_cache(maxsize=1024)  # asked per conv and call; a chain asks once per conv with one shape
+def _winograd_rows(width: int, height: int, batch: int, threads: int) -> Tuple[int, int, int]:
     def lanes(t):
         return -(-t // 8) * 8
     tiles = (width + 1) // 2
     stride, items = tiles + 1, batch * ((height + 1) // 2)
-    threads = max(1, torch.get_num_threads())
     g = min(64 // stride, -(-items // threads))
     if g < 2 or g * tiles * lanes(tiles) <= tiles * lanes(g * stride - 1):
         return tiles, lanes(tiles), items
