@@ -23,8 +23,8 @@ from setuptools.command.build_py import build_py
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/upsample_add_relu.cu"]
 # Every kernel source, shipped inside the package (hrnet_fast/_csrc) so that an installed wheel can
 # JIT-build the CPU kernels and the CUDA extension at first use, as a source checkout does.
-KERNEL_SOURCES = ["bindings.cpp", "cpu_amx.h", "cpu_avx2.h", "cpu_conv_amx.cpp",
-                  "cpu_conv_thin.cpp", "cpu_conv_thin.h", "cpu_conv_thin_avx2.cpp", "cpu_fuse.cpp",
+KERNEL_SOURCES = ["bindings.cpp", "cpu_amx.h", "cpu_avx2.h", "cpu_conv1x1.cpp",
+                  "cpu_conv_amx.cpp", "cpu_conv_thin.cpp", "cpu_conv_thin.h", "cpu_conv_thin_avx2.cpp", "cpu_fuse.cpp",
                   "cpu_head_amx.cpp", "cpu_head_f32.cpp", "cpu_head_f32.h", "cpu_head_f32_avx2.cpp",
                   "cpu_isa.h", "cpu_resize.h", "upsample_add_relu.cu", "upsample_add_relu.h"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"

@@ -49,7 +49,8 @@ from .ops._validate import check_fuse_meta
 
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
-           "conv3x3_thin_cpu", "conv3x3_thin_pack", "thin_conv_supported", "jit_build_directory",
+           "conv3x3_thin_cpu", "conv3x3_thin_pack", "conv1x1_pack", "conv1x1_cpu",
+           "thin_conv_supported", "jit_build_directory",
            "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu", "seg_head_amx_cpu",
            "seg_head_f32_cpu",
            "SOURCES", "DTYPES"]
@@ -57,7 +58,7 @@ __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsampl
 LIBRARY = "hrnet_fast_cpu"
 JIT_NAME = "hrnet_fast_cpu_fuse"
 SOURCES = ("cpu_fuse.cpp", "cpu_conv_thin.cpp", "cpu_conv_thin_avx2.cpp", "cpu_conv_amx.cpp",
-           "cpu_head_amx.cpp", "cpu_head_f32.cpp", "cpu_head_f32_avx2.cpp")
+           "cpu_head_amx.cpp", "cpu_head_f32.cpp", "cpu_head_f32_avx2.cpp", "cpu_conv1x1.cpp")
 # -O3 and no -march=native: the cache may be shared by machines with other CPUs; the source
 # compiles its row kernel per instruction set and picks one at run time (see cpu_fuse.cpp).
 EXTRA_CFLAGS = ["-O3"]
@@ -324,6 +325,26 @@ def _seg_head_f32_fake(x, proj, proj_bias, contributions, mode, align_corners, c
                        device=x.device, memory_format=torch.channels_last)
 
 
+def _conv1x1_pack_fake(weight):
+    torch._check(weight.dim() in (2, 4) and weight.dtype == torch.float32,
+                 lambda: f"weight must be a float32 [Co, K] or [Co, K, 1, 1], got {tuple(weight.shape)}")
+    co_pad = -(-weight.shape[0] // 8) * 8
+    return weight.new_empty((co_pad, weight.shape[1]))
+
+
+def _conv1x1_fake(x, packed, out_channels, bias, residual, relu, x2=None):
+    ci2 = 0 if x2 is None else x2.shape[1]
+    torch._check(x.dim() == 4 and x.dtype == torch.float32 and x.shape[1] + ci2 == packed.shape[1],
+                 lambda: f"x must be a 4-d float32 tensor whose channels the packed weight takes, "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    return torch.empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)
+
+
+def _conv1x1_into_fake(residual, x, packed, out_channels, bias, relu, x2=None):
+    _conv1x1_fake(x, packed, out_channels, bias, residual, relu, x2)
+
+
 def _register_fake() -> None:
     if _state["fakes"]:
         return
@@ -336,7 +357,9 @@ def _register_fake() -> None:
                        ("conv_amx_pack", _conv_amx_pack_fake),
                        ("conv_amx", _conv_amx_fake), ("conv_amx_into", _conv_amx_into_fake),
                        ("seg_head_amx", _seg_head_amx_fake),
-                       ("seg_head_f32", _seg_head_f32_fake)):
+                       ("seg_head_f32", _seg_head_f32_fake),
+                       ("conv1x1_pack", _conv1x1_pack_fake), ("conv1x1", _conv1x1_fake),
+                       ("conv1x1_into", _conv1x1_into_fake)):
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
         except RuntimeError as exc:  # already registered (module reloaded): keep the existing one
@@ -429,6 +452,42 @@ def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         return residual
     return torch.ops.hrnet_fast_cpu.conv3x3_thin(x, packed, bias, residual, bool(relu),
                                                  bool(channels_last))
+
+
+def conv1x1_pack(weight: torch.Tensor) -> torch.Tensor:
+    """The 1x1 conv kernel's packed weight: a float32 [Co, K] or [Co, K, 1, 1] weight as panels of
+    16 output channels ([K][16] each; a last panel of 8 where Co rounded up to 8 leaves 8), zero
+    past Co, shape [Co rounded up to 8, K]. For a bottleneck's last conv merged with its
+    downsample, K is both inputs' channels (``torch.cat([w, w_down], 1)``). Callers keep it as long
+    as the weight does not change."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.conv1x1_pack(weight)
+
+
+def conv1x1_cpu(x: torch.Tensor, packed: torch.Tensor, out_channels: int,
+                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None, *,
+                relu: bool, x2: Optional[torch.Tensor] = None,
+                into_residual: bool = False) -> torch.Tensor:
+    """``act(F.conv2d(x, w[:, :Ci]) + F.conv2d(x2, w[:, Ci:]) + bias + residual)`` for a 1x1
+    stride-1 conv with ``packed = conv1x1_pack(w)`` (x2 optional: a second input whose weights
+    follow x's), on AVX2 + FMA (csrc/cpu_conv1x1.cpp).
+
+    float32 CPU tensors, x, x2 and residual dense channels_last with one N, H, W; bias [Co] or
+    None; act = ReLU if ``relu``. The result is a new dense channels_last tensor, or ``residual``
+    itself with ``into_residual`` (sharing no memory with x or x2). Agrees with F.conv2d to float32
+    rounding (another summation order). Raises RuntimeError when the kernel is unavailable or an
+    argument does not fit."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    if into_residual:
+        if residual is None:
+            raise RuntimeError("hrnet_fast_cpu::conv1x1: into_residual needs a residual")
+        torch.ops.hrnet_fast_cpu.conv1x1_into(residual, x, packed, int(out_channels), bias,
+                                              bool(relu), x2)
+        return residual
+    return torch.ops.hrnet_fast_cpu.conv1x1(x, packed, int(out_channels), bias, residual,
+                                            bool(relu), x2)
 
 
 def amx_conv_supported() -> bool:

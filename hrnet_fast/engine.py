@@ -61,8 +61,13 @@ def run_block(be: Backend, x: torch.Tensor, block: BlockPlan) -> torch.Tensor:
     """A residual block. Its input ``x`` is the engine's own intermediate, read by nothing after the
     block (a previous block's output, a transition's or fuse step's output: every transition output
     is computed before any block of the stage runs), so the last conv may accumulate into it."""
-    residual = x if block.downsample is None else be.conv(x, block.downsample)
-    return be.conv_into_residual(run_convs(be, x, block.convs[:-1]), block.convs[-1], residual)
+    h = run_convs(be, x, block.convs[:-1])
+    if block.downsample is None:
+        return be.conv_into_residual(h, block.convs[-1], x)
+    merged = be.conv_with_downsample(h, block.convs[-1], x, block.downsample)
+    if merged is not None:
+        return merged
+    return be.conv_into_residual(h, block.convs[-1], be.conv(x, block.downsample))
 
 
 def run_blocks(be: Backend, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.Tensor:

@@ -72,6 +72,13 @@ class Backend:
         downsample's output)."""
         return self.conv(x, spec, residual)
 
+    def conv_with_downsample(self, h: torch.Tensor, spec: ConvSpec, x: torch.Tensor,
+                             downsample: ConvSpec) -> Optional[torch.Tensor]:
+        """A residual block's last conv with its downsample in one op, ``act(conv(h, spec) +
+        conv(x, downsample))`` (the downsample without activation), or None: then the engine runs
+        the downsample and accumulates the last conv into its output."""
+        return None
+
     def blocks(self, x: torch.Tensor, blocks: Sequence[BlockPlan]) -> Optional[torch.Tensor]:
         """A branch's residual blocks run as one chain by the backend, or None: then the engine runs
         them block by block (engine.run_block, whose contract holds here too: ``x`` is the engine's

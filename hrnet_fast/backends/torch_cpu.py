@@ -319,6 +319,67 @@ def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
                              "rounding, slower)")
 
 
+_POINTWISE = {"on": True}  # False once the 1x1 conv kernel failed in ordinary inference
+# The 1x1 conv kernel (csrc/cpu_conv1x1.cpp): float32 on AVX2 + FMA, 6-pixel x 16-channel register
+# tiles over weights packed in 16-channel panels, bias, residual and ReLU applied in registers.
+# Against oneDNN's fused conv as the engine calls it (AMD EPYC Zen 3, 2 threads, channels_last,
+# same process, alternating calls, per-round ratios; benchmarks/RESULTS.md): layer1's 64 -> 256
+# into the residual 1.13x, 64 -> 64 1.11x, pose's 64 -> 256 at 8x64x48 1.09x; the fuse steps'
+# 1x1s 1.03-1.30x (36 -> 18 at 64x128 1.21x, 144 -> 126 at 16x32 1.30x, w48's 192 -> 144 1.06x),
+# and a bottleneck's last conv with its downsample as one GEMM 1.10x against oneDNN's two convs.
+# It lost only where the input outweighs the output: layer1's 256 -> 64 0.92-0.98x (at 128x256
+# and 8x64x48; loop orders, block sizes and input prefetch changed nothing), so convs with
+# Ci >= POINTWISE_INPUT_BOUND_CI and Ci >= 4 Co stay in oneDNN.
+# AVX2 only: on AVX-512 oneDNN computes 16 lanes to the kernel's 8.
+POINTWISE_INPUT_BOUND_CI = 256
+
+
+def pointwise_spec_fits(spec: ConvSpec, isa: Optional[str] = None) -> bool:
+    """Whether a conv's spec suits the 1x1 conv kernel: 1x1, stride 1, no padding, float32
+    weights, ReLU on all channels or none, not input-bound, on an AVX2 CPU (not AVX-512; see
+    above)."""
+    w = spec.weight
+    if w.dim() == 4 and w.shape[1] >= POINTWISE_INPUT_BOUND_CI and w.shape[1] >= 4 * w.shape[0]:
+        return False
+    return (_isa(isa) == "AVX2" and w.dim() == 4 and tuple(w.shape[-2:]) == (1, 1)
+            and spec.stride == 1 and spec.padding == 0 and w.dtype == torch.float32
+            and spec.relu_ranges is None)
+
+
+def pointwise_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the 1x1 conv kernel takes ``x``: what the thin-layer kernel needs of it
+    (thin_input_fits), dense channels_last."""
+    return (_POINTWISE["on"] and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and thin_input_fits(x, *weights))
+
+
+def pointwise_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
+                   residual: Optional[torch.Tensor] = None, *, into_residual: bool = False,
+                   x2: Optional[torch.Tensor] = None,
+                   downsample: Optional[ConvSpec] = None) -> Optional[torch.Tensor]:
+    """The 1x1 conv kernel's result, or None when it failed: then it is off for the process and
+    the caller runs oneDNN, after one warning. With ``downsample``, ``x2`` is the block's input and
+    the result is act(conv(x, spec) + conv(x2, downsample)), one GEMM over both inputs. ``packs``
+    keeps the packed weights and biases, by identity of the ConvSpecs."""
+    try:
+        key = (id(spec), id(downsample))
+        packed = packs.get(key)
+        if packed is None:
+            weight, bias = spec.weight, spec.bias
+            if downsample is not None:
+                weight = torch.cat([weight, downsample.weight], 1)
+                if downsample.bias is not None:
+                    bias = downsample.bias if bias is None else bias + downsample.bias
+            packed = packs[key] = (cpu_ext.conv1x1_pack(weight), bias)
+        return cpu_ext.conv1x1_cpu(x, packed[0], spec.weight.shape[0], packed[1], residual,
+                                   relu=spec.relu, x2=x2, into_residual=into_residual)
+    except RuntimeError as e:
+        return kernel_failed(_POINTWISE, "cpu-1x1-conv", f"CPU 1x1 conv kernel failed ({e})",
+                             "those convolutions run in oneDNN (same results to float32 "
+                             "rounding, slower)")
+
+
 _AMX = {"on": True}  # False once the AMX conv kernel failed in ordinary inference
 # The AMX kernel (csrc/cpu_conv_amx.cpp) takes bfloat16 3x3 and 1x1 convs, stride 1 or 2: a tile
 # row's K is a whole row of the window (3 Ci values for 3x3: 54 of 64 slots for 18 channels, where
@@ -547,6 +608,8 @@ class TorchCPU(Backend):
         # for the plan's life, checked once instead of on every call), by identity of its ConvSpec.
         self._thin_packs: Dict[int, torch.Tensor] = {}
         self._thin_specs: Dict[int, bool] = {}
+        self._pointwise_packs: Dict[tuple, tuple] = {}  # the 1x1 kernel's (packed weight, bias)
+        self._pointwise_specs: Dict[int, bool] = {}
         self._amx_packs: Dict[int, tuple] = {}  # the AMX kernel's (packed weight, float32 bias)
         self._amx_specs: Dict[int, bool] = {}
         self._amx_head_packs: dict = {}  # the AMX seg head's packed weights (amx_head)
@@ -560,6 +623,19 @@ class TorchCPU(Backend):
                 and all(thin_row_pays(x.shape, spec.weight.shape[1], spec.weight.shape[0])
                         for spec in specs)
                 and thin_input_fits(x, *(spec.weight for spec in specs)))
+
+    def _pointwise_takes(self, x: torch.Tensor, spec: ConvSpec,
+                         residual: Optional[torch.Tensor] = None) -> bool:
+        """Whether the 1x1 conv kernel runs this conv (and its residual, if any: float32, dense
+        channels_last, of the output's shape)."""
+        if not _memo_fits(self._pointwise_specs, pointwise_spec_fits, spec):
+            return False
+        if residual is not None and (
+                residual.dtype != torch.float32 or residual.dim() != 4
+                or residual.shape[0] != x.shape[0] or residual.shape[2:] != x.shape[2:]
+                or not residual.is_contiguous(memory_format=torch.channels_last)):
+            return False
+        return pointwise_input_fits(x, spec.weight)
 
     def _amx(self, x: torch.Tensor, spec: ConvSpec, residual: Optional[torch.Tensor],
              into_residual: bool = False) -> Optional[torch.Tensor]:
@@ -590,6 +666,10 @@ class TorchCPU(Backend):
             y = thin_conv(x, spec, self._thin_packs, residual)
             if y is not None:
                 return y
+        if self._pointwise_takes(x, spec, residual):
+            y = pointwise_conv(x, spec, self._pointwise_packs, residual)
+            if y is not None:
+                return y
         cache = self._weight_cache(spec)
         ranges = spec.relu_ranges
         # A partial ReLU (batched stride-2 convs) is no oneDNN post-op: the conv runs with its
@@ -617,6 +697,11 @@ class TorchCPU(Backend):
                           into_residual=dense_as(residual, True))
             if y is not None:
                 return y
+        if (self._pointwise_takes(x, spec, residual)
+                and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
+            y = pointwise_conv(x, spec, self._pointwise_packs, residual, into_residual=True)
+            if y is not None:
+                return y
         if (spec.relu_ranges is None and residual.dtype == x.dtype and residual.shape[0] == x.shape[0]
                 and residual.is_contiguous(memory_format=torch.channels_last)):
             y = conv_fused(x, spec.weight, spec.bias, spec.stride, spec.padding, residual,
@@ -624,6 +709,18 @@ class TorchCPU(Backend):
             if y is not None:
                 return y
         return self.conv(x, spec, residual)
+
+    def conv_with_downsample(self, h: torch.Tensor, spec: ConvSpec, x: torch.Tensor,
+                             downsample: ConvSpec) -> Optional[torch.Tensor]:
+        # A bottleneck's last 1x1 conv and its 1x1 downsample as one GEMM over both inputs
+        # (K = 64 + 64 in layer1): the downsample's output (w18 at 512x1024: 33.5 MB) is never
+        # written and read back.
+        if (not downsample.relu and self._pointwise_takes(h, spec)
+                and _memo_fits(self._pointwise_specs, pointwise_spec_fits, downsample)
+                and x.dtype == h.dtype and x.shape[0] == h.shape[0] and x.shape[2:] == h.shape[2:]
+                and pointwise_input_fits(x, downsample.weight)):
+            return pointwise_conv(h, spec, self._pointwise_packs, x2=x, downsample=downsample)
+        return None
 
     def blocks(self, x: torch.Tensor, blocks) -> Optional[torch.Tensor]:
         """A branch's BasicBlocks of thin 3x3 convs through the thin-layer kernel, with every
