@@ -10,10 +10,13 @@
 //   tensor, or the residual written in place (conv1x1_into).
 //
 // Why: layer1 of every HRNet preset is four bottlenecks of 64 <-> 256 channel 1x1 convs at a
-// quarter of the input size (2 x 1.07 GFLOP per block at 512x1024). On AVX2 CPUs torch's oneDNN
-// ran them at 110-140 GFLOP/s (2 threads, AMD EPYC Zen 3, peak 200); this kernel runs them at
-// 140-175 (benchmarks/RESULTS.md, "1x1 convolutions"). Only AVX2: on AVX-512 CPUs oneDNN has twice
-// the vector width, and the engine keeps it there (hrnet_fast/backends/torch_cpu.py).
+// quarter of the input size (2 x 1.07 GFLOP per block at 512x1024), and the fuse steps add a
+// batched 1x1 per branch. On AVX2 CPUs torch's oneDNN ran them at 40-130 GFLOP/s (2 threads, AMD
+// EPYC Zen 3, peak 200); against it, same process, this kernel ran layer1's 64 -> 256 into the
+// residual 1.13x, the downsample merge 1.10x and the fuse steps' 1x1s 1.03-1.30x, and lost on
+// the input-bound 256 -> 64 (0.92-0.98x, left to oneDNN) (benchmarks/RESULTS.md, "a float32 1x1
+// conv kernel for AVX2"). Only AVX2: on AVX-512 CPUs oneDNN has twice the vector width, and the
+// engine keeps it there (hrnet_fast/backends/torch_cpu.py).
 //
 // GEMM: pixels (N * H * W rows of the channels_last input) x K, times K x Co. Register tile: 6
 // pixels x 16 channels (12 ymm accumulators, 2 weight loads and 6 broadcasts per k; 6 x 8 for a
