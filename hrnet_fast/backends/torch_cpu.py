@@ -715,7 +715,8 @@ class TorchCPU(Backend):
         # A bottleneck's last 1x1 conv and its 1x1 downsample as one GEMM over both inputs
         # (K = 64 + 64 in layer1): the downsample's output (w18 at 512x1024: 33.5 MB) is never
         # written and read back.
-        if (not downsample.relu and self._pointwise_takes(h, spec)
+        if (not downsample.relu and downsample.weight.shape[0] == spec.weight.shape[0]
+                and self._pointwise_takes(h, spec)
                 and _memo_fits(self._pointwise_specs, pointwise_spec_fits, downsample)
                 and x.dtype == h.dtype and x.shape[0] == h.shape[0] and x.shape[2:] == h.shape[2:]
                 and pointwise_input_fits(x, downsample.weight)):
