@@ -26,6 +26,33 @@ def require_native_precision(dtype: torch.dtype, device=DEVICE) -> None:
         pytest.skip(f"{why}: the {dtype} CPU engine is NOT tested on this machine")
 
 
+def require_cpu_kernels(what: str, avx: bool = True) -> None:
+    """Skips the calling test (or fixture) unless the CPU kernels are built here and, with ``avx``,
+    torch's CPU capability is AVX-512 or AVX2 (what the AVX kernels need): ``what`` is then NOT
+    tested, and the skip says why."""
+    from hrnet_fast import cpu_ext
+    ok, why = cpu_ext.cpu_ext_status()
+    if not ok:
+        pytest.skip(f"the CPU kernels could not be built here ({why}): {what} is NOT tested")
+    if avx and not cpu_ext.thin_conv_supported():
+        pytest.skip(f"torch's CPU capability is neither AVX-512 nor AVX2 here: {what} is NOT tested")
+
+
+def runtime_warnings_over_two_calls(engine, x, ref64, what: str) -> list:
+    """The RuntimeWarning messages of two calls of ``engine(x)`` (inference mode), each call's
+    output held to the float64 reference ``ref64`` at the float32 model bound."""
+    import warnings
+
+    from oracles import assert_model_close
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with torch.inference_mode():
+                out = engine(x)
+            assert_model_close(out, ref64, dtype=torch.float32, what=what)
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's intra-op threads set to ``n`` inside the block, restored after it."""

@@ -9,12 +9,12 @@ force that rule so that they run on AVX-512 CPUs too.
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 
-from helpers import poisoned_malloc, randomize_bn, torch_threads
+from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
+                     runtime_warnings_over_two_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -27,12 +27,7 @@ CL = torch.channels_last
 
 @pytest.fixture(scope="module")
 def built():
-    if not cpu_ext.thin_conv_supported():
-        pytest.skip("this CPU (torch's capability) has neither AVX-512 nor AVX2: the 1x1 conv "
-                    "kernel is NOT tested")
-    ok, why = cpu_ext.cpu_ext_status()
-    if not ok:
-        pytest.skip(f"the CPU kernels could not be built here ({why}): the 1x1 conv is NOT tested")
+    require_cpu_kernels("the 1x1 conv kernel")
 
 
 def _cl(shape, seed):
@@ -279,13 +274,7 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(pointwise_calls, monkeyp
 
     monkeypatch.setattr(cpu_ext, "conv1x1_cpu", failing)
     engine = optimize(model, backend="torch")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            with torch.inference_mode():
-                out = engine(x)
-            assert_model_close(out, ref64, dtype=torch.float32, what="after the failure")
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    messages = runtime_warnings_over_two_calls(engine, x, ref64, "after the failure")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
     assert torch_cpu._POINTWISE["on"] is False
 

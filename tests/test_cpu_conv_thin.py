@@ -9,12 +9,12 @@ test is skipped with the reason: the kernel is then NOT tested.
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
 
-from helpers import poisoned_malloc, randomize_bn, torch_threads
+from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
+                     runtime_warnings_over_two_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -32,12 +32,7 @@ ALGORITHMS = ["direct", "winograd"]
 
 @pytest.fixture(scope="module")
 def built():
-    if not cpu_ext.thin_conv_supported():
-        pytest.skip("this CPU (torch's capability) has neither AVX-512 nor AVX2: the thin conv kernel "
-                    "is NOT tested")
-    ok, why = cpu_ext.cpu_ext_status()
-    if not ok:
-        pytest.skip(f"the CPU kernels could not be built here ({why}): the thin conv is NOT tested")
+    require_cpu_kernels("the thin conv kernel")
 
 
 @pytest.fixture(params=ALGORITHMS)
@@ -386,13 +381,7 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(thin_calls, monkeypatch,
 
     monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", failing)
     engine = optimize(model, backend="torch")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            with torch.inference_mode():
-                out = engine(x)
-            assert_model_close(out, ref64, dtype=torch.float32, what=f"failure at call {fail_at}")
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    messages = runtime_warnings_over_two_calls(engine, x, ref64, f"failure at call {fail_at}")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
     assert torch_cpu._THIN["on"] is False and len(thin_calls) == fail_at - 1
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import poisoned_malloc, randomize_bn
+from helpers import poisoned_malloc, randomize_bn, require_cpu_kernels
 from oracles import assert_close_to_oracle, assert_model_close
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -27,9 +27,7 @@ BF16 = torch.bfloat16
 
 @pytest.fixture(scope="module")
 def built():
-    ok, why = cpu_ext.cpu_ext_status()
-    if not ok:
-        pytest.skip(f"the CPU kernels could not be built here ({why}): the AMX head is NOT tested")
+    require_cpu_kernels("the AMX head", avx=False)
     if not cpu_ext.amx_conv_supported():
         pytest.skip("this CPU or OS offers no AMX-BF16 tiles: the AMX head is NOT tested")
 

@@ -7,13 +7,13 @@ tested. The routing tests at the end run everywhere.
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import poisoned_malloc, randomize_bn
+from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
+                     runtime_warnings_over_two_calls)
 from oracles import assert_close_to_oracle, assert_model_close
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -26,12 +26,7 @@ CL = torch.channels_last
 
 @pytest.fixture(scope="module")
 def built():
-    ok, why = cpu_ext.cpu_ext_status()
-    if not ok:
-        pytest.skip(f"the CPU kernels could not be built here ({why}): the fp32 head is NOT tested")
-    if not cpu_ext.thin_conv_supported():
-        pytest.skip("torch's CPU capability is neither AVX-512 nor AVX2 here: the fp32 head is NOT "
-                    "tested")
+    require_cpu_kernels("the fp32 head")
 
 
 def _tensor(shape, seed):
@@ -225,13 +220,7 @@ def test_a_failing_head_warns_once_and_the_unfused_head_answers(head_calls, monk
 
     monkeypatch.setattr(cpu_ext, "seg_head_f32_cpu", failing)
     engine = optimize(model, backend="torch", dtype=torch.float32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            with torch.inference_mode():
-                out = engine(x)
-            assert_model_close(out, ref64, dtype=torch.float32, what="after the failure")
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    messages = runtime_warnings_over_two_calls(engine, x, ref64, "after the failure")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
     assert torch_cpu._F32_HEAD["on"] is False and head_calls == ["failed"]
 

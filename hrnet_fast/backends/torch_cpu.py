@@ -339,11 +339,11 @@ def pointwise_spec_fits(spec: ConvSpec, isa: Optional[str] = None) -> bool:
     weights, ReLU on all channels or none, not input-bound, on an AVX2 CPU (not AVX-512; see
     above)."""
     w = spec.weight
-    if w.dim() == 4 and w.shape[1] >= POINTWISE_INPUT_BOUND_CI and w.shape[1] >= 4 * w.shape[0]:
+    if w.dim() != 4 or tuple(w.shape[-2:]) != (1, 1):
         return False
-    return (_isa(isa) == "AVX2" and w.dim() == 4 and tuple(w.shape[-2:]) == (1, 1)
-            and spec.stride == 1 and spec.padding == 0 and w.dtype == torch.float32
-            and spec.relu_ranges is None)
+    input_bound = w.shape[1] >= POINTWISE_INPUT_BOUND_CI and w.shape[1] >= 4 * w.shape[0]
+    return (_isa(isa) == "AVX2" and not input_bound and spec.stride == 1 and spec.padding == 0
+            and w.dtype == torch.float32 and spec.relu_ranges is None)
 
 
 def pointwise_input_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
