@@ -52,6 +52,7 @@
 #include <ATen/Version.h>  // at::get_cpu_capability
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -772,6 +773,158 @@ void conv3x3_thin_into(at::Tensor& residual, const at::Tensor& x, const at::Tens
   compute(x, packed, w, bias, &residual, relu, residual, channels_last);
 }
 
+// ------------------------------------------------------------------ the row-pair format
+// A branch chain's intermediates in the layout the AVX2 Winograd kernel reads its input rows in
+// (hf_thin::rows_pitch, cpu_conv_thin.h): a conv reading one copies nothing, a conv writing one
+// stores each tile's two columns where they go with the epilogue applied in registers.
+constexpr const char* kRowsOp = "hrnet_fast_cpu::conv3x3_thin_rows: ";
+
+void check_rows_supported() {
+  TORCH_CHECK(HF_THIN_X86 && hf_isa::cpu_isa() == Isa::Avx2, kRowsOp,
+              "the row-pair format is the AVX2 variant's (torch reports CPU capability ",
+              at::get_cpu_capability(), ")");
+}
+
+// A row-pair tensor of a [N, C, H, W] tensor: float32 [N, H, C, 2, rows_pitch(W)], contiguous.
+void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t pitch = hf_thin::rows_pitch(W);
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 5 &&
+                  t.is_contiguous() && t.size(0) == N && t.size(1) == H && t.size(2) == C &&
+                  t.size(3) == 2 && t.size(4) == pitch,
+              kRowsOp, name, " must be a contiguous float32 CPU row-pair tensor [", N, ", ", H, ", ",
+              C, ", 2, ", pitch, "] (width ", W, "), got ", t.scalar_type(), " ", t.sizes(), " on ",
+              t.device());
+}
+
+void check_strided_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, op,
+              "x must be a 4-d float32 CPU tensor or a row-pair tensor, got ", x.scalar_type(), " ",
+              x.sizes(), " on ", x.device());
+  TORCH_CHECK(gather_offsets_fit(1, 0, 2 * x.stride(3)), op, "x's pixel stride ", x.stride(3),
+              " is too large for 32-bit gather offsets");
+}
+
+// x's element strides into p (a strided input).
+void describe_input(const at::Tensor& x, Problem* p) {
+  p->x = x.data_ptr<float>();
+  p->sn = x.stride(0);
+  p->sc = x.stride(1);
+  p->sh = x.stride(2);
+  p->sw = x.stride(3);
+}
+
+at::Tensor conv3x3_thin_rows_from(const at::Tensor& x) {
+  constexpr const char* op = "hrnet_fast_cpu::conv3x3_thin_rows_from: ";
+  check_rows_supported();
+  check_strided_input(x, op);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor out = at::zeros({N, H, C, 2, hf_thin::rows_pitch(W)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0 || W == 0) return out;
+  Problem p;
+  p.N = N;
+  p.H = H;
+  p.W = W;
+  p.Ci = C;
+  p.Co = C;
+  describe_input(x, &p);
+  p.half_pitch = hf_thin::rows_pitch(W);
+  hf_thin::rows_from_avx2(p, out.data_ptr<float>());
+  return out;
+}
+
+// out (a row-pair tensor, or a new channels_last [N, Co, H, W] one) = act(conv(x) + bias +
+// residual) with x strided or row-pair and the residual row-pair or none.
+void compute_rows(const at::Tensor& x, bool x_rows, int64_t H, int64_t W, const at::Tensor& packed,
+                  const Packed& w, const c10::optional<at::Tensor>& bias,
+                  const at::Tensor* residual, bool relu, at::Tensor& out, bool out_rows) {
+  if (out.numel() == 0 || W == 0) return;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  Problem p;
+  p.N = x.size(0);
+  p.H = H;
+  p.W = W;
+  p.Ci = w.ci;
+  p.Co = w.co;
+  if (x_rows) {
+    p.x = x.data_ptr<float>();
+    p.sn = p.sc = p.sh = p.sw = 0;
+  } else {
+    describe_input(x, &p);
+  }
+  p.w = nullptr;
+  p.u = packed.data_ptr<float>();
+  p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  p.res = residual != nullptr ? residual->data_ptr<float>() : nullptr;
+  p.rn = p.rc = p.rh = p.rw = 0;
+  p.out = out.data_ptr<float>();
+  p.out_channels_last = !out_rows;
+  p.relu = relu;
+  p.x_rows = x_rows;
+  p.res_rows = residual != nullptr;
+  p.out_rows = out_rows;
+  p.tiles = (W + 1) / 2;
+  const int64_t block = hf_thin::kWinoBlock;
+  const int64_t covered = (p.tiles + block - 1) / block * block;
+  p.in_pitch = 0;
+  p.out_pitch = 2 * covered + kLanes;
+  p.half_pitch = hf_thin::rows_pitch(W);
+  hf_thin::run_avx2(p);
+}
+
+// The checks both row-pair conv ops share; returns x's height (x strided or row-pair).
+int64_t check_rows_conv(const at::Tensor& x, const Packed& w, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor* residual, int64_t width) {
+  check_rows_supported();
+  TORCH_CHECK(w.winograd, kRowsOp,
+              "the row-pair format takes Winograd weights (conv3x3_thin_pack(weight, winograd=True))");
+  int64_t H;
+  if (x.dim() == 5) {
+    H = x.size(1);
+    TORCH_CHECK(width >= 0, kRowsOp, "width must be >= 0, got ", width);
+    check_rows(x, "x", x.size(0), w.ci, H, width);
+  } else {
+    check_strided_input(x, kRowsOp);
+    H = x.size(2);
+    TORCH_CHECK(width == x.size(3), kRowsOp, "width ", width, " does not match x's ", x.size(3));
+    TORCH_CHECK(w.ci == x.size(1), kRowsOp, "the packed weight takes ", w.ci,
+                " input channels, x has ", x.size(1));
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == w.co,
+                kRowsOp, "bias must be float32 [", w.co, "] on the CPU, got ", bias->scalar_type(),
+                " ", bias->sizes());
+  }
+  if (residual != nullptr) check_rows(*residual, "residual", x.size(0), w.co, H, width);
+  return H;
+}
+
+at::Tensor conv3x3_thin_rows(const at::Tensor& x, const at::Tensor& packed,
+                             const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& residual, bool relu, int64_t width,
+                             bool out_rows) {
+  const Packed w = packed_shape(packed);
+  const at::Tensor* res = residual.has_value() ? &*residual : nullptr;
+  const int64_t H = check_rows_conv(x, w, bias, res, width);
+  const int64_t N = x.size(0);
+  at::Tensor out = out_rows ? at::empty({N, H, w.co, 2, hf_thin::rows_pitch(width)},
+                                        x.options().memory_format(at::MemoryFormat::Contiguous))
+                            : at::empty({N, w.co, H, width},
+                                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  compute_rows(x, x.dim() == 5, H, width, packed, w, bias, res, relu, out, out_rows);
+  return out;
+}
+
+void conv3x3_thin_rows_into(at::Tensor& residual, const at::Tensor& x, const at::Tensor& packed,
+                            const c10::optional<at::Tensor>& bias, bool relu, int64_t width) {
+  const Packed w = packed_shape(packed);
+  const int64_t H = check_rows_conv(x, w, bias, &residual, width);
+  // Rows are written while later rows are still read: the result may not share x's memory.
+  TORCH_CHECK(!residual.storage().is_alias_of(x.storage()), kRowsOp,
+              "residual (written in place) must not share memory with x");
+  compute_rows(x, x.dim() == 5, H, width, packed, w, bias, &residual, relu, residual, true);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ shared by the variants
@@ -812,10 +965,20 @@ TORCH_LIBRARY_FRAGMENT(hrnet_fast_cpu, m) {
   m.def(
       "conv3x3_thin_into(Tensor(a!) residual, Tensor x, Tensor packed, Tensor? bias, bool relu) "
       "-> ()");
+  m.def("conv3x3_thin_rows_from(Tensor x) -> Tensor");
+  m.def(
+      "conv3x3_thin_rows(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, bool relu, "
+      "int width, bool out_rows) -> Tensor");
+  m.def(
+      "conv3x3_thin_rows_into(Tensor(a!) residual, Tensor x, Tensor packed, Tensor? bias, "
+      "bool relu, int width) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hrnet_fast_cpu, CPU, m) {
   m.impl("conv3x3_thin_pack", &conv3x3_thin_pack);
   m.impl("conv3x3_thin", &conv3x3_thin);
   m.impl("conv3x3_thin_into", &conv3x3_thin_into);
+  m.impl("conv3x3_thin_rows_from", &conv3x3_thin_rows_from);
+  m.impl("conv3x3_thin_rows", &conv3x3_thin_rows);
+  m.impl("conv3x3_thin_rows_into", &conv3x3_thin_rows_into);
 }

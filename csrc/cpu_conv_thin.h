@@ -55,7 +55,22 @@ struct Problem {
   const float* u;      // transformed weights [16][Ci][Co] (AVX2: panels, see kPanelCo)
   int64_t tiles;       // 2-pixel tiles per row: ceil(W / 2)
   int64_t half_pitch;  // floats per half (even or odd columns) of a planar input channel row
+  // The row-pair format ("rows", AVX2 Winograd only; see rows_pitch): x, the residual and the
+  // output may each be a rows tensor instead of a strided [N, C, H, W] one.
+  bool x_rows = false, res_rows = false, out_rows = false;
 };
+
+// The row-pair format: a thin chain's intermediates stored as the AVX2 Winograd kernel reads its
+// input rows, so that a conv reading one copies nothing and a conv writing one stores its two
+// output columns of each tile where they go (no interleaving, no planar row, no separate pass for
+// bias, residual and ReLU). A [N, C, H, W] tensor in this format is float32 [N, H, C, 2, pitch]:
+// for row y and channel c an "a" half (a[0] = 0 for column -1, a[t + 1] = column 2t + 1) then a
+// "b" half (b[t] = column 2t), every other entry 0. pitch = W's tiles rounded up to 8, plus 8:
+// the Winograd blocks compute the tiles rounded up to 8 (wino_rows) and read one entry past them.
+HF_THIN_ALWAYS_INLINE int64_t rows_pitch(int64_t W) {
+  const int64_t tiles = (W + 1) / 2;
+  return (tiles + 7) / 8 * 8 + 8;
+}
 
 // Index tables of one channels_last output period (kPeriodPx pixels, Co * kPeriodPx flat
 // positions f = x * Co + co): where position f sits in the planar row (co * out_pitch + x) and in
@@ -102,5 +117,8 @@ HF_THIN_ALWAYS_INLINE float* ring_row(const Problem& p, int64_t n, int64_t yi, f
 
 // The AVX2 + FMA variant (csrc/cpu_conv_thin_avx2.cpp); the caller checked the CPU.
 void run_avx2(const Problem& p);
+// x (strided [N, C, H, W], as p.x / p.sn .. p.sw) into the rows tensor ``out`` (p.half_pitch =
+// rows_pitch(W), zero-filled by the caller).
+void rows_from_avx2(const Problem& p, float* out);
 
 }  // namespace hf_thin

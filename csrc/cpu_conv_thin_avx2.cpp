@@ -324,6 +324,85 @@ HF_AVX2 void output_transform(const Problem& p, const float* mbuf, int64_t t0, f
   }
 }
 
+// Where a row pair's output goes in the row-pair format (rows_pitch, cpu_conv_thin.h), and its
+// residual read from that format: rows y and y + 1 (null past the image or when not used).
+struct RowsIO {
+  float* out[2] = {nullptr, nullptr};
+  const float* res[2] = {nullptr, nullptr};
+};
+
+// Y = A^T M A as output_transform, then the epilogue in registers: (Y + bias) + residual (the
+// row-pair residual io.res), ReLU; the same operations in the same order as the row writes
+// below. Stored in the row-pair format (p.out_rows: even columns to the b halves, odd columns to
+// the a halves, lanes past the row's columns as 0) or interleaved into the planar rows as
+// output_transform does (then written out without an epilogue).
+template <int R>
+HF_AVX2 void output_transform_epilogue(const Problem& p, const float* mbuf, int64_t t0,
+                                       float* orow0, float* orow1, const RowsIO& io) {
+  const int64_t mstride = pos_stride(p.Co, R);
+  const int64_t evens = (p.W + 1) / 2, odds = p.W / 2, hp = p.half_pitch;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t co = 0; co < p.Co; ++co) {
+    const __m256 b = _mm256_set1_ps(p.bias != nullptr ? p.bias[co] : 0.0f);
+    const int64_t a_half = 2 * co * hp;  // channel co's a half in a row-pair row
+    for (int r = 0; r < R; ++r) {
+      const int64_t t = t0 + kLanes * r;
+      const float* mp = mbuf + co * kLanes * R + kLanes * r;
+      __m256 m[16];
+      for (int pos = 0; pos < kWinoPos; ++pos) m[pos] = _mm256_loadu_ps(mp + pos * mstride);
+      __m256 s[4], d[4];
+      for (int j = 0; j < 4; ++j) {
+        s[j] = _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j]);
+        d[j] = _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
+      }
+      __m256 y[2][2] = {  // [output row][column parity]
+          {_mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]), _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3])},
+          {_mm256_add_ps(_mm256_add_ps(d[0], d[1]), d[2]), _mm256_sub_ps(_mm256_sub_ps(d[1], d[2]), d[3])}};
+      for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 2; ++j) {
+          __m256 v = _mm256_add_ps(y[i][j], b);
+          if (io.res[i] != nullptr) {  // even columns in the b half at t, odd in the a half at t + 1
+            v = _mm256_add_ps(v, _mm256_loadu_ps(io.res[i] + a_half + (j == 0 ? hp + t : t + 1)));
+          }
+          if (p.relu) v = _mm256_max_ps(zero, v);  // max(0, NaN) is NaN
+          y[i][j] = v;
+        }
+      }
+      if (p.out_rows) {
+        const __m256 even_valid = _mm256_castsi256_ps(first_lanes(evens - t));
+        const __m256 odd_valid = _mm256_castsi256_ps(first_lanes(odds - t));
+        for (int i = 0; i < 2; ++i) {
+          if (io.out[i] == nullptr) continue;
+          float* o = io.out[i] + a_half;
+          _mm256_storeu_ps(o + hp + t, _mm256_and_ps(y[i][0], even_valid));
+          _mm256_storeu_ps(o + t + 1, _mm256_and_ps(y[i][1], odd_valid));
+        }
+        continue;
+      }
+      float* o0 = orow0 + co * p.out_pitch + 2 * t;
+      float* o1 = orow1 + co * p.out_pitch + 2 * t;
+      const __m256 lo0 = _mm256_unpacklo_ps(y[0][0], y[0][1]), hi0 = _mm256_unpackhi_ps(y[0][0], y[0][1]);
+      const __m256 lo1 = _mm256_unpacklo_ps(y[1][0], y[1][1]), hi1 = _mm256_unpackhi_ps(y[1][0], y[1][1]);
+      _mm256_storeu_ps(o0, _mm256_permute2f128_ps(lo0, hi0, 0x20));
+      _mm256_storeu_ps(o0 + kLanes, _mm256_permute2f128_ps(lo0, hi0, 0x31));
+      _mm256_storeu_ps(o1, _mm256_permute2f128_ps(lo1, hi1, 0x20));
+      _mm256_storeu_ps(o1 + kLanes, _mm256_permute2f128_ps(lo1, hi1, 0x31));
+    }
+  }
+}
+
+// The entries of a row-pair output row that no tile writes: a[0] (column -1) and everything past
+// the computed tiles, zero as the format requires.
+HF_AVX2 void finish_rows_row(const Problem& p, float* row) {
+  const int64_t hp = p.half_pitch, lanes = (p.tiles + kLanes - 1) / kLanes * kLanes;
+  for (int64_t co = 0; co < p.Co; ++co) {
+    float* a = row + 2 * co * hp;
+    a[0] = 0.0f;
+    std::fill(a + lanes + 1, a + hp, 0.0f);
+    std::fill(a + hp + lanes, a + 2 * hp, 0.0f);
+  }
+}
+
 // The products of one position in whole register tiles of CB output channels x RB vectors of
 // tiles, from channel co0 as far as whole tiles go; returns the first channel left over.
 template <int CB, int RB, int R>
@@ -367,13 +446,17 @@ HF_AVX2 void wino_position(const Problem& p, const float* v, const float* u, flo
 // output channel, then Y.
 template <int R>
 HF_AVX2 void wino_block(const Problem& p, float* const* rows, int64_t t0, float* vbuf,
-                        float* mbuf, float* orow0, float* orow1) {
+                        float* mbuf, float* orow0, float* orow1, const RowsIO* io) {
   input_transform<R>(p, rows, t0, vbuf);
   for (int pos = 0; pos < kWinoPos; ++pos) {
     wino_position<R>(p, vbuf + pos * pos_stride(p.Ci, R), p.u + pos * p.Ci * p.Co,
                      mbuf + pos * pos_stride(p.Co, R));
   }
-  output_transform<R>(p, mbuf, t0, orow0, orow1);
+  if (io != nullptr) {
+    output_transform_epilogue<R>(p, mbuf, t0, orow0, orow1, *io);
+  } else {
+    output_transform<R>(p, mbuf, t0, orow0, orow1);
+  }
 }
 
 // Two planar output rows (y, y + 1) before bias: blocks of 64 tiles, then blocks of 32, 24, 16 or 8
@@ -384,23 +467,23 @@ HF_AVX2 void wino_block(const Problem& p, float* const* rows, int64_t t0, float*
 // block is the slowest per tile: 33-40 leftover tiles run as 24 + 16, not 32 + 8 (64 channels at
 // 64x76 1.09x, 144 at 2x20x72 1.07x, 18-72 channels 1.01-1.03x).
 HF_AVX2 void wino_rows(const Problem& p, float* const* rows, float* vbuf, float* mbuf,
-                       float* orow0, float* orow1) {
+                       float* orow0, float* orow1, const RowsIO* io = nullptr) {
   const int64_t full = p.tiles / kWinoBlock * kWinoBlock;
   int64_t t0 = 0;
-  for (; t0 < full; t0 += kWinoBlock) wino_block<kBlockVecs>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+  for (; t0 < full; t0 += kWinoBlock) wino_block<kBlockVecs>(p, rows, t0, vbuf, mbuf, orow0, orow1, io);
   while (t0 < p.tiles) {
     const int64_t vecs = (p.tiles - t0 + kLanes - 1) / kLanes;  // 1 .. 8
     if (vecs == 4 || vecs > 5) {
-      wino_block<4>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      wino_block<4>(p, rows, t0, vbuf, mbuf, orow0, orow1, io);
       t0 += 4 * kLanes;
     } else if (vecs >= 3) {
-      wino_block<3>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      wino_block<3>(p, rows, t0, vbuf, mbuf, orow0, orow1, io);
       t0 += 3 * kLanes;
     } else if (vecs == 2) {
-      wino_block<2>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      wino_block<2>(p, rows, t0, vbuf, mbuf, orow0, orow1, io);
       t0 += 2 * kLanes;
     } else {
-      wino_block<1>(p, rows, t0, vbuf, mbuf, orow0, orow1);
+      wino_block<1>(p, rows, t0, vbuf, mbuf, orow0, orow1, io);
       t0 += kLanes;
     }
   }
@@ -548,20 +631,52 @@ void write_row_pair(const Problem& p, const float* orow0, const float* orow1, in
 
 void run_winograd(const Problem& p, const Period& period) {
   const int64_t pairs = (p.H + 1) / 2;
+  // With a row-pair output or residual the output transform applies the epilogue; a strided
+  // output is then written from the planar rows without one (``plain``).
+  const bool epilogue = p.out_rows || p.res_rows;
+  Problem plain = p;
+  plain.bias = nullptr;
+  plain.res = nullptr;
+  plain.relu = false;
+  const Period plain_period = epilogue && !p.out_rows ? make_period(plain) : Period();
+  const int64_t x_row = 2 * p.Ci * p.half_pitch, o_row = 2 * p.Co * p.half_pitch;
   at::parallel_for(0, p.N * pairs, 1, [&](int64_t begin, int64_t end) {
-    // Four deinterleaved input rows (slot = row % 4) and a zero row.
-    const WinoScratch w = wino_scratch(p, 5);
-    float* zero_row = w.slots + 4 * w.slot;
+    // Four deinterleaved input rows (slot = row % 4) and a zero row; a row-pair input needs only
+    // the zero row (its rows are read where they are).
+    const int nslots = p.x_rows ? 1 : 5;
+    const WinoScratch w = wino_scratch(p, nslots);
+    float* zero_row = w.slots + (nslots - 1) * w.slot;
     int64_t slot_tag[4] = {-1, -1, -1, -1};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / pairs, y = 2 * (t % pairs);
       float* rows[4];
       for (int i = 0; i < 4; ++i) {
-        rows[i] = ring_row<4>(p, n, y + i - 1, w.slots, w.slot, zero_row, slot_tag,
-                              read_input_row_wino);
+        const int64_t yi = y + i - 1;
+        if (p.x_rows) {
+          rows[i] = yi < 0 || yi >= p.H ? zero_row
+                                        : const_cast<float*>(p.x) + (n * p.H + yi) * x_row;
+        } else {
+          rows[i] = ring_row<4>(p, n, yi, w.slots, w.slot, zero_row, slot_tag, read_input_row_wino);
+        }
       }
-      wino_rows(p, rows, w.vbuf, w.mbuf, w.orow0, w.orow1);
-      write_row_pair(p, w.orow0, w.orow1, n, y, period);
+      if (!epilogue) {
+        wino_rows(p, rows, w.vbuf, w.mbuf, w.orow0, w.orow1);
+        write_row_pair(p, w.orow0, w.orow1, n, y, period);
+        continue;
+      }
+      RowsIO io;
+      for (int i = 0; i < 2 && y + i < p.H; ++i) {
+        const int64_t k = n * p.H + y + i;
+        if (p.out_rows) io.out[i] = p.out + k * o_row;
+        if (p.res_rows) io.res[i] = p.res + k * o_row;
+      }
+      wino_rows(p, rows, w.vbuf, w.mbuf, w.orow0, w.orow1, &io);
+      if (p.out_rows) {
+        for (int i = 0; i < 2; ++i)
+          if (io.out[i] != nullptr) finish_rows_row(p, io.out[i]);
+      } else {
+        write_row_pair(plain, w.orow0, w.orow1, n, y, plain_period);
+      }
     }
   });
 }
@@ -646,7 +761,7 @@ void run_winograd_packed(const Problem& p, int64_t g) {
 
 void run_avx2(const Problem& p) {
   if (p.u != nullptr) {
-    const int64_t g = packed_pairs(p);
+    const int64_t g = p.x_rows || p.res_rows || p.out_rows ? 1 : packed_pairs(p);
     if (g > 1) {
       run_winograd_packed(p, g);
     } else {
@@ -674,6 +789,15 @@ void run_avx2(const Problem& p) {
   });
 }
 
+void rows_from_avx2(const Problem& p, float* out) {
+  const int64_t row = 2 * p.Ci * p.half_pitch;
+  at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      read_input_row_wino(p, p.x + (k / p.H) * p.sn + (k % p.H) * p.sh, out + k * row);
+    }
+  });
+}
+
 }  // namespace hf_thin
 
 #else
@@ -681,5 +805,8 @@ void run_avx2(const Problem& p) {
 
 namespace hf_thin {
 void run_avx2(const Problem&) { TORCH_CHECK(false, "hrnet_fast_cpu::conv3x3_thin: built without x86-64 AVX2"); }
+void rows_from_avx2(const Problem&, float*) {
+  TORCH_CHECK(false, "hrnet_fast_cpu::conv3x3_thin_rows_from: built without x86-64 AVX2");
+}
 }  // namespace hf_thin
 #endif

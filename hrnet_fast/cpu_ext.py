@@ -50,6 +50,8 @@ from .ops._validate import check_fuse_meta
 __all__ = ["load_extension", "cpu_ext_status", "upsample_add_relu_cpu", "upsample_add_relu_into_cpu",
            "resize_concat_cpu",
            "conv3x3_thin_cpu", "conv3x3_thin_pack", "conv1x1_pack", "conv1x1_cpu",
+           "conv3x3_thin_rows_from", "conv3x3_thin_rows_cpu", "rows_to_tensor", "rows_pitch",
+           "thin_rows_supported",
            "thin_conv_supported", "jit_build_directory",
            "amx_conv_supported", "conv_amx_pack", "conv_amx_cpu", "seg_head_amx_cpu",
            "seg_head_f32_cpu",
@@ -268,6 +270,26 @@ def _conv3x3_thin_into_fake(residual, x, packed, bias, relu):
     _check_thin_meta(x, packed, bias)
 
 
+def _conv3x3_thin_rows_from_fake(x):
+    torch._check(x.dim() == 4, lambda: f"x must be 4-d, got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, c, 2, rows_pitch(w)))
+
+
+def _conv3x3_thin_rows_fake(x, packed, bias, residual, relu, width, out_rows):
+    ci, co = _packed_widths(packed)
+    torch._check(x.dim() in (4, 5), lambda: f"x must be 4-d or a row-pair tensor, got {tuple(x.shape)}")
+    h = x.shape[1] if x.dim() == 5 else x.shape[2]
+    if out_rows:
+        return x.new_empty((x.shape[0], h, co, 2, rows_pitch(width)))
+    return torch.empty((x.shape[0], co, h, width), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _conv3x3_thin_rows_into_fake(residual, x, packed, bias, relu, width):
+    _packed_widths(packed)
+
+
 def _conv_amx_pack_fake(weight):
     torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) in ((3, 3), (1, 1))
                  and weight.shape[1] % 2 == 0,
@@ -354,6 +376,9 @@ def _register_fake() -> None:
                        ("conv3x3_thin_pack", _conv3x3_thin_pack_fake),
                        ("conv3x3_thin", _conv3x3_thin_fake),
                        ("conv3x3_thin_into", _conv3x3_thin_into_fake),
+                       ("conv3x3_thin_rows_from", _conv3x3_thin_rows_from_fake),
+                       ("conv3x3_thin_rows", _conv3x3_thin_rows_fake),
+                       ("conv3x3_thin_rows_into", _conv3x3_thin_rows_into_fake),
                        ("conv_amx_pack", _conv_amx_pack_fake),
                        ("conv_amx", _conv_amx_fake), ("conv_amx_into", _conv_amx_into_fake),
                        ("seg_head_amx", _seg_head_amx_fake),
@@ -452,6 +477,57 @@ def conv3x3_thin_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         return residual
     return torch.ops.hrnet_fast_cpu.conv3x3_thin(x, packed, bias, residual, bool(relu),
                                                  bool(channels_last))
+
+
+def rows_pitch(width: int) -> int:
+    """Floats per half of a channel row in the row-pair format (``conv3x3_thin_rows``): the
+    row's Winograd tiles ((width + 1) // 2) rounded up to 8, plus 8."""
+    return ((width + 1) // 2 + 7) // 8 * 8 + 8
+
+
+def thin_rows_supported() -> bool:
+    """Whether the row-pair format runs here: it is the thin conv's AVX2 variant's."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def conv3x3_thin_rows_from(x: torch.Tensor) -> torch.Tensor:
+    """x (float32 [N, C, H, W], any strides) in the row-pair format: float32 [N, H, C, 2,
+    rows_pitch(W)], each channel row as the thin conv's Winograd variant reads it, an "a" half
+    (0, then the odd columns 1, 3, ...) and a "b" half (the even columns 0, 2, ...), zero-padded.
+    A branch chain keeps its intermediates in it (``conv3x3_thin_rows``)."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    return torch.ops.hrnet_fast_cpu.conv3x3_thin_rows_from(x)
+
+
+def rows_to_tensor(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """A row-pair tensor (``conv3x3_thin_rows_from``) of width ``width`` back as a channels_last
+    [N, C, H, W] tensor (torch operations: for the fallback path and the tests)."""
+    n, h, c = rows.shape[:3]
+    out = rows.new_empty((n, h, c, width))
+    out[..., 0::2] = rows[:, :, :, 1, :(width + 1) // 2]
+    out[..., 1::2] = rows[:, :, :, 0, 1:width // 2 + 1]
+    return out.permute(0, 2, 1, 3).contiguous(memory_format=torch.channels_last)
+
+
+def conv3x3_thin_rows_cpu(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                          residual: Optional[torch.Tensor] = None, *, relu: bool, width: int,
+                          out_rows: bool, into_residual: bool = False) -> torch.Tensor:
+    """``conv3x3_thin_cpu`` with the row-pair format (AVX2, Winograd weights): x strided [N, Ci,
+    H, W] or a row-pair tensor of width ``width``; residual None or a row-pair tensor; the result
+    a new row-pair tensor (``out_rows``), a new channels_last tensor, or the residual itself
+    (``into_residual``: written in place, row-pair). Each element is computed by the same float32
+    operations as ``conv3x3_thin_cpu`` with a channels_last residual."""
+    if not load_extension():
+        raise RuntimeError(f"hrnet_fast CPU kernels are unavailable: {_state['reason']}")
+    if into_residual:
+        if residual is None:
+            raise RuntimeError("hrnet_fast_cpu::conv3x3_thin_rows: into_residual needs a residual")
+        torch.ops.hrnet_fast_cpu.conv3x3_thin_rows_into(residual, x, packed, bias, bool(relu),
+                                                        int(width))
+        return residual
+    return torch.ops.hrnet_fast_cpu.conv3x3_thin_rows(x, packed, bias, residual, bool(relu),
+                                                      int(width), bool(out_rows))
 
 
 def conv1x1_pack(weight: torch.Tensor) -> torch.Tensor:

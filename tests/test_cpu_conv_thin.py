@@ -310,6 +310,8 @@ def thin_calls(built, monkeypatch):
     calls = []
     real = cpu_ext.conv3x3_thin_cpu
     monkeypatch.setitem(torch_cpu._THIN, "on", True)
+    # the planar chain: the row-pair chain (AVX2, tests/test_cpu_thin_rows.py) off
+    monkeypatch.setitem(torch_cpu._ROWS, "on", False)
 
     def spy(x, *args, **kwargs):
         calls.append((x.is_contiguous(memory_format=CL), kwargs.get("channels_last", True),

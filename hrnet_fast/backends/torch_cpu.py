@@ -319,6 +319,45 @@ def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
                              "rounding, slower)")
 
 
+# A branch chain's intermediates in the row-pair format (cpu_ext.conv3x3_thin_rows_from, AVX2):
+# each conv reads its input rows where they are instead of deinterleaving them into scratch, and
+# writes its output's two columns per tile where they go with bias, residual and ReLU in
+# registers, instead of interleaving them into a planar row and writing that out in a second
+# pass. Chains of four blocks against the planar chain (AMD EPYC Zen 3, 2 threads, same process,
+# alternating, per-round medians; benchmarks/RESULTS.md): 18 ch at 128x256 1.03x, 36 at 64x128
+# 1.10x, 72 at 32x64 1.07x, 32 at 128x256 1.03x, 64 at 64x128 1.08x, 48 at 128x256 1.05x, 144 at
+# 16x32 1.10x, 8x32x64x48 (w32 pose) 1.17x. Only rows the kernel does not pack (several row
+# pairs side by side in one row: narrow pose rows) take it. ``_ROWS["on"]``: an A/B switch.
+_ROWS = {"on": True}
+
+
+def thin_rows_fit(x: torch.Tensor) -> bool:
+    """Whether a thin chain on ``x`` (which the thin-layer kernel takes) keeps its intermediates in
+    the row-pair format: the kernel's AVX2 variant, on rows it does not pack."""
+    if not _ROWS["on"] or not cpu_ext.thin_rows_supported():
+        return False
+    n, _, h, w = x.shape
+    return winograd_rows(w, h, n)[2] == n * ((h + 1) // 2)
+
+
+def thin_rows_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
+                   residual: Optional[torch.Tensor] = None, *, width: int, out_rows: bool,
+                   into_residual: bool = False) -> Optional[torch.Tensor]:
+    """thin_conv with the row-pair format (cpu_ext.conv3x3_thin_rows_cpu): x strided or row-pair,
+    the residual row-pair; the same failure rule."""
+    try:
+        packed = packs.get(id(spec))
+        if packed is None:
+            packed = packs[id(spec)] = cpu_ext.conv3x3_thin_pack(spec.weight, winograd=True)
+        return cpu_ext.conv3x3_thin_rows_cpu(x, packed, spec.bias, residual, relu=spec.relu,
+                                             width=width, out_rows=out_rows,
+                                             into_residual=into_residual)
+    except RuntimeError as e:
+        return kernel_failed(_THIN, "cpu-thin-conv", f"CPU thin-layer conv kernel failed ({e})",
+                             "those convolutions run in oneDNN (same results to float32 "
+                             "rounding, slower)")
+
+
 _POINTWISE = {"on": True}  # False once the 1x1 conv kernel failed in ordinary inference
 # The 1x1 conv kernel (csrc/cpu_conv1x1.cpp): float32 on AVX2 + FMA, 6-pixel x 16-channel register
 # tiles over weights packed in 16-channel panels, bias, residual and ReLU applied in registers.
@@ -732,6 +771,8 @@ class TorchCPU(Backend):
         if (not blocks or any(b.downsample is not None or len(b.convs) != 2 for b in blocks)
                 or not self._thin_takes(x, specs)):
             return None
+        if thin_rows_fit(x):
+            return self._blocks_rows(x, blocks)
         h = x
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1  # the chain's output goes back to channels_last
@@ -743,6 +784,29 @@ class TorchCPU(Backend):
             if y is None:  # the kernel failed and is off now: the rest of the chain in oneDNN
                 return self._blocks_onednn(h.contiguous(memory_format=torch.channels_last),
                                            blocks[i:])
+            h = y
+        return h
+
+    def _blocks_rows(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        """``blocks`` with the block inputs in the row-pair format (thin_rows_fit): x converted
+        once, each block's second conv accumulating into its input, the last one writing the
+        chain's channels_last output."""
+        width = x.shape[-1]
+        try:
+            h = cpu_ext.conv3x3_thin_rows_from(x)
+        except RuntimeError as e:
+            kernel_failed(_THIN, "cpu-thin-conv", f"CPU thin-layer conv kernel failed ({e})",
+                          "those convolutions run in oneDNN (same results to float32 rounding, "
+                          "slower)")
+            return self._blocks_onednn(x.contiguous(memory_format=torch.channels_last), blocks)
+        for i, block in enumerate(blocks):
+            last = i == len(blocks) - 1
+            first, second = block.convs
+            t = thin_rows_conv(h, first, self._thin_packs, width=width, out_rows=True)
+            y = None if t is None else thin_rows_conv(t, second, self._thin_packs, h, width=width,
+                                                      out_rows=not last, into_residual=not last)
+            if y is None:  # the kernel failed and is off now: the rest of the chain in oneDNN
+                return self._blocks_onednn(cpu_ext.rows_to_tensor(h, width), blocks[i:])
             h = y
         return h
 
