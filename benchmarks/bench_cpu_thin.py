@@ -15,7 +15,15 @@ Narrow rows (``--narrow``): pose-crop shapes at batch 1-8, oneDNN against the ke
 (packed where it packs), and the row rule's pick for each.
 
 Per model (``--models``): one engine at 1x3x512x1024 with the kernel on and off in alternate calls
-(``torch_cpu._THIN``), the median of per-round ratios.
+(``torch_cpu._THIN``), the median of per-round ratios. ``--switch rows`` switches the row-pair
+chains instead (``torch_cpu._ROWS``, AVX2; off = planar chains); a model may name its head and
+input, e.g. ``w32:pose:8x3x256x192``.
+
+Chains (``--chains``, AVX2): four blocks of two convs as the engine runs a branch, the planar chain
+against the row-pair chain (``conv3x3_thin_rows``), per-round ratios.
+
+    python benchmarks/bench_cpu_thin.py --chains [--rounds 21]
+    python benchmarks/bench_cpu_thin.py --switch rows --models w18 w32 w32:pose:8x3x256x192
 """
 import argparse
 import os
@@ -95,25 +103,76 @@ def narrow(rounds: int) -> None:
               f"({one / kernel:.2f}x); the row rule picks {rule}")
 
 
-def per_model(presets, rounds: int) -> None:
+# (N, C, H, W) of a branch chain: w18's four seg branches at 512x1024, w32's and w48's widest,
+# w32 pose's widest at batch 8 (unpacked), w18's narrowest.
+CHAIN_SHAPES = [(1, 18, 128, 256), (1, 36, 64, 128), (1, 72, 32, 64), (1, 144, 16, 32),
+                (1, 32, 128, 256), (1, 64, 64, 128), (1, 48, 128, 256), (8, 32, 64, 48)]
+
+
+def planar_chain(x, convs):
+    """TorchCPU.blocks' planar chain: intermediates NCHW, block outputs into the block input."""
+    h = x
+    for i, ((p1, b1), (p2, b2)) in enumerate(convs):
+        last = i == len(convs) - 1
+        t = cpu_ext.conv3x3_thin_cpu(h, p1, b1, relu=True, channels_last=False)
+        h = cpu_ext.conv3x3_thin_cpu(t, p2, b2, h, relu=True, channels_last=last,
+                                     into_residual=0 < i < len(convs) - 1)
+    return h
+
+
+def rows_chain(x, convs):
+    """TorchCPU._blocks_rows: the block inputs in the row-pair format."""
+    width = x.shape[-1]
+    h = cpu_ext.conv3x3_thin_rows_from(x)
+    for i, ((p1, b1), (p2, b2)) in enumerate(convs):
+        last = i == len(convs) - 1
+        t = cpu_ext.conv3x3_thin_rows_cpu(h, p1, b1, relu=True, width=width, out_rows=True)
+        h = cpu_ext.conv3x3_thin_rows_cpu(t, p2, b2, h, relu=True, width=width,
+                                          out_rows=not last, into_residual=not last)
+    return h
+
+
+def chains(rounds: int) -> None:
+    if not cpu_ext.thin_rows_supported():
+        sys.exit("the row-pair format is the AVX2 variant's; this CPU's capability is "
+                 f"{torch.backends.cpu.get_cpu_capability()}")
+    for n, c, h, w in CHAIN_SHAPES:
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+        convs = [[(cpu_ext.conv3x3_thin_pack(torch.randn(c, c, 3, 3) / (3 * c ** 0.5),
+                                             winograd=True), torch.randn(c) * 0.1)
+                  for _ in range(2)] for _ in range(4)]
+        diff = float((planar_chain(x, convs) - rows_chain(x, convs)).abs().max())
+        times = round_robin({"planar": lambda: planar_chain(x, convs),
+                             "rows": lambda: rows_chain(x, convs)}, rounds)
+        ratio = statistics.median(a / b for a, b in zip(times["planar"], times["rows"]))
+        print(f"{n}x{c}x{h}x{w}: planar chain {statistics.median(times['planar']) * 1e3:.2f} ms, "
+              f"row-pair chain {statistics.median(times['rows']) * 1e3:.2f} ms, {ratio:.3f}x per "
+              f"round (max abs difference {diff:.1e})")
+
+
+def per_model(models, rounds: int, switch: str) -> None:
     from hrnet_fast import HRNet, optimize
     from hrnet_fast.check import randomize_batchnorm
-    for preset in presets:
+    flag = {"thin": torch_cpu._THIN, "rows": torch_cpu._ROWS}[switch]
+    names = {"thin": ("kernel on", "all oneDNN"), "rows": ("row-pair chains", "planar chains")}
+    for spec in models:
+        preset, head, size = (spec.split(":") + ["seg", "1x3x512x1024"])[:3]
         torch.manual_seed(0)
-        model = randomize_batchnorm(HRNet(preset, fast=False)).eval()
+        model = randomize_batchnorm(HRNet(preset, head=head, fast=False)).eval()
         engine = optimize(model, backend="torch")
-        x = torch.randn(1, 3, 512, 1024)
+        x = torch.randn(*(int(v) for v in size.split("x")))
 
         def run(on):
-            torch_cpu._THIN["on"] = on
+            flag["on"] = on
             engine(x)
 
         with torch.inference_mode():
             times = round_robin({"on": lambda: run(True), "off": lambda: run(False)}, rounds)
-        torch_cpu._THIN["on"] = True
+        flag["on"] = True
         ratio = statistics.median(b / a for a, b in zip(times["on"], times["off"]))
-        print(f"{preset}: kernel on {statistics.median(times['on']) * 1e3:.0f} ms, all oneDNN "
-              f"{statistics.median(times['off']) * 1e3:.0f} ms, {ratio:.2f}x per round")
+        on_name, off_name = names[switch]
+        print(f"{preset} {head} {size}: {on_name} {statistics.median(times['on']) * 1e3:.0f} ms, "
+              f"{off_name} {statistics.median(times['off']) * 1e3:.0f} ms, {ratio:.3f}x per round")
 
 
 def main() -> None:
@@ -123,6 +182,11 @@ def main() -> None:
     p.add_argument("--models", nargs="*", help="time whole engines instead (e.g. w18_small_v2 w18)")
     p.add_argument("--narrow", action="store_true",
                    help="narrow rows with batch > 1 (pose crops) instead, and the row rule's pick")
+    p.add_argument("--chains", action="store_true",
+                   help="planar against row-pair chains of four blocks (AVX2)")
+    p.add_argument("--switch", choices=["thin", "rows"], default="thin",
+                   help="with --models: switch the thin kernel (against oneDNN) or its row-pair "
+                        "chains (against planar chains)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the engine runs: warm calls reuse heap memory (no page faults)
@@ -132,7 +196,9 @@ def main() -> None:
     print(f"{args.threads} threads; torch {torch.__version__}; capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     if args.models:
-        per_model(args.models, args.rounds)
+        per_model(args.models, args.rounds, args.switch)
+    elif args.chains:
+        chains(args.rounds)
     elif args.narrow:
         narrow(args.rounds)
     else:

@@ -15,6 +15,15 @@
 //     the same with the result written over ``residual`` (dense, either layout). It returns
 //     nothing: torch.compile's functionalisation takes no custom op returning an alias.
 //   act = ReLU if relu (NaN propagates), else identity.
+//   hrnet_fast_cpu::conv3x3_thin_rows_from(Tensor x) -> Tensor
+//   hrnet_fast_cpu::conv3x3_thin_rows(Tensor x, Tensor packed, Tensor? bias, Tensor? residual,
+//                                     bool relu, int width, bool out_rows) -> Tensor
+//   hrnet_fast_cpu::conv3x3_thin_rows_into(Tensor(a!) residual, Tensor x, Tensor packed,
+//                                          Tensor? bias, bool relu, int width) -> ()
+//     the row-pair format (AVX2 variant, Winograd weights; hf_thin::rows_pitch in
+//     cpu_conv_thin.h): x into it; the conv with x strided or row-pair, the residual row-pair or
+//     none, the result a new row-pair tensor (out_rows) or channels_last one, or written over the
+//     row-pair residual. A branch chain keeps its intermediates in it (TorchCPU._blocks_rows).
 //
 // Why: oneDNN's convolutions vectorise over output channels, 16 float32 lanes, so an 18-channel
 // layer runs 32 lanes of which 14 are padding (measured 123-155 GFLOP/s against 240-316 for 64

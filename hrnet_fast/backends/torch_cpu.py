@@ -1,6 +1,7 @@
 """The ``torch`` backend on the CPU: oneDNN convolutions with weights reordered once and the
 epilogue fused; the thin 3x3 layers (w18's 18-144 channels, see THIN_* below) through the CPU
-thin-layer conv kernel, a branch's residual blocks as one planar chain (``TorchCPU.blocks``); in
+thin-layer conv kernel, a branch's residual blocks as one chain (``TorchCPU.blocks``: planar
+intermediates, or on AVX2 the kernel's row-pair format); in
 bfloat16 on CPUs with AMX, the 3x3 and 1x1 convs (stride 1 or 2) through the AMX kernel where it
 measured faster (see AMX_MAX_OUT); the fuse step and the head's fuse through the CPU fuse kernel (hrnet_fast/cpu_ext.py) where it is
 built, else torch compositions.
@@ -324,9 +325,10 @@ def thin_conv(x: torch.Tensor, spec: ConvSpec, packs: dict,
 # writes its output's two columns per tile where they go with bias, residual and ReLU in
 # registers, instead of interleaving them into a planar row and writing that out in a second
 # pass. Chains of four blocks against the planar chain (AMD EPYC Zen 3, 2 threads, same process,
-# alternating, per-round medians; benchmarks/RESULTS.md): 18 ch at 128x256 1.03x, 36 at 64x128
-# 1.10x, 72 at 32x64 1.07x, 32 at 128x256 1.03x, 64 at 64x128 1.08x, 48 at 128x256 1.05x, 144 at
-# 16x32 1.10x, 8x32x64x48 (w32 pose) 1.17x. Only rows the kernel does not pack (several row
+# alternating, per-round medians of 21, two runs; benchmarks/RESULTS.md): 18 ch at 128x256
+# 1.03/1.05x, 36 at 64x128 1.10/1.08x, 72 at 32x64 1.07x, 144 at 16x32 1.10/1.11x, 32 at 128x256
+# 1.03/1.06x, 64 at 64x128 1.08x, 48 at 128x256 1.05/1.03x, w32 pose's 8x32x64x48 1.17/1.22x;
+# whole seg models at 1x3x512x1024 1.02-1.06x. Only rows the kernel does not pack (several row
 # pairs side by side in one row: narrow pose rows) take it. ``_ROWS["on"]``: an A/B switch.
 _ROWS = {"on": True}
 
@@ -766,7 +768,9 @@ class TorchCPU(Backend):
         """A branch's BasicBlocks of thin 3x3 convs through the thin-layer kernel, with every
         intermediate planar (NCHW): only the chain's first input and its last output are transposed
         (from and to channels_last), not every conv's. The second conv of a block accumulates into
-        the block's input where that input is already dense in its output layout."""
+        the block's input where that input is already dense in its output layout. Where
+        thin_rows_fit (AVX2, rows the kernel does not pack) the intermediates are in the row-pair
+        format instead (``_blocks_rows``)."""
         specs = [spec for b in blocks for spec in b.convs]
         if (not blocks or any(b.downsample is not None or len(b.convs) != 2 for b in blocks)
                 or not self._thin_takes(x, specs)):
