@@ -290,6 +290,34 @@ HF_AVX2 HF_THIN_ALWAYS_INLINE void wino_gemm(const Problem& p, const float* v, c
       _mm256_storeu_ps(m + (co0 + c) * kLanes * R + kLanes * (r0 + r), acc[c][r]);
 }
 
+// Y = A^T M A for 8 tiles of one output channel (mp: their M at position 0, positions mstride
+// apart): y[i][j] = output row y + i, columns 2t + j of the 8 tiles t.
+HF_AVX2 HF_THIN_ALWAYS_INLINE void inverse_transform(const float* mp, int64_t mstride,
+                                                     __m256 y[2][2]) {
+  __m256 m[16];
+  for (int pos = 0; pos < kWinoPos; ++pos) m[pos] = _mm256_loadu_ps(mp + pos * mstride);
+  __m256 s[4], d[4];  // A^T over the rows of M: s = rows 0+1+2, d = rows 1-2-3
+  for (int j = 0; j < 4; ++j) {
+    s[j] = _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j]);
+    d[j] = _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
+  }
+  y[0][0] = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
+  y[0][1] = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+  y[1][0] = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), d[2]);
+  y[1][1] = _mm256_sub_ps(_mm256_sub_ps(d[1], d[2]), d[3]);
+}
+
+// y (inverse_transform) as 16 consecutive columns of the planar rows o0 and o1: tiles 0-3 and 4-7
+// interleaved, by unpacking within 128-bit halves and then joining the halves.
+HF_AVX2 HF_THIN_ALWAYS_INLINE void store_interleaved(const __m256 y[2][2], float* o0, float* o1) {
+  float* o[2] = {o0, o1};
+  for (int i = 0; i < 2; ++i) {
+    const __m256 lo = _mm256_unpacklo_ps(y[i][0], y[i][1]), hi = _mm256_unpackhi_ps(y[i][0], y[i][1]);
+    _mm256_storeu_ps(o[i], _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(o[i] + kLanes, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+
 // Y = A^T M A for every output channel into the planar output rows orow0 (row y) and orow1
 // (row y + 1), columns 2t and 2t + 1 interleaved.
 template <int R>
@@ -298,28 +326,10 @@ HF_AVX2 void output_transform(const Problem& p, const float* mbuf, int64_t t0, f
   const int64_t mstride = pos_stride(p.Co, R);
   for (int64_t co = 0; co < p.Co; ++co) {
     for (int r = 0; r < R; ++r) {
-      const float* mp = mbuf + co * kLanes * R + kLanes * r;
-      __m256 m[16];
-      for (int pos = 0; pos < kWinoPos; ++pos) m[pos] = _mm256_loadu_ps(mp + pos * mstride);
-      __m256 s[4], d[4];  // A^T over the rows of M: s = rows 0+1+2, d = rows 1-2-3
-      for (int j = 0; j < 4; ++j) {
-        s[j] = _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j]);
-        d[j] = _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
-      }
-      const __m256 y00 = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
-      const __m256 y01 = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
-      const __m256 y10 = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), d[2]);
-      const __m256 y11 = _mm256_sub_ps(_mm256_sub_ps(d[1], d[2]), d[3]);
+      __m256 y[2][2];
+      inverse_transform(mbuf + co * kLanes * R + kLanes * r, mstride, y);
       const int64_t x = 2 * (t0 + kLanes * r);
-      float* o0 = orow0 + co * p.out_pitch + x;
-      float* o1 = orow1 + co * p.out_pitch + x;
-      // tiles 0-3 and 4-7 interleaved: unpack within 128-bit halves, then join the halves
-      const __m256 lo0 = _mm256_unpacklo_ps(y00, y01), hi0 = _mm256_unpackhi_ps(y00, y01);
-      const __m256 lo1 = _mm256_unpacklo_ps(y10, y11), hi1 = _mm256_unpackhi_ps(y10, y11);
-      _mm256_storeu_ps(o0, _mm256_permute2f128_ps(lo0, hi0, 0x20));
-      _mm256_storeu_ps(o0 + kLanes, _mm256_permute2f128_ps(lo0, hi0, 0x31));
-      _mm256_storeu_ps(o1, _mm256_permute2f128_ps(lo1, hi1, 0x20));
-      _mm256_storeu_ps(o1 + kLanes, _mm256_permute2f128_ps(lo1, hi1, 0x31));
+      store_interleaved(y, orow0 + co * p.out_pitch + x, orow1 + co * p.out_pitch + x);
     }
   }
 }
@@ -347,17 +357,8 @@ HF_AVX2 void output_transform_epilogue(const Problem& p, const float* mbuf, int6
     const int64_t a_half = 2 * co * hp;  // channel co's a half in a row-pair row
     for (int r = 0; r < R; ++r) {
       const int64_t t = t0 + kLanes * r;
-      const float* mp = mbuf + co * kLanes * R + kLanes * r;
-      __m256 m[16];
-      for (int pos = 0; pos < kWinoPos; ++pos) m[pos] = _mm256_loadu_ps(mp + pos * mstride);
-      __m256 s[4], d[4];
-      for (int j = 0; j < 4; ++j) {
-        s[j] = _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j]);
-        d[j] = _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
-      }
-      __m256 y[2][2] = {  // [output row][column parity]
-          {_mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]), _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3])},
-          {_mm256_add_ps(_mm256_add_ps(d[0], d[1]), d[2]), _mm256_sub_ps(_mm256_sub_ps(d[1], d[2]), d[3])}};
+      __m256 y[2][2];  // [output row][column parity]
+      inverse_transform(mbuf + co * kLanes * R + kLanes * r, mstride, y);
       for (int i = 0; i < 2; ++i) {
         for (int j = 0; j < 2; ++j) {
           __m256 v = _mm256_add_ps(y[i][j], b);
@@ -379,14 +380,7 @@ HF_AVX2 void output_transform_epilogue(const Problem& p, const float* mbuf, int6
         }
         continue;
       }
-      float* o0 = orow0 + co * p.out_pitch + 2 * t;
-      float* o1 = orow1 + co * p.out_pitch + 2 * t;
-      const __m256 lo0 = _mm256_unpacklo_ps(y[0][0], y[0][1]), hi0 = _mm256_unpackhi_ps(y[0][0], y[0][1]);
-      const __m256 lo1 = _mm256_unpacklo_ps(y[1][0], y[1][1]), hi1 = _mm256_unpackhi_ps(y[1][0], y[1][1]);
-      _mm256_storeu_ps(o0, _mm256_permute2f128_ps(lo0, hi0, 0x20));
-      _mm256_storeu_ps(o0 + kLanes, _mm256_permute2f128_ps(lo0, hi0, 0x31));
-      _mm256_storeu_ps(o1, _mm256_permute2f128_ps(lo1, hi1, 0x20));
-      _mm256_storeu_ps(o1 + kLanes, _mm256_permute2f128_ps(lo1, hi1, 0x31));
+      store_interleaved(y, orow0 + co * p.out_pitch + 2 * t, orow1 + co * p.out_pitch + 2 * t);
     }
   }
 }
