@@ -26,6 +26,25 @@ def require_native_precision(dtype: torch.dtype, device=DEVICE) -> None:
         pytest.skip(f"{why}: the {dtype} CPU engine is NOT tested on this machine")
 
 
+def bn_model(preset: str, mode: str = "bilinear", head: str = "seg", seed: int = 0):
+    """A reference-only HRNet (``fast=False``) of ``preset`` with random weights and randomized
+    BatchNorm statistics, in eval mode: what the engine tests optimize and compare."""
+    from hrnet_fast import HRNet, HRNetConfig
+    torch.manual_seed(seed)
+    cfg = HRNetConfig.preset(preset, upsample=mode, head=head)
+    return randomize_bn(HRNet(cfg, fast=False), seed).eval()
+
+
+def failing_from_call(calls: list, real, fail_at: int):
+    """A stand-in for a kernel wrapper: ``real(...)`` until the spy's call log ``calls`` holds
+    ``fail_at - 1`` calls, then RuntimeError("planted failure") on every call."""
+    def failing(*args, **kwargs):
+        if len(calls) + 1 >= fail_at:
+            raise RuntimeError("planted failure")
+        return real(*args, **kwargs)
+    return failing
+
+
 def require_cpu_kernels(what: str, avx: bool = True) -> None:
     """Skips the calling test (or fixture) unless the CPU kernels are built here and, with ``avx``,
     torch's CPU capability is AVX-512 or AVX2 (what the AVX kernels need): ``what`` is then NOT

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
+from helpers import (bn_model, poisoned_malloc, require_cpu_kernels,
                      runtime_warnings_over_two_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close
 
-from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
+from hrnet_fast import cpu_ext, optimize
 from hrnet_fast.backends import torch_cpu
 from hrnet_fast.plan import ConvSpec
 from hrnet_fast.reference import HighResolutionNet
@@ -222,12 +222,6 @@ def pointwise_calls(built, monkeypatch):
     return calls
 
 
-def _model(preset, mode="bilinear", head="seg", seed=0):
-    torch.manual_seed(seed)
-    cfg = HRNetConfig.preset(preset, upsample=mode, head=head)
-    return randomize_bn(HRNet(cfg, fast=False), seed).eval()
-
-
 @pytest.mark.parametrize("preset,mode,head,size", [
     ("w18_small_v2", "bilinear", "seg", (2, 3, 75, 101)),
     ("w18_small_v2", "nearest", "seg", (1, 3, 64, 96)),
@@ -237,7 +231,7 @@ def test_engine_matches_the_reference(pointwise_calls, preset, mode, head, size)
     conv, the others into their residual) and the fuse steps' 1x1s in the kernel, against the
     float64 reference: odd sizes, batch 2, both upsampling modes, the classification head's
     bottlenecks too."""
-    model = _model(preset, mode, head)
+    model = bn_model(preset, mode, head)
     x = torch.randn(*size, generator=torch.Generator().manual_seed(11))
     with torch.inference_mode():
         out = optimize(model, backend="torch")(x)
@@ -252,7 +246,7 @@ def test_engine_matches_the_reference(pointwise_calls, preset, mode, head, size)
 def test_input_bound_convs_stay_in_onednn(pointwise_calls):
     """Layer1's 256 -> 64 convs (input-bound, see POINTWISE_INPUT_BOUND_CI) never reach the kernel,
     while its 64 -> 256 convs do."""
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     with torch.inference_mode():
         optimize(model, backend="torch")(torch.randn(1, 3, 64, 64))
     inputs = [shape[1] for shape, *_ in pointwise_calls]
@@ -263,7 +257,7 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(pointwise_calls, monkeyp
     """The kernel raising: one RuntimeWarning, the kernel off for the process, and the model's
     values unchanged (the merged downsample falls back to the two convs)."""
     monkeypatch.setattr(torch_cpu, "_WARNED", set())
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
     with torch.inference_mode():
         ref64 = HighResolutionNet.forward(model.double(), x.double())
@@ -282,7 +276,7 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(pointwise_calls, monkeyp
 def test_a_weight_change_reaches_the_packed_weights(pointwise_calls):
     """The drop-in refolds after an in-place change of layer1's last conv and downsample weights:
     the merged pack holds the new ones."""
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     model.fast = True
     x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(17))
     with torch.inference_mode():

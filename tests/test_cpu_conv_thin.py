@@ -13,8 +13,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
-                     runtime_warnings_over_two_calls, torch_threads)
+from helpers import (bn_model, failing_from_call, poisoned_malloc, randomize_bn,
+                     require_cpu_kernels, runtime_warnings_over_two_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -322,12 +322,6 @@ def thin_calls(built, monkeypatch):
     return calls
 
 
-def _model(preset, mode="bilinear", seed=0):
-    torch.manual_seed(seed)
-    cfg = HRNetConfig.preset(preset, upsample=mode)
-    return randomize_bn(HRNet(cfg, fast=False), seed).eval()
-
-
 @pytest.mark.parametrize("preset,mode,size", [("w18_small_v2", "bilinear", (2, 3, 75, 101)),
                                               ("w18_small_v2", "nearest", (1, 3, 64, 96)),
                                               ("w18", "bilinear", (1, 3, 47, 61))])
@@ -335,7 +329,7 @@ def test_engine_chains_match_the_reference(thin_calls, preset, mode, size):
     """Whole engines whose thin branches run as planar chains, against the float64 reference:
     odd sizes, batch 2, both upsampling modes. Each chain reads channels_last once and writes it
     once; everything between is planar (NCHW)."""
-    model = _model(preset, mode)
+    model = bn_model(preset, mode)
     x = torch.randn(*size, generator=torch.Generator().manual_seed(11))
     with torch.inference_mode():
         out = optimize(model, backend="torch")(x)
@@ -347,10 +341,10 @@ def test_engine_chains_match_the_reference(thin_calls, preset, mode, size):
     assert planar_out > 0 and cl_out > 0 and planar_out > cl_out  # chains, not single convs
 
 
-def test_kernel_off_gives_the_same_model(thin_calls, monkeypatch):
+def test_kernel_off_gives_the_samebn_model(thin_calls, monkeypatch):
     """With the kernel switched off the engine runs oneDNN only, and both agree to float32
     rounding."""
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(12))
     engine = optimize(model, backend="torch")
     with torch.inference_mode():
@@ -369,19 +363,13 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(thin_calls, monkeypatch,
     its start: one RuntimeWarning, the kernel off for the process, and the model's values
     unchanged."""
     monkeypatch.setattr(torch_cpu, "_WARNED", set())
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
     with torch.inference_mode():
         ref64 = HighResolutionNet.forward(model.double(), x.double())
     model.float()
-    spy = cpu_ext.conv3x3_thin_cpu
-
-    def failing(*args, **kwargs):
-        if len(thin_calls) + 1 >= fail_at:
-            raise RuntimeError("planted failure")
-        return spy(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", failing)
+    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu",
+                        failing_from_call(thin_calls, cpu_ext.conv3x3_thin_cpu, fail_at))
     engine = optimize(model, backend="torch")
     messages = runtime_warnings_over_two_calls(engine, x, ref64, f"failure at call {fail_at}")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
@@ -391,7 +379,7 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(thin_calls, monkeypatch,
 def test_without_avx_onednn_answers(thin_calls, monkeypatch):
     """A CPU without AVX-512 or AVX2 (torch's capability) never calls the kernel."""
     monkeypatch.setattr(cpu_ext, "thin_conv_supported", lambda: False)
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(14))
     with torch.inference_mode():
         out = optimize(model, backend="torch")(x)
@@ -414,7 +402,7 @@ def test_autograd_keeps_the_composition(thin_calls):
 def test_a_weight_change_reaches_the_packed_weights(thin_calls):
     """The drop-in refolds after an in-place change of a thin branch conv's weight (and of layer1's
     64-channel 3x3): the kernel's packed weights are the new ones, not the first call's."""
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     model.fast = True
     x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(17))
     with torch.inference_mode():

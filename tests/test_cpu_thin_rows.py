@@ -13,11 +13,11 @@ import itertools
 import pytest
 import torch
 
-from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
+from helpers import (bn_model, failing_from_call, poisoned_malloc, require_cpu_kernels,
                      runtime_warnings_over_two_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
 
-from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
+from hrnet_fast import cpu_ext, optimize
 from hrnet_fast.backends import torch_cpu
 from hrnet_fast.reference import HighResolutionNet
 
@@ -212,12 +212,6 @@ def rows_calls(built, monkeypatch):
     return calls
 
 
-def _model(preset, mode="bilinear", head="seg", seed=0):
-    torch.manual_seed(seed)
-    cfg = HRNetConfig.preset(preset, upsample=mode, head=head)
-    return randomize_bn(HRNet(cfg, fast=False), seed).eval()
-
-
 @pytest.mark.parametrize("preset,mode,head,size", [
     ("w18_small_v2", "bilinear", "seg", (2, 3, 75, 101)),
     ("w18_small_v2", "nearest", "seg", (1, 3, 64, 96)),
@@ -228,7 +222,7 @@ def test_engine_chains_match_the_reference(rows_calls, preset, mode, head, size)
     the float64 reference: odd sizes, batch 2, both upsampling modes, randomized BatchNorm. Every
     chain reads its channels_last input once; each conv reads the format, block outputs
     accumulate into the block input, and only a chain's last conv writes channels_last."""
-    model = _model(preset, mode, head)
+    model = bn_model(preset, mode, head)
     x = torch.randn(*size, generator=torch.Generator().manual_seed(11))
     with torch.inference_mode():
         out = optimize(model, backend="torch")(x)
@@ -244,7 +238,7 @@ def test_engine_chains_match_the_reference(rows_calls, preset, mode, head, size)
 def test_row_pair_chains_against_planar_chains(rows_calls, monkeypatch):
     """The same engine with the row-pair chains switched off (planar chains) agrees to float32
     rounding; the switch really changes the path."""
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(12))
     engine = optimize(model, backend="torch")
     with torch.inference_mode():
@@ -272,19 +266,13 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(rows_calls, monkeypatch,
     input was accumulated into): one RuntimeWarning, the thin kernel off for the process, and the
     model's values unchanged (the chain's rest runs in oneDNN from the row-pair state)."""
     monkeypatch.setattr(torch_cpu, "_WARNED", set())
-    model = _model("w18_small_v2")
+    model = bn_model("w18_small_v2")
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
     with torch.inference_mode():
         ref64 = HighResolutionNet.forward(model.double(), x.double())
     model.float()
-    spy = cpu_ext.conv3x3_thin_rows_cpu
-
-    def failing(*args, **kwargs):
-        if len(rows_calls) + 1 >= fail_at:
-            raise RuntimeError("planted failure")
-        return spy(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_rows_cpu", failing)
+    monkeypatch.setattr(cpu_ext, "conv3x3_thin_rows_cpu",
+                        failing_from_call(rows_calls, cpu_ext.conv3x3_thin_rows_cpu, fail_at))
     engine = optimize(model, backend="torch")
     messages = runtime_warnings_over_two_calls(engine, x, ref64, f"failure at call {fail_at}")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
