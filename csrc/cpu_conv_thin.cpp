@@ -711,36 +711,30 @@ at::Tensor conv3x3_thin_pack(const at::Tensor& weight, bool winograd) {
   return u;
 }
 
-at::Tensor compute(const at::Tensor& x, const at::Tensor& packed, const Packed& w,
-                   const c10::optional<at::Tensor>& bias, const at::Tensor* residual, bool relu,
-                   at::Tensor out, bool out_channels_last) {
-  if (out.numel() == 0) return out;
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+// The Problem of a conv of x (strided [N, Ci, H, W], or with x_rows a row-pair tensor of height
+// H and width W) with the packed weight, bias b (contiguous, or undefined for none) and output
+// out: everything but the residual and the output layout, which the callers set.
+Problem describe_conv(const at::Tensor& x, bool x_rows, int64_t H, int64_t W,
+                      const at::Tensor& packed, const Packed& w, const at::Tensor& b, bool relu,
+                      at::Tensor& out) {
   Problem p;
   p.N = x.size(0);
-  p.Ci = x.size(1);
-  p.H = x.size(2);
-  p.W = x.size(3);
+  p.Ci = w.ci;
+  p.H = H;
+  p.W = W;
   p.Co = w.co;
   p.x = x.data_ptr<float>();
-  p.sn = x.stride(0);
-  p.sc = x.stride(1);
-  p.sh = x.stride(2);
-  p.sw = x.stride(3);
+  p.sn = x_rows ? 0 : x.stride(0);
+  p.sc = x_rows ? 0 : x.stride(1);
+  p.sh = x_rows ? 0 : x.stride(2);
+  p.sw = x_rows ? 0 : x.stride(3);
   p.w = w.winograd ? nullptr : packed.data_ptr<float>();
   p.u = w.winograd ? packed.data_ptr<float>() : nullptr;
   p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   p.res = nullptr;
   p.rn = p.rc = p.rh = p.rw = 0;
-  if (residual != nullptr) {
-    p.res = residual->data_ptr<float>();
-    p.rn = residual->stride(0);
-    p.rc = residual->stride(1);
-    p.rh = residual->stride(2);
-    p.rw = residual->stride(3);
-  }
   p.out = out.data_ptr<float>();
-  p.out_channels_last = out_channels_last;
+  p.out_channels_last = true;
   p.relu = relu;
   const int64_t w16 = (p.W + kLanes - 1) / kLanes * kLanes;
   p.in_pitch = w16 + 2 * kLanes;  // 1 left pad + W + right pads covering a tile's overreach
@@ -752,6 +746,23 @@ at::Tensor compute(const at::Tensor& x, const at::Tensor& packed, const Packed& 
     p.half_pitch = covered + 2 * kLanes;
     p.out_pitch = 2 * covered + kLanes;
   }
+  return p;
+}
+
+at::Tensor compute(const at::Tensor& x, const at::Tensor& packed, const Packed& w,
+                   const c10::optional<at::Tensor>& bias, const at::Tensor* residual, bool relu,
+                   at::Tensor out, bool out_channels_last) {
+  if (out.numel() == 0) return out;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  Problem p = describe_conv(x, false, x.size(2), x.size(3), packed, w, b, relu, out);
+  if (residual != nullptr) {
+    p.res = residual->data_ptr<float>();
+    p.rn = residual->stride(0);
+    p.rc = residual->stride(1);
+    p.rh = residual->stride(2);
+    p.rw = residual->stride(3);
+  }
+  p.out_channels_last = out_channels_last;
   run(p);
   return out;
 }
@@ -813,21 +824,13 @@ void check_strided_input(const at::Tensor& x, const char* op) {
               " is too large for 32-bit gather offsets");
 }
 
-// x's element strides into p (a strided input).
-void describe_input(const at::Tensor& x, Problem* p) {
-  p->x = x.data_ptr<float>();
-  p->sn = x.stride(0);
-  p->sc = x.stride(1);
-  p->sh = x.stride(2);
-  p->sw = x.stride(3);
-}
-
 at::Tensor conv3x3_thin_rows_from(const at::Tensor& x) {
   constexpr const char* op = "hrnet_fast_cpu::conv3x3_thin_rows_from: ";
   check_rows_supported();
   check_strided_input(x, op);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor out = at::zeros({N, H, C, 2, hf_thin::rows_pitch(W)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::zeros({N, H, C, 2, hf_thin::rows_pitch(W)},
+                             x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0 || W == 0) return out;
   Problem p;
   p.N = N;
@@ -835,7 +838,11 @@ at::Tensor conv3x3_thin_rows_from(const at::Tensor& x) {
   p.W = W;
   p.Ci = C;
   p.Co = C;
-  describe_input(x, &p);
+  p.x = x.data_ptr<float>();
+  p.sn = x.stride(0);
+  p.sc = x.stride(1);
+  p.sh = x.stride(2);
+  p.sw = x.stride(3);
   p.half_pitch = hf_thin::rows_pitch(W);
   hf_thin::rows_from_avx2(p, out.data_ptr<float>());
   return out;
@@ -843,39 +850,17 @@ at::Tensor conv3x3_thin_rows_from(const at::Tensor& x) {
 
 // out (a row-pair tensor, or a new channels_last [N, Co, H, W] one) = act(conv(x) + bias +
 // residual) with x strided or row-pair and the residual row-pair or none.
-void compute_rows(const at::Tensor& x, bool x_rows, int64_t H, int64_t W, const at::Tensor& packed,
-                  const Packed& w, const c10::optional<at::Tensor>& bias,
+void compute_rows(const at::Tensor& x, bool x_rows, int64_t H, int64_t W,
+                  const at::Tensor& packed, const Packed& w, const c10::optional<at::Tensor>& bias,
                   const at::Tensor* residual, bool relu, at::Tensor& out, bool out_rows) {
   if (out.numel() == 0 || W == 0) return;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  Problem p;
-  p.N = x.size(0);
-  p.H = H;
-  p.W = W;
-  p.Ci = w.ci;
-  p.Co = w.co;
-  if (x_rows) {
-    p.x = x.data_ptr<float>();
-    p.sn = p.sc = p.sh = p.sw = 0;
-  } else {
-    describe_input(x, &p);
-  }
-  p.w = nullptr;
-  p.u = packed.data_ptr<float>();
-  p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
-  p.res = residual != nullptr ? residual->data_ptr<float>() : nullptr;
-  p.rn = p.rc = p.rh = p.rw = 0;
-  p.out = out.data_ptr<float>();
+  Problem p = describe_conv(x, x_rows, H, W, packed, w, b, relu, out);
+  p.res = residual != nullptr ? residual->data_ptr<float>() : nullptr;  // row-pair
   p.out_channels_last = !out_rows;
-  p.relu = relu;
   p.x_rows = x_rows;
   p.res_rows = residual != nullptr;
   p.out_rows = out_rows;
-  p.tiles = (W + 1) / 2;
-  const int64_t block = hf_thin::kWinoBlock;
-  const int64_t covered = (p.tiles + block - 1) / block * block;
-  p.in_pitch = 0;
-  p.out_pitch = 2 * covered + kLanes;
   p.half_pitch = hf_thin::rows_pitch(W);
   hf_thin::run_avx2(p);
 }

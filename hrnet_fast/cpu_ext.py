@@ -278,7 +278,8 @@ def _conv3x3_thin_rows_from_fake(x):
 
 def _conv3x3_thin_rows_fake(x, packed, bias, residual, relu, width, out_rows):
     ci, co = _packed_widths(packed)
-    torch._check(x.dim() in (4, 5), lambda: f"x must be 4-d or a row-pair tensor, got {tuple(x.shape)}")
+    torch._check(x.dim() in (4, 5),
+                 lambda: f"x must be 4-d or a row-pair tensor, got {tuple(x.shape)}")
     h = x.shape[1] if x.dim() == 5 else x.shape[2]
     if out_rows:
         return x.new_empty((x.shape[0], h, co, 2, rows_pitch(width)))

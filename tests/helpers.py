@@ -26,6 +26,44 @@ def require_native_precision(dtype: torch.dtype, device=DEVICE) -> None:
         pytest.skip(f"{why}: the {dtype} CPU engine is NOT tested on this machine")
 
 
+def seeded_cl(shape, seed: int) -> torch.Tensor:
+    """A float32 standard-normal tensor from its own seeded generator, channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
+
+
+def spy_calls(monkeypatch, name: str, record) -> list:
+    """Replaces ``cpu_ext.<name>`` (a kernel wrapper taking x first) by a spy that appends
+    ``record(x, *args, **kwargs)`` to the returned list before calling the real wrapper."""
+    from hrnet_fast import cpu_ext
+    calls = []
+    real = getattr(cpu_ext, name)
+
+    def spy(x, *args, **kwargs):
+        calls.append(record(x, *args, **kwargs))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, name, spy)
+    return calls
+
+
+def planted_failure_messages(monkeypatch, name: str, failing, what: str) -> list:
+    """The RuntimeWarning messages of two calls of a w18_small_v2 torch engine (1x3x64x80) with
+    ``cpu_ext.<name>`` replaced by ``failing``; each call's output held to the float64 reference
+    (runtime_warnings_over_two_calls), the backend's warn-once memory reset first."""
+    from hrnet_fast import cpu_ext, optimize
+    from hrnet_fast.backends import torch_cpu
+    from hrnet_fast.reference import HighResolutionNet
+    monkeypatch.setattr(torch_cpu, "_WARNED", set())
+    model = bn_model("w18_small_v2")
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
+    with torch.inference_mode():
+        ref64 = HighResolutionNet.forward(model.double(), x.double())
+    model.float()
+    monkeypatch.setattr(cpu_ext, name, failing)
+    return runtime_warnings_over_two_calls(optimize(model, backend="torch"), x, ref64, what)
+
+
 def bn_model(preset: str, mode: str = "bilinear", head: str = "seg", seed: int = 0):
     """A reference-only HRNet (``fast=False``) of ``preset`` with random weights and randomized
     BatchNorm statistics, in eval mode: what the engine tests optimize and compare."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (bn_model, poisoned_malloc, require_cpu_kernels,
-                     runtime_warnings_over_two_calls, torch_threads)
+from helpers import (bn_model, planted_failure_messages, poisoned_malloc, require_cpu_kernels,
+                     seeded_cl, spy_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close
 
 from hrnet_fast import cpu_ext, optimize
@@ -28,11 +28,6 @@ CL = torch.channels_last
 @pytest.fixture(scope="module")
 def built():
     require_cpu_kernels("the 1x1 conv kernel")
-
-
-def _cl(shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).contiguous(memory_format=CL)
 
 
 def _weights(co, k, seed, bias=True):
@@ -71,9 +66,9 @@ def test_matches_oracle(built, shape):
     allocation poisoned (a value the kernel never writes fails)."""
     n, ci, ci2, co, h, w = shape
     for k in range(4):
-        x = _cl((n, ci, h, w), seed=k)
-        x2 = _cl((n, ci2, h, w), seed=50 + k) if ci2 else None
-        res = _cl((n, co, h, w), seed=100 + k) if k % 2 else None
+        x = seeded_cl((n, ci, h, w), seed=k)
+        x2 = seeded_cl((n, ci2, h, w), seed=50 + k) if ci2 else None
+        res = seeded_cl((n, co, h, w), seed=100 + k) if k % 2 else None
         relu, with_bias = k < 2, k != 2
         wt, b = _weights(co, ci + ci2, k, with_bias)
         with torch_threads(1 + k % 2), poisoned_malloc():
@@ -86,7 +81,7 @@ def test_matches_oracle(built, shape):
 def test_large_map_matches_oracle(built):
     """Many blocks over two threads, with the prefetches ahead of each tile near the end of the
     tensor: layer1's 64 -> 256 with residual at 37x53 (1961 pixels, 5 in the last tile)."""
-    x, res = _cl((1, 64, 37, 53), seed=3), _cl((1, 256, 37, 53), seed=4)
+    x, res = seeded_cl((1, 64, 37, 53), seed=3), seeded_cl((1, 256, 37, 53), seed=4)
     wt, b = _weights(256, 64, 3)
     with torch_threads(2), poisoned_malloc():
         out = _run(x, wt, b, res, relu=True)
@@ -97,10 +92,10 @@ def test_large_map_matches_oracle(built):
 def test_into_residual_writes_the_residual(built, ci2):
     """conv1x1_into: the result lands in the residual's own memory and is returned; x and x2 are
     left alone."""
-    x = _cl((2, 64, 5, 9), seed=1)
-    x2 = _cl((2, ci2, 5, 9), seed=2) if ci2 else None
+    x = seeded_cl((2, 64, 5, 9), seed=1)
+    x2 = seeded_cl((2, ci2, 5, 9), seed=2) if ci2 else None
     before = [t.clone() for t in (x, x2) if t is not None]
-    res = _cl((2, 256, 5, 9), seed=3)
+    res = seeded_cl((2, 256, 5, 9), seed=3)
     wt, b = _weights(256, 64 + ci2, 4)
     oracle = _oracle(x, wt, b, res, True, x2)
     out = _run(x, wt, b, res, relu=True, x2=x2, into=True)
@@ -113,11 +108,11 @@ def test_nan_propagates(built):
     """A NaN input pixel makes that pixel NaN in every output channel, through the ReLU (max(0,
     NaN) is NaN), in a full tile and in the edge tile; a NaN in the residual or in x2 stays where
     it is."""
-    x, x2 = _cl((1, 36, 3, 7), seed=5), _cl((1, 4, 3, 7), seed=6)
+    x, x2 = seeded_cl((1, 36, 3, 7), seed=5), seeded_cl((1, 4, 3, 7), seed=6)
     x[0, 3, 0, 2] = float("nan")  # pixel 2: the first full tile
     x[0, 0, 2, 6] = float("nan")  # pixel 20: the last, 3-pixel edge tile
     x2[0, 1, 1, 0] = float("nan")  # pixel 7
-    res = _cl((1, 18, 3, 7), seed=7)
+    res = seeded_cl((1, 18, 3, 7), seed=7)
     res[0, 17, 1, 3] = float("nan")  # the last channel: the staged channel remainder
     wt, b = _weights(18, 40, 6)
     expected = torch.isnan(_oracle(x, wt, b, res, True, x2))
@@ -127,15 +122,15 @@ def test_nan_propagates(built):
 
 def test_opcheck(built):
     """Schema, fake kernels (shapes, strides, layout) and dispatch agree with the real kernels."""
-    x, x2 = _cl((2, 18, 5, 7), seed=7), _cl((2, 6, 5, 7), seed=8)
-    res = _cl((2, 20, 5, 7), seed=9)
+    x, x2 = seeded_cl((2, 18, 5, 7), seed=7), seeded_cl((2, 6, 5, 7), seed=8)
+    res = seeded_cl((2, 20, 5, 7), seed=9)
     wt, b = _weights(20, 24, 7)
     ops = torch.ops.hrnet_fast_cpu
     torch.library.opcheck(ops.conv1x1_pack.default, (wt,))
     packed = cpu_ext.conv1x1_pack(wt)
     torch.library.opcheck(ops.conv1x1.default, (x, packed, 20, b, res, True, x2))
-    torch.library.opcheck(ops.conv1x1.default, (_cl((1, 24, 3, 3), 1), packed, 20, None, None,
-                                                False, None))
+    torch.library.opcheck(ops.conv1x1.default, (seeded_cl((1, 24, 3, 3), 1), packed, 20, None,
+                                                None, False, None))
     torch.library.opcheck(ops.conv1x1_into.default, (res.clone(memory_format=CL), x, packed, 20,
                                                      None, False, x2))
 
@@ -152,7 +147,7 @@ def test_opcheck(built):
     ("kernel3", "weight must be \\[Co, K\\] or \\[Co, K, 1, 1\\]"),
 ])
 def test_bad_input_gets_one_clear_error(built, bad, match):
-    x = _cl((1, 18, 4, 5), seed=9)
+    x = seeded_cl((1, 18, 4, 5), seed=9)
     wt, b = _weights(20, 18, 9)
     res, x2, co, into = None, None, 20, False
     if bad == "dtype":
@@ -166,10 +161,10 @@ def test_bad_input_gets_one_clear_error(built, bad, match):
     elif bad == "bias":
         b = b[:19]
     elif bad == "residual":
-        res = _cl((1, 20, 4, 6), seed=1)
+        res = seeded_cl((1, 20, 4, 6), seed=1)
     elif bad == "x2":
         wt = _weights(20, 20, 9)[0]
-        x2 = _cl((1, 2, 4, 6), seed=2)
+        x2 = seeded_cl((1, 2, 4, 6), seed=2)
     elif bad == "into_alias":  # x and the residual: dense channels_last, one storage
         store = torch.randn(20 * (18 + 20))
         x = store[:360].view(1, 4, 5, 18).permute(0, 3, 1, 2)
@@ -207,19 +202,11 @@ def test_the_spec_rule_takes_only_plain_1x1(built):
 def pointwise_calls(built, monkeypatch):
     """Every call of the kernel from the engine, as (x's shape, x2 given, into_residual), with the
     AVX2 rule in force whatever this CPU is."""
-    calls = []
-    real = cpu_ext.conv1x1_cpu
     rule = torch_cpu.pointwise_spec_fits
     monkeypatch.setitem(torch_cpu._POINTWISE, "on", True)
     monkeypatch.setattr(torch_cpu, "pointwise_spec_fits", lambda spec, isa=None: rule(spec, "AVX2"))
-
-    def spy(x, *args, **kwargs):
-        calls.append((tuple(x.shape), kwargs.get("x2") is not None,
-                      kwargs.get("into_residual", False)))
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(cpu_ext, "conv1x1_cpu", spy)
-    return calls
+    return spy_calls(monkeypatch, "conv1x1_cpu", lambda x, *args, **kwargs: (
+        tuple(x.shape), kwargs.get("x2") is not None, kwargs.get("into_residual", False)))
 
 
 @pytest.mark.parametrize("preset,mode,head,size", [
@@ -256,19 +243,10 @@ def test_input_bound_convs_stay_in_onednn(pointwise_calls):
 def test_a_failing_kernel_warns_once_and_onednn_answers(pointwise_calls, monkeypatch):
     """The kernel raising: one RuntimeWarning, the kernel off for the process, and the model's
     values unchanged (the merged downsample falls back to the two convs)."""
-    monkeypatch.setattr(torch_cpu, "_WARNED", set())
-    model = bn_model("w18_small_v2")
-    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
-    with torch.inference_mode():
-        ref64 = HighResolutionNet.forward(model.double(), x.double())
-    model.float()
-
     def failing(*args, **kwargs):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr(cpu_ext, "conv1x1_cpu", failing)
-    engine = optimize(model, backend="torch")
-    messages = runtime_warnings_over_two_calls(engine, x, ref64, "after the failure")
+    messages = planted_failure_messages(monkeypatch, "conv1x1_cpu", failing, "after the failure")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
     assert torch_cpu._POINTWISE["on"] is False
 

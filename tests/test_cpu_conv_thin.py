@@ -13,8 +13,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import (bn_model, failing_from_call, poisoned_malloc, randomize_bn,
-                     require_cpu_kernels, runtime_warnings_over_two_calls, torch_threads)
+from helpers import (bn_model, failing_from_call, planted_failure_messages, poisoned_malloc,
+                     randomize_bn, require_cpu_kernels, spy_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -307,19 +307,12 @@ def test_narrow_rows_stay_in_onednn(thin_calls, monkeypatch):
 def thin_calls(built, monkeypatch):
     """Every call of the thin conv kernel: (x's channels_last-ness, channels_last out, into,
     x's shape)."""
-    calls = []
-    real = cpu_ext.conv3x3_thin_cpu
     monkeypatch.setitem(torch_cpu._THIN, "on", True)
     # the planar chain: the row-pair chain (AVX2, tests/test_cpu_thin_rows.py) off
     monkeypatch.setitem(torch_cpu._ROWS, "on", False)
-
-    def spy(x, *args, **kwargs):
-        calls.append((x.is_contiguous(memory_format=CL), kwargs.get("channels_last", True),
-                      kwargs.get("into_residual", False), tuple(x.shape)))
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu", spy)
-    return calls
+    return spy_calls(monkeypatch, "conv3x3_thin_cpu", lambda x, *args, **kwargs: (
+        x.is_contiguous(memory_format=CL), kwargs.get("channels_last", True),
+        kwargs.get("into_residual", False), tuple(x.shape)))
 
 
 @pytest.mark.parametrize("preset,mode,size", [("w18_small_v2", "bilinear", (2, 3, 75, 101)),
@@ -362,16 +355,9 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(thin_calls, monkeypatch,
     """The kernel raising in the middle of a chain (call 4: after planar intermediates exist) or at
     its start: one RuntimeWarning, the kernel off for the process, and the model's values
     unchanged."""
-    monkeypatch.setattr(torch_cpu, "_WARNED", set())
-    model = bn_model("w18_small_v2")
-    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
-    with torch.inference_mode():
-        ref64 = HighResolutionNet.forward(model.double(), x.double())
-    model.float()
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_cpu",
-                        failing_from_call(thin_calls, cpu_ext.conv3x3_thin_cpu, fail_at))
-    engine = optimize(model, backend="torch")
-    messages = runtime_warnings_over_two_calls(engine, x, ref64, f"failure at call {fail_at}")
+    failing = failing_from_call(thin_calls, cpu_ext.conv3x3_thin_cpu, fail_at)
+    messages = planted_failure_messages(monkeypatch, "conv3x3_thin_cpu", failing,
+                                        f"failure at call {fail_at}")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
     assert torch_cpu._THIN["on"] is False and len(thin_calls) == fail_at - 1
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (poisoned_malloc, randomize_bn, require_cpu_kernels,
-                     runtime_warnings_over_two_calls)
+                     runtime_warnings_over_two_calls, seeded_cl)
 from oracles import assert_close_to_oracle, assert_model_close
 
 from hrnet_fast import HRNet, HRNetConfig, cpu_ext, optimize
@@ -29,22 +29,17 @@ def built():
     require_cpu_kernels("the fp32 head")
 
 
-def _tensor(shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).contiguous(memory_format=CL)
-
-
 class Head:
     """A random head: projection ci -> cm, classifier cm -> co, contributions at ``sizes``."""
 
     def __init__(self, n, ci, h, w, cm, co, sizes, seed, bias=True):
         g = torch.Generator().manual_seed(seed)
-        self.x = _tensor((n, ci, h, w), seed)
+        self.x = seeded_cl((n, ci, h, w), seed)
         self.wp = torch.randn(cm, ci, 1, 1, generator=g) / ci ** 0.5
         self.wc = torch.randn(co, cm, 1, 1, generator=g) / cm ** 0.5
         self.bp = torch.randn(cm, generator=g) if bias else None
         self.bc = torch.randn(co, generator=g) if bias else None
-        self.cs = [_tensor((n, cm, hk, wk), seed + 1 + k) for k, (hk, wk) in enumerate(sizes)]
+        self.cs = [seeded_cl((n, cm, hk, wk), seed + 1 + k) for k, (hk, wk) in enumerate(sizes)]
 
     def run(self, mode, align=False):
         return cpu_ext.seg_head_f32_cpu(self.x, self.wp, self.bp, self.cs, self.wc, self.bc,
@@ -92,7 +87,7 @@ def test_matches_oracle(built, case, mode, align):
 
 def test_without_biases_and_with_a_channel_slice(built):
     head = Head(2, 30, 6, 21, 36, 19, [], seed=3, bias=False)
-    wide = _tensor((2, 44, 3, 11), seed=4)
+    wide = seeded_cl((2, 44, 3, 11), seed=4)
     head.cs = [wide[:, 4:40]]
     for mode in ("bilinear", "nearest"):
         assert_close_to_oracle(head.run(mode), head.oracle(mode), dtype=torch.float32,
@@ -149,9 +144,9 @@ def test_bad_input_gets_one_clear_error(built, bad, match):
     elif bad == "bias":
         head.bp = head.bp[:5]
     elif bad == "channels":
-        head.cs = [_tensor((1, 18, 3, 11), seed=9)]
+        head.cs = [seeded_cl((1, 18, 3, 11), seed=9)]
     elif bad == "larger":
-        head.cs = [_tensor((1, 36, 6, 11), seed=9)]
+        head.cs = [seeded_cl((1, 36, 6, 11), seed=9)]
     else:
         mode = "bicubic"
     with pytest.raises(RuntimeError, match=match):

@@ -13,8 +13,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import (bn_model, failing_from_call, poisoned_malloc, require_cpu_kernels,
-                     runtime_warnings_over_two_calls, torch_threads)
+from helpers import (bn_model, failing_from_call, planted_failure_messages, poisoned_malloc,
+                     require_cpu_kernels, seeded_cl, spy_calls, torch_threads)
 from oracles import assert_close_to_oracle, assert_model_close, conv_oracle
 
 from hrnet_fast import cpu_ext, optimize
@@ -33,11 +33,6 @@ def built():
                     "tested here")
     global OPS
     OPS = torch.ops.hrnet_fast_cpu
-
-
-def _cl(shape, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).contiguous(memory_format=CL)
 
 
 def _weights(ci, co, seed):
@@ -66,7 +61,7 @@ def test_every_format_matches_the_kernel_bit_for_bit(built, shape):
     of conv3x3_thin with a channels_last residual exactly (same operations, same order), and a
     row-pair output keeps its padding 0. One case is also held to the float64 oracle."""
     n, ci, co, h, w = shape
-    x, r = _cl((n, ci, h, w), 1), _cl((n, co, h, w), 2)
+    x, r = seeded_cl((n, ci, h, w), 1), seeded_cl((n, co, h, w), 2)
     wt, b = _weights(ci, co, 3)
     packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
     xr, rr = cpu_ext.conv3x3_thin_rows_from(x), cpu_ext.conv3x3_thin_rows_from(r)
@@ -92,7 +87,7 @@ def test_every_format_matches_the_kernel_bit_for_bit(built, shape):
 def test_rows_from_and_back(built, layout):
     """conv3x3_thin_rows_from reads any strides (transposes, copies, gathers) into the format, and
     rows_to_tensor gives the tensor back exactly."""
-    base = _cl((2, 20, 7, 22), 4)
+    base = seeded_cl((2, 20, 7, 22), 4)
     x = {"cl": base, "nchw": base.contiguous(), "cl_slice": base[:, 3:17],
          "nchw_cols": base.contiguous()[..., ::2]}[layout]
     rows = cpu_ext.conv3x3_thin_rows_from(x)
@@ -104,7 +99,7 @@ def test_rows_from_and_back(built, layout):
 def test_the_kernel_writes_every_entry(built):
     """Row-pair outputs on poisoned heap memory (every fresh float 3.4e38): each entry, padding
     included, is written, and the values still match."""
-    x = _cl((2, 12, 7, 19), 5)
+    x = seeded_cl((2, 12, 7, 19), 5)
     wt, b = _weights(12, 16, 5)
     packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
     xr = cpu_ext.conv3x3_thin_rows_from(x)
@@ -116,7 +111,7 @@ def test_the_kernel_writes_every_entry(built):
 
 
 def test_into_residual_writes_the_residual(built):
-    x, r = _cl((1, 18, 9, 11), 6), _cl((1, 18, 9, 11), 7)
+    x, r = seeded_cl((1, 18, 9, 11), 6), seeded_cl((1, 18, 9, 11), 7)
     wt, b = _weights(18, 18, 6)
     packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
     xr, rr = cpu_ext.conv3x3_thin_rows_from(x), cpu_ext.conv3x3_thin_rows_from(r)
@@ -130,7 +125,7 @@ def test_into_residual_writes_the_residual(built):
 def test_nan_propagates(built):
     """A NaN input pixel reaches exactly the outputs whose 3x3 window holds it (through the ReLU),
     in both output formats, and never the row-pair padding."""
-    x = _cl((1, 18, 8, 9), 8)
+    x = seeded_cl((1, 18, 8, 9), 8)
     x[0, 4, 3, 8] = float("nan")  # the last column of an odd width: the last tile's odd lane
     wt, b = _weights(18, 18, 8)
     packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
@@ -147,15 +142,17 @@ def test_nan_propagates(built):
 
 def test_opcheck(built):
     """Schema, fake kernels (shapes, layouts) and dispatch agree with the real kernels."""
-    x = _cl((2, 18, 5, 21), 9)
+    x = seeded_cl((2, 18, 5, 21), 9)
     wt, b = _weights(18, 24, 9)
     packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
     xr = cpu_ext.conv3x3_thin_rows_from(x)
-    rr = cpu_ext.conv3x3_thin_rows_from(_cl((2, 24, 5, 21), 10))
+    rr = cpu_ext.conv3x3_thin_rows_from(seeded_cl((2, 24, 5, 21), 10))
     torch.library.opcheck(OPS.conv3x3_thin_rows_from.default, (x,))
     for inp, res, out_rows in ((x, None, True), (xr, rr, False), (xr, rr, True)):
-        torch.library.opcheck(OPS.conv3x3_thin_rows.default, (inp, packed, b, res, True, 21, out_rows))
-    torch.library.opcheck(OPS.conv3x3_thin_rows_into.default, (rr.clone(), xr, packed, None, False, 21))
+        torch.library.opcheck(OPS.conv3x3_thin_rows.default,
+                              (inp, packed, b, res, True, 21, out_rows))
+    torch.library.opcheck(OPS.conv3x3_thin_rows_into.default,
+                          (rr.clone(), xr, packed, None, False, 21))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -169,7 +166,7 @@ def test_opcheck(built):
     ("dtype", "x must be a 4-d float32 CPU tensor or a row-pair tensor"),
 ])
 def test_bad_input_gets_one_clear_error(built, bad, match):
-    x = _cl((1, 18, 6, 7), 11)
+    x = seeded_cl((1, 18, 6, 7), 11)
     wt, b = _weights(18, 18, 11)
     packed = cpu_ext.conv3x3_thin_pack(wt, winograd=True)
     xr = cpu_ext.conv3x3_thin_rows_from(x)
@@ -199,17 +196,10 @@ def test_bad_input_gets_one_clear_error(built, bad, match):
 @pytest.fixture
 def rows_calls(built, monkeypatch):
     """Every row-pair conv the engine runs, as (x in the format, out_rows, into_residual)."""
-    calls = []
-    real = cpu_ext.conv3x3_thin_rows_cpu
     monkeypatch.setitem(torch_cpu._THIN, "on", True)
     monkeypatch.setitem(torch_cpu._ROWS, "on", True)
-
-    def spy(x, *args, **kwargs):
-        calls.append((x.dim() == 5, kwargs["out_rows"], kwargs.get("into_residual", False)))
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_rows_cpu", spy)
-    return calls
+    return spy_calls(monkeypatch, "conv3x3_thin_rows_cpu", lambda x, *args, **kwargs: (
+        x.dim() == 5, kwargs["out_rows"], kwargs.get("into_residual", False)))
 
 
 @pytest.mark.parametrize("preset,mode,head,size", [
@@ -265,15 +255,8 @@ def test_a_failing_kernel_warns_once_and_onednn_answers(rows_calls, monkeypatch,
     """The row-pair conv raising at a chain's start or in its middle (call 3: after a block's
     input was accumulated into): one RuntimeWarning, the thin kernel off for the process, and the
     model's values unchanged (the chain's rest runs in oneDNN from the row-pair state)."""
-    monkeypatch.setattr(torch_cpu, "_WARNED", set())
-    model = bn_model("w18_small_v2")
-    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(13))
-    with torch.inference_mode():
-        ref64 = HighResolutionNet.forward(model.double(), x.double())
-    model.float()
-    monkeypatch.setattr(cpu_ext, "conv3x3_thin_rows_cpu",
-                        failing_from_call(rows_calls, cpu_ext.conv3x3_thin_rows_cpu, fail_at))
-    engine = optimize(model, backend="torch")
-    messages = runtime_warnings_over_two_calls(engine, x, ref64, f"failure at call {fail_at}")
+    failing = failing_from_call(rows_calls, cpu_ext.conv3x3_thin_rows_cpu, fail_at)
+    messages = planted_failure_messages(monkeypatch, "conv3x3_thin_rows_cpu", failing,
+                                        f"failure at call {fail_at}")
     assert len(messages) == 1 and "planted failure" in messages[0] and "switched off" in messages[0]
     assert torch_cpu._THIN["on"] is False and len(rows_calls) == fail_at - 1
