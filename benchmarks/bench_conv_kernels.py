@@ -342,7 +342,7 @@ def _chain_variants(ch: ChainShape, dtype):
 
 
 def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
-        channel_multiple: int = 8) -> List[kernel_ab.CaseResult]:
+        channel_multiple: int = 8, min_count: int = 1) -> List[kernel_ab.CaseResult]:
     """Measure every conv and chain of every preset (``kernel_ab.measure_case``)."""
     import torch
     from hrnet_fast.kernels import triton_status
@@ -361,6 +361,7 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
                                                   channel_multiple=channel_multiple)]
         work += [("chain", c) for c in build_chains(preset, height, width, batch,
                                                     channel_multiple=channel_multiple)]
+        work = [(kind, c) for kind, c in work if c.count >= min_count]
         for kind, c in work:
             torch.manual_seed(0)
             if kind == "conv":
@@ -438,6 +439,9 @@ def main(argv=None) -> int:
                         "(Cin %% 8 == 0, Cin %% 32 != 0), flat K for other Cin %% 16 != 0, Cin < 64")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="branch width padding of the plan (8 on CUDA; 1 = the raw widths)")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="only the convs and chains that run at least this often per forward "
+                        "(12: the branch bodies' 3x3 convs, most of the conv time)")
     p.add_argument("--json", default=None, help="save the results as JSON (kernel_ab format)")
     p.add_argument("--list", action="store_true", help="print the shape list and exit (no GPU needed)")
     p.add_argument("--timer", default="graph", choices=["graph", "events"],
@@ -472,12 +476,13 @@ def main(argv=None) -> int:
         return 0
     _TIMER = a.timer
     t0 = time.time()
-    results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple)
+    results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple,
+                  a.min_count)
     _summary(results)
     env = kernel_ab.environment(_DEVICE, argv)
     settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
                 "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
-                "channel_multiple": a.channel_multiple,
+                "channel_multiple": a.channel_multiple, "min_count": a.min_count,
                 "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
                 "seconds": round(time.time() - t0, 1)}
     print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "

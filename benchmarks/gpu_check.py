@@ -83,6 +83,10 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "ext_tests": (150, gpu_pytest("tests/test_cuda_ext.py", 120, workers=4)),
     "fuse_ab_ext": (90, f"{PY} {ROOT}/benchmarks/bench_fuse_kernels.py --graphs --no-compile "
                         "--inputs 1x3x1024x2048 --rep 50 --json {json}"),
+    # the same A/B on the branch bodies' 3x3 convs only (run 12 or more times per forward: most of
+    # the conv time), w18 and w48; rows print as they finish, so a cut-short step keeps them
+    "conv_ab_body": (130, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+                          "--min-count 12 --json {json}"),
     "conv_ab": (150, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 --json {{json}}"),
     # the model figures for RESULTS.md: ours and eager first (seconds), then each torch.compile
     # peer in a step of its own (reduce-overhead compiles w48 for over a minute; partial rows are
@@ -115,6 +119,9 @@ GROUPS = {
     "next1": ["env", "tests_fast", "ab_bias", "profile", "bench_quick", "build_start", "conv_ab",
               "build_wait", "ext_debug"],
     "next2": ["bench_triton", "peers_max_w18"],
+    # one run of about 7 minutes when next1 + next2 cannot both fit: correctness of the post-run-C
+    # changes, their effect, the conv A/B where the time is, the breakdown
+    "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
 }
 
 
