@@ -17,6 +17,7 @@ from torch import nn
 
 from .backends import selection
 from .backends.base import Backend, BackendUnavailable
+from .lanes import SERIAL, LanePool, SerialLanes
 from .plan import BlockPlan, ConvSpec, HRNetPlan, ModulePlan, build_plan
 from .side_path import in_side_path, ordinary_call
 from .reference import HighResolutionNet, check_image_batch, fuse_resize
@@ -80,24 +81,49 @@ def run_blocks(be: Backend, x: torch.Tensor, blocks: List[BlockPlan]) -> torch.T
 
 
 def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str = "",
-                        align: bool = False):
+                        align: bool = False, lanes: SerialLanes = SERIAL):
     """A module's branches and the contributions each fuse output receives (None: no fuse).
+
+    Branch j's blocks and the contributions it sends (its strided chains and its 1x1 conv) run on
+    lane j; each target's contributions are then delivered to the target's lane
+    (``hrnet_fast/lanes.py``). A target's contributions are its strided ones by source, then its
+    resized ones by source: the order a serial run sums them in.
 
     ``mode="mmseg"``: a resized contribution whose source is not exactly 2^k times smaller than its
     target (input sizes not divisible by 32) is resized here in mmseg's two steps, to the target's
     size; every other contribution goes to the fuse op as it is (there the first step alone reaches
     the target and equals the fuse op's size-based bilinear resize)."""
-    xs = [run_blocks(be, x, blocks) for x, blocks in zip(xs, m.branches)]
     f = m.fuse
+    n = 0 if f is None else f.num_outputs
+    down: List[List[torch.Tensor]] = [[] for _ in range(n)]
+    up: List[List[torch.Tensor]] = [[] for _ in range(n)]
+    sources: List[Dict[int, object]] = [{} for _ in range(n)]
+    out = list(xs)
+    for j, blocks in enumerate(m.branches):
+        with lanes.on(j):
+            out[j] = run_blocks(be, xs[j], blocks)
+            targets = _contributions_from(be, out, f, j, mode, align, down, up) if n else ()
+            ready = lanes.mark(j) if targets else None
+        for i in targets:
+            sources[i][j] = ready
     if f is None:
-        return xs, None
-    contributions: List[List[torch.Tensor]] = [[] for _ in range(f.num_outputs)]
-    # Sorted by source branch alone: Dynamo cannot sort (int, plan object) pairs, and a graph break
-    # here made torch.compile skip the whole forward (the compile backend ran it eagerly).
-    for j in sorted(f.down_first):
+        return out, None
+    contributions = [d + u for d, u in zip(down, up)]
+    for i, c in enumerate(contributions):
+        lanes.deliver(i, c, sources[i])
+    return out, contributions
+
+
+def _contributions_from(be: Backend, xs: List[torch.Tensor], f, j: int, mode: str, align: bool,
+                        down: List[List[torch.Tensor]], up: List[List[torch.Tensor]]) -> set:
+    """Source j's strided contributions (appended to ``down[target]``) and resized ones (to
+    ``up[target]``); returns the targets."""
+    targets = set()
+    if j in f.down_first:
         for s, z in zip(f.down_first[j].splits, be.down(xs[j], f, j)):
-            contributions[s.target].append(z)
-    for j in sorted(f.up):
+            down[s.target].append(z)
+            targets.add(s.target)
+    if j in f.up:
         batched = f.up[j]
         y = be.conv(xs[j], batched.conv)
         for s in batched.splits:
@@ -106,8 +132,9 @@ def run_module_branches(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode
                 factor, size = 2 ** (j - s.target), xs[s.target].shape[-2:]
                 if (z.shape[-2] * factor, z.shape[-1] * factor) != tuple(size):
                     z = fuse_resize(z, size, mode, align, factor)
-            contributions[s.target].append(z)
-    return xs, contributions
+            up[s.target].append(z)
+            targets.add(s.target)
+    return targets
 
 
 def kernel_mode(mode: str) -> str:
@@ -116,38 +143,52 @@ def kernel_mode(mode: str) -> str:
     return "bilinear" if mode == "mmseg" else mode
 
 
-def run_module(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str, align: bool):
-    xs, contributions = run_module_branches(be, xs, m, mode, align)
+def run_module(be: Backend, xs: List[torch.Tensor], m: ModulePlan, mode: str, align: bool,
+               lanes: SerialLanes = SERIAL):
+    xs, contributions = run_module_branches(be, xs, m, mode, align, lanes)
     if contributions is None:
         return xs
     op_mode, bias = kernel_mode(mode), m.fuse.bias
-    return [be.fuse(xs[i], c, op_mode, align, True, bias.get(i)) for i, c in enumerate(contributions)]
+    out = []
+    for i, c in enumerate(contributions):
+        with lanes.on(i):
+            out.append(be.fuse(xs[i], c, op_mode, align, True, bias.get(i)))
+    return out
 
 
-def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
-    """The whole forward pass of ``plan`` on ``x`` (already of the plan's dtype and layout)."""
+def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor, lanes: SerialLanes = SERIAL):
+    """The whole forward pass of ``plan`` on ``x`` (already of the plan's dtype and layout); with
+    ``lanes``, each branch on a CUDA stream of its own (``hrnet_fast/lanes.py``)."""
+    lanes.fork()
+    out = _run_plan(plan, be, x, lanes)
+    lanes.join()
+    return out
+
+
+def _run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor, lanes: SerialLanes):
     x = run_convs(be, x, plan.stem)
     x = run_blocks(be, x, plan.layer1)
     xs = [x]
     mode, align = plan.upsample, plan.align_corners
     pose, last = plan.head_kind == "pose", len(plan.stages) - 1
     for s, (transition, stage) in enumerate(zip(plan.transitions, plan.stages)):
-        xs = [xs[src] if chain is None else run_convs(be, xs[src], chain)
-              for chain, src in zip(transition.branches, transition.sources)]
+        xs = run_transition(be, xs, transition, lanes)
         for k, m in enumerate(stage):
             if pose and s == last and k == len(stage) - 1 and m.fuse is not None:
                 # The last module fuses branch 0 only; its fuse and final_layer are one head op.
-                xs, contributions = run_module_branches(be, xs, m, mode, align)
+                xs, contributions = run_module_branches(be, xs, m, mode, align, lanes)
                 final = plan.head.final
                 return be.head(xs[0], contributions[0], final.weight, final.bias,
                                kernel_mode(mode), align)
-            xs = run_module(be, xs, m, mode, align)
+            xs = run_module(be, xs, m, mode, align, lanes)
+    if plan.head_kind == "seg":
+        return run_seg_head(be, plan.head, xs, kernel_mode(mode), align, lanes)
+    # The other heads run on lane 0.
+    lanes.deliver(0, xs[1:], {k: lanes.mark(k) for k in range(1, len(xs))})
     if plan.head_kind == "features":
         # A padded plan (build_plan's channel_multiple) carries zero channels past the real widths.
         return [x if x.shape[1] == c else x[:, :c] for x, c in zip(xs, plan.branch_channels)]
     head = plan.head
-    if plan.head_kind == "seg":
-        return run_seg_head(be, head, xs, kernel_mode(mode), align)
     y = run_blocks(be, xs[0], head.incre[0])
     for i, spec in enumerate(head.downsamp):
         y = run_blocks(be, xs[i + 1], head.incre[i + 1]) + be.conv(y, spec)
@@ -155,11 +196,29 @@ def run_plan(plan: HRNetPlan, be: Backend, x: torch.Tensor):
     return F.linear(y.flatten(2).mean(2), head.fc_weight, head.fc_bias)
 
 
-def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bool) -> torch.Tensor:
+def run_transition(be: Backend, xs: List[torch.Tensor], transition,
+                   lanes: SerialLanes = SERIAL) -> List[torch.Tensor]:
+    """A stage's input branches: kept, re-widthed or (new branches) strided from the last one. A
+    conv chain runs on its source's lane and its result is delivered to its branch's lane."""
+    out = []
+    for k, (chain, src) in enumerate(zip(transition.branches, transition.sources)):
+        if chain is None:
+            out.append(xs[src])
+            continue
+        with lanes.on(src):
+            y = run_convs(be, xs[src], chain)
+            ready = lanes.mark(src)
+        lanes.deliver(k, [y], {src: ready})
+        out.append(y)
+    return out
+
+
+def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bool,
+                 lanes: SerialLanes = SERIAL) -> torch.Tensor:
     """``classifier(relu(W0 x0 + b + sum_k resize(W_k x_k)))``.
 
-    Each branch is projected at its own resolution and resized (the rewrite: on a GPU the fused head
-    kernel reads the projections at low resolution). A backend with
+    Each branch is projected at its own resolution (on its own lane) and resized (the rewrite: on a
+    GPU the fused head kernel reads the projections at low resolution). A backend with
     ``resize_narrow_head_branches`` (the CPU's: resizing costs more than the conv there) resizes the
     branches narrower than half the head width first, ``W_k resize(x_k)`` (the same value: resizing
     commutes with a 1x1 conv), and projects them together with branch 0 as one conv over their
@@ -168,12 +227,18 @@ def run_seg_head(be: Backend, head, xs: List[torch.Tensor], mode: str, align: bo
     size = xs[0].shape[-2:]
     narrow = [k for k in range(1, len(xs))
               if be.resize_narrow_head_branches and 2 * xs[k].shape[1] < head.projections[k].out_channels]
+    contributions, ready = [], {}
+    for k in range(1, len(xs)):
+        with lanes.on(k):
+            if k not in narrow:
+                contributions.append(be.conv(xs[k], head.projections[k]))
+            ready[k] = lanes.mark(k)
+    lanes.deliver(0, contributions + [xs[k] for k in narrow], ready)
     if narrow:
         x = be.resize_concat([xs[0]] + [xs[k] for k in narrow], size, mode, align)
         projection = merged_projection(be, head, narrow)
     else:
         x, projection = xs[0], head.projections[0]
-    contributions = [be.conv(xs[k], head.projections[k]) for k in range(1, len(xs)) if k not in narrow]
     c = head.classifier
     y = be.projected_head(x, projection, contributions, c.weight, c.bias, mode, align)
     if y is not None:
@@ -271,7 +336,8 @@ class HRNetEngine(nn.Module):
 
     def __init__(self, source: HighResolutionNet, *, backend: str = "auto",
                  dtype: Optional[torch.dtype] = None, channels_last: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None, device=None) -> None:
+                 cuda_graphs: Optional[bool] = None, branch_streams: Optional[bool] = None,
+                 device=None) -> None:
         super().__init__()
         if not isinstance(source, HighResolutionNet):
             raise TypeError(f"optimize() needs an hrnet_fast HRNet, got {type(source).__name__}")
@@ -296,6 +362,13 @@ class HRNetEngine(nn.Module):
                                      f"{self.device}")
         # On by default on CUDA: HRNet is launch-bound there (eager wall time is 2-4x its GPU time).
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if branch_streams and self.device.type != "cuda":
+            raise BackendUnavailable("branch_streams=True needs a CUDA device; the engine runs on "
+                                     f"{self.device}")
+        # On by default on CUDA (hrnet_fast/lanes.py): the branches' small convs run side by side.
+        self.branch_streams = (self.device.type == "cuda" if branch_streams is None
+                               else bool(branch_streams))
+        self._lane_pool = LanePool()
         self.config = source.config
         # Not registered as a submodule: the engine must not show up in the source's state dict.
         object.__setattr__(self, "source", source)
@@ -329,8 +402,8 @@ class HRNetEngine(nn.Module):
         self._stale = False
         self._graphs.clear()
         self._seen_shapes.clear()
-        run = self._be.wrap_run(self._run)
-        self._compiled = None if run == self._run else run
+        run = self._be.wrap_run(self._run_serial)
+        self._compiled = None if run == self._run_serial else run
 
     def invalidate(self) -> None:
         """Refold the source's weights on the next call (for changes the watch cannot see)."""
@@ -340,7 +413,7 @@ class HRNetEngine(nn.Module):
     # packs in this machine's instruction-set order, CUDA graphs) is never pickled or copied: a
     # pickled engine (torch.save, copy.deepcopy) keeps its source model and settings and folds
     # them again when loaded, on the machine that loads it.
-    _DERIVED = ("plan", "_be", "_watch", "_compiled")
+    _DERIVED = ("plan", "_be", "_watch", "_compiled", "_lane_pool")
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -351,12 +424,14 @@ class HRNetEngine(nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("branch_streams", self.device.type == "cuda")  # older pickles
+        self._lane_pool = LanePool()
         self.rebuild()
 
     def extra_repr(self) -> str:
         return (f"preset={self.config.name}, backend={self.backend}, dtype={self.dtype}, "
                 f"device={self.device}, channels_last={self.channels_last}, "
-                f"cuda_graphs={self.cuda_graphs}")
+                f"cuda_graphs={self.cuda_graphs}, branch_streams={self.branch_streams}")
 
     def check_input(self, x) -> None:
         check_image_batch(x, self.config.in_channels)
@@ -368,8 +443,16 @@ class HRNetEngine(nn.Module):
                                             and self.device.index is None):
             raise ValueError(f"input is on {x.device}, the engine on {self.device}")
 
-    def _run(self, x: torch.Tensor):
+    def _run_serial(self, x: torch.Tensor):
         return run_plan(self.plan, self._be, x)
+
+    def _run(self, x: torch.Tensor):
+        """One forward, on branch lanes where they apply: CUDA, not compiled (the compile backend
+        runs ``_run_serial``), not traced or exported."""
+        if not (self.branch_streams and x.is_cuda) or in_side_path():
+            return self._run_serial(x)
+        lanes = self._lane_pool.lanes(x.device, len(self.plan.branch_channels))
+        return run_plan(self.plan, self._be, x, lanes)
 
     def forward(self, x: torch.Tensor):
         self.check_input(x)
@@ -455,15 +538,17 @@ def _deliver(out, keep_channels_last: bool, copy: bool):
 
 def optimize(model: HighResolutionNet, *, backend: str = "auto", dtype=None,
              channels_last: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
-             device=None) -> HRNetEngine:
+             branch_streams: Optional[bool] = None, device=None) -> HRNetEngine:
     """An inference-only module whose ``forward(x)`` equals ``model(x)`` (eval mode) within the
     design's numerics: BatchNorm folded, fuse steps and head fused, the chosen backend's kernels.
 
     ``dtype`` fp32/fp16/bf16 (default: the model's); ``channels_last`` on by default; ``cuda_graphs``
     (on by default on CUDA; ``False`` opts out) runs the first call of an input shape eagerly,
     captures a CUDA graph on the second and replays it after that, for at most
-    ``MAX_CUDA_GRAPHS`` shapes (least recently used dropped). Asking for a backend that
-    cannot run here raises BackendUnavailable saying why.
+    ``MAX_CUDA_GRAPHS`` shapes (least recently used dropped). ``branch_streams`` (on by default
+    on CUDA; ``False`` opts out) runs each branch on a CUDA stream of its own
+    (``hrnet_fast/lanes.py``; the same results). Asking for a backend that cannot run here
+    raises BackendUnavailable saying why.
     """
     return HRNetEngine(model, backend=backend, dtype=dtype, channels_last=channels_last,
-                       cuda_graphs=cuda_graphs, device=device)
+                       cuda_graphs=cuda_graphs, branch_streams=branch_streams, device=device)

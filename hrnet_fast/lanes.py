@@ -1,0 +1,111 @@
+"""Branch lanes: the independent branches of an HRNet stage run on CUDA streams of their own.
+
+Between two fuse steps HRNet's branches share nothing: branch k's residual blocks read only
+branch k's tensors. Run one after another, each of their convs is a small kernel that leaves most of
+the GPU idle (w18 at 1024x2048 on an H200: 10-20 us per 3x3 conv at 8-16% of the copy or matmul
+ceiling), and the lower-resolution branches' kernels fill even fewer multiprocessors. Lane k is a
+stream for everything branch k computes; a CUDA graph captured over the lanes keeps them as
+parallel paths, so the replay runs the branches side by side.
+
+Rules the engine follows (``hrnet_fast/engine.py``):
+
+* Lane 0 is the caller's current stream; the other lanes fork from it at the start of a forward
+  (:meth:`Lanes.fork`) and join it at the end (:meth:`Lanes.join`), so a captured graph has no
+  unjoined work and the output is ready on the caller's stream.
+* An op runs on the lane of the branch it reads, also when it writes for another branch (a fuse
+  step's strided and 1x1 contributions, a transition to a new branch, a head projection): what
+  crosses lanes is then the small, already-resized or strided result.
+* A tensor handed to another lane crosses with :meth:`Lanes.deliver`: the receiving lane waits for
+  an event recorded right after the producer's work (:meth:`Lanes.mark`), placed just before the
+  receiver's use, and ``record_stream`` keeps the caching allocator from giving the memory to the
+  producer's stream while the receiver may still read it.
+
+The arithmetic is the same operations on the same inputs, so the results equal a serial run's
+(the tests compare them exactly). :data:`SERIAL` is the do-nothing form for the CPU, compiled and
+traced forwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, Optional
+
+import torch
+
+
+class SerialLanes:
+    """Every lane is the current stream: nothing to fork, mark, wait for or join."""
+
+    parallel = False
+
+    def fork(self) -> None:
+        pass
+
+    def on(self, lane: int):
+        return contextlib.nullcontext()
+
+    def mark(self, lane: int) -> None:
+        return None
+
+    def deliver(self, lane: int, tensors: Iterable[torch.Tensor],
+                ready: Dict[int, Optional[object]]) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
+SERIAL = SerialLanes()
+
+
+class Lanes(SerialLanes):
+    """``count`` CUDA lanes on ``device`` for one forward; lane 0 is the current stream at
+    construction (the capture stream inside a CUDA-graph capture)."""
+
+    parallel = True
+
+    def __init__(self, side: "list[torch.cuda.Stream]", device: torch.device) -> None:
+        self.streams = [torch.cuda.current_stream(device)] + list(side)
+
+    def fork(self) -> None:
+        """Each side lane starts after the work already queued on lane 0 (the input). Inside a
+        capture this also brings every side lane into the graph before it gets work."""
+        for s in self.streams[1:]:
+            s.wait_stream(self.streams[0])
+
+    def on(self, lane: int):
+        return torch.cuda.stream(self.streams[lane])
+
+    def mark(self, lane: int) -> "torch.cuda.Event":
+        """An event after everything queued on ``lane`` so far."""
+        return self.streams[lane].record_event()
+
+    def deliver(self, lane: int, tensors: Iterable[torch.Tensor],
+                ready: Dict[int, Optional[object]]) -> None:
+        """Hand ``tensors`` (produced on the lanes ``ready`` names, each with the event marked
+        after its production) to ``lane``: ``lane`` waits for those events from here on, and the
+        tensors' memory stays theirs until ``lane``'s use of them has run."""
+        stream = self.streams[lane]
+        for src, event in ready.items():
+            if src != lane and event is not None:
+                stream.wait_event(event)
+        for t in tensors:
+            t.record_stream(stream)
+
+    def join(self) -> None:
+        for s in self.streams[1:]:
+            self.streams[0].wait_stream(s)
+
+
+class LanePool:
+    """The side streams of one engine per device, created once (creating a stream per forward
+    would cost a driver call each time, and a graph captures whichever streams it ran on)."""
+
+    def __init__(self) -> None:
+        self._side: Dict[torch.device, list] = {}
+
+    def lanes(self, device: torch.device, count: int) -> Lanes:
+        side = self._side.get(device)
+        if side is None or len(side) < count - 1:
+            side = self._side[device] = [torch.cuda.Stream(device=device)
+                                         for _ in range(count - 1)]
+        return Lanes(side[:count - 1], device)
