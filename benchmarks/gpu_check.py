@@ -64,6 +64,12 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # the engine, fuse/head kernel and selection GPU tests
     "tests_model": (90, gpu_pytest("tests/test_engine.py tests/test_kernels_fuse.py "
                                    "tests/test_selection.py", 80, env=NO_CONV_AUTOTUNE)),
+    # branch lanes (hrnet_fast/lanes.py) against the serial engine, bit for bit, and the engine's
+    # GPU tests, which now run with lanes on
+    "tests_lanes": (110, gpu_pytest("tests/test_lanes.py tests/test_engine.py tests/test_pose.py "
+                                    "tests/test_kernels_bias_act.py", 90, env=NO_CONV_AUTOTUNE)),
+    # lanes on against off: graph replays alternating, exact equality, graph pool memory
+    "ab_lanes": (120, f"{PY} {STEPS_PY} ab_lanes --json {{json}}"),
     # auto + CUDA graphs, fp16/bf16/fp32, w18/w48 at 1x3x1024x2048 against the eager engine and
     # the reference (design bounds); fused epilogues captured; memory each graph keeps
     "model_check": (100, f"{PY} {STEPS_PY} model_check --json {{json}}"),
@@ -122,6 +128,8 @@ GROUPS = {
     # one run of about 7 minutes when next1 + next2 cannot both fit: correctness of the post-run-C
     # changes, their effect, the conv A/B where the time is, the breakdown
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
+    # after branch lanes: their tests, their effect, the full-size checks, the figures
+    "second": ["env", "tests_lanes", "ab_lanes", "model_check", "profile", "bench", "peers_w18"],
 }
 
 

@@ -4,6 +4,7 @@
     python benchmarks/gpu_steps.py model_check  [--json PATH]   auto + graphs against the reference
     python benchmarks/gpu_steps.py profile      [--json PATH]   GPU time by kernel kind
     python benchmarks/gpu_steps.py ab_bias      [--json PATH]   the post-run-C bias changes, on/off
+    python benchmarks/gpu_steps.py ab_lanes     [--json PATH]   branch lanes, on/off
     python benchmarks/gpu_steps.py build_start | build_wait     the CUDA extension, in the background
 
 Numbers are medians of CUDA-event timings after warm-up, on random data (never zeros).
@@ -262,17 +263,7 @@ def step_ab_bias(args) -> None:
             plan_mod._block_plan, plan_mod._seg_head_plan = saved[:2]
             triton_backend.RANGE_EPILOGUE_DEVICES.update(saved[2])
         engines["on"] = optimize(model, dtype=torch.float16)
-        times = {k: [] for k in engines}
-        with torch.inference_mode():
-            outs = {k: [e(x), e(x), e(x)][-1].clone() for k, e in engines.items()}  # capture
-            for r in range(30):
-                for k in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    engines[k](x)
-                    b.record()
-                    b.synchronize()
-                    times[k].append(a.elapsed_time(b))
+        times, outs = _alternate(engines, x)
         ratios = [p / q for p, q in zip(times["off"], times["on"])]
         row = {k: round(statistics.median(v), 3) for k, v in times.items()}
         row.update(speedup=round(statistics.median(ratios), 3),
@@ -281,6 +272,69 @@ def step_ab_bias(args) -> None:
         out[preset] = row
         del engines
         torch.cuda.empty_cache()
+    _save(args.json, out)
+
+
+def _alternate(engines: Dict, x, rounds: int = 30):
+    """Capture each engine's graph (three calls), then time ``rounds`` replays of each, the order
+    alternating per round; CUDA events per replay. Returns ({name: [ms]}, {name: output})."""
+    import torch
+    times = {k: [] for k in engines}
+    with torch.inference_mode():
+        outs = {k: [e(x), e(x), e(x)][-1].clone() for k, e in engines.items()}  # capture
+        names = list(engines)
+        for r in range(rounds):
+            for k in (names if r % 2 == 0 else names[::-1]):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                engines[k](x)
+                b.record()
+                b.synchronize()
+                times[k].append(a.elapsed_time(b))
+    return times, outs
+
+
+def step_ab_lanes(args) -> None:
+    """Branch lanes (hrnet_fast/lanes.py) on against off: the drop-in's defaults (auto, CUDA
+    graphs, fp16) with and without ``branch_streams``; graph replays alternating, 30 rounds; the
+    outputs compared exactly; the memory each graph's pool holds. 1x3x1024x2048, then batch 8 at
+    512x1024."""
+    import torch
+    from hrnet_fast import optimize
+    out = {}
+    for preset in args.presets:
+        model = _random_model(preset).half()
+        for shape in ((1, 3, 1024, 2048), (8, 3, 512, 1024)):
+            x = torch.randn(*shape, device="cuda", dtype=torch.float16)
+            engines, pools = {}, {}
+            for name, on in (("serial", False), ("lanes", True)):
+                engines[name] = optimize(model, dtype=torch.float16, branch_streams=on)
+                with torch.inference_mode():
+                    engines[name](x)
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_reserved()
+                with torch.inference_mode():
+                    engines[name](x)  # captures
+                torch.cuda.synchronize()
+                pools[name] = round((torch.cuda.memory_reserved() - before) / 2 ** 20)
+            times, outs = _alternate(engines, x)
+            ratios = [p / q for p, q in zip(times["serial"], times["lanes"])]
+            row = {k: round(statistics.median(v), 3) for k, v in times.items()}
+            row.update(speedup=round(statistics.median(ratios), 3),
+                       images_per_s=round(1000 * shape[0] / row["lanes"], 1),
+                       equal=bool(torch.equal(outs["lanes"], outs["serial"])),
+                       graph_pool_mib=pools)
+            key = f"{preset} {'x'.join(map(str, shape))}"
+            del engines
+            # without CUDA graphs (cuda_graphs=False): launch-bound, lanes add event calls
+            eager = {name: optimize(model, dtype=torch.float16, branch_streams=on, cuda_graphs=False)
+                     for name, on in (("serial", False), ("lanes", True))}
+            times, _ = _alternate(eager, x, rounds=10)
+            row["no_graphs"] = {k: round(statistics.median(v), 3) for k, v in times.items()}
+            print(f"{key}: {row}", flush=True)
+            out[key] = row
+            del eager
+            torch.cuda.empty_cache()
     _save(args.json, out)
 
 
@@ -296,7 +350,7 @@ def _no_hoist(build, *args, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile",
-                                    "ab_bias"])
+                                    "ab_bias", "ab_lanes"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
     args = p.parse_args()
