@@ -70,6 +70,8 @@ STEPS: Dict[str, Tuple[int, str]] = {
                                     "tests/test_kernels_bias_act.py", 90, env=NO_CONV_AUTOTUNE)),
     # lanes on against off: graph replays alternating, exact equality, graph pool memory
     "ab_lanes": (120, f"{PY} {STEPS_PY} ab_lanes --json {{json}}"),
+    # the same at batch 1 with graphs only (also lane 0 at high priority)
+    "ab_lanes_quick": (60, f"{PY} {STEPS_PY} ab_lanes --quick --json {{json}}"),
     # auto + CUDA graphs, fp16/bf16/fp32, w18/w48 at 1x3x1024x2048 against the eager engine and
     # the reference (design bounds); fused epilogues captured; memory each graph keeps
     "model_check": (100, f"{PY} {STEPS_PY} model_check --json {{json}}"),
@@ -129,6 +131,7 @@ GROUPS = {
     # changes, their effect, the conv A/B where the time is, the breakdown
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
+    "third": ["ab_lanes_quick", "peers_w48"],
     "second": ["env", "tests_lanes", "ab_lanes", "model_check", "profile", "bench", "peers_w18"],
 }
 

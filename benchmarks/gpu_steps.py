@@ -301,14 +301,18 @@ def step_ab_lanes(args) -> None:
     512x1024."""
     import torch
     from hrnet_fast import optimize
+    from hrnet_fast.lanes import LanePool
     out = {}
+    shapes = [(1, 3, 1024, 2048)] + ([] if args.quick else [(8, 3, 512, 1024)])
     for preset in args.presets:
         model = _random_model(preset).half()
-        for shape in ((1, 3, 1024, 2048), (8, 3, 512, 1024)):
+        for shape in shapes:
             x = torch.randn(*shape, device="cuda", dtype=torch.float16)
             engines, pools = {}, {}
-            for name, on in (("serial", False), ("lanes", True)):
+            for name, on in (("serial", False), ("lanes", True), ("lanes_prio", True)):
                 engines[name] = optimize(model, dtype=torch.float16, branch_streams=on)
+                if name == "lanes_prio":  # branch 0 on a high-priority stream of its own
+                    engines[name]._lane_pool = LanePool(priority_first=True)
                 with torch.inference_mode():
                     engines[name](x)
                 torch.cuda.synchronize()
@@ -320,12 +324,19 @@ def step_ab_lanes(args) -> None:
             times, outs = _alternate(engines, x)
             ratios = [p / q for p, q in zip(times["serial"], times["lanes"])]
             row = {k: round(statistics.median(v), 3) for k, v in times.items()}
+            prio = [p / q for p, q in zip(times["lanes"], times["lanes_prio"])]
             row.update(speedup=round(statistics.median(ratios), 3),
+                       prio_vs_lanes=round(statistics.median(prio), 3),
+                       prio_equal=bool(torch.equal(outs["lanes_prio"], outs["serial"])),
                        images_per_s=round(1000 * shape[0] / row["lanes"], 1),
                        equal=bool(torch.equal(outs["lanes"], outs["serial"])),
                        graph_pool_mib=pools)
             key = f"{preset} {'x'.join(map(str, shape))}"
             del engines
+            if args.quick:
+                print(f"{key}: {row}", flush=True)
+                out[key] = row
+                continue
             # without CUDA graphs (cuda_graphs=False): launch-bound, lanes add event calls
             eager = {name: optimize(model, dtype=torch.float16, branch_streams=on, cuda_graphs=False)
                      for name, on in (("serial", False), ("lanes", True))}
@@ -353,6 +364,7 @@ def main() -> None:
                                     "ab_bias", "ab_lanes"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
+    p.add_argument("--quick", action="store_true", help="ab_lanes: batch 1 with graphs only")
     args = p.parse_args()
     globals()[f"step_{args.step}"](args)
 

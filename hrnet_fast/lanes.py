@@ -9,9 +9,10 @@ parallel paths, so the replay runs the branches side by side.
 
 Rules the engine follows (``hrnet_fast/engine.py``):
 
-* Lane 0 is the caller's current stream; the other lanes fork from it at the start of a forward
-  (:meth:`Lanes.fork`) and join it at the end (:meth:`Lanes.join`), so a captured graph has no
-  unjoined work and the output is ready on the caller's stream.
+* Lane 0 is the caller's current stream (or one of its own, see :class:`LanePool`); the lanes
+  fork from the caller's stream at the start of a forward (:meth:`Lanes.fork`) and join it at
+  the end (:meth:`Lanes.join`), so a captured graph has no unjoined work and the output is
+  ready on the caller's stream. Steps outside any branch (stem, layer1, heads) run on lane 0.
 * An op runs on the lane of the branch it reads, also when it writes for another branch (a fuse
   step's strided and 1x1 contributions, a transition to a new branch, a head projection): what
   crosses lanes is then the small, already-resized or strided result.
@@ -58,19 +59,21 @@ SERIAL = SerialLanes()
 
 
 class Lanes(SerialLanes):
-    """``count`` CUDA lanes on ``device`` for one forward; lane 0 is the current stream at
-    construction (the capture stream inside a CUDA-graph capture)."""
+    """Lanes for one forward: ``lanes[k]`` is lane k's stream; ``origin`` is the caller's current
+    stream at construction (the capture stream inside a CUDA-graph capture), which is lane 0
+    unless lane 0 has a stream of its own (:class:`LanePool`'s ``priority_first``)."""
 
     parallel = True
 
-    def __init__(self, side: "list[torch.cuda.Stream]", device: torch.device) -> None:
-        self.streams = [torch.cuda.current_stream(device)] + list(side)
+    def __init__(self, lanes: "list[torch.cuda.Stream]", origin: "torch.cuda.Stream") -> None:
+        self.streams, self.origin = list(lanes), origin
 
     def fork(self) -> None:
-        """Each side lane starts after the work already queued on lane 0 (the input). Inside a
-        capture this also brings every side lane into the graph before it gets work."""
-        for s in self.streams[1:]:
-            s.wait_stream(self.streams[0])
+        """Each lane starts after the work already queued on the caller's stream (the input).
+        Inside a capture this also brings every lane into the graph before it gets work."""
+        for s in self.streams:
+            if s != self.origin:
+                s.wait_stream(self.origin)
 
     def on(self, lane: int):
         return torch.cuda.stream(self.streams[lane])
@@ -92,20 +95,30 @@ class Lanes(SerialLanes):
             t.record_stream(stream)
 
     def join(self) -> None:
-        for s in self.streams[1:]:
-            self.streams[0].wait_stream(s)
+        """The caller's stream waits for every lane (a capture must end with all work joined)."""
+        for s in self.streams:
+            if s != self.origin:
+                self.origin.wait_stream(s)
 
 
 class LanePool:
-    """The side streams of one engine per device, created once (creating a stream per forward
-    would cost a driver call each time, and a graph captures whichever streams it ran on)."""
+    """The streams of one engine per device, created once (creating a stream per forward would
+    cost a driver call each time, and a graph captures whichever streams it ran on).
+    ``priority_first`` gives lane 0 (branch 0, the longest chain of each module) a stream of its
+    own at the device's highest priority, so its blocks are scheduled ahead of the others'."""
 
-    def __init__(self) -> None:
-        self._side: Dict[torch.device, list] = {}
+    def __init__(self, priority_first: bool = False) -> None:
+        self.priority_first = priority_first
+        self._streams: Dict[torch.device, list] = {}
 
     def lanes(self, device: torch.device, count: int) -> Lanes:
-        side = self._side.get(device)
-        if side is None or len(side) < count - 1:
-            side = self._side[device] = [torch.cuda.Stream(device=device)
-                                         for _ in range(count - 1)]
-        return Lanes(side[:count - 1], device)
+        streams = self._streams.get(device)
+        if streams is None or len(streams) < count:
+            first = None
+            if self.priority_first:
+                first = torch.cuda.Stream(device=device, priority=-1)  # torch's "high"
+            streams = self._streams[device] = [first] + [torch.cuda.Stream(device=device)
+                                                         for _ in range(count - 1)]
+        origin = torch.cuda.current_stream(device)
+        lanes = [streams[0] or origin] + streams[1:count]
+        return Lanes(lanes, origin)

@@ -218,9 +218,10 @@ def test_lanes_on_the_gpu_equal_the_serial_engine(preset, head, dtype, size):
     from hrnet_fast.engine import optimize as opt
     model = bn_model(preset, head=head).cuda()
     serial = opt(model, dtype=dtype, branch_streams=False, cuda_graphs=False)
-    eager = opt(model, dtype=dtype, cuda_graphs=False)
+    eager = opt(model, dtype=dtype, cuda_graphs=False, branch_streams=True)
     graphed = opt(model, dtype=dtype)
-    assert eager.branch_streams and graphed.branch_streams and not serial.branch_streams
+    assert graphed.branch_streams and not serial.branch_streams
+    assert not opt(model, dtype=dtype, cuda_graphs=False).branch_streams  # the default follows graphs
     gen = torch.Generator("cuda")
     with torch.no_grad():
         for seed in range(6):  # graphed: call 1 eager, 2 captures, 3-6 replay
