@@ -372,7 +372,7 @@ class HRNetEngine(nn.Module):
         # and record_stream calls made it slower (w18 21.6 -> 25.5 ms per eager forward).
         self.branch_streams = (self.cuda_graphs if branch_streams is None
                                else bool(branch_streams))
-        self._lane_pool = LanePool()
+        self._lane_pool = LanePool(priority_first=True)
         self.config = source.config
         # Not registered as a submodule: the engine must not show up in the source's state dict.
         object.__setattr__(self, "source", source)
@@ -429,7 +429,7 @@ class HRNetEngine(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("branch_streams", self.cuda_graphs)  # older pickles
-        self._lane_pool = LanePool()
+        self._lane_pool = LanePool(priority_first=True)
         self.rebuild()
 
     def extra_repr(self) -> str:
