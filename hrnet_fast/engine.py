@@ -372,6 +372,11 @@ class HRNetEngine(nn.Module):
         # and record_stream calls made it slower (w18 21.6 -> 25.5 ms per eager forward).
         self.branch_streams = (self.cuda_graphs if branch_streams is None
                                else bool(branch_streams))
+        if self.backend == "compile":  # torch.compile traces the serial forward
+            if branch_streams:
+                raise BackendUnavailable("branch_streams=True does not combine with "
+                                         "backend='compile' (torch.compile traces one stream)")
+            self.branch_streams = False
         self._lane_pool = LanePool(priority_first=True)
         self.config = source.config
         # Not registered as a submodule: the engine must not show up in the source's state dict.

@@ -231,3 +231,14 @@ def test_lanes_on_the_gpu_equal_the_serial_engine(preset, head, dtype, size):
                 for a, b in zip(_tensors(got), _tensors(want)):
                     assert torch.equal(a, b), (seed, (a.float() - b.float()).abs().max().item())
     assert len(graphed._graphs) == 1
+
+
+@pytest.mark.gpu
+def test_compile_backend_runs_one_stream():
+    """torch.compile traces the serial forward: lanes are off by default there, and asking for
+    them is one clear error (not a silent downgrade)."""
+    from hrnet_fast.backends.base import BackendUnavailable
+    model = bn_model("w18_small_v1").cuda()
+    assert optimize(model, backend="compile").branch_streams is False
+    with pytest.raises(BackendUnavailable, match="does not combine with backend='compile'"):
+        optimize(model, backend="compile", branch_streams=True)
