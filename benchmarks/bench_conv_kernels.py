@@ -350,6 +350,7 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
     ok, why = triton_status(_DEVICE)
     if not ok:
         raise SystemExit(f"bench_conv_kernels: {why}")
+    from hrnet_fast.kernels import conv as conv_kernels
     dtype = kernel_ab.DTYPES[dtype_name]
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -372,8 +373,12 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
                 desc = f"{c.cj}->{c.ci} x{c.steps} s2 {c.h}x{c.w}"
             info = {"kind": kind, "preset": preset, "input": f"{batch}x3x{height}x{width}",
                     "shape": desc, "calls_per_forward": c.count}
+            before = conv_kernels.chosen_configs()
             r = kernel_ab.measure_case(c.name, info, c.bytes(elem), c.flops(), variants, ref_fn,
                                        timer=_TIMER, rep=100, device=_DEVICE)
+            # the Triton conv's autotuned choice for this case (to pin it later without timing)
+            r.info["triton_configs"] = sorted(v for k, v in conv_kernels.chosen_configs().items()
+                                              if k not in before)
             results.append(r)
             _print_row(r, header=len(results) == 1)
             sys.stdout.flush()

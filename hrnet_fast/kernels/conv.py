@@ -316,6 +316,15 @@ def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] 
     return kern
 
 
+def chosen_configs() -> Dict[tuple, str]:
+    """The config each conv autotuner chose so far in this process, by its tuning key (the
+    benchmarks record them, so that a later choice can be pinned without timing). An autotuner
+    with a single config (the CPU interpreter, ``HRNET_FAST_CONV_AUTOTUNE=0``) times nothing and
+    records nothing here."""
+    return {key: str(cfg) for kern in _TUNED.values()
+            for key, cfg in getattr(kern, "cache", {}).items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Python side
 # ----------------------------------------------------------------------------------------------------
