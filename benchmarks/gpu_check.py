@@ -70,6 +70,8 @@ STEPS: Dict[str, Tuple[int, str]] = {
                                     "tests/test_kernels_bias_act.py", 90, env=NO_CONV_AUTOTUNE)),
     # lanes on against off: graph replays alternating, exact equality, graph pool memory
     "ab_lanes": (120, f"{PY} {STEPS_PY} ab_lanes --json {{json}}"),
+    # kernel overlap in one graph replay, serial against lanes (traces saved under OUT)
+    "overlap": (60, f"{PY} {STEPS_PY} overlap --json {{json}}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
     "ab_lanes_quick": (60, f"{PY} {STEPS_PY} ab_lanes --quick --json {{json}}"),
     # auto + CUDA graphs, fp16/bf16/fp32, w18/w48 at 1x3x1024x2048 against the eager engine and
@@ -121,14 +123,11 @@ GROUPS = {
     "run2": ["env", "tests_model", "model_check", "bench", "profile", "bench_b8", "peers_w18",
              "peers_w48"],
     "peers_max": ["peers_max_w18"],
-    # what the 2026-11-26 runs left (see benchmarks/RESULTS.md, "Not measured yet"): the GPU tests
-    # of the changes made after run C, their effect (profile, bench_quick), the Triton conv against
-    # cuDNN, the extension's one crash, then max-autotune
-    "next1": ["env", "tests_fast", "ab_bias", "profile", "bench_quick", "build_start", "conv_ab",
-              "build_wait", "ext_debug"],
-    "next2": ["bench_triton", "peers_max_w18"],
-    # one run of about 7 minutes when next1 + next2 cannot both fit: correctness of the post-run-C
-    # changes, their effect, the conv A/B where the time is, the breakdown
+    # what run D (2026-11-27, see benchmarks/RESULTS.md, "Not measured yet") left: the lanes tests
+    # added after it, how much the lanes overlap, the per-shape measured Triton convs in the whole
+    # model; then the extension's crash, the compile max-autotune peer
+    "next1": ["env", "tests_lanes", "overlap", "bench_triton", "conv_ab"],
+    "next2": ["build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
     "third": ["ab_lanes_quick", "peers_w48"],

@@ -5,6 +5,7 @@
     python benchmarks/gpu_steps.py profile      [--json PATH]   GPU time by kernel kind
     python benchmarks/gpu_steps.py ab_bias      [--json PATH]   the post-run-C bias changes, on/off
     python benchmarks/gpu_steps.py ab_lanes     [--json PATH]   branch lanes, on/off
+    python benchmarks/gpu_steps.py overlap      [--json PATH]   kernel overlap in one replay
     python benchmarks/gpu_steps.py build_start | build_wait     the CUDA extension, in the background
 
 Numbers are medians of CUDA-event timings after warm-up, on random data (never zeros).
@@ -352,6 +353,42 @@ def step_ab_lanes(args) -> None:
     _save(args.json, out)
 
 
+def step_overlap(args) -> None:
+    """How much the branch streams overlap kernels in one graph replay of the drop-in's defaults
+    (fp16, 1x3x1024x2048), serial against lanes: torch.profiler traces of one replay each,
+    read by benchmarks/trace_overlap.py (span, busy and idle time, mean concurrency, per stream).
+    The traces are saved under $OUT (or the JSON's folder) as overlap_<preset>_<variant>.json."""
+    import tempfile
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import trace_overlap
+    from hrnet_fast import optimize
+    folder = os.environ.get("OUT") or tempfile.gettempdir()
+    out = {}
+    for preset in args.presets:
+        model = _random_model(preset).half()
+        x = torch.randn(1, 3, 1024, 2048, device="cuda", dtype=torch.float16)
+        for name, on in (("serial", False), ("lanes", True)):
+            eng = optimize(model, dtype=torch.float16, branch_streams=on)
+            with torch.inference_mode():
+                eng(x), eng(x), eng(x)  # eager, capture, replay
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    eng(x)
+                    torch.cuda.synchronize()
+            path = os.path.join(folder, f"overlap_{preset}_{name}.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                stats = trace_overlap.kernel_overlap(trace_overlap.kernels(json.load(f)))
+            stats.pop("streams")
+            print(f"{preset} {name}: {stats}", flush=True)
+            out[f"{preset} {name}"] = stats
+            del eng
+            torch.cuda.empty_cache()
+    _save(args.json, out)
+
+
 def _no_hoist(build, *args, **kwargs):
     """``build`` (plan._block_plan or plan._seg_head_plan) with its ``hoist`` argument off."""
     args = list(args)
@@ -364,7 +401,7 @@ def _no_hoist(build, *args, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile",
-                                    "ab_bias", "ab_lanes"])
+                                    "ab_bias", "ab_lanes", "overlap"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
     p.add_argument("--quick", action="store_true", help="ab_lanes: batch 1 with graphs only")
