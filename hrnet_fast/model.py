@@ -42,13 +42,14 @@ class HRNet(HighResolutionNet):
     """HRNet with official keys. ``HRNet(config)`` or ``HRNet("w48", num_classes=19)``.
 
     ``fast`` (default True) lets eval-mode, no-grad calls run the fused engine with ``fast_backend``
-    (None: ``HRNET_FAST_BACKEND`` or "auto") and CUDA graphs (``fast_cuda_graphs``: None = on for
-    CUDA, captured on the second call of an input shape; False opts out).
+    (None: ``HRNET_FAST_BACKEND`` or "auto"), CUDA graphs (``fast_cuda_graphs``: None = on for
+    CUDA, captured on the second call of an input shape; False opts out) and branch streams
+    (``fast_branch_streams``: None = on with CUDA graphs; False opts out; ``hrnet_fast/lanes.py``).
     """
 
     def __init__(self, config: Union[HRNetConfig, str] = "w18", *, fast: bool = True,
                  fast_backend: Optional[str] = None, fast_cuda_graphs: Optional[bool] = None,
-                 **overrides: Any) -> None:
+                 fast_branch_streams: Optional[bool] = None, **overrides: Any) -> None:
         if isinstance(config, str):
             config = HRNetConfig.preset(config, **overrides)
         elif overrides:
@@ -57,14 +58,17 @@ class HRNet(HighResolutionNet):
         self.fast = fast
         self.fast_backend = fast_backend
         self.fast_cuda_graphs = fast_cuda_graphs
+        self.fast_branch_streams = fast_branch_streams
         # {"key": (device, dtype, settings), "engine": HRNetEngine, "tree": (ModuleTree, hook dicts)}
         self._engine_slot: dict = {}
         self._fast_warned: set = set()  # fallback reasons already warned about
 
     def configure_fast(self, enabled: bool = True, backend: Optional[str] = None,
-                       cuda_graphs: Optional[bool] = None) -> "HRNet":
+                       cuda_graphs: Optional[bool] = None,
+                       branch_streams: Optional[bool] = None) -> "HRNet":
         """Choose how eval-mode, no-grad calls run; drops the cached engine."""
         self.fast, self.fast_backend, self.fast_cuda_graphs = enabled, backend, cuda_graphs
+        self.fast_branch_streams = branch_streams
         self._engine_slot.clear()
         return self
 
@@ -156,10 +160,12 @@ class HRNet(HighResolutionNet):
         if x.dtype != param.dtype:
             raise ValueError(f"input dtype {x.dtype} does not match the model's {param.dtype}; "
                              f"convert one of them (x.to({param.dtype}) or model.to({x.dtype}))")
-        key: Tuple = (param.device, param.dtype, self.fast_backend, self.fast_cuda_graphs)
+        streams = getattr(self, "fast_branch_streams", None)  # absent in older pickles
+        key: Tuple = (param.device, param.dtype, self.fast_backend, self.fast_cuda_graphs, streams)
         if self._engine_slot.get("key") != key:
             self._engine_slot.pop("engine", None)  # one at a time: a device move frees the old one
-            engine = HRNetEngine(self, backend=self.fast_backend, cuda_graphs=self.fast_cuda_graphs)
+            engine = HRNetEngine(self, backend=self.fast_backend, cuda_graphs=self.fast_cuda_graphs,
+                                 branch_streams=streams)
             self._engine_slot.update(key=key, engine=engine)
         return self._engine_slot["engine"]
 

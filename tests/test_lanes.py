@@ -195,6 +195,21 @@ def test_a_stale_event_is_caught(monkeypatch):
     assert any("without an event" in e for e in lanes.errors)
 
 
+def test_dropin_passes_branch_streams_on():
+    """The drop-in's ``fast_branch_streams`` / ``configure_fast(branch_streams=...)`` reach the
+    engine: on the CPU, asking for them is the engine's one clear error."""
+    from hrnet_fast import HRNet
+    from hrnet_fast.backends.base import BackendUnavailable
+    model = HRNet("w18_small_v1", fast_branch_streams=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), pytest.raises(BackendUnavailable, match="needs a CUDA device"):
+        model(x)
+    model.configure_fast(branch_streams=False)
+    with torch.no_grad():
+        model(x)
+    assert model.engine is not None and model.engine.branch_streams is False
+
+
 def test_branch_streams_need_cuda():
     from hrnet_fast.backends.base import BackendUnavailable
     with pytest.raises(BackendUnavailable, match="branch_streams=True needs a CUDA device"):
