@@ -419,14 +419,13 @@ def _summary(results: List[kernel_ab.CaseResult]) -> None:
 
 
 def list_shapes(presets: Sequence[str], height: int, width: int, batch: int,
-                channel_multiple: int = 8) -> List[str]:
+                channel_multiple: int = 8, min_count: int = 1) -> List[str]:
     """The ``--list`` lines: one per conv and chain (preset, then the shape's fields)."""
     lines = []
     for pr in kernel_ab.check_presets(presets):
-        for c in build_shapes(pr, height, width, batch, channel_multiple=channel_multiple):
-            lines.append(f"{pr} {asdict(c)}")
-        for c in build_chains(pr, height, width, batch, channel_multiple=channel_multiple):
-            lines.append(f"{pr} {asdict(c)}")
+        shapes = (build_shapes(pr, height, width, batch, channel_multiple=channel_multiple)
+                  + build_chains(pr, height, width, batch, channel_multiple=channel_multiple))
+        lines += [f"{pr} {asdict(c)}" for c in shapes if c.count >= min_count]
     return lines
 
 
@@ -473,7 +472,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        listing = list_shapes(presets, h, w, a.batch, a.channel_multiple)
+        listing = list_shapes(presets, h, w, a.batch, a.channel_multiple, a.min_count)
     except ValueError as e:
         p.error(str(e))
     if a.list:

@@ -72,6 +72,10 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "ab_lanes": (120, f"{PY} {STEPS_PY} ab_lanes --json {{json}}"),
     # kernel overlap in one graph replay, serial against lanes (traces saved under OUT)
     "overlap": (60, f"{PY} {STEPS_PY} overlap --json {{json}}"),
+    # the CUDA plan's channel multiple 8 / 16 / 32 in the whole model, then per conv (branch bodies)
+    "ab_pad": (90, f"{PY} {STEPS_PY} ab_pad --json {{json}}"),
+    "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+                           "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
     "ab_lanes_quick": (60, f"{PY} {STEPS_PY} ab_lanes --quick --json {{json}}"),
     # auto + CUDA graphs, fp16/bf16/fp32, w18/w48 at 1x3x1024x2048 against the eager engine and
@@ -126,8 +130,8 @@ GROUPS = {
     # what run D (2026-11-27, see benchmarks/RESULTS.md, "Not measured yet") left: the lanes tests
     # added after it, how much the lanes overlap, the per-shape measured Triton convs in the whole
     # model; then the extension's crash, the compile max-autotune peer
-    "next1": ["env", "tests_lanes", "overlap", "bench_triton", "conv_ab"],
-    "next2": ["build_start", "build_wait", "ext_debug", "peers_max_w18"],
+    "next1": ["env", "tests_lanes", "overlap", "ab_pad", "conv_ab_pad32", "bench_triton"],
+    "next2": ["conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
     "third": ["ab_lanes_quick", "peers_w48"],

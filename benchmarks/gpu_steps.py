@@ -6,6 +6,7 @@
     python benchmarks/gpu_steps.py ab_bias      [--json PATH]   the post-run-C bias changes, on/off
     python benchmarks/gpu_steps.py ab_lanes     [--json PATH]   branch lanes, on/off
     python benchmarks/gpu_steps.py overlap      [--json PATH]   kernel overlap in one replay
+    python benchmarks/gpu_steps.py ab_pad       [--json PATH]   channel multiple 8 / 16 / 32
     python benchmarks/gpu_steps.py build_start | build_wait     the CUDA extension, in the background
 
 Numbers are medians of CUDA-event timings after warm-up, on random data (never zeros).
@@ -353,6 +354,42 @@ def step_ab_lanes(args) -> None:
     _save(args.json, out)
 
 
+def step_ab_pad(args) -> None:
+    """The CUDA plan's channel multiple (HRNET_FAST_CUDA_CHANNEL_MULTIPLE) 8 against 16 and 32:
+    whether wider zero padding of the thin branches buys faster cuDNN kernels than the bytes it
+    adds (w18: 24 -> 32 channels on branch 0). Drop-in defaults (auto, graphs, lanes, fp16),
+    1x3x1024x2048, graph replays alternating, 30 rounds; each output against fp64."""
+    import torch
+    from hrnet_fast import optimize
+    from hrnet_fast.backends.selection import CUDA_CHANNEL_MULTIPLE_ENV
+    from hrnet_fast.check import clone_as, rel_err
+    out = {}
+    for preset in args.presets:
+        model = _random_model(preset)
+        x = torch.randn(1, 3, 1024, 2048, device="cuda")
+        with torch.inference_mode():
+            ref64 = clone_as(model, torch.float64)(x.double())
+        model = model.half()
+        engines = {}
+        try:
+            for m in (8, 16, 32):
+                os.environ[CUDA_CHANNEL_MULTIPLE_ENV] = str(m)
+                engines[m] = optimize(model, dtype=torch.float16)
+        finally:
+            os.environ.pop(CUDA_CHANNEL_MULTIPLE_ENV, None)
+        times, outs = _alternate(engines, x.half())
+        row = {f"m{m}": round(statistics.median(v), 3) for m, v in times.items()}
+        for m in (16, 32):
+            row[f"m{m}_speedup"] = round(statistics.median(
+                [p / q for p, q in zip(times[8], times[m])]), 3)
+        row["err_vs_fp64"] = {f"m{m}": rel_err(o, ref64) for m, o in outs.items()}
+        print(f"{preset}: {row}", flush=True)
+        out[preset] = row
+        del engines
+        torch.cuda.empty_cache()
+    _save(args.json, out)
+
+
 def step_overlap(args) -> None:
     """How much the branch streams overlap kernels in one graph replay of the drop-in's defaults
     (fp16, 1x3x1024x2048), serial against lanes: torch.profiler traces of one replay each,
@@ -401,7 +438,7 @@ def _no_hoist(build, *args, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile",
-                                    "ab_bias", "ab_lanes", "overlap"])
+                                    "ab_bias", "ab_lanes", "overlap", "ab_pad"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
     p.add_argument("--quick", action="store_true", help="ab_lanes: batch 1 with graphs only")

@@ -397,7 +397,8 @@ class HRNetEngine(nn.Module):
             # On CUDA the fuse steps' conv biases move into the fuse kernels (cuDNN adds a bias in a
             # kernel of its own); oneDNN adds it in the conv, so the CPU plan keeps them there.
             cuda = self.device.type == "cuda"
-            plan = build_plan(self.source, channel_multiple=8 if cuda else 1, hoist_biases=cuda)
+            multiple = selection.cuda_channel_multiple() if cuda else 1
+            plan = build_plan(self.source, channel_multiple=multiple, hoist_biases=cuda)
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
             def move(t: torch.Tensor) -> torch.Tensor:

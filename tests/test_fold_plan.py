@@ -180,6 +180,31 @@ def test_padded_plan_matches_reference(preset, mode, head):
     assert rel_err(got64, want64) < 1e-10
 
 
+@pytest.mark.parametrize("m", [16, 32])
+def test_wider_channel_multiples_match_reference(m, monkeypatch):
+    """The CUDA plans' channel multiple can be raised for an A/B of cuDNN's kernel choice
+    (HRNET_FAST_CUDA_CHANNEL_MULTIPLE): a plan padded to 16 or 32 is exact too (w18: 18 -> 32,
+    36 -> 48 or 64, 72 -> 80 or 96, 270 -> 272 or 288), and the variable reaches the engine's
+    plan on CUDA only (a bad value is one error naming it)."""
+    from hrnet_fast.backends import selection
+    model = _model("w18", upsample="bilinear")
+    plan = build_plan(model, channel_multiple=m, hoist_biases=True)
+    assert all(c % m == 0 for c in [s.weight.shape[0] for s in plan.conv_specs()][:-1])
+    ops = TorchCPU.prepare(plan, torch.device("cpu"), torch.float64)
+    x = torch.randn(1, 3, 65, 97)
+    with torch.no_grad():
+        got64, want64 = run_plan(plan, ops, x.double()), model.double()(x.double())
+    assert rel_err(got64, want64) < 1e-10
+    monkeypatch.setenv(selection.CUDA_CHANNEL_MULTIPLE_ENV, str(m))
+    assert selection.cuda_channel_multiple() == m
+    cpu_plan = optimize(model.float(), backend="torch").plan  # CUDA plans only: not padded here
+    assert [b[0].convs[0].out_channels for b in cpu_plan.stages[-1][0].branches] == [18, 36, 72, 144]
+    for bad in ("12", "0", "-8", "eight"):
+        monkeypatch.setenv(selection.CUDA_CHANNEL_MULTIPLE_ENV, bad)
+        with pytest.raises(ValueError, match="HRNET_FAST_CUDA_CHANNEL_MULTIPLE"):
+            selection.cuda_channel_multiple()
+
+
 def _relu_rows(spec):
     """Which output channels take the ReLU (``relu_ranges`` override ``relu``)."""
     rows = torch.zeros(spec.out_channels, dtype=torch.bool)

@@ -93,6 +93,26 @@ def cpu_ext_mode() -> str:
     return _env("HRNET_FAST_CPU_EXT").lower()
 
 
+CUDA_CHANNEL_MULTIPLE_ENV = "HRNET_FAST_CUDA_CHANNEL_MULTIPLE"
+
+
+def cuda_channel_multiple() -> int:
+    """``HRNET_FAST_CUDA_CHANNEL_MULTIPLE``: the channel multiple CUDA plans pad every branch to
+    (default 8: the tensor-core width; 16 or 32 for an A/B of cuDNN's kernel choice on the thin
+    branches, exact zero channels either way). A multiple of 8, or ValueError naming the variable."""
+    raw = _env(CUDA_CHANNEL_MULTIPLE_ENV)
+    if not raw:
+        return 8
+    try:
+        m = int(raw)
+    except ValueError:
+        m = 0
+    if m < 8 or m % 8:
+        raise ValueError(f"{CUDA_CHANNEL_MULTIPLE_ENV}={raw!r}: must be a positive multiple of 8 "
+                         "(tensor-core widths and 16-byte aligned channel slices)")
+    return m
+
+
 def verbose_build() -> bool:
     return _env("HRNET_FAST_VERBOSE_BUILD") == "1"
 
