@@ -355,14 +355,16 @@ def step_ab_lanes(args) -> None:
 
 
 def step_ab_pad(args) -> None:
-    """The CUDA plan's channel multiple (HRNET_FAST_CUDA_CHANNEL_MULTIPLE) 8 against 16 and 32:
-    whether wider zero padding of the thin branches buys faster cuDNN kernels than the bytes it
-    adds (w18: 24 -> 32 channels on branch 0). Drop-in defaults (auto, graphs, lanes, fp16),
+    """The CUDA plan's channel multiple (HRNET_FAST_CUDA_CHANNEL_MULTIPLE) 8 against 16 and 32, and
+    8 with a 32-channel floor (HRNET_FAST_CUDA_MIN_CHANNELS): whether wider zero padding of the thin
+    branches buys faster cuDNN kernels than the bytes it adds (w18: 24 -> 32 on branch 0). Drop-in defaults (auto, graphs, lanes, fp16),
     1x3x1024x2048, graph replays alternating, 30 rounds; each output against fp64."""
     import torch
     from hrnet_fast import optimize
-    from hrnet_fast.backends.selection import CUDA_CHANNEL_MULTIPLE_ENV
+    from hrnet_fast.backends.selection import CUDA_CHANNEL_MULTIPLE_ENV, CUDA_MIN_CHANNELS_ENV
     from hrnet_fast.check import clone_as, rel_err
+    # name -> (channel multiple, minimum width): "min32" pads only the branches below 32 channels
+    variants = {"m8": (8, 0), "m16": (16, 0), "m32": (32, 0), "min32": (8, 32)}
     out = {}
     for preset in args.presets:
         model = _random_model(preset)
@@ -372,17 +374,19 @@ def step_ab_pad(args) -> None:
         model = model.half()
         engines = {}
         try:
-            for m in (8, 16, 32):
-                os.environ[CUDA_CHANNEL_MULTIPLE_ENV] = str(m)
-                engines[m] = optimize(model, dtype=torch.float16)
+            for name, (multiple, floor) in variants.items():
+                os.environ[CUDA_CHANNEL_MULTIPLE_ENV] = str(multiple)
+                os.environ[CUDA_MIN_CHANNELS_ENV] = str(floor)
+                engines[name] = optimize(model, dtype=torch.float16)
         finally:
             os.environ.pop(CUDA_CHANNEL_MULTIPLE_ENV, None)
+            os.environ.pop(CUDA_MIN_CHANNELS_ENV, None)
         times, outs = _alternate(engines, x.half())
-        row = {f"m{m}": round(statistics.median(v), 3) for m, v in times.items()}
-        for m in (16, 32):
-            row[f"m{m}_speedup"] = round(statistics.median(
-                [p / q for p, q in zip(times[8], times[m])]), 3)
-        row["err_vs_fp64"] = {f"m{m}": rel_err(o, ref64) for m, o in outs.items()}
+        row = {name: round(statistics.median(v), 3) for name, v in times.items()}
+        for name in list(variants)[1:]:
+            row[f"{name}_speedup"] = round(statistics.median(
+                [p / q for p, q in zip(times["m8"], times[name])]), 3)
+        row["err_vs_fp64"] = {name: rel_err(o, ref64) for name, o in outs.items()}
         print(f"{preset}: {row}", flush=True)
         out[preset] = row
         del engines

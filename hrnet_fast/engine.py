@@ -398,7 +398,9 @@ class HRNetEngine(nn.Module):
             # kernel of its own); oneDNN adds it in the conv, so the CPU plan keeps them there.
             cuda = self.device.type == "cuda"
             multiple = selection.cuda_channel_multiple() if cuda else 1
-            plan = build_plan(self.source, channel_multiple=multiple, hoist_biases=cuda)
+            floor = selection.cuda_min_channels() if cuda else 0
+            plan = build_plan(self.source, channel_multiple=multiple, hoist_biases=cuda,
+                              min_channels=floor)
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
             def move(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ all exact in real arithmetic (only the order of fp additions changes):
   (resizing is linear with weights summing to one), so the 1x1 conv runs at each branch's own
   resolution and the concatenated tensor is never built;
 * channel padding (``build_plan(model, channel_multiple=m)``, m=8 on CUDA): every tensor between the
-  input image and the head output carries ``round_up(C, m)`` channels, the extra ones identically zero.
+  input image and the head output carries ``round_up(C, m)`` channels (at least ``min_channels``
+  where that is set), the extra ones identically zero.
   Why: fp16/bf16 tensor-core convolutions (cuDNN) want channel counts that are multiples of 8, and
   the fuse kernels' 16-byte vector loads want channel offsets that are multiples of 8 elements (w18's
   18/36-channel branches give neither). How: each conv gets zero weight rows and zero bias for the
@@ -204,13 +205,35 @@ def _round_up(c: int, m: int) -> int:
     return -(-c // m) * m
 
 
-def _pad(weight: torch.Tensor, bias: Optional[torch.Tensor], m: int, pad_in: bool = True,
+@dataclass(frozen=True)
+class Padding:
+    """Channel padding with a floor: every width rounds up to ``multiple`` and to at least
+    ``minimum`` (w18 with (8, 32): 18 -> 32, 36 -> 40, 72 -> 72); split starts align to
+    ``multiple``. A plain int m is Padding(m, 0)."""
+
+    multiple: int
+    minimum: int = 0
+
+    def width(self, c: int) -> int:
+        return max(_round_up(c, self.multiple), _round_up(self.minimum, self.multiple))
+
+
+def _width(c: int, m) -> int:
+    return m.width(c) if isinstance(m, Padding) else _round_up(c, m)
+
+
+def _align(start: int, m) -> int:
+    return _round_up(start, m.multiple if isinstance(m, Padding) else m)
+
+
+def _pad(weight: torch.Tensor, bias: Optional[torch.Tensor], m, pad_in: bool = True,
          pad_out: bool = True):
     """``weight`` [Cout, Cin, k, k] with zero output rows (zero bias) and zero input columns appended
-    up to multiples of m: the added outputs are exactly 0 and the added inputs (zeros) add nothing."""
+    up to the padded widths (``_width``): the added outputs are exactly 0 and the added inputs
+    (zeros) add nothing."""
     cout, cin = weight.shape[:2]
-    extra_out = _round_up(cout, m) - cout if pad_out else 0
-    extra_in = _round_up(cin, m) - cin if pad_in else 0
+    extra_out = _width(cout, m) - cout if pad_out else 0
+    extra_in = _width(cin, m) - cin if pad_in else 0
     if extra_out or extra_in:
         weight = F.pad(weight, (0, 0, 0, 0, 0, extra_in, 0, extra_out))
         bias = None if bias is None else F.pad(bias, (0, extra_out))
@@ -263,7 +286,7 @@ def _stack_convs(convs: List[ConvSpec], targets: List[int], m: int = 1) -> Batch
         raise ValueError("only convs of the same geometry can be batched")
     splits, ranges, weights, biases, start = [], [], [], [], 0
     for c, t in zip(convs, targets):
-        gap = _round_up(start, m) - start
+        gap = _align(start, m) - start
         if gap:
             weights.append(c.weight.new_zeros((gap,) + c.weight.shape[1:]))
             biases.append(c.bias.new_zeros(gap))
@@ -398,12 +421,13 @@ def _classification_head_plan(model: HighResolutionNet, m: int) -> Classificatio
 
 
 def build_plan(model: HighResolutionNet, channel_multiple: int = 1,
-               hoist_biases: bool = False) -> HRNetPlan:
+               hoist_biases: bool = False, min_channels: int = 0) -> HRNetPlan:
     """Fold and rewrite an eval-mode reference model into a plan (float64 tensors on its device).
 
     ``channel_multiple`` m > 1 pads every tensor between the image and the head output to a multiple
     of m channels with zero channels, and aligns split starts of batched convs to m (module
-    docstring); m = 1 leaves every width as the model has it. ``hoist_biases`` moves the biases of
+    docstring); m = 1 leaves every width as the model has it. ``min_channels`` also pads every
+    narrower width up to it (``Padding``). ``hoist_biases`` moves the biases of
     the fuse steps' ReLU-free convs into the fuse ops (``FusePlan.bias``; CUDA engines: there cuDNN
     adds a bias in a kernel of its own); not for the module whose fuse step is the pose head's. It
     also moves a block downsample's bias into the block's last conv and the seg head's projection
@@ -411,6 +435,10 @@ def build_plan(model: HighResolutionNet, channel_multiple: int = 1,
     m = channel_multiple
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"channel_multiple must be a positive integer, got {channel_multiple!r}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+        raise ValueError(f"min_channels must be a non-negative integer, got {min_channels!r}")
+    if min_channels:
+        m = Padding(m, min_channels)
     if not isinstance(model, HighResolutionNet):
         raise TypeError(f"build_plan needs a HighResolutionNet, got {type(model).__name__}")
     if model.training:

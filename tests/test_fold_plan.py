@@ -180,6 +180,36 @@ def test_padded_plan_matches_reference(preset, mode, head):
     assert rel_err(got64, want64) < 1e-10
 
 
+@pytest.mark.parametrize("head", ["seg", "pose", "classification"])
+def test_min_channels_pads_only_the_narrow_widths(head, monkeypatch):
+    """``min_channels`` (HRNET_FAST_CUDA_MIN_CHANNELS) pads every width below it up to it and keeps
+    the multiple for the rest (w18 with 8 and 32: 18 -> 32, 36 -> 40, 72 -> 72, 144 -> 144); exact,
+    every head; the batched fuse convs' splits stay aligned to the multiple."""
+    from hrnet_fast.backends import selection
+    kw = {"num_classes": 17} if head == "pose" else {"num_classes": 10} if head != "seg" else {}
+    model = _model("w18", upsample="bilinear", head=head, **kw)
+    plan = build_plan(model, channel_multiple=8, hoist_biases=True, min_channels=32)
+    widths = [b[0].convs[0].out_channels for b in plan.stages[-1][0].branches]
+    assert widths == [32, 40, 72, 144]
+    for stage in plan.stages:
+        for mod in stage:
+            for table in (mod.fuse.up, mod.fuse.down_first) if mod.fuse else ():
+                assert all(sp.start % 8 == 0 for b in table.values() for sp in b.splits)
+    ops = TorchCPU.prepare(plan, torch.device("cpu"), torch.float64)
+    x = torch.randn(1, 3, 65, 97)
+    with torch.no_grad():
+        got64, want64 = run_plan(plan, ops, x.double()), model.double()(x.double())
+    assert rel_err(got64, want64) < 1e-10
+    monkeypatch.setenv(selection.CUDA_MIN_CHANNELS_ENV, "32")
+    assert selection.cuda_min_channels() == 32
+    for bad in ("-1", "x"):
+        monkeypatch.setenv(selection.CUDA_MIN_CHANNELS_ENV, bad)
+        with pytest.raises(ValueError, match="HRNET_FAST_CUDA_MIN_CHANNELS"):
+            selection.cuda_min_channels()
+    with pytest.raises(ValueError, match="min_channels"):
+        build_plan(model, channel_multiple=8, min_channels=-2)
+
+
 @pytest.mark.parametrize("m", [16, 32])
 def test_wider_channel_multiples_match_reference(m, monkeypatch):
     """The CUDA plans' channel multiple can be raised for an A/B of cuDNN's kernel choice

@@ -113,6 +113,25 @@ def cuda_channel_multiple() -> int:
     return m
 
 
+CUDA_MIN_CHANNELS_ENV = "HRNET_FAST_CUDA_MIN_CHANNELS"
+
+
+def cuda_min_channels() -> int:
+    """``HRNET_FAST_CUDA_MIN_CHANNELS``: CUDA plans also pad every narrower branch up to this width
+    (default 0: none; e.g. 32 pads w18's 18-channel branch to 32 and leaves the others at the
+    multiple of 8). A non-negative integer, or ValueError naming the variable."""
+    raw = _env(CUDA_MIN_CHANNELS_ENV)
+    if not raw:
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{CUDA_MIN_CHANNELS_ENV}={raw!r}: must be a non-negative integer")
+    return n
+
+
 def verbose_build() -> bool:
     return _env("HRNET_FAST_VERBOSE_BUILD") == "1"
 
