@@ -421,13 +421,15 @@ def test_engine_pads_channels_only_on_cuda(monkeypatch):
     from hrnet_fast import engine as engine_module
     calls = []
 
-    def spy(model, channel_multiple=1, hoist_biases=False):
-        calls.append((channel_multiple, hoist_biases))
-        return build_plan(model, channel_multiple, hoist_biases)
+    def spy(model, channel_multiple=1, hoist_biases=False, min_channels=0):
+        calls.append((channel_multiple, hoist_biases, min_channels))
+        return build_plan(model, channel_multiple, hoist_biases, min_channels)
 
     monkeypatch.setattr(engine_module, "build_plan", spy)
+    monkeypatch.setenv("HRNET_FAST_CUDA_MIN_CHANNELS", "32")  # CUDA plans only
+    monkeypatch.setenv("HRNET_FAST_CUDA_CHANNEL_MULTIPLE", "16")
     optimize(_model(), backend="torch")
-    assert calls == [(1, False)]
+    assert calls == [(1, False, 0)]
 
 
 @pytest.mark.gpu
