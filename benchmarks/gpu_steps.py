@@ -357,8 +357,9 @@ def step_ab_lanes(args) -> None:
 def step_ab_pad(args) -> None:
     """The CUDA plan's channel multiple (HRNET_FAST_CUDA_CHANNEL_MULTIPLE) 8 against 16 and 32, and
     8 with a 32-channel floor (HRNET_FAST_CUDA_MIN_CHANNELS): whether wider zero padding of the thin
-    branches buys faster cuDNN kernels than the bytes it adds (w18: 24 -> 32 on branch 0). Drop-in defaults (auto, graphs, lanes, fp16),
-    1x3x1024x2048, graph replays alternating, 30 rounds; each output against fp64."""
+    branches buys faster cuDNN kernels than the bytes it adds (w18: 24 -> 32 on branch 0).
+    Drop-in defaults (auto, graphs, lanes, fp16), 1x3x1024x2048, graph replays alternating, 30
+    rounds; each output against fp64."""
     import torch
     from hrnet_fast import optimize
     from hrnet_fast.backends.selection import CUDA_CHANNEL_MULTIPLE_ENV, CUDA_MIN_CHANNELS_ENV
