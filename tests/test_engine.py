@@ -179,9 +179,9 @@ def test_dropin_auto_falls_back_to_torch_with_a_warning(monkeypatch):
     import hrnet_fast.model as model_mod
 
     class FailingEngine(model_mod.HRNetEngine):
-        def __init__(self, source, *, backend=None, cuda_graphs=False):
-            super().__init__(source, backend="torch",
-                             cuda_graphs=cuda_graphs)
+        def __init__(self, source, *, backend=None, cuda_graphs=False, branch_streams=None):
+            super().__init__(source, backend="torch", cuda_graphs=cuda_graphs,
+                             branch_streams=branch_streams)
             if backend != "torch":
                 self.backend = "triton"  # pretend a kernel backend was chosen
                 self.auto = backend in (None, "auto")
