@@ -15,7 +15,8 @@ Rules the engine follows (``hrnet_fast/engine.py``):
   ready on the caller's stream. Steps outside any branch (stem, layer1, heads) run on lane 0.
 * An op runs on the lane of the branch it reads, also when it writes for another branch (a fuse
   step's strided and 1x1 contributions, a transition to a new branch, a head projection): what
-  crosses lanes is then the small, already-resized or strided result.
+  crosses lanes is then a small result, strided or still at its source's resolution (the fuse
+  and head kernels resize as they read).
 * A tensor handed to another lane crosses with :meth:`Lanes.deliver`: the receiving lane waits for
   an event recorded right after the producer's work (:meth:`Lanes.mark`), placed just before the
   receiver's use, and ``record_stream`` keeps the caching allocator from giving the memory to the
@@ -35,8 +36,6 @@ import torch
 
 class SerialLanes:
     """Every lane is the current stream: nothing to fork, mark, wait for or join."""
-
-    parallel = False
 
     def fork(self) -> None:
         pass
@@ -62,8 +61,6 @@ class Lanes(SerialLanes):
     """Lanes for one forward: ``lanes[k]`` is lane k's stream; ``origin`` is the caller's current
     stream at construction (the capture stream inside a CUDA-graph capture), which is lane 0
     unless lane 0 has a stream of its own (:class:`LanePool`'s ``priority_first``)."""
-
-    parallel = True
 
     def __init__(self, lanes: "list[torch.cuda.Stream]", origin: "torch.cuda.Stream") -> None:
         self.streams, self.origin = list(lanes), origin

@@ -29,8 +29,6 @@ def _storage(t: torch.Tensor) -> int:
 class TrackingLanes(SerialLanes):
     """Lanes as bookkeeping: which lane produced each storage and when, what was delivered where."""
 
-    parallel = True
-
     def __init__(self) -> None:
         self.lane, self.clock = 0, 0
         self.home = {}            # storage -> (lane, clock of production)
