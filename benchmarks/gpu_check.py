@@ -67,13 +67,16 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # branch lanes (hrnet_fast/lanes.py) against the serial engine, bit for bit, and the engine's
     # GPU tests, which now run with lanes on
     "tests_lanes": (110, gpu_pytest("tests/test_lanes.py tests/test_engine.py tests/test_pose.py "
-                                    "tests/test_kernels_bias_act.py", 90, env=NO_CONV_AUTOTUNE)),
+                                    "tests/test_kernels_bias_act.py "
+                                    "tests/test_kernels_projected_head.py", 90, env=NO_CONV_AUTOTUNE)),
     # lanes on against off: graph replays alternating, exact equality, graph pool memory
     "ab_lanes": (120, f"{PY} {STEPS_PY} ab_lanes --json {{json}}"),
     # kernel overlap in one graph replay, serial against lanes (traces saved under OUT)
     "overlap": (60, f"{PY} {STEPS_PY} overlap --json {{json}}"),
     # the CUDA plan's channel multiple 8 / 16 / 32 in the whole model, then per conv (branch bodies)
     "ab_pad": (90, f"{PY} {STEPS_PY} ab_pad --json {{json}}"),
+    # branch 0's projection inside the seg head kernel, on against off (off by default until then)
+    "ab_head": (60, f"{PY} {STEPS_PY} ab_head --json {{json}}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
@@ -130,7 +133,7 @@ GROUPS = {
     # what run D (2026-11-27, see benchmarks/RESULTS.md, "Not measured yet") left: the lanes tests
     # added after it, how much the lanes overlap, the per-shape measured Triton convs in the whole
     # model; then the extension's crash, the compile max-autotune peer
-    "next1": ["env", "tests_lanes", "overlap", "ab_pad", "conv_ab_pad32", "bench_triton"],
+    "next1": ["env", "tests_lanes", "overlap", "ab_head", "ab_pad", "conv_ab_pad32", "bench_triton"],
     "next2": ["conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures

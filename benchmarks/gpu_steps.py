@@ -7,6 +7,7 @@
     python benchmarks/gpu_steps.py ab_lanes     [--json PATH]   branch lanes, on/off
     python benchmarks/gpu_steps.py overlap      [--json PATH]   kernel overlap in one replay
     python benchmarks/gpu_steps.py ab_pad       [--json PATH]   channel multiple 8 / 16 / 32
+    python benchmarks/gpu_steps.py ab_head      [--json PATH]   projection inside the head, on/off
     python benchmarks/gpu_steps.py build_start | build_wait     the CUDA extension, in the background
 
 Numbers are medians of CUDA-event timings after warm-up, on random data (never zeros).
@@ -395,6 +396,39 @@ def step_ab_pad(args) -> None:
     _save(args.json, out)
 
 
+def step_ab_head(args) -> None:
+    """The seg head with branch 0's projection inside the head kernel (backends/triton.py
+    PROJECTED_HEAD_DEVICES) on against off: the drop-in's defaults (fp16, graphs, lanes),
+    1x3x1024x2048, graph replays alternating, 30 rounds; both outputs against fp64."""
+    import torch
+    from hrnet_fast import optimize
+    from hrnet_fast.backends import triton as triton_backend
+    from hrnet_fast.check import clone_as, rel_err
+    out = {}
+    for preset in args.presets:
+        model = _random_model(preset)
+        x = torch.randn(1, 3, 1024, 2048, device="cuda")
+        with torch.inference_mode():
+            ref64 = clone_as(model, torch.float64)(x.double())
+        model = model.half()
+        engines = {"off": optimize(model, dtype=torch.float16)}
+        triton_backend.PROJECTED_HEAD_DEVICES.add("cuda")
+        try:
+            engines["on"] = optimize(model, dtype=torch.float16)
+        finally:
+            triton_backend.PROJECTED_HEAD_DEVICES.discard("cuda")
+        times, outs = _alternate(engines, x.half())
+        row = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        row.update(speedup=round(statistics.median([p / q for p, q in zip(times["off"],
+                                                                           times["on"])]), 3),
+                   err_vs_fp64={k: rel_err(o, ref64) for k, o in outs.items()})
+        print(f"{preset}: {row}", flush=True)
+        out[preset] = row
+        del engines
+        torch.cuda.empty_cache()
+    _save(args.json, out)
+
+
 def step_overlap(args) -> None:
     """How much the branch streams overlap kernels in one graph replay of the drop-in's defaults
     (fp16, 1x3x1024x2048), serial against lanes: torch.profiler traces of one replay each,
@@ -443,7 +477,7 @@ def _no_hoist(build, *args, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile",
-                                    "ab_bias", "ab_lanes", "overlap", "ab_pad"])
+                                    "ab_bias", "ab_lanes", "overlap", "ab_pad", "ab_head"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
     p.add_argument("--quick", action="store_true", help="ab_lanes: batch 1 with graphs only")

@@ -574,6 +574,13 @@ for c, dtype in ((270, torch.float16), (720, torch.float16), (720, torch.float32
     b = branches(2, c, hw, dtype, True)
     hd.seg_head(b[0], b[1:], torch.randn(19, c, 1, 1, dtype=dtype), torch.randn(19, dtype=dtype))
     out[f"head {TY[dtype]} C{c}"] = compile_launch(*launches.pop())
+for cin, c, dtype in ((24, 272, torch.float16), (48, 720, torch.float16), (48, 720, torch.float32)):
+    b = branches(2, c, hw[1:], dtype, True)
+    x0 = branches(2, cin, hw[:1], dtype, True)[0]
+    hd.seg_head_projected_triton(x0, torch.randn(c, cin, 1, 1, dtype=dtype), None, b,
+                                 torch.randn(19, c, 1, 1, dtype=dtype), torch.randn(19, dtype=dtype),
+                                 "bilinear", False)
+    out[f"projected head {TY[dtype]} C{cin}->{c}"] = compile_launch(*launches.pop())
 for c, cl in ((88, True), (88, False)):
     y = branches(1, c, [(128, 256)], torch.float16, cl)[0]
     ba.bias_relu_mask(y, torch.randn(c), torch.ones(c, dtype=torch.int8))

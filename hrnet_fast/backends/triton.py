@@ -74,6 +74,11 @@ def _down_key(x, fuse: FusePlan, j: int):
 # of F.conv2d's separate bias add + a ReLU per range (two passes): cuDNN's, whose fused epilogue has
 # no per-channel ReLU. Tests add "cpu" to run it under the interpreter.
 RANGE_EPILOGUE_DEVICES = {"cuda"}
+# Devices where the seg head computes its branch-0 projection inside the head kernel
+# (kernels/seg_head.py, ``seg_head_projected_triton``: the Cs-channel base, 71 MB for w18 and
+# 189 MB for w48 at 1024x2048 in fp16, is then never written and read back). Off until measured
+# on a GPU (benchmarks/gpu_steps.py ab_head); tests add "cpu" to run it under the interpreter.
+PROJECTED_HEAD_DEVICES: set = set()
 
 
 class Triton(Backend):
@@ -118,6 +123,8 @@ class Triton(Backend):
                 triton_convs = True
         if triton_convs:
             self._pack(plan)
+        self._projected_head = (device.type in PROJECTED_HEAD_DEVICES
+                                and kernels_status(device, "seg_head")[0])
 
     def _pack(self, plan) -> None:
         """GEMM-packed weights [k*k*Cin, Cout] and per-channel ReLU masks, once per plan."""
@@ -170,6 +177,21 @@ class Triton(Backend):
 
     def down(self, x, fuse: FusePlan, j: int) -> List[torch.Tensor]:
         return self._down_batched(x, fuse, j)
+
+    def projected_head(self, x, projection: ConvSpec, contributions, weight, bias, mode,
+                       align_corners):
+        """The head with branch 0's 1x1 projection inside the head kernel, where it fits
+        (``seg_head.projected_head_fits``); None otherwise (the engine runs the conv, then
+        ``head``)."""
+        if (not self._projected_head or projection.stride != 1 or projection.padding != 0
+                or projection.relu or projection.relu_ranges is not None):
+            return None
+        head = kernel_module("seg_head")
+        if not head.projected_head_fits(x, contributions, projection.weight, weight):
+            return None
+        return torch.ops.hrnet_fast.seg_head_projected_triton(
+            x, projection.weight, projection.bias, list(contributions), weight, bias, mode,
+            bool(align_corners))
 
     def head(self, base, contributions, weight, bias, mode, align_corners):
         if weight.shape[-1] != 1:  # the fused head kernel takes a 1x1 classifier only

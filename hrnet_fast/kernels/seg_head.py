@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .upsample_add_relu import (
-    _MODES, _flat, _load_term, _strides, check_inputs,
+    MAX_CONTRIBUTIONS_PER_LAUNCH, _MODES, _flat, _load_term, _strides, check_inputs,
     contribution_args, output_like, presum_surplus, vec_factor,
 )
 
@@ -32,6 +32,7 @@ def _seg_head_kernel(
     out_ptr, base_ptr,
     c0_ptr, c1_ptr, c2_ptr, c3_ptr,
     w_ptr, bias_ptr,
+    x0_ptr, w0_ptr, b0_ptr, CIN0, x_sn, x_sc, x_sh, x_sw,
     C, H, W, K,
     o_sn, o_sk, o_sw,
     b_sn, b_sc, b_sh, b_sw,
@@ -46,8 +47,16 @@ def _seg_head_kernel(
     MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROJ: tl.constexpr, HAS_B0: tl.constexpr, CIN_P: tl.constexpr,
 ):
     """out[n, k, y, x] = bias[k] + sum_c weight[k, c] * relu(base + sum_{j<NUM} resize(c_j))[n, c, y, x].
+
+    With PROJ, base is not read but computed: base[n, c, y, x] = b0[c] + sum_i w0[i, c] *
+    x0[n, i, y, x] (the seg head's branch-0 projection, a 1x1 conv of CIN0 <= CIN_P channels),
+    one ``tl.dot`` of the pixel tile's x0 rows (loaded once) with the chunk's w0 columns, float32
+    accumulation (IEEE products in float32), b0 added in float32; x0 through its (n, c, h, w)
+    strides, w0 a dense [CIN0, C] matrix in the dot dtype. The Cs-channel base then never
+    reaches memory either (w18 at 1024x2048: 71 MB written and read back in fp16; w48: 189 MB).
 
     Math: the activation is built per channel chunk in float32 exactly as in
     ``_upsample_add_relu_kernel`` (base first, then c_0, c_1, ...; ReLU in float32). It then enters
@@ -92,13 +101,29 @@ def _seg_head_kernel(
     kmask = ks < K
 
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+    if PROJ:
+        ci = tl.arange(0, CIN_P)
+        cimask = ci < CIN0
+        x_off = n64 * x_sn + oh.to(tl.int64) * x_sh + ow.to(tl.int64) * x_sw
+        xt = tl.load(x0_ptr + (x_off[:, None] + (ci.to(tl.int64) * x_sc)[None, :]),
+                     mask=pmask[:, None] & cimask[None, :], other=0.0)
     for c_start in range(0, C, BLOCK_C):
         ch = c_start + tl.arange(0, BLOCK_C)
         cmask = ch < C
         ch64 = ch.to(tl.int64)
         mask = pmask[:, None] & cmask[None, :]
-        a = _load_term(base_ptr, n64, oh, ow, hw, ch64 * b_sc, mask, H, W, b_sn, b_sh, b_sw, 1.0, 1.0,
-                       False, BASE_FLAT, MODE, ALIGN)
+        if PROJ:
+            w0t = tl.load(w0_ptr + (ci[:, None] * C + ch[None, :]),
+                          mask=cimask[:, None] & cmask[None, :], other=0.0)
+            if IEEE:
+                a = tl.dot(xt.to(tl.float32), w0t.to(tl.float32), input_precision="ieee")
+            else:
+                a = tl.dot(xt, w0t)
+            if HAS_B0:
+                a += tl.load(b0_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            a = _load_term(base_ptr, n64, oh, ow, hw, ch64 * b_sc, mask, H, W, b_sn, b_sh, b_sw,
+                           1.0, 1.0, False, BASE_FLAT, MODE, ALIGN)
         if NUM > 0:
             a += _load_term(c0_ptr, n64, oh, ow, hw, ch64 * c0_sc, mask, c0_h, c0_w, c0_sn, c0_sh,
                             c0_sw, c0_scale_h, c0_scale_w, R0, F0, MODE, ALIGN)
@@ -153,12 +178,17 @@ def _blocks(C: int, K: int, dtype: torch.dtype, vec: int = 16) -> Tuple[int, int
 
 def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.Tensor],
                  w2: torch.Tensor, bias: Optional[torch.Tensor], mode: str, align_corners: bool,
-                 ieee: bool, config: Optional[Tuple[int, int, int, int, int]] = None) -> None:
+                 ieee: bool, config: Optional[Tuple[int, int, int, int, int]] = None,
+                 projection: Optional[Tuple] = None) -> None:
     """Run the head kernel into a preallocated ``out`` ([N, K, H, W], dense per image); at most
     MAX_CONTRIBUTIONS_PER_LAUNCH contributions; ``w2`` a dense [K, C] matrix in the dot dtype
     (float32 with ``ieee``). ``config`` = (BLOCK_P, BLOCK_C, BLOCK_K, num_warps, num_stages)
-    overrides the block choice (benchmarks)."""
+    overrides the block choice (benchmarks). ``projection`` = (x0, w0 [CIN0, C] dense in the dot
+    dtype, b0 or None): base is computed in the kernel (PROJ) and ``cur`` is x0, read only for
+    its size."""
     N, C, H, W = cur.shape
+    if projection is not None:
+        C = projection[1].shape[1]
     K = w2.shape[0]
     if N == 0 or H == 0 or W == 0 or K == 0:
         return
@@ -168,15 +198,22 @@ def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.
         else:
             out.zero_()
         return
-    vec = vec_factor(C, [cur, *contribs])
+    vec = vec_factor(C, [cur, *contribs] if projection is None else list(contribs))
     ptrs, scal, res, flat = contribution_args(cur, contribs, mode, align_corners, vec)
     block_p, block_c, block_k, num_warps, num_stages = config or _blocks(C, K, w2.dtype, vec)
     grid = (triton.cdiv(H * W, block_p), triton.cdiv(K, block_k), N)
     o_sn, o_sk, _, _ = _strides(out)
     o_sw = out.stride(3) if W > 1 else (out.stride(2) if H > 1 else 0)  # dense: pixel stride
-    b_sn, b_sc, b_sh, b_sw = _strides(cur)
+    if projection is None:
+        b_sn, b_sc, b_sh, b_sw = _strides(cur)
+        x0, w0, b0, cin0, x_strides = cur, w2, None, 0, (0, 0, 0, 0)
+    else:
+        b_sn = b_sc = b_sh = b_sw = 0
+        x0, w0, b0 = projection
+        cin0, x_strides = x0.shape[1], _strides(x0)
     torch.library.wrap_triton(_seg_head_kernel)[grid](
         out, cur, *ptrs, w2, bias if bias is not None else w2,
+        x0, w0, b0 if b0 is not None else w0, cin0, *x_strides,
         C // vec, H, W, K,
         o_sn, o_sk, o_sw,
         b_sn // vec, b_sc, b_sh // vec, b_sw // vec,
@@ -189,6 +226,8 @@ def _launch_head(out: torch.Tensor, cur: torch.Tensor, contribs: Sequence[torch.
         VEC=vec,
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
         num_stages=num_stages,
+        PROJ=projection is not None, HAS_B0=projection is not None and b0 is not None,
+        CIN_P=max(triton.next_power_of_2(max(cin0, 1)), 16),
     )
 
 
@@ -204,6 +243,39 @@ def seg_head_triton(base: torch.Tensor, contributions: List[torch.Tensor], weigh
     cur, contribs = presum_surplus(base, list(contributions), mode, align_corners)
     _launch_head(out, cur, contribs, w2, bias, mode, align_corners, base.dtype == torch.float32)
     return out
+
+
+# Branch-0 widths the projected head takes (its x0 tile stays in registers: w18 24, w48 48 padded).
+MAX_PROJECTED_CHANNELS = 64
+
+
+@torch.library.triton_op("hrnet_fast::seg_head_projected_triton", mutates_args=())
+def seg_head_projected_triton(x0: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                              contributions: List[torch.Tensor], weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], mode: str,
+                              align_corners: bool) -> torch.Tensor:
+    """``seg_head(conv2d(x0, w0, b0), contributions, weight, bias)`` with the 1x1 projection
+    ``w0`` [C, CIN0, 1, 1] computed inside the head kernel (no Cs-channel base in memory). At most
+    MAX_CONTRIBUTIONS_PER_LAUNCH contributions, CIN0 <= MAX_PROJECTED_CHANNELS; no validation
+    (the engine's own arguments)."""
+    C, K = w0.shape[0], weight.shape[0]
+    w2 = weight.reshape(K, C).to(x0.dtype).contiguous()
+    w0t = w0.reshape(C, -1).t().to(x0.dtype).contiguous()
+    out = output_like(x0, channels=K)
+    _launch_head(out, x0, list(contributions), w2, bias.contiguous() if bias is not None else None,
+                 mode, align_corners, x0.dtype == torch.float32,
+                 projection=(x0, w0t, b0.contiguous() if b0 is not None else None))
+    return out
+
+
+def projected_head_fits(x0: torch.Tensor, contributions: Sequence[torch.Tensor],
+                        projection_weight: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`seg_head_projected_triton` takes this head: a 1x1 projection of at most
+    MAX_PROJECTED_CHANNELS input channels, a 1x1 classifier, at most
+    MAX_CONTRIBUTIONS_PER_LAUNCH contributions."""
+    return (tuple(projection_weight.shape[2:]) == (1, 1) and tuple(weight.shape[2:]) == (1, 1)
+            and x0.shape[1] <= MAX_PROJECTED_CHANNELS
+            and len(contributions) <= MAX_CONTRIBUTIONS_PER_LAUNCH)
 
 
 def seg_head(base: torch.Tensor, contributions: Sequence[torch.Tensor], weight: torch.Tensor,
