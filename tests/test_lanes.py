@@ -35,6 +35,7 @@ class TrackingLanes(SerialLanes):
         self.delivered = set()    # (storage, lane)
         self.errors = []
         self.ops = []             # (op name, lane)
+        self.alive = []           # every tracked tensor (see produced)
         self.forked = self.joined = False
 
     def fork(self) -> None:
@@ -58,6 +59,9 @@ class TrackingLanes(SerialLanes):
     def produced(self, t: torch.Tensor) -> None:
         self.clock += 1
         self.home[_storage(t)] = (self.lane, self.clock)
+        # Held until the run ends: a freed storage's address could be reused by a tensor no
+        # tracked step made (the classification head's add), which would inherit a stale home.
+        self.alive.append(t)
 
     def check(self, op: str, t: torch.Tensor, lane=None) -> None:
         lane = self.lane if lane is None else lane
