@@ -267,9 +267,8 @@ def step_ab_bias(args) -> None:
             triton_backend.RANGE_EPILOGUE_DEVICES.update(saved[2])
         engines["on"] = optimize(model, dtype=torch.float16)
         times, outs = _alternate(engines, x)
-        ratios = [p / q for p, q in zip(times["off"], times["on"])]
         row = {k: round(statistics.median(v), 3) for k, v in times.items()}
-        row.update(speedup=round(statistics.median(ratios), 3),
+        row.update(speedup=_ratio(times, "off", "on"),
                    on_vs_off=rel_err(outs["on"], outs["off"]))
         print(f"{preset}: {row}", flush=True)
         out[preset] = row
@@ -295,6 +294,23 @@ def _alternate(engines: Dict, x, rounds: int = 30):
                 b.synchronize()
                 times[k].append(a.elapsed_time(b))
     return times, outs
+
+
+def _ratio(times: Dict, base: str, other: str) -> float:
+    """Median over rounds of ``base``'s time / ``other``'s (> 1: ``other`` is faster)."""
+    return round(statistics.median([p / q for p, q in zip(times[base], times[other])]), 3)
+
+
+def _fp16_model_and_reference(preset: str):
+    """(the random-weight model in fp16, a 1x3x1024x2048 fp16 input, the fp64 reference output
+    for that input)."""
+    import torch
+    from hrnet_fast.check import clone_as
+    model = _random_model(preset)
+    x = torch.randn(1, 3, 1024, 2048, device="cuda")
+    with torch.inference_mode():
+        ref64 = clone_as(model, torch.float64)(x.double())
+    return model.half(), x.half(), ref64
 
 
 def step_ab_lanes(args) -> None:
@@ -327,11 +343,9 @@ def step_ab_lanes(args) -> None:
                 torch.cuda.synchronize()
                 pools[name] = round((torch.cuda.memory_reserved() - before) / 2 ** 20)
             times, outs = _alternate(engines, x)
-            ratios = [p / q for p, q in zip(times["serial"], times["lanes"])]
             row = {k: round(statistics.median(v), 3) for k, v in times.items()}
-            prio = [p / q for p, q in zip(times["lanes_one_priority"], times["lanes"])]
-            row.update(speedup=round(statistics.median(ratios), 3),
-                       priority_gain=round(statistics.median(prio), 3),
+            row.update(speedup=_ratio(times, "serial", "lanes"),
+                       priority_gain=_ratio(times, "lanes_one_priority", "lanes"),
                        one_priority_equal=bool(torch.equal(outs["lanes_one_priority"],
                                                            outs["serial"])),
                        images_per_s=round(1000 * shape[0] / row["lanes"], 1),
@@ -364,16 +378,12 @@ def step_ab_pad(args) -> None:
     import torch
     from hrnet_fast import optimize
     from hrnet_fast.backends.selection import CUDA_CHANNEL_MULTIPLE_ENV, CUDA_MIN_CHANNELS_ENV
-    from hrnet_fast.check import clone_as, rel_err
+    from hrnet_fast.check import rel_err
     # name -> (channel multiple, minimum width): "min32" pads only the branches below 32 channels
     variants = {"m8": (8, 0), "m16": (16, 0), "m32": (32, 0), "min32": (8, 32)}
     out = {}
     for preset in args.presets:
-        model = _random_model(preset)
-        x = torch.randn(1, 3, 1024, 2048, device="cuda")
-        with torch.inference_mode():
-            ref64 = clone_as(model, torch.float64)(x.double())
-        model = model.half()
+        model, x, ref64 = _fp16_model_and_reference(preset)
         engines = {}
         try:
             for name, (multiple, floor) in variants.items():
@@ -383,11 +393,10 @@ def step_ab_pad(args) -> None:
         finally:
             os.environ.pop(CUDA_CHANNEL_MULTIPLE_ENV, None)
             os.environ.pop(CUDA_MIN_CHANNELS_ENV, None)
-        times, outs = _alternate(engines, x.half())
+        times, outs = _alternate(engines, x)
         row = {name: round(statistics.median(v), 3) for name, v in times.items()}
         for name in list(variants)[1:]:
-            row[f"{name}_speedup"] = round(statistics.median(
-                [p / q for p, q in zip(times["m8"], times[name])]), 3)
+            row[f"{name}_speedup"] = _ratio(times, "m8", name)
         row["err_vs_fp64"] = {name: rel_err(o, ref64) for name, o in outs.items()}
         print(f"{preset}: {row}", flush=True)
         out[preset] = row
@@ -403,24 +412,19 @@ def step_ab_head(args) -> None:
     import torch
     from hrnet_fast import optimize
     from hrnet_fast.backends import triton as triton_backend
-    from hrnet_fast.check import clone_as, rel_err
+    from hrnet_fast.check import rel_err
     out = {}
     for preset in args.presets:
-        model = _random_model(preset)
-        x = torch.randn(1, 3, 1024, 2048, device="cuda")
-        with torch.inference_mode():
-            ref64 = clone_as(model, torch.float64)(x.double())
-        model = model.half()
+        model, x, ref64 = _fp16_model_and_reference(preset)
         engines = {"off": optimize(model, dtype=torch.float16)}
         triton_backend.PROJECTED_HEAD_DEVICES.add("cuda")
         try:
             engines["on"] = optimize(model, dtype=torch.float16)
         finally:
             triton_backend.PROJECTED_HEAD_DEVICES.discard("cuda")
-        times, outs = _alternate(engines, x.half())
+        times, outs = _alternate(engines, x)
         row = {k: round(statistics.median(v), 3) for k, v in times.items()}
-        row.update(speedup=round(statistics.median([p / q for p, q in zip(times["off"],
-                                                                           times["on"])]), 3),
+        row.update(speedup=_ratio(times, "off", "on"),
                    err_vs_fp64={k: rel_err(o, ref64) for k, o in outs.items()})
         print(f"{preset}: {row}", flush=True)
         out[preset] = row

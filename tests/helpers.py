@@ -73,6 +73,22 @@ def bn_model(preset: str, mode: str = "bilinear", head: str = "seg", seed: int =
     return randomize_bn(HRNet(cfg, fast=False), seed).eval()
 
 
+def hoisted_w18_small_v1(mode: str):
+    """A w18_small_v1 seg reference (randomized BatchNorm, eval, on DEVICE), a 2x3x45x61
+    channels_last input, and its CUDA-style plan (padded to 8 channels, biases hoisted) in float32
+    channels_last: what the Triton backend's engine-level kernel tests run."""
+    from hrnet_fast import HRNetConfig
+    from hrnet_fast.plan import build_plan
+    from hrnet_fast.reference import HighResolutionNet
+    model = randomize_bn(HighResolutionNet(HRNetConfig.preset("w18_small_v1", upsample=mode)))
+    model = model.eval().to(DEVICE)
+    x = torch.randn(2, 3, 45, 61, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    plan = build_plan(model, channel_multiple=8, hoist_biases=True).map_tensors(
+        lambda t: t.float().contiguous(memory_format=torch.channels_last) if t.dim() == 4
+        else t.float().contiguous())
+    return model, x, plan
+
+
 def failing_from_call(calls: list, real, fail_at: int):
     """A stand-in for a kernel wrapper: ``real(...)`` until the spy's call log ``calls`` holds
     ``fail_at - 1`` calls, then RuntimeError("planted failure") on every call."""

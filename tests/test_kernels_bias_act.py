@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, poisoned_allocations, randomize_bn, rel_err
+from helpers import DEVICE, hoisted_w18_small_v1, poisoned_allocations, rel_err
 from oracles import assert_close_to_oracle
 
 triton_status = pytest.importorskip("hrnet_fast.kernels").triton_status
@@ -118,11 +118,8 @@ def test_bias_relu_mask_argument_errors():
 def test_triton_engine_range_convs_use_the_kernel(mode, monkeypatch):
     """The Triton backend (``auto``'s, cuDNN convs) on a hoisted plan: every ReLU-range conv goes
     through the bias-act kernel, and the whole model matches the reference."""
-    from hrnet_fast import HRNetConfig
     from hrnet_fast.backends import triton as triton_backend
     from hrnet_fast.engine import run_plan
-    from hrnet_fast.plan import build_plan
-    from hrnet_fast.reference import HighResolutionNet
 
     monkeypatch.setattr(triton_backend, "RANGE_EPILOGUE_DEVICES", {"cpu", "cuda"})
     calls = []
@@ -133,12 +130,7 @@ def test_triton_engine_range_convs_use_the_kernel(mode, monkeypatch):
             calls.append(args[0].shape)
             return real(*args)
 
-    model = randomize_bn(HighResolutionNet(HRNetConfig.preset("w18_small_v1", upsample=mode)))
-    model = model.eval().to(DEVICE)
-    x = torch.randn(2, 3, 45, 61, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    plan = build_plan(model, channel_multiple=8, hoist_biases=True).map_tensors(
-        lambda t: t.float().contiguous(memory_format=torch.channels_last) if t.dim() == 4
-        else t.float().contiguous())
+    model, x, plan = hoisted_w18_small_v1(mode)
     ranged = [s for s in plan.conv_specs() if s.relu_ranges is not None]
     assert ranged, "the plan has no ReLU-range conv: the test would check nothing"
     be = triton_backend.Triton.prepare(plan, DEVICE, torch.float32, auto=True)

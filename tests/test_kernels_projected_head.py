@@ -104,19 +104,11 @@ def test_triton_engine_uses_the_projected_head(mode, monkeypatch):
     """With the projected head switched on, the Triton backend's seg head goes through it once
     per forward (hoisted plan: branch 0's projection without bias), and the whole model matches
     the reference; switched off (the default), it is never called."""
-    from hrnet_fast import HRNetConfig
     from hrnet_fast.backends import triton as triton_backend
     from hrnet_fast.engine import run_plan
-    from hrnet_fast.plan import build_plan
-    from hrnet_fast.reference import HighResolutionNet
-    from helpers import poisoned_allocations, randomize_bn, rel_err
+    from helpers import hoisted_w18_small_v1, poisoned_allocations, rel_err
 
-    model = randomize_bn(HighResolutionNet(HRNetConfig.preset("w18_small_v1", upsample=mode)))
-    model = model.eval().to(DEVICE)
-    x = torch.randn(2, 3, 45, 61, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    plan = build_plan(model, channel_multiple=8, hoist_biases=True).map_tensors(
-        lambda t: t.float().contiguous(memory_format=torch.channels_last) if t.dim() == 4
-        else t.float().contiguous())
+    model, x, plan = hoisted_w18_small_v1(mode)
     calls = []
     real = torch.ops.hrnet_fast.seg_head_projected_triton
 
