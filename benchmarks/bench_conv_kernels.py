@@ -4,6 +4,7 @@
     python benchmarks/bench_conv_kernels.py --presets w48 --json results/conv_ab.json
     python benchmarks/bench_conv_kernels.py --compile              # + torch.compile max-autotune (slow)
     python benchmarks/bench_conv_kernels.py --flat-k-ab            # + Triton with the other K walk
+    python benchmarks/bench_conv_kernels.py --tile-ab --min-count 12  # + Triton without 2-D tiles
     python benchmarks/bench_conv_kernels.py --list --presets w18_small_v2   # the shapes, no GPU
     python benchmarks/bench_conv_kernels.py --cpu-smoke --presets w18_small_v1 --size 32x32
 
@@ -19,6 +20,9 @@ Variants per conv (same inputs, channels_last, the epilogue the inference plan n
   cudnn_fused  torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu where the epilogue fits
                (ReLU on all channels); '-' otherwise
   compile      torch.compile(mode="max-autotune-no-cudagraphs") of the cudnn variant (--compile)
+  triton_untiled  (--tile-ab, thin 3x3 convs) the Triton conv autotuned without the 2-D tiled
+               configs (``kernels.conv.TILED_CONFIGS = "off"``): triton_untiled / triton is their gain;
+               each row's ``triton_configs`` says which config the default list chose
 Chains (fuse-step stride-2 chains j -> i): triton strided_chain (one launch) vs the unfused F.conv2d
 chain + add, and vs the per-step Triton conv chain.
 
@@ -234,7 +238,7 @@ def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, bat
 # Measuring (GPU only)
 # --------------------------------------------------------------------------------------------------
 
-def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
+def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile_ab: bool = False):
     import torch
     import torch.nn.functional as F
     from hrnet_fast.kernels import conv as kconv
@@ -297,6 +301,15 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool):
             finally:
                 kconv.FLAT_K_MAX_CIN = old
         variants["triton_flatk"] = flat_fn
+    if tile_ab and c.k == 3 and c.cin <= kconv.TILED_MAX_CIN:
+        def untiled_fn():
+            old = kconv.TILED_CONFIGS
+            kconv.TILED_CONFIGS = "off"
+            try:
+                return triton_fn()
+            finally:
+                kconv.TILED_CONFIGS = old
+        variants["triton_untiled"] = untiled_fn
     return variants, cudnn_fn
 
 
@@ -342,7 +355,8 @@ def _chain_variants(ch: ChainShape, dtype):
 
 
 def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
-        channel_multiple: int = 8, min_count: int = 1) -> List[kernel_ab.CaseResult]:
+        channel_multiple: int = 8, min_count: int = 1,
+        tile_ab: bool = False) -> List[kernel_ab.CaseResult]:
     """Measure every conv and chain of every preset (``kernel_ab.measure_case``)."""
     import torch
     from hrnet_fast.kernels import triton_status
@@ -366,7 +380,7 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
         for kind, c in work:
             torch.manual_seed(0)
             if kind == "conv":
-                variants, ref_fn = _conv_variants(c, dtype, use_compile, flat_k_ab)
+                variants, ref_fn = _conv_variants(c, dtype, use_compile, flat_k_ab, tile_ab)
                 desc = f"{c.cin}->{c.cout} k{c.k} s{c.stride} {c.h}x{c.w}"
             else:
                 variants, ref_fn = _chain_variants(c, dtype)
@@ -441,6 +455,8 @@ def main(argv=None) -> int:
     p.add_argument("--flat-k-ab", action="store_true",
                    help="add Triton with the other K walk: per-tap where flat K is the default "
                         "(Cin %% 8 == 0, Cin %% 32 != 0), flat K for other Cin %% 16 != 0, Cin < 64")
+    p.add_argument("--tile-ab", action="store_true",
+                   help="add Triton autotuned without the 2-D tiled configs (thin 3x3 convs)")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="branch width padding of the plan (8 on CUDA; 1 = the raw widths)")
     p.add_argument("--min-count", type=int, default=1,
@@ -481,12 +497,12 @@ def main(argv=None) -> int:
     _TIMER = a.timer
     t0 = time.time()
     results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple,
-                  a.min_count)
+                  a.min_count, a.tile_ab)
     _summary(results)
     env = kernel_ab.environment(_DEVICE, argv)
     settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
                 "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
-                "channel_multiple": a.channel_multiple, "min_count": a.min_count,
+                "channel_multiple": a.channel_multiple, "min_count": a.min_count, "tile_ab": a.tile_ab,
                 "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
                 "seconds": round(time.time() - t0, 1)}
     print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "

@@ -77,6 +77,12 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "ab_pad": (90, f"{PY} {STEPS_PY} ab_pad --json {{json}}"),
     # branch 0's projection inside the seg head kernel, on against off (off by default until then)
     "ab_head": (60, f"{PY} {STEPS_PY} ab_head --json {{json}}"),
+    # the 2-D tiled Triton conv configs (L1-fed taps, kernels/conv.py _TILED_MMA_CONFIGS): each
+    # config forced alone at full thin-layer sizes, fp16 and bf16, then the A/B on the branch
+    # bodies: Triton autotuned with and without them, against cuDNN (fused)
+    "tests_tiled": (100, gpu_pytest("tests/test_kernels_conv.py -k gpu_tiled", 80)),
+    "conv_ab_tile": (200, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+                          "--min-count 12 --tile-ab --json {json}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
@@ -133,8 +139,10 @@ GROUPS = {
     # what run D (2026-11-27, see benchmarks/RESULTS.md, "Not measured yet") left: the lanes tests
     # added after it, how much the lanes overlap, the per-shape measured Triton convs in the whole
     # model; then the extension's crash, the compile max-autotune peer
-    "next1": ["env", "tests_lanes", "overlap", "ab_head", "ab_pad", "conv_ab_pad32", "bench_triton"],
-    "next2": ["conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
+    # (tenth session) first the tiled conv configs, then what run D left
+    "next1": ["env", "tests_lanes", "tests_tiled", "conv_ab_tile", "overlap", "ab_head"],
+    "next2": ["bench_triton", "ab_pad", "conv_ab_pad32", "conv_ab", "build_start", "build_wait",
+              "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
     "third": ["ab_lanes_quick", "peers_w48"],

@@ -142,6 +142,83 @@ def test_conv_flat_k_path(shape, monkeypatch):
     _check(out.cpu(), ref, torch.float32)
 
 
+# 2-D pixel tiles (config TILE_W > 0): BLOCK_M / TILE_W output rows x TILE_W columns of one image.
+TILED_CASES = [
+    # cin, cout, k, stride, N, H, W, BLOCK_M, TILE_W
+    (24, 24, 3, 1, 2, 13, 19, 64, 8),     # VEC 8, flat K; tiles overhang the bottom and right edges
+    (18, 36, 3, 2, 2, 17, 23, 64, 16),    # stride 2, VEC 2, per-tap walk
+    (3, 16, 3, 2, 1, 11, 9, 32, 4),       # stem-like: flat K, VEC 1
+    (40, 24, 1, 1, 2, 9, 11, 64, 16),     # 1x1 (only the config lists keep tiles to 3x3 convs)
+    (72, 36, 3, 1, 3, 5, 7, 64, 8),       # several K blocks per tap; one tile larger than the image
+]
+
+
+def _force_config(monkeypatch, block_m, tile_w, block_n=32, block_k=32):
+    cfg = kconv.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                               "TILE_W": tile_w}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: [cfg])
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: "c%d-%d_k%d_s%d_n%d_%dx%d_bm%d_tw%d" % c)
+def test_conv_tiled_pixels(case, monkeypatch):
+    cin, cout, k, stride, n, h, w_, block_m, tile_w = case
+    _force_config(monkeypatch, block_m, tile_w)
+    w, b = _make_conv(cin, cout, k, seed=cin + 5 * cout)
+    g = _gen(41)
+    x = torch.randn(n, cin, h, w_, generator=g)
+    pad = k // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
+    res = torch.randn(n, cout, ho, wo, generator=g)
+    ranges = [(1, 9), (11, 15)]
+    ref = _ref_conv(x.double(), w.double(), b.double(), stride, pad, res.double(), True, ranges)
+    out = kconv.conv2d_bias_act(x.to(DEVICE).contiguous(memory_format=torch.channels_last),
+                                kconv.pack_weight(w).to(DEVICE), b.to(DEVICE), stride=stride,
+                                residual=res.to(DEVICE), relu_ranges=ranges)
+    _check(out.cpu(), ref, torch.float32)
+
+
+def test_conv_tiled_pixels_fp16(monkeypatch):
+    _force_config(monkeypatch, 64, 16)
+    cin, cout = 24, 40
+    w, b = _make_conv(cin, cout, 3, seed=43)
+    g = _gen(44)
+    x = torch.randn(2, cin, 11, 21, generator=g).half().contiguous(memory_format=torch.channels_last)
+    w16 = w.half()
+    res = torch.randn(2, cout, 11, 21, generator=g).half()
+    ref64 = _ref_conv(x.double(), w16.double(), b.double(), 1, 1, res.double(), True, None)
+    ref16 = _ref_conv(x, w16, b.half(), 1, 1, res, True, None)
+    out = kconv.conv2d_bias_act(x.to(DEVICE), kconv.pack_weight(w16).to(DEVICE), b.to(DEVICE),
+                                residual=res.to(DEVICE))
+    _check(out.cpu(), ref64, torch.float16, ref16)
+
+
+def test_tiled_configs_only_for_thin_3x3(monkeypatch):
+    """The tiled configs join the fp16/bf16 autotune list of 3x3 convs with <= TILED_MAX_CIN input
+    channels only; TILED_CONFIGS "only" leaves nothing else there, "off" none of them; the autotuner
+    cache keys on TILE_W, so the lists get separate autotuners."""
+    def tiles(cfgs):
+        return {c.kwargs["TILE_W"] for c in cfgs} - {0}
+
+    fp16 = kconv.gpu_configs(torch.float16)
+    assert tiles(fp16) and not tiles(kconv.gpu_configs(torch.float32))
+    thin = kconv._prune_configs(fp16, 24, 24, 3, 8)
+    assert tiles(thin) and any(c.kwargs["TILE_W"] == 0 for c in thin)
+    assert all(c.kwargs["BLOCK_N"] <= 32 for c in thin)
+    assert not tiles(kconv._prune_configs(fp16, 24, 24, 1, 8))               # 1x1: no tap reuse
+    assert not tiles(kconv._prune_configs(fp16, 128, 128, 3, 8))             # wide: pipelined only
+    monkeypatch.setattr(kconv, "TILED_CONFIGS", "only")
+    only = kconv._prune_configs(fp16, 24, 24, 3, 8)
+    assert only and all(c.kwargs["TILE_W"] for c in only)
+    assert not tiles(kconv._prune_configs(fp16, 24, 24, 1, 8))
+    monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: kconv.gpu_configs(dtype))
+    tuned_only = kconv._tuned_kernel(24, 24, 3, torch.float16, 8)
+    monkeypatch.setattr(kconv, "TILED_CONFIGS", "off")
+    assert not tiles(kconv._prune_configs(fp16, 24, 24, 3, 8))
+    tuned_off = kconv._tuned_kernel(24, 24, 3, torch.float16, 8)
+    assert tuned_off is not tuned_only
+    assert not tiles(tuned_off.configs) and all(c.kwargs["TILE_W"] for c in tuned_only.configs)
+
+
 def test_conv_layouts_and_weight_forms():
     """NCHW input, raw (unpacked) weight, a non-contiguous residual, no bias, flat / tensor relu ranges."""
     cin, cout = 18, 36
@@ -226,9 +303,7 @@ def test_pack_weight_layout():
 def test_autotune_switch_keeps_one_config(monkeypatch):
     """HRNET_FAST_CONV_AUTOTUNE=0 leaves the Autotuner one config (Triton then times nothing); the
     default keeps the pruned list. The GPU list is used here: the interpreter's has one config."""
-    gpu_list = [kconv.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
-                                    num_stages=st) for bm, bn, bk, w, st in kconv._MMA_CONFIGS]
-    monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: gpu_list)
+    monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: kconv.gpu_configs(dtype))
     monkeypatch.delenv("HRNET_FAST_CONV_AUTOTUNE", raising=False)
     tuned = kconv._tuned_kernel(64, 64, 3, torch.float16)
     assert len(tuned.configs) > 1
@@ -688,11 +763,12 @@ def compile_one(job):
     ptx = k.asm["ptx"]
     return {"kind": kind, "labels": labels,
             "config": [cfg.kwargs.get("T"), cfg.kwargs["BLOCK_M"], cfg.kwargs.get("BLOCK_N"),
-                       cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages],
+                       cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages, cfg.kwargs.get("TILE_W", 0)],
             "regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3)),
             "shared": k.metadata.shared,
             "cp16": len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
-            "ld16": len(re.findall(r"ld\.global[.\w]*\.v4\.b32", ptx))}
+            "ld16": len(re.findall(r"ld\.global[.\w]*\.v4\.b32", ptx)),
+            "ld16_l2only": len(re.findall(r"ld\.global\.(?:cg|cs|cv|lu)[.\w]*\.v4\.b32", ptx))}
 
 
 if __name__ == "__main__":
@@ -705,9 +781,10 @@ if __name__ == "__main__":
         rows = pool.map(compile_one, js, chunksize=1)
     print("compiled in %.1f s" % (time.time() - t0), file=sys.stderr)
     lists = {dn: [[None, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                   c.num_stages] for c in conv.conv_configs(DT[dn])] for dn in ("fp16", "bf16", "fp32")}
+                   c.num_stages, c.kwargs["TILE_W"]] for c in conv.conv_configs(DT[dn])]
+             for dn in ("fp16", "bf16", "fp32")}
     lists["chain"] = [[c.kwargs["T"], c.kwargs["BLOCK_M"], None, c.kwargs["BLOCK_K"], c.num_warps,
-                       c.num_stages] for c in conv_chain.chain_configs()]
+                       c.num_stages, 0] for c in conv_chain.chain_configs()]
     print("RESULT" + json.dumps({"rows": rows, "lists": lists}))
 """
 
@@ -769,15 +846,23 @@ def test_sm90_thin_layers_use_16_byte_loads(sm90_build):
     not of 16): every A-tile and weight-tile load is a 16-byte cp.async (LDGSTS.E.BYPASS.128), i.e. at
     least num_stages x (BLOCK_M*BLOCK_K + BLOCK_K*BLOCK_N) / (8 x threads) of them (the weight tile
     only where it gives each thread 8 elements or more); the committed kernel had none (2-byte
-    scalar ld.global.b16 without cp.async). The chain reads its 24-channel input with 16-byte copies."""
+    scalar ld.global.b16 without cp.async). The 2-D tiled configs (num_stages 1) read the A tile with
+    at least BLOCK_M*BLOCK_K / (8 x threads) 16-byte ld.global, none of them L2-only (.cg/.cs/.cv/.lu),
+    so its taps can hit L1. The chain reads its 24-channel input with 16-byte copies."""
     thin = [r for r in sm90_build["rows"] if r["kind"] == "conv"
             and any(lb[0] in (24, 40, 48) and lb[6] == "fp16" for lb in r["labels"])]
     cins = {lb[0] for r in thin for lb in r["labels"]}
     assert {24, 40, 48} <= cins, cins
+    assert any(r["config"][6] for r in thin) and any(not r["config"][6] for r in thin)
     for r in thin:
-        _, bm, bn, bk, warps, stages = r["config"]
+        _, bm, bn, bk, warps, stages, tile_w = r["config"]
         threads = 32 * warps
         per_stage = bm * bk + (bk * bn if bk * bn >= 8 * threads else 0)
+        if tile_w:
+            # the 2-D tiled configs: plain 16-byte loads that allocate in L1 (no .cg), no cp.async
+            assert stages == 1 and r["cp16"] == 0 and r["ld16_l2only"] == 0, r
+            assert r["ld16"] >= bm * bk // (8 * threads), r
+            continue
         assert r["cp16"] >= stages * per_stage // (8 * threads), r
         if r["labels"][0][7]:
             assert r["ld16"] > 0, r    # the residual tile: 16-byte ld.global.v4
@@ -806,14 +891,40 @@ GPU_CONV_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", GPU_CONV_SHAPES, ids=lambda s: "c%d-%d_k%d_s%d_%dx%d" % s)
 def test_conv_gpu_full_shapes(shape, dtype):
+    _gpu_full_shape_check(shape, dtype)
+
+
+# batch 2; odd sizes leave partial tiles at the bottom and right edges
+GPU_TILED_SHAPES = [(24, 24, 3, 1, 256, 512), (18, 18, 3, 1, 255, 517), (48, 48, 3, 1, 256, 512),
+                    (72, 72, 3, 1, 63, 131), (24, 40, 3, 2, 257, 515)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GPU_TILED_SHAPES, ids=lambda s: "c%d-%d_k%d_s%d_%dx%d" % s)
+def test_conv_gpu_tiled_configs(shape, dtype, monkeypatch):
+    """Every 2-D tiled config that the thin layer's list keeps, each forced alone (so no autotuning),
+    compiled for the card: LDG-fed tiles at full HRNet sizes, edge tiles included."""
+    cin, cout, k = shape[:3]
+    vec = kconv.vec_factor(cin, ())
+    tiled = [c for c in kconv._prune_configs(kconv.gpu_configs(dtype), cin, cout, k, vec)
+             if c.kwargs["TILE_W"]]
+    assert tiled
+    for cfg in tiled:
+        monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None, cfg=cfg: [cfg])
+        _gpu_full_shape_check(shape, dtype, batch=2)
+
+
+def _gpu_full_shape_check(shape, dtype, batch=1):
     cin, cout, k, stride, h, w_ = shape
     dev = torch.device("cuda")
     w, b = _make_conv(cin, cout, k, seed=1)
-    x = torch.randn(1, cin, h, w_, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, h, w_, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
     wl = w.to(dev, dtype)
     pad = k // 2
     ho, wo = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
-    res = torch.randn(1, cout, ho, wo, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+    res = (torch.randn(batch, cout, ho, wo, device=dev).to(dtype)
+           .contiguous(memory_format=torch.channels_last))
     ranges = [(0, cout // 2)]
     ref64 = _ref_conv(x.double(), wl.double(), b.to(dev).double(), stride, pad, res.double(), True, ranges)
     out = kconv.conv2d_bias_act(x, kconv.pack_weight(wl), b.to(dev), stride=stride, residual=res,

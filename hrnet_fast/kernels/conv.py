@@ -25,7 +25,9 @@ materialised); act = ReLU on every channel (``relu``), on the masked channels (`
 
 GEMM view: M = N*Ho*Wo output pixels (rows), N = Cout (columns), K = k*k*Cin (reduction, tap-major,
 channel-minor, matching ``pack_weight``). Each program computes a BLOCK_M x BLOCK_N output tile, gathering
-the A tile straight from the NHWC input. Two K walks (``use_flat_k``):
+the A tile straight from the NHWC input. Its BLOCK_M pixels are consecutive in (n, oh, ow) order, or
+(config TILE_W > 0) a 2-D tile of BLOCK_M / TILE_W rows x TILE_W columns of one image, whose taps
+overlap in L1 (``_TILED_MMA_CONFIGS``). Two K walks (``use_flat_k``):
   * per tap: for each of the k*k taps, ceil(Cin / BLOCK_K) channel blocks (Cin multiple of 32, or not
     read with VEC_K 8); row gather addresses are 1-D per tap.
   * flat: K walked in BLOCK_K steps across taps. For Cin < ``FLAT_K_MAX_CIN`` (16; the stem's 3 RGB
@@ -105,15 +107,27 @@ VEC_MAX = 8
 # ----------------------------------------------------------------------------------------------------
 
 def conv_configs(dtype: Optional[torch.dtype] = None):
-    """Config list: one small config under the interpreter, a short Hopper list on the GPU.
+    """Config list: one small config under the interpreter, a short Hopper list on the GPU
+    (``gpu_configs``).
 
     ``dtype`` float32 gets its own list (IEEE fp32 dots are FMA loops, not tensor-core MMAs, and spill
     on other tiles); anything else (None, float16, bfloat16) the tensor-core list."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "TILE_W": 0}, num_warps=4,
+                              num_stages=1)]
+    return gpu_configs(dtype)
+
+
+def gpu_configs(dtype: Optional[torch.dtype] = None):
+    """The GPU config list for ``dtype`` (also on the CPU: tests check its pruning): float32 gets
+    ``_FP32_CONFIGS``, anything else ``_MMA_CONFIGS`` followed by the 2-D tiled ``_TILED_MMA_CONFIGS``."""
     table = _FP32_CONFIGS if dtype == torch.float32 else _MMA_CONFIGS
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in table]
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "TILE_W": 0}, num_warps=w,
+                          num_stages=s) for bm, bn, bk, w, s in table]
+    if dtype != torch.float32:
+        cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "TILE_W": tw}, num_warps=w,
+                               num_stages=s) for bm, tw, bn, bk, w, s in _TILED_MMA_CONFIGS]
+    return cfgs
 
 
 # Kept short: every config is compiled per kernel specialisation on first use. Registers per thread and
@@ -136,6 +150,33 @@ _MMA_CONFIGS = [
     (128, 16, 16, 4, 4),    # 46-126, 18 KB
     (256, 32, 16, 4, 4),    # 104-220, 36 KB
 ]
+# 2-D pixel tiles read through L1, for the thin 3x3 layers (TILE_W > 0; ``TILED_CONFIGS``).
+# Why: the configs above fetch the A tile with 16-byte cp.async, which Triton 3.6 always emits as
+# cp.async.cg (SASS LDGSTS.E.BYPASS.128: L2 only; a ``cache_modifier=".ca"`` on the load changes
+# nothing, checked on the sm_90 build). So each of a 3x3 conv's 9 taps reads its input from L2 again:
+# 9 x 6.3 MB = 57 MB of L2 reads for w18's 24-channel conv at 256x512 in fp16, which took 25.9 us here
+# and 18.6 us in cuDNN on an H200 (run D: 2.2-3 TB/s of L2 reads), against 3 us for the 12.6 MB it
+# must move at the copy ceiling. With num_stages 1 Triton loads the tile with plain LDG.E.128, which
+# allocates in L1, and a tile of 8 rows x 16 columns needs 10 x 18 = 180 input pixels for its
+# 9 x 128 tap reads (a 1 x 128 row tile: 3 x 130 = 390), so most tap reads can hit L1. Latency is
+# then hidden by occupancy (several small CTAs per SM) instead of by the cp.async pipeline.
+# Not measured on a GPU yet: the autotuner keeps them only where they time faster (the conv A/B's
+# --tile-ab compares the lists).
+# (BLOCK_M, TILE_W, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_TILED_MMA_CONFIGS = [
+    (128, 16, 32, 32, 4, 1),    # 8 x 16 pixels
+    (128, 32, 32, 32, 4, 1),    # 4 x 32
+    (256, 32, 32, 32, 8, 1),    # 8 x 32
+    (128, 16, 64, 32, 4, 1),    # 8 x 16, 48-72 output channels in one tile
+    (128, 16, 32, 64, 4, 1),    # 8 x 16, twice the loads in flight per K step
+]
+# Which layers get them: 3x3 convs with at most this many input channels (HRNet's thin branches;
+# wider layers have enough K per pixel to keep the pipelined configs busy).
+TILED_MAX_CIN = 96
+# "auto": the tiled configs join the autotune list where they apply; "off": never; "only": only
+# they, where they apply (the benchmark's A/B). A tuning knob, read when a problem class is tuned.
+TILED_CONFIGS = "auto"
+
 # fp32 (IEEE FMA dot, no tensor cores): its own list, measured the same way (classes stem, 64->64,
 # 1x1 64->256, 24->24, 36->36, 144->144; every epilogue). The tensor-core list spilled here
 # ((128, 64, 64, 4, 3) 16-32 B and (256, 32, 16, 4, 4) 8 B at 255 registers), and ptxas's register
@@ -158,7 +199,8 @@ def _prune_configs(configs, cin: int, cout: int, ksize: int, vec_k: int = VEC_MA
     for the flat-K walk over channels read narrower than 16 bytes (``vec_k`` < 8: the RGB stem, VEC 1),
     tiles with more than 32 fp32 accumulators per thread: its per-element gather math needs the
     registers (stem, 128x64 with 4 warps: 255 registers + 8 B spill fp16, 32 B fp32; 256x64 with 8
-    warps: 255 registers)."""
+    warps: 255 registers). The 2-D tiled configs (TILE_W > 0) stay only for 3x3 convs with at most
+    TILED_MAX_CIN input channels (``TILED_CONFIGS``: "off" drops them, "only" keeps nothing else there)."""
     flat = use_flat_k(cin, vec_k)
     kdim = cin * ksize * ksize if flat else cin
     bn_cap = max(16, triton.next_power_of_2(cout))
@@ -168,7 +210,11 @@ def _prune_configs(configs, cin: int, cout: int, ksize: int, vec_k: int = VEC_MA
         bk_cap = min(bk_cap, 32)
         bn_cap = min(bn_cap, 128)
         acc_cap = 32
+    tiled_fit = ksize == 3 and cin <= TILED_MAX_CIN and TILED_CONFIGS != "off"
+    if tiled_fit and TILED_CONFIGS == "only":
+        configs = [c for c in configs if c.kwargs.get("TILE_W", 0)] or configs
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_cap and c.kwargs["BLOCK_K"] <= bk_cap
+            and (tiled_fit or not c.kwargs.get("TILE_W", 0))
             and (acc_cap is None
                  or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= acc_cap * 32 * c.num_warps)]
     if not kept:  # always keep at least the smallest tile
@@ -191,6 +237,7 @@ def _conv2d_bias_act_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU_MODE: tl.constexpr,
     FLAT_K: tl.constexpr, IEEE: tl.constexpr, VEC_K: tl.constexpr, VEC_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE_W: tl.constexpr = 0,
 ):
     """One BLOCK_M x BLOCK_N tile of ``act(conv2d(x, w) + bias + residual)`` (module docstring: math,
     layouts, K walks). x: NHWC through (sxn, sxh, sxw, sxc) with sxc == 1 in practice; w: packed
@@ -209,15 +256,28 @@ def _conv2d_bias_act_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # output pixel index (n, oh, ow) flattened
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # output channel
-    m_ok = offs_m < M
     n_ok = offs_n < Cout
-    hw = Ho * Wo
-    img = offs_m // hw
-    rem = offs_m - img * hw
-    oh = rem // Wo
-    ow = rem - oh * Wo
+    if TILE_W > 0:
+        # 2-D pixel tile: (BLOCK_M // TILE_W) output rows x TILE_W columns of one image, tiles
+        # numbered row-major per image (see TILED_CONFIGS for why)
+        tiles_w = tl.cdiv(Wo, TILE_W)
+        tiles_h = tl.cdiv(Ho, BLOCK_M // TILE_W)
+        t_img = pid_m // tiles_w
+        loc = tl.arange(0, BLOCK_M)
+        oh = (t_img % tiles_h) * (BLOCK_M // TILE_W) + loc // TILE_W
+        ow = (pid_m % tiles_w) * TILE_W + loc % TILE_W
+        img = tl.zeros((BLOCK_M,), dtype=tl.int32) + t_img // tiles_h
+        m_ok = (oh < Ho) & (ow < Wo)
+        offs_m = (img * Ho + oh) * Wo + ow                    # output pixel index (n, oh, ow) flattened
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)      # output pixel index (n, oh, ow) flattened
+        m_ok = offs_m < M
+        hw = Ho * Wo
+        img = offs_m // hw
+        rem = offs_m - img * hw
+        oh = rem // Wo
+        ow = rem - oh * Wo
     ih0 = oh * STRIDE - PAD
     iw0 = ow * STRIDE - PAD
     x_img = x_ptr + img.to(tl.int64) * sxn                    # 64-bit image base
@@ -303,8 +363,9 @@ def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] 
         cfgs = cfgs[:1]
     # The flat-K flag changes the kernel's specialisation, not the config list; the Autotuner keys on
     # FLAT_K too (below), so flipping FLAT_K_MAX_CIN retunes instead of reusing a stale choice.
-    key = tuple(sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                        c.num_stages, c.maxnreg or 0) for c in cfgs))
+    key = tuple(sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                        c.kwargs.get("TILE_W", 0), c.num_warps, c.num_stages, c.maxnreg or 0)
+                       for c in cfgs))
     kern = _TUNED.get(key)
     if kern is None:
         kern = triton.autotune(
@@ -467,7 +528,12 @@ def conv2d_bias_act_triton(
     vec_n = vec_factor(cout, (srn, srh, srw) if has_res else ())
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
+        tile_w = meta.get("TILE_W", 0)
+        if tile_w:
+            tiles = n * triton.cdiv(ho, meta["BLOCK_M"] // tile_w) * triton.cdiv(wo, tile_w)
+        else:
+            tiles = triton.cdiv(m, meta["BLOCK_M"])
+        return (tiles, triton.cdiv(cout, meta["BLOCK_N"]))
 
     torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize, x.dtype, vec_k))[grid](
         x, w_packed, bias if has_bias else w_packed, res, mask_t, out,
