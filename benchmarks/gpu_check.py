@@ -77,12 +77,13 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "ab_pad": (90, f"{PY} {STEPS_PY} ab_pad --json {{json}}"),
     # branch 0's projection inside the seg head kernel, on against off (off by default until then)
     "ab_head": (60, f"{PY} {STEPS_PY} ab_head --json {{json}}"),
-    # the 2-D tiled Triton conv configs (L1-fed taps, kernels/conv.py _TILED_MMA_CONFIGS): each
-    # config forced alone at full thin-layer sizes, fp16 and bf16, then the A/B on the branch
-    # bodies: Triton autotuned with and without them, against cuDNN (fused)
-    "tests_tiled": (100, gpu_pytest("tests/test_kernels_conv.py -k gpu_tiled", 80)),
-    "conv_ab_tile": (200, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
-                          "--min-count 12 --tile-ab --json {json}"),
+    # the Triton conv's 2-D tiled configs (L1-fed taps, kernels/conv.py _TILED_MMA_CONFIGS) and
+    # split-K (SPLIT_K_MODE): each tiled config forced alone at full thin-layer sizes and split-K
+    # at the low-resolution ones, fp16 and bf16; then the A/B on the branch bodies: Triton
+    # autotuned with and without the tiles, with and without the split, against cuDNN (fused)
+    "tests_tiled": (110, gpu_pytest("tests/test_kernels_conv.py -k 'gpu_tiled or gpu_split'", 90)),
+    "conv_ab_tile": (260, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+                          "--min-count 12 --tile-ab --split-ab --json {json}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)

@@ -219,6 +219,66 @@ def test_tiled_configs_only_for_thin_3x3(monkeypatch):
     assert not tiles(tuned_off.configs) and all(c.kwargs["TILE_W"] for c in tuned_only.configs)
 
 
+# Split-K (SPLIT_K_MODE forced): partial sums in an fp32 workspace, then the reduce kernel's epilogue.
+SPLIT_CASES = [
+    # cin, cout, k, stride, N, H, W, split, tile_w (0: rows of pixels)
+    (72, 36, 3, 1, 2, 9, 11, 3, 0),       # VEC 8, flat K
+    (64, 24, 3, 1, 1, 7, 9, 3, 0),        # VEC 8, per-tap walk (Cin a multiple of 32)
+    (36, 54, 3, 1, 2, 9, 11, 2, 0),       # VEC 4, per-tap walk
+    (24, 40, 3, 2, 2, 17, 23, 5, 0),      # VEC 8 flat K, stride 2, uneven runs of steps
+    (40, 24, 3, 1, 1, 13, 19, 4, 8),      # 2-D tiles + split
+    (18, 18, 1, 1, 2, 9, 11, 3, 0),       # 1x1: one K step, so two of the three splits are empty
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "c%d-%d_k%d_s%d_n%d_%dx%d_split%d_tw%d" % c)
+def test_conv_split_k(case, monkeypatch):
+    cin, cout, k, stride, n, h, w_, split, tile_w = case
+    _force_config(monkeypatch, 64, tile_w)
+    monkeypatch.setattr(kconv, "SPLIT_K_MODE", split)
+    seen = _spy_launches(monkeypatch)
+    w, b = _make_conv(cin, cout, k, seed=cin + 7 * cout)
+    g = _gen(51)
+    x = torch.randn(n, cin, h, w_, generator=g)
+    pad = k // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
+    res = torch.randn(n, cout, ho, wo, generator=g)
+    ranges = [(1, 9), (11, 15)]
+    ref = _ref_conv(x.double(), w.double(), b.double(), stride, pad, res.double(), True, ranges)
+    args = (x.to(DEVICE).contiguous(memory_format=torch.channels_last), kconv.pack_weight(w).to(DEVICE),
+            b.to(DEVICE))
+    kw = dict(stride=stride, residual=res.to(DEVICE), relu_ranges=ranges)
+    out = kconv.conv2d_bias_act(*args, **kw)
+    _check(out.cpu(), ref, torch.float32)
+    assert [s["SPLIT_K"] for s in seen] == [split, split]    # the conv, then the reduce kernel
+    assert torch.equal(kconv.conv2d_bias_act(*args, **kw), out)   # partials added in a fixed order
+
+
+def test_conv_split_k_fp16_no_bias_no_residual(monkeypatch):
+    monkeypatch.setattr(kconv, "SPLIT_K_MODE", 3)
+    cin, cout = 40, 48
+    w, _ = _make_conv(cin, cout, 3, seed=53)
+    g = _gen(54)
+    x = torch.randn(2, cin, 7, 9, generator=g).half().contiguous(memory_format=torch.channels_last)
+    w16 = w.half()
+    ref64 = _ref_conv(x.double(), w16.double(), None, 1, 1, None, False, None)
+    ref16 = _ref_conv(x, w16, None, 1, 1, None, False, None)
+    out = kconv.conv2d_bias_act(x.to(DEVICE), kconv.pack_weight(w16).to(DEVICE), None, relu=False)
+    assert out.dtype == torch.float16
+    _check(out.cpu(), ref64, torch.float16, ref16)
+
+
+def test_split_k_estimate():
+    """The auto split: the low-resolution branch convs that leave an H200 (132 SMs) mostly idle
+    split; convs with enough tiles, or too few K steps, do not; the CPU never splits."""
+    f = kconv.split_k_for
+    assert f(32 * 64, 144, 9 * 144, 132) > 1 and f(32 * 64, 384, 9 * 384, 132) > 1
+    assert f(256 * 512, 24, 9 * 24, 132) == 1 and f(128 * 256, 96, 9 * 96, 132) == 1
+    assert f(32 * 64, 144, 144, 132) == 1           # a 1x1 conv: 5 K steps
+    assert all(1 <= f(m, 64, 9 * 64, 132) <= kconv.SPLIT_K_MAX for m in (1, 100, 10 ** 4, 10 ** 6))
+    assert kconv._split_k(2048, 144, 1296, torch.device("cpu")) == 1
+
+
 def test_conv_layouts_and_weight_forms():
     """NCHW input, raw (unpacked) weight, a non-contiguous residual, no bias, flat / tensor relu ranges."""
     cin, cout = 18, 36
@@ -689,6 +749,9 @@ CONV = [(3, 64, 3, 2, 1024, 2048), (64, 64, 3, 2, 512, 1024), (64, 64, 3, 1, 256
 # fp32 (IEEE FMA dot; its own config list): the classes that reach every fp32 config
 CONV_FP32 = [(3, 64, 3, 2, 1024, 2048), (64, 64, 3, 1, 256, 512), (64, 256, 1, 1, 256, 512),
              (24, 24, 3, 1, 256, 512), (36, 36, 3, 1, 128, 256), (144, 144, 3, 1, 32, 64)]
+# split-K classes (SPLIT_K_MODE forced; the CPU's "auto" never splits): the low-resolution branch
+# convs that split_k_for splits on an H200; the conv kernel at SPLIT_K > 1 and the reduce kernel
+SPLIT = [((144, 144, 3, 1, 32, 64), 5), ((384, 384, 3, 1, 32, 64), 4)]
 # chain classes: steps, C_j, C_i, H, W
 CHAIN = [(2, 24, 72, 256, 512), (3, 24, 144, 256, 512), (2, 40, 144, 128, 256), (3, 48, 384, 256, 512),
          (2, 96, 384, 128, 256), (2, 36, 144, 128, 256)]
@@ -697,14 +760,20 @@ CHAIN_DEFAULT = [(3, 24, 144, 256, 512), (2, 96, 384, 128, 256)]
 EPIS = [(False, 0), (False, 1), (False, 2), (True, 0), (True, 1), (True, 2)] if FULL else [(True, 2)]
 
 
-def conv_launch(cin, cout, k, s, h, w, dn, res, relu):
+def conv_launch(cin, cout, k, s, h, w, dn, res, relu, split="auto"):
+    # every launch of one call: the conv, and with split-K its reduce kernel
     dt = DT[dn]
     ho, wo = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+    before = len(launches)
+    conv.SPLIT_K_MODE = split
     conv.conv2d_bias_act(nhwc(1, cin, h, w, dt), torch.empty(k * k * cin, cout, dtype=dt),
                          torch.empty(cout, dtype=dt), stride=s,
                          residual=nhwc(1, cout, ho, wo, dt) if res else None, relu=relu == 1,
                          relu_ranges=[(0, 4)] if relu == 2 else None)
-    return launches.pop()
+    conv.SPLIT_K_MODE = "auto"
+    new = launches[before:]
+    del launches[before:]
+    return new
 
 
 def chain_launch(steps, cj, ci, h, w, dn, acc):
@@ -723,8 +792,13 @@ def jobs():
 
     def add(kind, label, launch):
         at, args, kwargs = launch
-        sig, cx, attrs = specialise(at.fn, args, kwargs)
-        for cfg in at.configs:
+        if hasattr(at, "configs"):          # an autotuned kernel: every config
+            fn, configs = at.fn, at.configs
+        else:                               # a plain kernel (split-K's reduce): its launch options
+            fn, configs = at, [triton.Config({}, num_warps=kwargs.pop("num_warps", 4), num_stages=1)]
+            kind = "reduce"
+        sig, cx, attrs = specialise(fn, args, kwargs)
+        for cfg in configs:
             key = (kind, repr(sorted(sig.items())), repr(sorted(cx.items())), repr(sorted(attrs.items())),
                    repr(sorted(cfg.all_kwargs().items())))
             if key not in out:
@@ -733,7 +807,12 @@ def jobs():
     for dn in ("fp16", "bf16", "fp32") if FULL else ("fp16",):
         for c in (CONV_FP32 if dn == "fp32" else CONV):
             for res, relu in EPIS:
-                add("conv", [*c, dn, res, relu], conv_launch(*c, dn, res, relu))
+                for launch in conv_launch(*c, dn, res, relu):
+                    add("conv", [*c, dn, res, relu], launch)
+        for c, split in (SPLIT if FULL else SPLIT[:1]):
+            for res, relu in EPIS:
+                for launch in conv_launch(*c, dn, res, relu, split):
+                    add("conv", [*c, dn, res, relu, split], launch)
     for dn in ("fp16", "bf16") if FULL else ("fp16",):
         for c in CHAIN if FULL else CHAIN_DEFAULT:
             for acc in (False, True) if FULL else (True,):
@@ -743,7 +822,8 @@ def jobs():
 
 def compile_one(job):
     kind, labels, sig, cx, attrs, cfg = job
-    fn = conv._conv2d_bias_act_kernel if kind == "conv" else conv_chain._strided_chain_kernel
+    fn = {"conv": conv._conv2d_bias_act_kernel, "chain": conv_chain._strided_chain_kernel,
+          "reduce": conv._split_k_reduce_kernel}[kind]
     sig, cx = dict(sig), dict(cx)
     for name, v in cfg.kwargs.items():
         sig[name] = "constexpr"
@@ -762,8 +842,9 @@ def compile_one(job):
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage, re.S)
     ptx = k.asm["ptx"]
     return {"kind": kind, "labels": labels,
-            "config": [cfg.kwargs.get("T"), cfg.kwargs["BLOCK_M"], cfg.kwargs.get("BLOCK_N"),
-                       cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages, cfg.kwargs.get("TILE_W", 0)],
+            "config": [cfg.kwargs.get("T"), cfg.kwargs.get("BLOCK_M"), cfg.kwargs.get("BLOCK_N"),
+                       cfg.kwargs.get("BLOCK_K"), cfg.num_warps, cfg.num_stages,
+                       cfg.kwargs.get("TILE_W", 0)],
             "regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3)),
             "shared": k.metadata.shared,
             "cp16": len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
@@ -827,11 +908,13 @@ def test_sm90_every_config_fits_without_spills(sm90_build):
     rows = sm90_build["rows"]
     groups = {}
     for r in rows:
-        group = "chain" if r["kind"] == "chain" else r["labels"][0][6]    # conv: by dtype
+        group = r["labels"][0][6] if r["kind"] == "conv" else r["kind"]    # conv: by dtype
         groups.setdefault(group, set()).add(tuple(r["config"]))
-    assert {"fp16", "chain"} <= set(groups), set(groups)
+    assert {"fp16", "chain", "reduce"} <= set(groups), set(groups)
     for group, seen in groups.items():
-        assert seen == {tuple(c) for c in sm90_build["lists"][group]}, (group, seen)
+        if group != "reduce":    # split-K's reduce kernel has no config list
+            assert seen == {tuple(c) for c in sm90_build["lists"][group]}, (group, seen)
+    assert any(len(lb) == 10 for r in rows if r["kind"] == "conv" for lb in r["labels"])  # split
     for r in sorted(rows, key=lambda r: (r["kind"], r["config"][1:], str(r["labels"]))):
         print(r["kind"], r["config"], "regs %(regs)d stack %(stack)d local %(local)d shared %(shared)d" % r,
               r["labels"][0], "(+%d)" % (len(r["labels"]) - 1))
@@ -913,6 +996,39 @@ def test_conv_gpu_tiled_configs(shape, dtype, monkeypatch):
     for cfg in tiled:
         monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None, cfg=cfg: [cfg])
         _gpu_full_shape_check(shape, dtype, batch=2)
+
+
+GPU_SPLIT_CASES = [((144, 144, 3, 1, 32, 64), "auto"), ((384, 384, 3, 1, 32, 64), "auto"),
+                   ((72, 72, 3, 1, 63, 131), 3), ((192, 192, 3, 1, 64, 128), 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_SPLIT_CASES, ids=lambda c: "c%d-%d_k%d_s%d_%dx%d" % c[0] + f"_{c[1]}")
+def test_conv_gpu_split_k(case, dtype, monkeypatch):
+    """Split-K at full low-resolution sizes (the first config only: no autotuning): within the
+    bounds, the same bits on a second call and in a CUDA-graph replay (the partials' workspace is
+    allocated inside the capture), and "auto" splits these two on an H100/H200 (132 SMs)."""
+    shape, split = case
+    monkeypatch.setenv("HRNET_FAST_CONV_AUTOTUNE", "0")
+    monkeypatch.setattr(kconv, "SPLIT_K_MODE", split)
+    cin, cout, k, stride, h, w_ = shape
+    if split == "auto":
+        assert kconv._split_k(h * w_, cout, k * k * cin, torch.device("cuda")) > 1
+    _gpu_full_shape_check(shape, dtype, batch=2)
+    dev = torch.device("cuda")
+    x = torch.randn(2, cin, h, w_, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+    wp = kconv.pack_weight(torch.randn(cout, cin, k, k, device=dev).to(dtype) / (9 * cin) ** 0.5)
+    b = torch.randn(cout, device=dev)
+    eager = kconv.conv2d_bias_act(x, wp, b)
+    assert torch.equal(kconv.conv2d_bias_act(x, wp, b), eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kconv.conv2d_bias_act(x, wp, b)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, kconv.conv2d_bias_act(x, wp, b))
 
 
 def _gpu_full_shape_check(shape, dtype, batch=1):

@@ -36,6 +36,11 @@ overlap in L1 (``_TILED_MMA_CONFIGS``). Two K walks (``use_flat_k``):
     aligned run of 8 K values is 8 consecutive channels of one tap, so the loads stay 16 bytes wide and
     a tap's channels are not padded to a multiple of BLOCK_K (see FLAT_K_ALIGNED for the numbers).
 
+Split-K (``SPLIT_K_MODE``, ``split_k_for``): where the output has too few tiles to fill the card (the
+low-resolution branches), K is cut into SPLIT_K runs of steps, each program (m, n, s) writes its fp32
+partial tile to a workspace [SPLIT_K, M, Cout], and a second kernel adds the partials in a fixed order
+(s = 0, 1, ...) and applies the epilogue: deterministic, one more launch and the partials' traffic.
+
 Layouts and dtypes: x is read through its own strides as long as its channels are contiguous
 (``stride(1) == 1``: channels_last tensors and channel slices of them; anything else is made
 channels_last first). The residual may have any strides. The packed weight is ``[k*k*Cin, Cout]``
@@ -100,6 +105,16 @@ FLAT_K_ALIGNED = True
 
 # Cap of the VEC factors (8 fp16/bf16 elements = 16 bytes, the widest load a thread can issue).
 VEC_MAX = 8
+
+# Split-K for convs whose output has too few tiles to fill the card (``split_k_for``). Run D (H200)
+# timed the low-resolution branch convs at about one K step per 0.25-0.45 us of one CTA, with the
+# grid under one wave: 144->144 at 32x64 (48 tiles of 128x64, 41 steps of K 32) 11.3 us, w48's
+# 384->384 at 32x64 (96 tiles, 108 steps) 33 us, against about 1 us of tensor-core work each; they
+# are latency-bound, so splitting K over more CTAs shortens each one's chain of dependent steps.
+# "auto": ``split_k_for``'s estimate on CUDA devices (1 elsewhere: the estimate models a GPU);
+# "off": never; an int: exactly that split (tests, the benchmark's A/B).
+SPLIT_K_MODE: Union[str, int] = "auto"
+SPLIT_K_MAX = 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,8 +242,32 @@ def _prune_configs(configs, cin: int, cout: int, ksize: int, vec_k: int = VEC_MA
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _bias_res_act_store(acc, offs_m, offs_n, m_ok, n_ok, img, oh, ow, b_ptr, r_ptr, mask_ptr, out_ptr,
+                        Cout, srn, src_, srh, srw, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                        RELU_MODE: tl.constexpr):
+    """The epilogue of both kernels: ``out[m, n] = act((acc + bias[n]) + residual[n, oh, ow])`` in
+    fp32, one rounding to out's dtype at the store; out dense NHWC [M, Cout], residual through its
+    strides (row (img, oh, ow)); act: none, ReLU, or ReLU where the int8 mask is nonzero."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        r_off = (img.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src_
+        res = tl.load(r_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
+        acc = acc + res
+    if RELU_MODE == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif RELU_MODE == 2:
+        rm = tl.load(mask_ptr + offs_n, mask=n_ok, other=0)
+        acc = tl.where(rm[None, :] != 0, tl.maximum(acc, 0.0), acc)
+    o_off = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _conv2d_bias_act_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, mask_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, mask_ptr, out_ptr, ws_ptr,
     M, H, W, Cin, Ho, Wo, Cout,
     sxn, sxh, sxw, sxc,
     srn, src_, srh, srw,
@@ -236,6 +275,7 @@ def _conv2d_bias_act_kernel(
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU_MODE: tl.constexpr,
     FLAT_K: tl.constexpr, IEEE: tl.constexpr, VEC_K: tl.constexpr, VEC_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILE_W: tl.constexpr = 0,
 ):
@@ -244,6 +284,9 @@ def _conv2d_bias_act_kernel(
     [k*k*Cin, Cout] contiguous; residual through (srn, src_, srh, srw); out: dense NHWC [M, Cout].
     Cin, sxn, sxh, sxw arrive divided by VEC_K and Cout, srn, srh, srw divided by VEC_N (the VEC rule)
     and are multiplied back first, so the compiler knows they are multiples of the VEC.
+    SPLIT_K > 1 (split-K, ``split_k_for``): program (m, n, s) sums only the s-th of SPLIT_K equal runs
+    of K steps and stores its fp32 partial tile to ws [SPLIT_K, M, Cout] (dense), no epilogue;
+    ``_split_k_reduce_kernel`` adds the partials in order s = 0, 1, ... and applies the epilogue.
     M_BUCKET is only an autotuning key. Accumulation in fp32; one rounding at the store."""
     Cin = Cin * VEC_K
     sxn = sxn * VEC_K
@@ -255,6 +298,7 @@ def _conv2d_bias_act_kernel(
     srw = srw * VEC_N
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # output channel
     n_ok = offs_n < Cout
@@ -289,7 +333,14 @@ def _conv2d_bias_act_kernel(
         # K walked flat over (tap, channel). With Cin a multiple of VEC_K, every aligned run of VEC_K
         # k values stays inside one tap at consecutive channels, which the compiler can prove.
         KTOT = KSIZE * KSIZE * Cin
-        for k0 in range(0, KTOT, BLOCK_K):
+        if SPLIT_K == 1:
+            k_lo = 0
+            k_hi = KTOT
+        else:
+            n_steps = tl.cdiv(KTOT, BLOCK_K)
+            k_lo = (pid_k * n_steps // SPLIT_K) * BLOCK_K
+            k_hi = ((pid_k + 1) * n_steps // SPLIT_K) * BLOCK_K
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < KTOT
             tap = kk // Cin
@@ -309,7 +360,13 @@ def _conv2d_bias_act_kernel(
     else:
         # One pipelined loop over (tap, channel block) pairs; gather addresses are 1-D per row.
         n_cc = tl.cdiv(Cin, BLOCK_K)
-        for it in range(0, KSIZE * KSIZE * n_cc):
+        if SPLIT_K == 1:
+            it_lo = 0
+            it_hi = KSIZE * KSIZE * n_cc
+        else:
+            it_lo = pid_k * (KSIZE * KSIZE * n_cc) // SPLIT_K
+            it_hi = (pid_k + 1) * (KSIZE * KSIZE * n_cc) // SPLIT_K
+        for it in range(it_lo, it_hi):
             tap = it // n_cc
             c0 = (it - tap * n_cc) * BLOCK_K
             r = tap // KSIZE
@@ -328,25 +385,92 @@ def _conv2d_bias_act_kernel(
             else:
                 acc = tl.dot(a, b, acc)
 
-    # Epilogue: bias, residual, ReLU (all / per-channel mask), one store.
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_RES:
-        r_off = (img.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src_
-        res = tl.load(r_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
-        acc = acc + res
-    if RELU_MODE == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif RELU_MODE == 2:
-        rm = tl.load(mask_ptr + offs_n, mask=n_ok, other=0)
-        acc = tl.where(rm[None, :] != 0, tl.maximum(acc, 0.0), acc)
-    o_off = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    if SPLIT_K > 1:
+        # the partial tile, fp32, to ws[pid_k]; the reduce kernel applies the epilogue
+        w_off = (pid_k * M + offs_m).to(tl.int64)[:, None] * Cout + offs_n[None, :]
+        tl.store(ws_ptr + w_off, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        # Epilogue: bias, residual, ReLU (all / per-channel mask), one store.
+        _bias_res_act_store(acc, offs_m, offs_n, m_ok, n_ok, img, oh, ow, b_ptr, r_ptr, mask_ptr,
+                            out_ptr, Cout, srn, src_, srh, srw, HAS_BIAS, HAS_RES, RELU_MODE)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    ws_ptr, b_ptr, r_ptr, mask_ptr, out_ptr,
+    M, Ho, Wo, Cout,
+    srn, src_, srh, srw,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU_MODE: tl.constexpr,
+    VEC_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-K's second pass, one BLOCK_M x BLOCK_N tile: ``out[m, n] = act((sum_s ws[s, m, n] +
+    bias[n]) + residual)`` with the partials added in order s = 0 .. SPLIT_K-1 (deterministic: the
+    same result on every call and graph replay). ws: fp32 [SPLIT_K, M, Cout] dense; out: dense NHWC
+    [M, Cout] in its own dtype (fp32 / fp16 / bf16); residual through its strides. Cout, srn, srh,
+    srw arrive divided by VEC_N (the VEC rule)."""
+    Cout = Cout * VEC_N
+    srn = srn * VEC_N
+    srh = srh * VEC_N
+    srw = srw * VEC_N
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+    hw = Ho * Wo
+    img = offs_m // hw
+    rem = offs_m - img * hw
+    oh = rem // Wo
+    ow = rem - oh * Wo
+    ok = m_ok[:, None] & n_ok[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        w_off = (s * M + offs_m).to(tl.int64)[:, None] * Cout + offs_n[None, :]
+        acc += tl.load(ws_ptr + w_off, mask=ok, other=0.0)
+    _bias_res_act_store(acc, offs_m, offs_n, m_ok, n_ok, img, oh, ow, b_ptr, r_ptr, mask_ptr, out_ptr,
+                        Cout, srn, src_, srh, srw, HAS_BIAS, HAS_RES, RELU_MODE)
 
 
 _TUNED: Dict[Tuple[int, ...], object] = {}
+_SM_COUNTS: Dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNTS:
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNTS[idx]
+
+
+def split_k_for(m: int, cout: int, kdim: int, sms: int) -> int:
+    """How many ways to split K for an output of ``m`` pixels x ``cout`` channels with K = ``kdim``
+    on a card of ``sms`` SMs (``SPLIT_K_MODE`` "auto"). A rough latency model in units of one
+    BLOCK_K = 32 step of one CTA: tiles of 128 x 64, 3 CTAs resident per SM, each CTA costs its
+    steps plus 4; a split adds the reduce launch (4) and writing and reading the fp32 partials at
+    1.5 MB per unit (about 4 TB/s x 0.35 us). Splits of fewer than 4 steps are not considered, and
+    a split must beat no split by 20% (the model is a guess until the A/B measures it:
+    ``bench_conv_kernels.py --split-ab``). Values: 144->144 at 32x64 on 132 SMs: 5; 384->384: 4;
+    72->72 at 64x128 and everything larger: 1."""
+    tiles = -(-m // 128) * -(-cout // 64)
+    steps = -(-kdim // 32)
+
+    def cost(split: int) -> float:
+        waves = -(-tiles * split // (3 * sms))
+        c = waves * (steps / split + 4)
+        if split > 1:
+            c += 4 + 2 * split * m * cout * 4 / 1.5e6
+        return c
+
+    best = min((c for c in range(1, SPLIT_K_MAX + 1) if steps // c >= 4), key=cost, default=1)
+    return best if cost(best) <= 0.8 * cost(1) else 1
+
+
+def _split_k(m: int, cout: int, kdim: int, device: torch.device) -> int:
+    mode = SPLIT_K_MODE
+    if mode == "off":
+        return 1
+    if mode == "auto":
+        return split_k_for(m, cout, kdim, _sm_count(device)) if device.type == "cuda" else 1
+    return max(1, int(mode))
 
 
 def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] = None,
@@ -371,6 +495,7 @@ def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] 
         kern = triton.autotune(
             configs=cfgs,
             key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "FLAT_K", "IEEE",
+                 "SPLIT_K",
                  "VEC_K", "VEC_N"],
         )(_conv2d_bias_act_kernel)
         _TUNED[key] = kern
@@ -526,6 +651,12 @@ def conv2d_bias_act_triton(
     sxc = 1 if cin == 1 else sxc
     vec_k = vec_factor(cin, (sxn, sxh, sxw))
     vec_n = vec_factor(cout, (srn, srh, srw) if has_res else ())
+    split = _split_k(m, cout, kdim, x.device)
+    ws = out
+    if split > 1:  # fp32 partial sums, one [M, Cout] slab per split
+        ws = torch.empty((split, m, cout), device=x.device, dtype=torch.float32)
+        if _debug_poison_outputs:
+            ws.fill_(float("nan"))
 
     def grid(meta):
         tile_w = meta.get("TILE_W", 0)
@@ -533,10 +664,11 @@ def conv2d_bias_act_triton(
             tiles = n * triton.cdiv(ho, meta["BLOCK_M"] // tile_w) * triton.cdiv(wo, tile_w)
         else:
             tiles = triton.cdiv(m, meta["BLOCK_M"])
-        return (tiles, triton.cdiv(cout, meta["BLOCK_N"]))
+        return (tiles, triton.cdiv(cout, meta["BLOCK_N"]), split)
 
+    bias_arg = bias if has_bias else w_packed
     torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize, x.dtype, vec_k))[grid](
-        x, w_packed, bias if has_bias else w_packed, res, mask_t, out,
+        x, w_packed, bias_arg, res, mask_t, out, ws,
         m, h, w, cin // vec_k, ho, wo, cout // vec_n,
         sxn // vec_k, sxh // vec_k, sxw // vec_k, sxc,
         srn // vec_n, src_, srh // vec_n, srw // vec_n,
@@ -544,7 +676,20 @@ def conv2d_bias_act_triton(
         KSIZE=ksize, STRIDE=stride, PAD=padding,
         HAS_BIAS=has_bias, HAS_RES=has_res, RELU_MODE=relu_mode,
         FLAT_K=use_flat_k(cin, vec_k), IEEE=x.dtype == torch.float32, VEC_K=vec_k, VEC_N=vec_n,
+        SPLIT_K=split,
     )
+    if split > 1:
+        # tiles of 4096 outputs, 4 warps (32 fp32 per thread per partial), 64 channels wide or less
+        block_n = min(64, max(16, triton.next_power_of_2(cout)))
+        block_m = 4096 // block_n
+        torch.library.wrap_triton(_split_k_reduce_kernel)[(triton.cdiv(m, block_m),
+                                                           triton.cdiv(cout, block_n))](
+            ws, bias_arg, res, mask_t, out,
+            m, ho, wo, cout // vec_n,
+            srn // vec_n, src_, srh // vec_n, srw // vec_n,
+            SPLIT_K=split, HAS_BIAS=has_bias, HAS_RES=has_res, RELU_MODE=relu_mode, VEC_N=vec_n,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )
     return out
 
 
