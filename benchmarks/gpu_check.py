@@ -141,9 +141,9 @@ GROUPS = {
     # added after it, how much the lanes overlap, the per-shape measured Triton convs in the whole
     # model; then the extension's crash, the compile max-autotune peer
     # (tenth session) first the tiled conv configs, then what run D left
-    "next1": ["env", "tests_lanes", "tests_tiled", "conv_ab_tile", "overlap", "ab_head"],
-    "next2": ["bench_triton", "ab_pad", "conv_ab_pad32", "conv_ab", "build_start", "build_wait",
-              "ext_debug", "peers_max_w18"],
+    "next1": ["env", "tests_lanes", "conv_ab_tile", "ab_head", "tests_tiled"],
+    "next2": ["overlap", "bench_triton", "ab_pad", "conv_ab_pad32", "conv_ab", "build_start",
+              "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
     "third": ["ab_lanes_quick", "peers_w48"],
