@@ -6,6 +6,7 @@
     python benchmarks/bench_conv_kernels.py --flat-k-ab            # + Triton with the other K walk
     python benchmarks/bench_conv_kernels.py --tile-ab --min-count 12  # + Triton without 2-D tiles
     python benchmarks/bench_conv_kernels.py --split-ab --min-count 12 # + Triton with another split-K
+    python benchmarks/bench_conv_kernels.py --tma-ab --min-count 12   # + the TMA-fed 3x3 conv
     python benchmarks/bench_conv_kernels.py --list --presets w18_small_v2   # the shapes, no GPU
     python benchmarks/bench_conv_kernels.py --cpu-smoke --presets w18_small_v1 --size 32x32
 
@@ -28,6 +29,8 @@ Variants per conv (same inputs, channels_last, the epilogue the inference plan n
                Triton conv without split-K; triton_split2 (--split-ab, the others with fewer output
                tiles of 128 x 64 than 3 per SM and 8 or more K steps) split in two: is the estimate's
                line in the right place
+  triton_tma   (--tma-ab, convs ``kernels.conv_tma.eligible`` takes) the TMA-fed 3x3 conv
+               (``conv_tma.TMA_MODE = "on"``, off by default)
 Chains (fuse-step stride-2 chains j -> i): triton strided_chain (one launch) vs the unfused F.conv2d
 chain + add, and vs the per-step Triton conv chain.
 
@@ -244,7 +247,7 @@ def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, bat
 # --------------------------------------------------------------------------------------------------
 
 def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile_ab: bool = False,
-                   split_ab: bool = False):
+                   split_ab: bool = False, tma_ab: bool = False):
     import torch
     import torch.nn.functional as F
     from hrnet_fast.kernels import conv as kconv
@@ -331,6 +334,23 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile
                 finally:
                     kconv.SPLIT_K_MODE = old
             variants["triton_nosplit" if other == 1 else "triton_split2"] = split_fn
+    if tma_ab:
+        from hrnet_fast.kernels import conv_tma
+        old = conv_tma.TMA_MODE
+        conv_tma.TMA_MODE = "on"
+        try:
+            takes = conv_tma.eligible(x, wp, c.k, c.stride, pad)
+        finally:
+            conv_tma.TMA_MODE = old
+        if takes:
+            def tma_fn():
+                before = conv_tma.TMA_MODE
+                conv_tma.TMA_MODE = "on"
+                try:
+                    return triton_fn()
+                finally:
+                    conv_tma.TMA_MODE = before
+            variants["triton_tma"] = tma_fn
     return variants, cudnn_fn
 
 
@@ -377,7 +397,7 @@ def _chain_variants(ch: ChainShape, dtype):
 
 def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
         channel_multiple: int = 8, min_count: int = 1, tile_ab: bool = False,
-        split_ab: bool = False) -> List[kernel_ab.CaseResult]:
+        split_ab: bool = False, tma_ab: bool = False) -> List[kernel_ab.CaseResult]:
     """Measure every conv and chain of every preset (``kernel_ab.measure_case``)."""
     import torch
     from hrnet_fast.kernels import triton_status
@@ -401,7 +421,8 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
         for kind, c in work:
             torch.manual_seed(0)
             if kind == "conv":
-                variants, ref_fn = _conv_variants(c, dtype, use_compile, flat_k_ab, tile_ab, split_ab)
+                variants, ref_fn = _conv_variants(c, dtype, use_compile, flat_k_ab, tile_ab, split_ab,
+                                                  tma_ab)
                 desc = f"{c.cin}->{c.cout} k{c.k} s{c.stride} {c.h}x{c.w}"
             else:
                 variants, ref_fn = _chain_variants(c, dtype)
@@ -480,6 +501,8 @@ def main(argv=None) -> int:
                    help="add Triton autotuned without the 2-D tiled configs (thin 3x3 convs)")
     p.add_argument("--split-ab", action="store_true",
                    help="add Triton without split-K where it splits, split in two where it could")
+    p.add_argument("--tma-ab", action="store_true",
+                   help="add the TMA-fed 3x3 conv (kernels/conv_tma.py) where it applies")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="branch width padding of the plan (8 on CUDA; 1 = the raw widths)")
     p.add_argument("--min-count", type=int, default=1,
@@ -520,13 +543,13 @@ def main(argv=None) -> int:
     _TIMER = a.timer
     t0 = time.time()
     results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple,
-                  a.min_count, a.tile_ab, a.split_ab)
+                  a.min_count, a.tile_ab, a.split_ab, a.tma_ab)
     _summary(results)
     env = kernel_ab.environment(_DEVICE, argv)
     settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
                 "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
                 "channel_multiple": a.channel_multiple, "min_count": a.min_count, "tile_ab": a.tile_ab,
-                "split_ab": a.split_ab,
+                "split_ab": a.split_ab, "tma_ab": a.tma_ab,
                 "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
                 "seconds": round(time.time() - t0, 1)}
     print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "

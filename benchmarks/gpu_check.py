@@ -81,9 +81,11 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # split-K (SPLIT_K_MODE): each tiled config forced alone at full thin-layer sizes and split-K
     # at the low-resolution ones, fp16 and bf16; then the A/B on the branch bodies: Triton
     # autotuned with and without the tiles, with and without the split, against cuDNN (fused)
-    "tests_tiled": (110, gpu_pytest("tests/test_kernels_conv.py -k 'gpu_tiled or gpu_split'", 90)),
-    "conv_ab_tile": (260, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
-                          "--min-count 12 --tile-ab --split-ab --json {json}"),
+    # (and the TMA-fed 3x3 conv, kernels/conv_tma.py, off by default: its tests and --tma-ab)
+    "tests_tiled": (120, gpu_pytest("tests/test_kernels_conv.py tests/test_kernels_conv_tma.py "
+                                    "-k 'gpu_tiled or gpu_split or tma_conv_gpu'", 100)),
+    "conv_ab_tile": (280, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+                          "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)

@@ -652,6 +652,12 @@ def conv2d_bias_act_triton(
     vec_k = vec_factor(cin, (sxn, sxh, sxw))
     vec_n = vec_factor(cout, (srn, srh, srw) if has_res else ())
     split = _split_k(m, cout, kdim, x.device)
+    if split == 1:
+        from . import conv_tma  # imports this module: here, not at the top
+        if conv_tma.eligible(x, w_packed, ksize, stride, padding):
+            return conv_tma.conv3x3_tma(x, w_packed, bias, res if has_res else None, mask_t, out,
+                                        relu_mode, vec_n, (srn, src_, srh, srw),
+                                        triton.next_power_of_2(m))
     ws = out
     if split > 1:  # fp32 partial sums, one [M, Cout] slab per split
         ws = torch.empty((split, m, cout), device=x.device, dtype=torch.float32)
