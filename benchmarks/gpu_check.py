@@ -130,6 +130,12 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # of the Triton convs that conv_ab measures one by one
     "bench_triton": (240, f"{PY} -m hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
                           "--impls auto+graphs triton+graphs --peers eager --repeats 20 --json {json}"),
+    # the same with the TMA-fed 3x3 conv among the Triton candidates (a fresh selection cache,
+    # so every shape is measured again)
+    "bench_triton_tma": (240, f"HRNET_FAST_CONV_TMA=1 HRNET_FAST_CACHE_DIR=$(mktemp -d) {PY} -m "
+                              "hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
+                              "--impls auto+graphs triton+graphs --peers eager --repeats 20 "
+                              "--json {json}"),
     "peers_max_w18": (300, f"{PY} -m hrnet_fast bench --preset w18 --size 1024x2048 --dtype fp16 "
                            "--impls auto+graphs --peers compile-max --repeats 30 --json {json}"),
 }
@@ -144,8 +150,8 @@ GROUPS = {
     # model; then the extension's crash, the compile max-autotune peer
     # (tenth session) first the tiled conv configs, then what run D left
     "next1": ["env", "tests_lanes", "conv_ab_tile", "ab_head", "tests_tiled"],
-    "next2": ["overlap", "bench_triton", "ab_pad", "conv_ab_pad32", "conv_ab", "build_start",
-              "build_wait", "ext_debug", "peers_max_w18"],
+    "next2": ["overlap", "bench_triton", "bench_triton_tma", "ab_pad", "conv_ab_pad32", "conv_ab",
+              "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
     "third": ["ab_lanes_quick", "peers_w48"],

@@ -240,3 +240,18 @@ def test_tma_conv_gpu_every_config(case, dtype, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, kconv.conv2d_bias_act(xd, wp, b))
+
+
+def test_env_switch_turns_tma_on_for_the_triton_backend(monkeypatch):
+    """HRNET_FAST_CONV_TMA=1: building a Triton engine whose convs may run on the Triton conv turns
+    the TMA path on (the whole-model A/B's switch)."""
+    from hrnet_fast import HRNetConfig, optimize
+    from hrnet_fast.reference import HighResolutionNet
+    monkeypatch.setattr(conv_tma, "TMA_MODE", "off")
+    monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT", "triton")
+    model = HighResolutionNet(HRNetConfig.preset("w18_small_v1")).eval()
+    optimize(model, backend="triton")
+    assert conv_tma.TMA_MODE == "off"
+    monkeypatch.setenv("HRNET_FAST_CONV_TMA", "1")
+    optimize(model, backend="triton")
+    assert conv_tma.TMA_MODE == "on"

@@ -132,6 +132,12 @@ def cuda_min_channels() -> int:
     return n
 
 
+def conv_tma_requested() -> bool:
+    """``HRNET_FAST_CONV_TMA``: "1" lets the Triton conv feed eligible 3x3 convs with TMA copies
+    (``kernels/conv_tma.py``; off by default until measured on a GPU)."""
+    return _env("HRNET_FAST_CONV_TMA").lower() in ("1", "on", "true", "yes")
+
+
 def verbose_build() -> bool:
     return _env("HRNET_FAST_VERBOSE_BUILD") == "1"
 

@@ -123,6 +123,8 @@ class Triton(Backend):
                 triton_convs = True
         if triton_convs:
             self._pack(plan)
+            if selection.conv_tma_requested():
+                kernel_module("conv_tma").TMA_MODE = "on"
         self._projected_head = (device.type in PROJECTED_HEAD_DEVICES
                                 and kernels_status(device, "seg_head")[0])
 
