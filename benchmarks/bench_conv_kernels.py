@@ -246,6 +246,18 @@ def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, bat
 # Measuring (GPU only)
 # --------------------------------------------------------------------------------------------------
 
+def _with_setting(module, name: str, value, fn):
+    """``fn`` run with ``module.name = value`` for the call (a kernel knob's A/B variant)."""
+    def run():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, old)
+    return run
+
+
 def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile_ab: bool = False,
                    split_ab: bool = False, tma_ab: bool = False):
     import torch
@@ -293,32 +305,11 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile
         variants["compile"] = torch.compile(cudnn_fn, mode="max-autotune-no-cudagraphs")
     if flat_k_ab and c.cin >= kconv.FLAT_K_MAX_CIN and kconv.use_flat_k(c.cin):
         # flat by default (Cin a multiple of 8, not of 32): A/B against the per-tap walk
-        def taps_fn():
-            old = kconv.FLAT_K_ALIGNED
-            kconv.FLAT_K_ALIGNED = False
-            try:
-                return triton_fn()
-            finally:
-                kconv.FLAT_K_ALIGNED = old
-        variants["triton_taps"] = taps_fn
+        variants["triton_taps"] = _with_setting(kconv, "FLAT_K_ALIGNED", False, triton_fn)
     elif flat_k_ab and c.cin % 16 and c.cin < 64:
-        def flat_fn():
-            old = kconv.FLAT_K_MAX_CIN
-            kconv.FLAT_K_MAX_CIN = 64
-            try:
-                return triton_fn()
-            finally:
-                kconv.FLAT_K_MAX_CIN = old
-        variants["triton_flatk"] = flat_fn
+        variants["triton_flatk"] = _with_setting(kconv, "FLAT_K_MAX_CIN", 64, triton_fn)
     if tile_ab and c.k == 3 and c.cin <= kconv.TILED_MAX_CIN:
-        def untiled_fn():
-            old = kconv.TILED_CONFIGS
-            kconv.TILED_CONFIGS = "off"
-            try:
-                return triton_fn()
-            finally:
-                kconv.TILED_CONFIGS = old
-        variants["triton_untiled"] = untiled_fn
+        variants["triton_untiled"] = _with_setting(kconv, "TILED_CONFIGS", "off", triton_fn)
     if split_ab:
         m, kdim = c.batch * c.ho * c.wo, c.k * c.k * c.cin
         sms = kconv._sm_count(dev) if dev.type == "cuda" else 132
@@ -326,31 +317,13 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile
         tiles = -(-m // 128) * -(-c.cout // 64)
         other = 1 if auto > 1 else 2 if tiles < 3 * sms and kdim >= 8 * 32 else None
         if other is not None:
-            def split_fn():
-                old = kconv.SPLIT_K_MODE
-                kconv.SPLIT_K_MODE = other
-                try:
-                    return triton_fn()
-                finally:
-                    kconv.SPLIT_K_MODE = old
-            variants["triton_nosplit" if other == 1 else "triton_split2"] = split_fn
+            variants["triton_nosplit" if other == 1 else "triton_split2"] = _with_setting(
+                kconv, "SPLIT_K_MODE", other, triton_fn)
     if tma_ab:
         from hrnet_fast.kernels import conv_tma
-        old = conv_tma.TMA_MODE
-        conv_tma.TMA_MODE = "on"
-        try:
-            takes = conv_tma.eligible(x, wp, c.k, c.stride, pad)
-        finally:
-            conv_tma.TMA_MODE = old
-        if takes:
-            def tma_fn():
-                before = conv_tma.TMA_MODE
-                conv_tma.TMA_MODE = "on"
-                try:
-                    return triton_fn()
-                finally:
-                    conv_tma.TMA_MODE = before
-            variants["triton_tma"] = tma_fn
+        if _with_setting(conv_tma, "TMA_MODE", "on",
+                         lambda: conv_tma.eligible(x, wp, c.k, c.stride, pad))():
+            variants["triton_tma"] = _with_setting(conv_tma, "TMA_MODE", "on", triton_fn)
     return variants, cudnn_fn
 
 

@@ -175,3 +175,16 @@ def poisoned_malloc():
         yield
     finally:
         mallopt(m_perturb, 0)
+
+
+def assert_graph_replay_equal(fn, x: torch.Tensor) -> None:
+    """``fn(x)`` captured in a CUDA graph (after one eager warm-up call), replayed on a fresh input
+    written into ``x``, equals an eager call on that input bit for bit."""
+    fn(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, fn(x))

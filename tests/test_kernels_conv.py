@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, assert_graph_replay_equal, rel_err
 from oracles import MODEL_FP32_TOL, assert_close_to_oracle, conv_oracle
 from hrnet_fast.kernels import triton_status
 
@@ -159,22 +159,28 @@ def _force_config(monkeypatch, block_m, tile_w, block_n=32, block_k=32):
     monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: [cfg])
 
 
-@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: "c%d-%d_k%d_s%d_n%d_%dx%d_bm%d_tw%d" % c)
-def test_conv_tiled_pixels(case, monkeypatch):
-    cin, cout, k, stride, n, h, w_, block_m, tile_w = case
-    _force_config(monkeypatch, block_m, tile_w)
-    w, b = _make_conv(cin, cout, k, seed=cin + 5 * cout)
-    g = _gen(41)
+def _fp32_case(cin, cout, k, stride, n, h, w_, seed):
+    """A random fp32 conv problem with a residual and two ReLU ranges: the op's arguments (on
+    DEVICE, x channels_last), its keyword arguments and the float64 oracle."""
+    w, b = _make_conv(cin, cout, k, seed=seed)
+    g = _gen(seed + 1)
     x = torch.randn(n, cin, h, w_, generator=g)
     pad = k // 2
     ho, wo = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
     res = torch.randn(n, cout, ho, wo, generator=g)
     ranges = [(1, 9), (11, 15)]
     ref = _ref_conv(x.double(), w.double(), b.double(), stride, pad, res.double(), True, ranges)
-    out = kconv.conv2d_bias_act(x.to(DEVICE).contiguous(memory_format=torch.channels_last),
-                                kconv.pack_weight(w).to(DEVICE), b.to(DEVICE), stride=stride,
-                                residual=res.to(DEVICE), relu_ranges=ranges)
-    _check(out.cpu(), ref, torch.float32)
+    args = (x.to(DEVICE).contiguous(memory_format=torch.channels_last), kconv.pack_weight(w).to(DEVICE),
+            b.to(DEVICE))
+    return args, dict(stride=stride, residual=res.to(DEVICE), relu_ranges=ranges), ref
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: "c%d-%d_k%d_s%d_n%d_%dx%d_bm%d_tw%d" % c)
+def test_conv_tiled_pixels(case, monkeypatch):
+    cin, cout, k, stride, n, h, w_, block_m, tile_w = case
+    _force_config(monkeypatch, block_m, tile_w)
+    args, kw, ref = _fp32_case(cin, cout, k, stride, n, h, w_, seed=cin + 5 * cout)
+    _check(kconv.conv2d_bias_act(*args, **kw).cpu(), ref, torch.float32)
 
 
 def test_conv_tiled_pixels_fp16(monkeypatch):
@@ -237,17 +243,7 @@ def test_conv_split_k(case, monkeypatch):
     _force_config(monkeypatch, 64, tile_w)
     monkeypatch.setattr(kconv, "SPLIT_K_MODE", split)
     seen = _spy_launches(monkeypatch)
-    w, b = _make_conv(cin, cout, k, seed=cin + 7 * cout)
-    g = _gen(51)
-    x = torch.randn(n, cin, h, w_, generator=g)
-    pad = k // 2
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
-    res = torch.randn(n, cout, ho, wo, generator=g)
-    ranges = [(1, 9), (11, 15)]
-    ref = _ref_conv(x.double(), w.double(), b.double(), stride, pad, res.double(), True, ranges)
-    args = (x.to(DEVICE).contiguous(memory_format=torch.channels_last), kconv.pack_weight(w).to(DEVICE),
-            b.to(DEVICE))
-    kw = dict(stride=stride, residual=res.to(DEVICE), relu_ranges=ranges)
+    args, kw, ref = _fp32_case(cin, cout, k, stride, n, h, w_, seed=cin + 7 * cout)
     out = kconv.conv2d_bias_act(*args, **kw)
     _check(out.cpu(), ref, torch.float32)
     assert [s["SPLIT_K"] for s in seen] == [split, split]    # the conv, then the reduce kernel
@@ -1030,13 +1026,7 @@ def test_conv_gpu_split_k(case, dtype, monkeypatch):
     b = torch.randn(cout, device=dev)
     eager = kconv.conv2d_bias_act(x, wp, b)
     assert torch.equal(kconv.conv2d_bias_act(x, wp, b), eager)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = kconv.conv2d_bias_act(x, wp, b)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, kconv.conv2d_bias_act(x, wp, b))
+    assert_graph_replay_equal(lambda t: kconv.conv2d_bias_act(t, wp, b), x)
 
 
 def _gpu_full_shape_check(shape, dtype, batch=1):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_graph_replay_equal
 from oracles import assert_close_to_oracle, conv_oracle
 
 triton_status = pytest.importorskip("hrnet_fast.kernels").triton_status
@@ -229,17 +229,9 @@ def test_tma_conv_gpu_every_config(case, dtype, monkeypatch):
         out, ref64, reflp = _run(x, cout, dtype, seed=3, device=dev)
         assert_close_to_oracle(out.cpu(), ref64, reflp, dtype=dtype, what=f"tma conv {cfg}")
     assert set(seen) == {"_conv3x3_tma_kernel"}, seen
-    xd = x.to(dev)
     wp = kconv.pack_weight(torch.randn(cout, cin, 3, 3, device=dev).to(dtype) / (9 * cin) ** 0.5)
     b = torch.randn(cout, device=dev)
-    kconv.conv2d_bias_act(xd, wp, b)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = kconv.conv2d_bias_act(xd, wp, b)
-    xd.copy_(torch.randn_like(xd))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, kconv.conv2d_bias_act(xd, wp, b))
+    assert_graph_replay_equal(lambda t: kconv.conv2d_bias_act(t, wp, b), x.to(dev))
 
 
 def test_env_switch_turns_tma_on_for_the_triton_backend(monkeypatch):

@@ -242,6 +242,26 @@ def _prune_configs(configs, cin: int, cout: int, ksize: int, vec_k: int = VEC_MA
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _tile_origin(pid_m, Ho, Wo, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """(image, first output row, first output column) of 2-D output tile ``pid_m`` of TILE_H x TILE_W
+    pixels, tiles numbered row-major within each image, images one after another."""
+    tiles_w = tl.cdiv(Wo, TILE_W)
+    tiles_h = tl.cdiv(Ho, TILE_H)
+    t_img = pid_m // tiles_w
+    return t_img // tiles_h, (t_img % tiles_h) * TILE_H, (pid_m % tiles_w) * TILE_W
+
+
+@triton.jit
+def _pixel_coords(offs_m, Ho, Wo):
+    """(image, output row, output column) of flattened NHWC pixel indices ``(n * Ho + oh) * Wo + ow``."""
+    hw = Ho * Wo
+    img = offs_m // hw
+    rem = offs_m - img * hw
+    oh = rem // Wo
+    return img, oh, rem - oh * Wo
+
+
+@triton.jit
 def _bias_res_act_store(acc, offs_m, offs_n, m_ok, n_ok, img, oh, ow, b_ptr, r_ptr, mask_ptr, out_ptr,
                         Cout, srn, src_, srh, srw, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                         RELU_MODE: tl.constexpr):
@@ -305,23 +325,17 @@ def _conv2d_bias_act_kernel(
     if TILE_W > 0:
         # 2-D pixel tile: (BLOCK_M // TILE_W) output rows x TILE_W columns of one image, tiles
         # numbered row-major per image (see TILED_CONFIGS for why)
-        tiles_w = tl.cdiv(Wo, TILE_W)
-        tiles_h = tl.cdiv(Ho, BLOCK_M // TILE_W)
-        t_img = pid_m // tiles_w
+        img_s, oh0, ow0 = _tile_origin(pid_m, Ho, Wo, BLOCK_M // TILE_W, TILE_W)
         loc = tl.arange(0, BLOCK_M)
-        oh = (t_img % tiles_h) * (BLOCK_M // TILE_W) + loc // TILE_W
-        ow = (pid_m % tiles_w) * TILE_W + loc % TILE_W
-        img = tl.zeros((BLOCK_M,), dtype=tl.int32) + t_img // tiles_h
+        oh = oh0 + loc // TILE_W
+        ow = ow0 + loc % TILE_W
+        img = tl.zeros((BLOCK_M,), dtype=tl.int32) + img_s
         m_ok = (oh < Ho) & (ow < Wo)
         offs_m = (img * Ho + oh) * Wo + ow                    # output pixel index (n, oh, ow) flattened
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)      # output pixel index (n, oh, ow) flattened
         m_ok = offs_m < M
-        hw = Ho * Wo
-        img = offs_m // hw
-        rem = offs_m - img * hw
-        oh = rem // Wo
-        ow = rem - oh * Wo
+        img, oh, ow = _pixel_coords(offs_m, Ho, Wo)
     ih0 = oh * STRIDE - PAD
     iw0 = ow * STRIDE - PAD
     x_img = x_ptr + img.to(tl.int64) * sxn                    # 64-bit image base
@@ -416,11 +430,7 @@ def _split_k_reduce_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < Cout
-    hw = Ho * Wo
-    img = offs_m // hw
-    rem = offs_m - img * hw
-    oh = rem // Wo
-    ow = rem - oh * Wo
+    img, oh, ow = _pixel_coords(offs_m, Ho, Wo)
     ok = m_ok[:, None] & n_ok[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
