@@ -63,8 +63,9 @@ Numerics: products and sums in fp32 (fp32 inputs: ``input_precision="ieee"``, no
 added in fp32, one rounding to x's dtype at the store. Offsets: image bases and the output offset are
 64-bit; offsets inside one image are 32-bit (an image of < 2^31 elements).
 
-Autotuning: per (Cin, Cout, k, stride, next_pow2(M), epilogue, K walk, VEC_K, VEC_N, dtype) on the first
-call of a shape; under ``TRITON_INTERPRET=1`` a single small config. Run every shape once eagerly before
+Autotuning: per (Cin, Cout, k, stride, next_pow2(M), epilogue, K walk, split, VEC_K, VEC_N, dtype) on the
+first call of a shape, unless Triton's disk cache holds the timings from an earlier process
+(``cache_results``); under ``TRITON_INTERPRET=1`` a single small config. Run every shape once eagerly before
 capturing a CUDA graph (autotuning launches the kernel many times and cannot run inside a capture).
 """
 from __future__ import annotations
@@ -505,8 +506,10 @@ def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] 
         kern = triton.autotune(
             configs=cfgs,
             key=["Cin", "Cout", "KSIZE", "STRIDE", "M_BUCKET", "HAS_RES", "RELU_MODE", "FLAT_K", "IEEE",
-                 "SPLIT_K",
-                 "VEC_K", "VEC_N"],
+                 "SPLIT_K", "VEC_K", "VEC_N"],
+            # the timings go to Triton's disk cache (keyed by the kernel's source, the target, the
+            # tuning key and the config list), so a later process chooses without timing again
+            cache_results=True,
         )(_conv2d_bias_act_kernel)
         _TUNED[key] = kern
     return kern

@@ -272,6 +272,7 @@ def _tuned_chain_kernel(cj: int):
             configs=_prune_chain(chain_configs(_tiles()), cj),
             key=["Cj", "Ci", "STEPS", "OUT_BUCKET", "HAS_ACC", "IEEE", "BLOCK_NI", "BLOCK_NF", "VEC_J",
                  "VEC_I"],
+            cache_results=True,  # as the conv's: a later process chooses without timing again
         )(_strided_chain_kernel)
         _TUNED[key] = kern
     return kern
