@@ -40,22 +40,30 @@ def _spy_kernels(monkeypatch):
     return seen
 
 
-def _run(x, cout, dtype, residual=True, ranges=((1, 9),), seed=0, device=DEVICE):
+def _problem(x, cout, dtype, residual=True, ranges=((1, 9),), seed=0, device=DEVICE):
+    """A random conv problem on ``device``: the op's call (a function of no arguments) and the
+    float64 oracle and same-dtype torch composition, both computed on ``device`` too."""
     g = torch.Generator().manual_seed(seed)
     cin = x.shape[1]
-    w = (torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5).to(dtype)
-    b = torch.randn(cout, generator=g) * 0.5
-    res = (torch.randn(x.shape[0], cout, x.shape[2], x.shape[3], generator=g).to(dtype)
+    w = (torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5).to(device, dtype)
+    b = (torch.randn(cout, generator=g) * 0.5).to(device)
+    res = (torch.randn(x.shape[0], cout, x.shape[2], x.shape[3], generator=g).to(device, dtype)
            if residual else None)
     ranges = [tuple(r) for r in ranges] if ranges else None
-    out = kconv.conv2d_bias_act(x.to(device), kconv.pack_weight(w).to(device), b.to(device),
-                                residual=res.to(device) if res is not None else None,
-                                relu=ranges is None, relu_ranges=ranges)
-    xc = x.cpu()
-    ref64 = conv_oracle(xc.double(), w.double(), b.double(), 1, 1,
+    x = x.to(device)
+    wp = kconv.pack_weight(w)
+
+    def call():
+        return kconv.conv2d_bias_act(x, wp, b, residual=res, relu=ranges is None, relu_ranges=ranges)
+    ref64 = conv_oracle(x.double(), w.double(), b.double(), 1, 1,
                         res.double() if res is not None else None, True, ranges)
-    ref_lowp = conv_oracle(xc, w, b.to(dtype), 1, 1, res, True, ranges)
-    return out, ref64, ref_lowp
+    ref_lowp = conv_oracle(x, w, b.to(dtype), 1, 1, res, True, ranges)
+    return call, ref64, ref_lowp
+
+
+def _run(x, cout, dtype, residual=True, ranges=((1, 9),), seed=0):
+    call, ref64, ref_lowp = _problem(x, cout, dtype, residual, ranges, seed)
+    return call(), ref64, ref_lowp
 
 
 CASES = [
@@ -224,10 +232,10 @@ def test_tma_conv_gpu_every_config(case, dtype, monkeypatch):
     dev = torch.device("cuda")
     seen = _spy_kernels(monkeypatch)
     x = torch.randn(n, cin, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    call, ref64, reflp = _problem(x, cout, dtype, seed=3, device=dev)
     for cfg in conv_tma.tma_configs(cin, cout):
         monkeypatch.setattr(conv_tma, "tma_configs", lambda cin, cout, cfg=cfg: [cfg])
-        out, ref64, reflp = _run(x, cout, dtype, seed=3, device=dev)
-        assert_close_to_oracle(out.cpu(), ref64, reflp, dtype=dtype, what=f"tma conv {cfg}")
+        assert_close_to_oracle(call(), ref64, reflp, dtype=dtype, what=f"tma conv {cfg}")
     assert set(seen) == {"_conv3x3_tma_kernel"}, seen
     wp = kconv.pack_weight(torch.randn(cout, cin, 3, 3, device=dev).to(dtype) / (9 * cin) ** 0.5)
     b = torch.randn(cout, device=dev)
