@@ -258,6 +258,27 @@ def _with_setting(module, name: str, value, fn):
     return run
 
 
+def _autotuners() -> list:
+    from hrnet_fast.kernels import conv, conv_tma
+    return list(conv._TUNED.values()) + list(conv_tma._TUNED.values())
+
+
+def _recording_tuning(fn, sink: Dict[str, Dict[str, float]], name: str):
+    """``fn``, which also keeps in ``sink[name]`` the median time (ms) of every config the Triton
+    autotuner timed when ``fn``'s first call tuned a problem (which tiles were close, not only
+    which won)."""
+    def run():
+        before = {id(k): set(getattr(k, "cache", {})) for k in _autotuners()}
+        out = fn()
+        for k in _autotuners():
+            if set(getattr(k, "cache", {})) - before.get(id(k), set()):
+                timings = getattr(k, "configs_timings", None) or {}
+                sink[name] = {str(cfg): round(float(t[0] if isinstance(t, (list, tuple)) else t), 5)
+                              for cfg, t in timings.items()}
+        return out
+    return run
+
+
 def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile_ab: bool = False,
                    split_ab: bool = False, tma_ab: bool = False):
     import torch
@@ -403,11 +424,15 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
             info = {"kind": kind, "preset": preset, "input": f"{batch}x3x{height}x{width}",
                     "shape": desc, "calls_per_forward": c.count}
             before = conv_kernels.chosen_configs()
+            tuning: Dict[str, Dict[str, float]] = {}
+            variants = {name: _recording_tuning(fn, tuning, name) if name.startswith("triton") else fn
+                        for name, fn in variants.items()}
             r = kernel_ab.measure_case(c.name, info, c.bytes(elem), c.flops(), variants, ref_fn,
                                        timer=_TIMER, rep=100, device=_DEVICE)
             # the Triton conv's autotuned choice for this case (to pin it later without timing)
             r.info["triton_configs"] = sorted(v for k, v in conv_kernels.chosen_configs().items()
                                               if k not in before)
+            r.info["config_ms"] = tuning
             results.append(r)
             _print_row(r, header=len(results) == 1)
             sys.stdout.flush()

@@ -170,3 +170,25 @@ def test_fuse_cpu_smoke_writes_the_shared_format(tmp_path, capsys):
     assert all(tuple(row) == kernel_ab.ROW_KEYS and row["error"] is None for row in rows)
     assert all(row["median_ms"] > 0 and row["rel_err"] < 5e-3 for row in rows)
     assert {row["impl"] for row in rows} == {"torch", "triton"}
+
+
+def test_conv_ab_records_every_timed_config(monkeypatch):
+    """A variant whose first call tunes a problem leaves every timed config's median in the sink;
+    a call that tunes nothing new leaves nothing."""
+    class FakeTuner:
+        cache: dict = {}
+        configs_timings: dict = {}
+
+    tuner = FakeTuner()
+    monkeypatch.setattr(bench_conv_kernels, "_autotuners", lambda: [tuner])
+
+    def tunes():
+        tuner.cache = {("k", 1): "cfg a"}
+        tuner.configs_timings = {"cfg a": [0.0125, 0.01, 0.02], "cfg b": [0.03, 0.02, 0.04]}
+        return 7
+
+    sink = {}
+    assert bench_conv_kernels._recording_tuning(tunes, sink, "triton")() == 7
+    assert sink == {"triton": {"cfg a": 0.0125, "cfg b": 0.03}}
+    assert bench_conv_kernels._recording_tuning(lambda: 8, sink, "triton_tma")() == 8
+    assert "triton_tma" not in sink
