@@ -84,8 +84,11 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # (and the TMA-fed 3x3 conv, kernels/conv_tma.py, off by default: its tests and --tma-ab)
     "tests_tiled": (120, gpu_pytest("tests/test_kernels_conv.py tests/test_kernels_conv_tma.py "
                                     "-k 'gpu_tiled or gpu_split or tma_conv_gpu'", 100)),
-    "conv_ab_tile": (280, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+    # (one preset per step: each thin shape compiles 20-30 specialisations; rows print as they end)
+    "conv_ab_tile": (220, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 "
                           "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),
+    "conv_ab_tile48": (220, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w48 "
+                            "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
@@ -150,8 +153,8 @@ GROUPS = {
     # model; then the extension's crash, the compile max-autotune peer
     # (tenth session) first the tiled conv configs, then what run D left
     "next1": ["env", "tests_lanes", "conv_ab_tile", "ab_head", "tests_tiled"],
-    "next2": ["overlap", "bench_triton", "bench_triton_tma", "ab_pad", "conv_ab_pad32", "conv_ab",
-              "build_start", "build_wait", "ext_debug", "peers_max_w18"],
+    "next2": ["conv_ab_tile48", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
+              "conv_ab_pad32", "conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
     "third": ["ab_lanes_quick", "peers_w48"],
