@@ -851,7 +851,8 @@ def compile_one(job):
             "shared": k.metadata.shared,
             "cp16": len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
             "ld16": len(re.findall(r"ld\.global[.\w]*\.v4\.b32", ptx)),
-            "ld16_l2only": len(re.findall(r"ld\.global\.(?:cg|cs|cv|lu)[.\w]*\.v4\.b32", ptx))}
+            "ld16_l2only": len(re.findall(r"ld\.global\.(?:cg|cs|cv|lu)[.\w]*\.v4\.b32", ptx)),
+            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx))}
 
 
 if __name__ == "__main__":
@@ -935,7 +936,8 @@ def test_sm90_thin_layers_use_16_byte_loads(sm90_build):
     only where it gives each thread 8 elements or more); the committed kernel had none (2-byte
     scalar ld.global.b16 without cp.async). The 2-D tiled configs (num_stages 1) read the A tile with
     at least BLOCK_M*BLOCK_K / (8 x threads) 16-byte ld.global, none of them L2-only (.cg/.cs/.cv/.lu),
-    so its taps can hit L1. The chain reads its 24-channel input with 16-byte copies."""
+    so its taps can hit L1, into Hopper's wgmma. The chain reads its 24-channel input with 16-byte
+    copies."""
     thin = [r for r in sm90_build["rows"] if r["kind"] == "conv"
             and any(lb[0] in (24, 40, 48) and lb[6] == "fp16" for lb in r["labels"])]
     cins = {lb[0] for r in thin for lb in r["labels"]}
@@ -948,7 +950,7 @@ def test_sm90_thin_layers_use_16_byte_loads(sm90_build):
         if tile_w:
             # the 2-D tiled configs: plain 16-byte loads that allocate in L1 (no .cg), no cp.async
             assert stages == 1 and r["cp16"] == 0 and r["ld16_l2only"] == 0, r
-            assert r["ld16"] >= bm * bk // (8 * threads), r
+            assert r["ld16"] >= bm * bk // (8 * threads) and r["wgmma"] > 0, r    # Hopper MMAs
             continue
         assert r["cp16"] >= stages * per_stage // (8 * threads), r
         if r["labels"][0][7]:
