@@ -148,7 +148,7 @@ from hrnet_fast.kernels import conv_tma
 CUOBJDUMP = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 fn = conv_tma._conv3x3_tma_kernel
 rows = []
-for cin, cout in ((24, 24), (48, 48)):
+for cin, cout in ((48, 48),):  # keeps every config (24 channels prune the BLOCK_K 64 one)
     for cfg in conv_tma.tma_configs(cin, cout):
         kw = cfg.kwargs
         sig = {"x_desc": "tensordesc<fp16[1,%d,%d,%d]>" % (kw["TILE_H"], kw["TILE_W"], kw["BLOCK_K"]),
@@ -186,7 +186,7 @@ print("RESULT" + json.dumps(rows))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run compiles the kernel for real")
 def test_sm90_tma_build(tmp_path):
-    """Every config for two widths: no spills or local memory, shared memory within an SM's 227 KB,
+    """Every config (at 48 channels): no spills or local memory, shared memory within an SM's 227 KB,
     both operands fetched by TMA (UTMALDG.4D for x, .2D for the weight) into tensor-core MMAs."""
     import importlib.util
     import json
