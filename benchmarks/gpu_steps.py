@@ -369,6 +369,16 @@ def step_ab_lanes(args) -> None:
     _save(args.json, out)
 
 
+def _alternate_row(engines, x, ref64):
+    """Graph replays of ``engines`` alternating (``_alternate``): the per-variant times and a row of
+    their medians (ms) with each output's relative error against ``ref64``."""
+    from hrnet_fast.check import rel_err
+    times, outs = _alternate(engines, x)
+    row = {name: round(statistics.median(v), 3) for name, v in times.items()}
+    row["err_vs_fp64"] = {name: rel_err(o, ref64) for name, o in outs.items()}
+    return times, row
+
+
 def step_ab_pad(args) -> None:
     """The CUDA plan's channel multiple (HRNET_FAST_CUDA_CHANNEL_MULTIPLE) 8 against 16 and 32, and
     8 with a 32-channel floor (HRNET_FAST_CUDA_MIN_CHANNELS): whether wider zero padding of the thin
@@ -378,7 +388,6 @@ def step_ab_pad(args) -> None:
     import torch
     from hrnet_fast import optimize
     from hrnet_fast.backends.selection import CUDA_CHANNEL_MULTIPLE_ENV, CUDA_MIN_CHANNELS_ENV
-    from hrnet_fast.check import rel_err
     # name -> (channel multiple, minimum width): "min32" pads only the branches below 32 channels
     variants = {"m8": (8, 0), "m16": (16, 0), "m32": (32, 0), "min32": (8, 32)}
     out = {}
@@ -393,11 +402,9 @@ def step_ab_pad(args) -> None:
         finally:
             os.environ.pop(CUDA_CHANNEL_MULTIPLE_ENV, None)
             os.environ.pop(CUDA_MIN_CHANNELS_ENV, None)
-        times, outs = _alternate(engines, x)
-        row = {name: round(statistics.median(v), 3) for name, v in times.items()}
+        times, row = _alternate_row(engines, x, ref64)
         for name in list(variants)[1:]:
             row[f"{name}_speedup"] = _ratio(times, "m8", name)
-        row["err_vs_fp64"] = {name: rel_err(o, ref64) for name, o in outs.items()}
         print(f"{preset}: {row}", flush=True)
         out[preset] = row
         del engines
@@ -412,7 +419,6 @@ def step_ab_head(args) -> None:
     import torch
     from hrnet_fast import optimize
     from hrnet_fast.backends import triton as triton_backend
-    from hrnet_fast.check import rel_err
     out = {}
     for preset in args.presets:
         model, x, ref64 = _fp16_model_and_reference(preset)
@@ -422,10 +428,8 @@ def step_ab_head(args) -> None:
             engines["on"] = optimize(model, dtype=torch.float16)
         finally:
             triton_backend.PROJECTED_HEAD_DEVICES.discard("cuda")
-        times, outs = _alternate(engines, x)
-        row = {k: round(statistics.median(v), 3) for k, v in times.items()}
-        row.update(speedup=_ratio(times, "off", "on"),
-                   err_vs_fp64={k: rel_err(o, ref64) for k, o in outs.items()})
+        times, row = _alternate_row(engines, x, ref64)
+        row["speedup"] = _ratio(times, "off", "on")
         print(f"{preset}: {row}", flush=True)
         out[preset] = row
         del engines

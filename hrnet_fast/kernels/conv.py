@@ -70,6 +70,7 @@ capturing a CUDA graph (autotuning launches the kernel many times and cannot run
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -452,6 +453,7 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[idx]
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of the problem, asked on every call
 def split_k_for(m: int, cout: int, kdim: int, sms: int) -> int:
     """How many ways to split K for an output of ``m`` pixels x ``cout`` channels with K = ``kdim``
     on a card of ``sms`` SMs (``SPLIT_K_MODE`` "auto"). A rough latency model in units of one

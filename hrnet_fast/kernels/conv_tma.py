@@ -126,11 +126,12 @@ _TUNED: Dict[tuple, object] = {}
 
 
 def _tuned_kernel(cin: int, cout: int):
+    configs = tma_configs(cin, cout)
     key = tuple((c.kwargs["TILE_H"], c.kwargs["TILE_W"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                 c.num_warps, c.num_stages) for c in tma_configs(cin, cout))
+                 c.num_warps, c.num_stages) for c in configs)
     kern = _TUNED.get(key)
     if kern is None:
-        kern = triton.autotune(configs=tma_configs(cin, cout),
+        kern = triton.autotune(configs=configs,
                                key=["Cin", "Cout", "M_BUCKET", "HAS_RES", "RELU_MODE", "VEC_N"],
                                )(_conv3x3_tma_kernel)
         _TUNED[key] = kern
