@@ -591,6 +591,31 @@ def _planted_failure(loader, tmp_path):
     return build_dir
 
 
+def test_a_first_build_is_announced_once(fresh_loader, tmp_path, caplog):
+    """A first build takes about a minute on 2 cores: it logs one warning (shown without any
+    logging set up), so a first `hrnet-fast demo` does not sit silent."""
+    build_dir = _planted_failure(fresh_loader, tmp_path)
+    with caplog.at_level("INFO", logger=cpu_ext.logger.name):
+        _load_warnings()
+    said = [r for r in caplog.records if "compiling the CPU kernels" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert str(build_dir) in said[0].getMessage()
+
+
+def test_needs_compile_follows_the_built_library(fresh_loader, tmp_path):
+    build_dir = _planted_failure(fresh_loader, tmp_path)
+    assert cpu_ext.needs_compile(build_dir)                 # nothing built yet
+    lib = build_dir / f"{cpu_ext.JIT_NAME}.so"
+    lib.touch()
+    newest = max((cpu_ext.csrc_dir() / s).stat().st_mtime for s in cpu_ext.SOURCES)
+    os.utime(lib, (newest + 10, newest + 10))
+    assert not cpu_ext.needs_compile(build_dir)             # built after every source
+    header = cpu_ext.csrc_dir() / "cpu_planted.h"
+    header.write_text("// edited after the build\n")
+    os.utime(header, (newest + 20, newest + 20))
+    assert cpu_ext.needs_compile(build_dir)                 # a header edited since
+
+
 def test_a_held_build_lock_is_waited_for_then_given_up(fresh_loader, tmp_path):
     lock = _planted_failure(fresh_loader, tmp_path) / "lock"
     lock.touch()
