@@ -151,8 +151,10 @@ GROUPS = {
     # what run D (2026-11-27, see benchmarks/RESULTS.md, "Not measured yet") left: the lanes tests
     # added after it, how much the lanes overlap, the per-shape measured Triton convs in the whole
     # model; then the extension's crash, the compile max-autotune peer
-    # (tenth session) first the tiled conv configs, then what run D left
-    "next1": ["env", "tests_lanes", "conv_ab_tile", "ab_head", "tests_tiled"],
+    # (tenth session) first the tiled conv configs, then what run D left. Correctness before
+    # timing: the new conv forms' GPU tests, then the lanes/projected-head tests, then the A/B
+    # (which autotunes and keeps whatever rows finish inside its share of the budget)
+    "next1": ["env", "tests_tiled", "tests_lanes", "conv_ab_tile", "ab_head"],
     "next2": ["conv_ab_tile48", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
               "conv_ab_pad32", "conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
