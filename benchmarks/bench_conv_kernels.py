@@ -48,6 +48,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -340,6 +341,10 @@ def _conv_variants(c: ConvShape, dtype, use_compile: bool, flat_k_ab: bool, tile
         if other is not None:
             variants["triton_nosplit" if other == 1 else "triton_split2"] = _with_setting(
                 kconv, "SPLIT_K_MODE", other, triton_fn)
+    if _with_setting(kconv, "PINNED_MODE", "on",
+                     lambda: kconv.pinned_config(dev, dtype, c.cin, c.cout, c.k, c.stride))():
+        # the class's pinned config alone (what ``auto`` would offer), beside the autotuned list
+        variants["triton_pinned"] = _with_setting(kconv, "PINNED_MODE", "on", triton_fn)
     if tma_ab:
         from hrnet_fast.kernels import conv_tma
         if _with_setting(conv_tma, "TMA_MODE", "on",
@@ -401,6 +406,9 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
         raise SystemExit(f"bench_conv_kernels: {why}")
     from hrnet_fast.kernels import conv as conv_kernels
     dtype = kernel_ab.DTYPES[dtype_name]
+    # the "triton" variant autotunes the whole list even where a config is pinned (the A/B is
+    # what pins are made from); "triton_pinned" runs the pin
+    conv_kernels.PINNED_MODE = "off"
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -423,6 +431,8 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
                 desc = f"{c.cj}->{c.ci} x{c.steps} s2 {c.h}x{c.w}"
             info = {"kind": kind, "preset": preset, "input": f"{batch}x3x{height}x{width}",
                     "shape": desc, "calls_per_forward": c.count}
+            if kind == "conv":
+                info["problem_class"] = [c.cin, c.cout, c.k, c.stride]
             before = conv_kernels.chosen_configs()
             tuning: Dict[str, Dict[str, float]] = {}
             variants = {name: _recording_tuning(fn, tuning, name) if name.startswith("triton") else fn
@@ -470,6 +480,41 @@ def _summary(results: List[kernel_ab.CaseResult]) -> None:
                 if v is not None:
                     tot[k] = tot.get(k, 0.0) + v * r.info["calls_per_forward"]
         print(f"  {preset}: " + "  ".join(f"{k}={v:.3f}" for k, v in tot.items()))
+
+
+_CONFIG_FIELDS = re.compile(r"BLOCK_M: (\d+), BLOCK_N: (\d+), BLOCK_K: (\d+), TILE_W: (\d+), "
+                            r"num_warps: (\d+),.*num_stages: (\d+)")
+
+
+def pin_suggestions(results: List[kernel_ab.CaseResult], arch: str, dtype_name: str) -> List[str]:
+    """``PINNED_CONFIGS`` lines (kernels/conv.py) for the conv classes where the autotuned Triton
+    conv ("triton") beat the best cuDNN variant: the config the autotuner timed fastest there. A
+    class seen at several sizes is suggested only where it won at every size, with its most
+    frequent winner. The runtime still measures cuDNN against the pin per shape."""
+    wins: Dict[tuple, List[Tuple[tuple, float, float, int]]] = {}
+    for r in results:
+        cls = r.info.get("problem_class")
+        timed = (r.info.get("config_ms") or {}).get("triton") or {}
+        cud = [v for k, v in r.ms.items() if k.startswith("cudnn")]
+        if cls is None or "triton" not in r.ms or not cud:
+            continue
+        best_cfg = min(timed, key=timed.get) if timed else None
+        m = _CONFIG_FIELDS.search(best_cfg or "")
+        entry = (tuple(int(v) for v in m.groups()) if m else None, r.ms["triton"], min(cud),
+                 int(r.info.get("calls_per_forward", 1)))
+        wins.setdefault(tuple(cls), []).append(entry)
+    lines = []
+    for cls, rows in sorted(wins.items()):
+        if any(cfg is None or tri >= cud for cfg, tri, cud, _ in rows):
+            continue
+        votes: Dict[tuple, int] = {}
+        for cfg, _, _, n in rows:
+            votes[cfg] = votes.get(cfg, 0) + n
+        cfg = max(votes, key=votes.get)
+        ratio = min(cud / tri for _, tri, cud, _ in rows)
+        lines.append(f"    ({arch!r}, {kernel_ab.DTYPES[dtype_name]}, {', '.join(map(str, cls))}): "
+                     f"{cfg},  # best cuDNN / Triton >= {ratio:.2f}x")
+    return lines
 
 
 def list_shapes(presets: Sequence[str], height: int, width: int, batch: int,
@@ -543,11 +588,15 @@ def main(argv=None) -> int:
     results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple,
                   a.min_count, a.tile_ab, a.split_ab, a.tma_ab)
     _summary(results)
+    from hrnet_fast.kernels import conv as conv_kernels
+    pins = pin_suggestions(results, conv_kernels.device_arch(torch.device(_DEVICE)), a.dtype)
+    print("\nPINNED_CONFIGS entries where the autotuned Triton conv won (kernels/conv.py):")
+    print("\n".join(pins) if pins else "    none")
     env = kernel_ab.environment(_DEVICE, argv)
     settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
                 "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
                 "channel_multiple": a.channel_multiple, "min_count": a.min_count, "tile_ab": a.tile_ab,
-                "split_ab": a.split_ab, "tma_ab": a.tma_ab,
+                "split_ab": a.split_ab, "tma_ab": a.tma_ab, "pin_suggestions": pins,
                 "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
                 "seconds": round(time.time() - t0, 1)}
     print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "

@@ -192,3 +192,46 @@ def test_conv_ab_records_every_timed_config(monkeypatch):
     assert sink == {"triton": {"cfg a": 0.0125, "cfg b": 0.03}}
     assert bench_conv_kernels._recording_tuning(lambda: 8, sink, "triton_tma")() == 8
     assert "triton_tma" not in sink
+
+
+def _conv_row(cls, triton_ms, cudnn_ms, timed, count=12):
+    r = kernel_ab.CaseResult("case", {"kind": "conv", "preset": "w18", "problem_class": list(cls),
+                                      "calls_per_forward": count,
+                                      "config_ms": {"triton": timed} if timed is not None else {}},
+                             bytes=1.0)
+    r.ms = {"triton": triton_ms, "cudnn": cudnn_ms * 1.5, "cudnn_fused": cudnn_ms}
+    return r
+
+
+def test_pin_suggestions_take_the_fastest_timed_config_where_triton_won_at_every_size():
+    import torch
+    fast = "BLOCK_M: 128, BLOCK_N: 32, BLOCK_K: 32, TILE_W: 16, num_warps: 4, num_ctas: 1, num_stages: 1, maxnreg: None"
+    slow = "BLOCK_M: 64, BLOCK_N: 64, BLOCK_K: 32, TILE_W: 0, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None"
+    rows = [_conv_row((24, 24, 3, 1), 0.010, 0.0186, {fast: 0.011, slow: 0.02}),
+            _conv_row((24, 24, 3, 1), 0.011, 0.0200, {fast: 0.012, slow: 0.02}),   # +res: won too
+            _conv_row((40, 40, 3, 1), 0.013, 0.0193, {slow: 0.012, fast: 0.02}),
+            _conv_row((40, 40, 3, 1), 0.020, 0.0175, {slow: 0.021, fast: 0.03}),   # lost here
+            _conv_row((72, 72, 3, 1), 0.009, 0.0103, None)]                         # nothing timed
+    lines = bench_conv_kernels.pin_suggestions(rows, "sm90", "fp16")
+    assert len(lines) == 1 and "best cuDNN / Triton >= 1.82x" in lines[0]
+    entry = eval("{\n" + lines[0] + "\n}", {"torch": torch})                      # pastes as is
+    assert entry == {("sm90", torch.float16, 24, 24, 3, 1): (128, 32, 32, 16, 4, 1)}
+
+
+def test_conv_ab_runs_a_pinned_class_beside_the_autotuned_list(monkeypatch):
+    """The A/B autotunes every class (pins off) and adds "triton_pinned" where a pin exists."""
+    import torch
+    from hrnet_fast.kernels import triton_status
+    ok, why = triton_status(torch.device("cpu"))
+    if not ok or torch.cuda.is_available():
+        pytest.skip(why or "the CPU smoke path (interpreter)")
+    from hrnet_fast.kernels import conv as kconv
+    monkeypatch.setattr(kconv, "PINNED_CONFIGS",
+                        {("cpu", torch.float32, 16, 16, 3, 1): (128, 16, 16, 0, 4, 4)})
+    monkeypatch.setattr(kconv, "PINNED_MODE", "on")          # run() turns it off; restored after
+    monkeypatch.setattr(bench_conv_kernels, "_DEVICE", "cpu")
+    results = bench_conv_kernels.run(["w18_small_v1"], 32, 48, 1, "fp32", False, False, min_count=6)
+    pinned = [r for r in results if "triton_pinned" in r.ms]
+    assert {tuple(r.info["problem_class"]) for r in pinned} == {(16, 16, 3, 1)}
+    assert all(r.rel_err["triton_pinned"] < 1e-5 and r.rel_err["triton"] < 1e-5 for r in pinned)
+    assert kconv.PINNED_MODE == "off"

@@ -4,7 +4,9 @@ for every convolution and between the batched form and the one-launch chain kern
 fuse chains.
 
 Triton convs and chain kernels autotune on first use of each shape (seconds per shape on a GPU), so
-``auto`` keeps convolutions on cuDNN and a first call that returns in seconds. Under ``auto`` on a
+``auto`` keeps convolutions on cuDNN and a first call that returns in seconds, except for the problem
+classes with a config pinned for the card (``kernels/conv.py`` ``PINNED_CONFIGS``: one compile, no
+autotuning), which choose per shape, measured, between cuDNN and the pinned Triton conv. Under ``auto`` on a
 GPU where the CUDA extension is ready, the fuse step picks per shape between the Triton and CUDA
 kernels. On the CPU (the interpreter) nothing can be timed: the Triton conv and chain join only
 when ``HRNET_FAST_FORCE_<OP>`` names them (tests).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,9 @@ def _down_key(x, fuse: FusePlan, j: int):
 # of F.conv2d's separate bias add + a ReLU per range (two passes): cuDNN's, whose fused epilogue has
 # no per-channel ReLU. Tests add "cpu" to run it under the interpreter.
 RANGE_EPILOGUE_DEVICES = {"cuda"}
+# Devices where ``auto`` offers the Triton conv for the problem classes pinned on the card
+# (``_offer_pinned_convs``). Tests add "cpu" to run it under the interpreter.
+PINNED_CONV_DEVICES = {"cuda"}
 # Devices where the seg head computes its branch-0 projection inside the head kernel
 # (kernels/seg_head.py, ``seg_head_projected_triton``: the Cs-channel base, 71 MB for w18 and
 # 189 MB for w48 at 1024x2048 in fp16, is then never written and read back). Off until measured
@@ -105,6 +110,7 @@ class Triton(Backend):
             native_conv = self._conv_native_ranges
         self.conv = native_conv
         triton_convs = False
+        self._pinned: Dict[int, ConvSpec] = {}
         self._packed: Dict[int, torch.Tensor] = {}
         self._masks: Dict[int, torch.Tensor] = {}
         if not auto and kernels_status(device, "conv")[0]:
@@ -121,17 +127,50 @@ class Triton(Backend):
             elif "chain" in down_options:
                 self.down = self._down_chained
                 triton_convs = True
+        elif auto and device.type in PINNED_CONV_DEVICES and kernels_status(device, "conv")[0]:
+            triton_convs = self._offer_pinned_convs(plan, native_conv)
         if triton_convs:
-            self._pack(plan)
+            self._pack(plan, self._pinned or None)
             if selection.conv_tma_requested():
                 kernel_module("conv_tma").TMA_MODE = "on"
         self._projected_head = (device.type in PROJECTED_HEAD_DEVICES
                                 and kernels_status(device, "seg_head")[0])
 
-    def _pack(self, plan) -> None:
-        """GEMM-packed weights [k*k*Cin, Cout] and per-channel ReLU masks, once per plan."""
+    def _offer_pinned_convs(self, plan, native_conv) -> bool:
+        """``auto``: the convs whose problem class has a pinned Triton config on this card
+        (``kernels/conv.py`` ``PINNED_CONFIGS``: one compile, nothing autotuned) choose per shape,
+        measured, between cuDNN and that Triton conv; every other conv stays on cuDNN. Whether any
+        conv was offered."""
         conv = kernel_module("conv")
         for spec in plan.conv_specs():
+            cout, cin, k, _ = spec.weight.shape
+            if conv.pinned_config(self.device, self.dtype, cin, cout, k, spec.stride) is not None:
+                self._pinned[id(spec)] = spec
+        if not self._pinned:
+            return False
+        from . import selection
+        # its own op name: the disk cache must not hand this choice (a pinned Triton config) to an
+        # explicit backend="triton" engine's choice (an autotuned one), or back
+        options = selection.candidates("conv2d_bias_act_pinned", {"torch": native_conv},
+                                       {"triton": self._conv_triton}, self.device)
+        if "triton" not in options:  # the CPU without HRNET_FAST_FORCE_CONV2D_BIAS_ACT_PINNED
+            self._pinned.clear()
+            return False
+        self._native_conv = native_conv
+        self._pinned_choice = selection.SelectingOp("conv2d_bias_act_pinned", options, _conv_key)
+        self.conv = self._conv_auto
+        return True
+
+    def _conv_auto(self, x, spec: ConvSpec, residual=None):
+        if id(spec) in self._pinned:
+            return self._pinned_choice(x, spec, residual)
+        return self._native_conv(x, spec, residual)
+
+    def _pack(self, plan, specs: Optional[Dict[int, ConvSpec]] = None) -> None:
+        """GEMM-packed weights [k*k*Cin, Cout] and per-channel ReLU masks, once per plan (``specs``:
+        only those convs)."""
+        conv = kernel_module("conv")
+        for spec in (specs.values() if specs is not None else plan.conv_specs()):
             self._packed[id(spec)] = conv.pack_weight(spec.weight)
             if spec.relu_ranges is not None:
                 self._masks[id(spec)] = conv.relu_mask(spec.relu_ranges, spec.out_channels,

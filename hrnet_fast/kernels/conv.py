@@ -82,7 +82,8 @@ import triton.language as tl
 
 from . import interpreter_enabled
 
-__all__ = ["pack_weight", "conv2d_bias_act", "relu_mask", "conv_configs", "vec_factor", "use_flat_k"]
+__all__ = ["pack_weight", "conv2d_bias_act", "relu_mask", "conv_configs", "vec_factor", "use_flat_k",
+           "pinned_config", "device_arch"]
 
 _INTERPRET = interpreter_enabled()
 
@@ -193,6 +194,22 @@ TILED_MAX_CIN = 96
 # "auto": the tiled configs join the autotune list where they apply; "off": never; "only": only
 # they, where they apply (the benchmark's A/B). A tuning knob, read when a problem class is tuned.
 TILED_CONFIGS = "auto"
+
+# Pinned configs: for a problem class, the config a GPU run of the conv A/B measured fastest on a
+# card (``benchmarks/bench_conv_kernels.py`` keeps every timed config's median per row). A pinned
+# class compiles that one config and times nothing: one compile instead of 10-30 timed ones on a
+# first call. That is what lets ``auto`` offer the Triton conv for these classes at all
+# (backends/triton.py: a measured per-shape choice between cuDNN and the pinned Triton conv), and it
+# also shortens an explicit ``backend="triton"``'s first call. A pin that is not among the configs
+# the autotuner would time for the class (``gpu_configs``, pruned) is ignored, so a stale entry
+# falls back to autotuning instead of running an unchecked tile.
+# Key: (arch, dtype, Cin, Cout, ksize, stride), arch as ``device_arch`` names it ("sm90" for
+# H100/H200); value: (BLOCK_M, BLOCK_N, BLOCK_K, TILE_W, num_warps, num_stages).
+# Empty: no GPU run has measured the thin-layer configs yet (run D timed only the pipelined list,
+# which wins on no shape by the issue's 1.5x bar; see benchmarks/RESULTS.md).
+PINNED_CONFIGS: Dict[Tuple, Tuple[int, int, int, int, int, int]] = {}
+# "on": pinned classes use their pin; "off": every class autotunes (the conv A/B sets it).
+PINNED_MODE = "on"
 
 # fp32 (IEEE FMA dot, no tensor cores): its own list, measured the same way (classes stem, 64->64,
 # 1x1 64->256, 24->24, 36->36, 144->144; every epilogue). The tensor-core list spilled here
@@ -486,23 +503,56 @@ def _split_k(m: int, cout: int, kdim: int, device: torch.device) -> int:
     return max(1, int(mode))
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+def device_arch(device: torch.device) -> str:
+    """The ``PINNED_CONFIGS`` name of ``device``'s architecture: "sm90" for an H100/H200, the device
+    type elsewhere ("cpu": the interpreter, where tests pin configs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pinned_config(device, dtype: torch.dtype, cin: int, cout: int, ksize: int,
+                  stride: int) -> Optional[Tuple[int, ...]]:
+    """The pinned (BLOCK_M, BLOCK_N, BLOCK_K, TILE_W, num_warps, num_stages) of this problem class on
+    ``device``, or None (none pinned, or ``PINNED_MODE`` "off")."""
+    if PINNED_MODE != "on" or not PINNED_CONFIGS:
+        return None
+    return PINNED_CONFIGS.get((device_arch(device), dtype, cin, cout, ksize, stride))
+
+
+def _config_tuple(c) -> Tuple[int, ...]:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("TILE_W", 0),
+            c.num_warps, c.num_stages)
+
+
 def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] = None,
-                  vec_k: int = VEC_MAX):
+                  vec_k: int = VEC_MAX, pinned: Optional[Tuple[int, ...]] = None):
     """The autotuned kernel for this problem class. Configs are pruned here, in Python, rather than
     with ``prune_configs_by`` (one Autotuner per pruned list), which keeps ``wrap_triton`` simple.
 
     ``HRNET_FAST_CONV_AUTOTUNE=0`` keeps only the first surviving config, so nothing is timed: for
     correctness runs on a GPU: autotuning w18's conv classes at 512x1024 took over 100 s in one test
     while 8 test processes compiled at once (H200, 2026-11-26), against 41 s for all four forced-
-    implementation tests in one process."""
+    implementation tests in one process.
+
+    ``pinned`` (``pinned_config``): that config alone, if the autotuner would time it here."""
     cfgs = _prune_configs(conv_configs(dtype), cin, cout, ksize, vec_k)
+    if pinned is not None:
+        match = [c for c in _prune_configs(gpu_configs(dtype), cin, cout, ksize, vec_k)
+                 if _config_tuple(c) == tuple(pinned)]
+        cfgs = match or cfgs
     if os.environ.get("HRNET_FAST_CONV_AUTOTUNE", "1") == "0":
         cfgs = cfgs[:1]
     # The flat-K flag changes the kernel's specialisation, not the config list; the Autotuner keys on
     # FLAT_K too (below), so flipping FLAT_K_MAX_CIN retunes instead of reusing a stale choice.
-    key = tuple(sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                        c.kwargs.get("TILE_W", 0), c.num_warps, c.num_stages, c.maxnreg or 0)
-                       for c in cfgs))
+    key = tuple(sorted(_config_tuple(c) + (c.maxnreg or 0,) for c in cfgs))
     kern = _TUNED.get(key)
     if kern is None:
         kern = triton.autotune(
@@ -688,7 +738,8 @@ def conv2d_bias_act_triton(
         return (tiles, triton.cdiv(cout, meta["BLOCK_N"]), split)
 
     bias_arg = bias if has_bias else w_packed
-    torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize, x.dtype, vec_k))[grid](
+    pinned = pinned_config(x.device, x.dtype, cin, cout, ksize, stride)
+    torch.library.wrap_triton(_tuned_kernel(cin, cout, ksize, x.dtype, vec_k, pinned))[grid](
         x, w_packed, bias_arg, res, mask_t, out, ws,
         m, h, w, cin // vec_k, ho, wo, cout // vec_n,
         sxn // vec_k, sxh // vec_k, sxw // vec_k, sxc,
