@@ -43,10 +43,12 @@ NO_CONV_AUTOTUNE = ("HRNET_FAST_FORCE_CONV2D_BIAS_ACT=torch HRNET_FAST_FORCE_FUS
 EXT_SEGV = ("tests/test_cuda_ext.py::test_gpu_argument_errors")
 
 
-def gpu_pytest(targets: str, per_test_s: int, workers: int = 8, env: str = "") -> str:
+def gpu_pytest(targets: str, per_test_s: int, workers: int = 8, env: str = "",
+               marker: str = "-m gpu ") -> str:
     """The GPU tests of ``targets`` in ``workers`` processes; the extension is never JIT-built
-    inside the tests (``HRNET_FAST_CUDA_EXT=prebuilt``: built by the ``build_*`` steps or absent)."""
-    return (f"HRNET_FAST_CUDA_EXT=prebuilt {env}{PY} -m pytest -q -m gpu -p no:cacheprovider "
+    inside the tests (``HRNET_FAST_CUDA_EXT=prebuilt``: built by the ``build_*`` steps or absent).
+    ``marker=""``: every test the targets and ``-k`` select, not only those marked gpu."""
+    return (f"HRNET_FAST_CUDA_EXT=prebuilt {env}{PY} -m pytest -q {marker}-p no:cacheprovider "
             f"-n {workers} --timeout {per_test_s} -rfE --tb=short {targets}")
 
 
@@ -83,7 +85,9 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # autotuned with and without the tiles, with and without the split, against cuDNN (fused)
     # (and the TMA-fed 3x3 conv, kernels/conv_tma.py, off by default: its tests and --tma-ab)
     "tests_tiled": (120, gpu_pytest("tests/test_kernels_conv.py tests/test_kernels_conv_tma.py "
-                                    "-k 'gpu_tiled or gpu_split or tma_conv_gpu'", 100)),
+                                    "tests/test_conv_pinning.py "
+                                    "-k 'gpu_tiled or gpu_split or tma_conv_gpu or pinning'", 100,
+                                    marker="")),
     # (one preset per step: each thin shape compiles 20-30 specialisations; rows print as they end)
     "conv_ab_tile": (220, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 "
                           "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),

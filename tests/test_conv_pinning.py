@@ -110,7 +110,7 @@ def test_auto_offers_only_the_pinned_classes(forced, monkeypatch):
     monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT_PINNED", forced)
     model, x, plan = hoisted_w18_small_v1("bilinear")
     specs, (cin, cout) = _body_class(plan)
-    _pin(SMALL if cout <= 16 else (128, 32, 32, 0, 4, 4), cin=cin, cout=cout)
+    _pin(SMALL if cout <= 16 else (128, 32, 32, 0, 8, 3), cin=cin, cout=cout)
     calls = []
     real = torch.ops.hrnet_fast.conv2d_bias_act_triton
 
