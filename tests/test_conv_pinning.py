@@ -73,14 +73,17 @@ def test_a_pin_is_per_class_arch_and_dtype():
                                       kconv._prune_configs(kconv.conv_configs(torch.float32), 8, 16, 3)]]
 
 
-@pytest.mark.parametrize("why", ["pruned here", "mode off"])
+@pytest.mark.parametrize("why", ["pruned here", "mode off", "env off"])
 def test_an_unusable_pin_falls_back_to_the_autotune_list(why, monkeypatch):
     x, w, b = _conv_case()
     if why == "pruned here":
         _pin(PRUNED_HERE)
     else:
         _pin(SMALL)
-        monkeypatch.setattr(kconv, "PINNED_MODE", "off")
+        if why == "mode off":
+            monkeypatch.setattr(kconv, "PINNED_MODE", "off")
+        else:
+            monkeypatch.setenv("HRNET_FAST_CONV_PINS", "0")
     _run_and_check(x, w, b)
     unpinned = [kconv._config_tuple(c)
                 for c in kconv._prune_configs(kconv.conv_configs(torch.float32), 8, 16, 3)]

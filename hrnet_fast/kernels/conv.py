@@ -209,6 +209,7 @@ TILED_CONFIGS = "auto"
 # which wins on no shape by the issue's 1.5x bar; see benchmarks/RESULTS.md).
 PINNED_CONFIGS: Dict[Tuple, Tuple[int, int, int, int, int, int]] = {}
 # "on": pinned classes use their pin; "off": every class autotunes (the conv A/B sets it).
+# ``HRNET_FAST_CONV_PINS=0`` also turns them off (a whole-model A/B of the pins from the command line).
 PINNED_MODE = "on"
 
 # fp32 (IEEE FMA dot, no tensor cores): its own list, measured the same way (classes stem, 64->64,
@@ -521,8 +522,9 @@ def device_arch(device: torch.device) -> str:
 def pinned_config(device, dtype: torch.dtype, cin: int, cout: int, ksize: int,
                   stride: int) -> Optional[Tuple[int, ...]]:
     """The pinned (BLOCK_M, BLOCK_N, BLOCK_K, TILE_W, num_warps, num_stages) of this problem class on
-    ``device``, or None (none pinned, or ``PINNED_MODE`` "off")."""
-    if PINNED_MODE != "on" or not PINNED_CONFIGS:
+    ``device``, or None (none pinned, ``PINNED_MODE`` "off" or ``HRNET_FAST_CONV_PINS=0``)."""
+    if (PINNED_MODE != "on" or not PINNED_CONFIGS
+            or os.environ.get("HRNET_FAST_CONV_PINS", "1").strip() == "0"):
         return None
     return PINNED_CONFIGS.get((device_arch(device), dtype, cin, cout, ksize, stride))
 
