@@ -437,6 +437,38 @@ def step_ab_head(args) -> None:
     _save(args.json, out)
 
 
+def step_ab_pins(args) -> None:
+    """``auto`` with the pinned Triton conv configs (kernels/conv.py PINNED_CONFIGS) against
+    ``HRNET_FAST_CONV_PINS=0`` (every conv on cuDNN): the drop-in's defaults (fp16, graphs, lanes),
+    1x3x1024x2048, graph replays alternating, 30 rounds; both outputs against fp64. Says so and
+    measures nothing while the table has no entry for this card."""
+    import torch
+    from hrnet_fast import optimize
+    from hrnet_fast.kernels import conv as kconv
+    arch = kconv.device_arch(torch.device("cuda"))
+    pins = {k: v for k, v in kconv.PINNED_CONFIGS.items() if k[0] == arch}
+    if not pins:
+        print(f"ab_pins: no PINNED_CONFIGS entry for {arch}: nothing to compare", flush=True)
+        _save(args.json, {"arch": arch, "pins": 0})
+        return
+    out = {"arch": arch, "pins": len(pins)}
+    for preset in args.presets:
+        model, x, ref64 = _fp16_model_and_reference(preset)
+        os.environ["HRNET_FAST_CONV_PINS"] = "0"
+        try:
+            engines = {"off": optimize(model, dtype=torch.float16)}
+        finally:
+            os.environ.pop("HRNET_FAST_CONV_PINS", None)
+        engines["on"] = optimize(model, dtype=torch.float16)
+        times, row = _alternate_row(engines, x, ref64)
+        row["speedup"] = _ratio(times, "off", "on")
+        print(f"{preset}: {row}", flush=True)
+        out[preset] = row
+        del engines
+        torch.cuda.empty_cache()
+    _save(args.json, out)
+
+
 def step_overlap(args) -> None:
     """How much the branch streams overlap kernels in one graph replay of the drop-in's defaults
     (fp16, 1x3x1024x2048), serial against lanes: torch.profiler traces of one replay each,
@@ -485,7 +517,8 @@ def _no_hoist(build, *args, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=["env", "build_start", "build_wait", "model_check", "profile",
-                                    "ab_bias", "ab_lanes", "overlap", "ab_pad", "ab_head"])
+                                    "ab_bias", "ab_lanes", "overlap", "ab_pad", "ab_head",
+                                    "ab_pins"])
     p.add_argument("--json", default=None)
     p.add_argument("--presets", nargs="+", default=["w18", "w48"])
     p.add_argument("--quick", action="store_true", help="ab_lanes: batch 1 with graphs only")
