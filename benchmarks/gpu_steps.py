@@ -412,29 +412,45 @@ def step_ab_pad(args) -> None:
     _save(args.json, out)
 
 
-def step_ab_head(args) -> None:
-    """The seg head with branch 0's projection inside the head kernel (backends/triton.py
-    PROJECTED_HEAD_DEVICES) on against off: the drop-in's defaults (fp16, graphs, lanes),
-    1x3x1024x2048, graph replays alternating, 30 rounds; both outputs against fp64."""
+def _on_off_rows(presets, build_off, build_on) -> Dict[str, dict]:
+    """Per preset, the engines ``build_off(model)`` and ``build_on(model)`` (built in that order,
+    each with its setting in force while it is built), graph replays alternating
+    (``_alternate_row``); each row adds on's speedup over off."""
     import torch
-    from hrnet_fast import optimize
-    from hrnet_fast.backends import triton as triton_backend
     out = {}
-    for preset in args.presets:
+    for preset in presets:
         model, x, ref64 = _fp16_model_and_reference(preset)
-        engines = {"off": optimize(model, dtype=torch.float16)}
-        triton_backend.PROJECTED_HEAD_DEVICES.add("cuda")
-        try:
-            engines["on"] = optimize(model, dtype=torch.float16)
-        finally:
-            triton_backend.PROJECTED_HEAD_DEVICES.discard("cuda")
+        engines = {"off": build_off(model)}
+        engines["on"] = build_on(model)
         times, row = _alternate_row(engines, x, ref64)
         row["speedup"] = _ratio(times, "off", "on")
         print(f"{preset}: {row}", flush=True)
         out[preset] = row
         del engines
         torch.cuda.empty_cache()
-    _save(args.json, out)
+    return out
+
+
+def _drop_in_fp16(model):
+    import torch
+    from hrnet_fast import optimize
+    return optimize(model, dtype=torch.float16)
+
+
+def step_ab_head(args) -> None:
+    """The seg head with branch 0's projection inside the head kernel (backends/triton.py
+    PROJECTED_HEAD_DEVICES) on against off: the drop-in's defaults (fp16, graphs, lanes),
+    1x3x1024x2048, graph replays alternating, 30 rounds; both outputs against fp64."""
+    from hrnet_fast.backends import triton as triton_backend
+
+    def projected(model):
+        triton_backend.PROJECTED_HEAD_DEVICES.add("cuda")
+        try:
+            return _drop_in_fp16(model)
+        finally:
+            triton_backend.PROJECTED_HEAD_DEVICES.discard("cuda")
+
+    _save(args.json, _on_off_rows(args.presets, _drop_in_fp16, projected))
 
 
 def step_ab_pins(args) -> None:
@@ -443,7 +459,6 @@ def step_ab_pins(args) -> None:
     1x3x1024x2048, graph replays alternating, 30 rounds; both outputs against fp64. Says so and
     measures nothing while the table has no entry for this card."""
     import torch
-    from hrnet_fast import optimize
     from hrnet_fast.kernels import conv as kconv
     arch = kconv.device_arch(torch.device("cuda"))
     pins = {k: v for k, v in kconv.PINNED_CONFIGS.items() if k[0] == arch}
@@ -451,22 +466,17 @@ def step_ab_pins(args) -> None:
         print(f"ab_pins: no PINNED_CONFIGS entry for {arch}: nothing to compare", flush=True)
         _save(args.json, {"arch": arch, "pins": 0})
         return
-    out = {"arch": arch, "pins": len(pins)}
-    for preset in args.presets:
-        model, x, ref64 = _fp16_model_and_reference(preset)
+
+    def unpinned(model):
+        # read when the engine's backend is built (which convs are offered to the Triton conv)
         os.environ["HRNET_FAST_CONV_PINS"] = "0"
         try:
-            engines = {"off": optimize(model, dtype=torch.float16)}
+            return _drop_in_fp16(model)
         finally:
             os.environ.pop("HRNET_FAST_CONV_PINS", None)
-        engines["on"] = optimize(model, dtype=torch.float16)
-        times, row = _alternate_row(engines, x, ref64)
-        row["speedup"] = _ratio(times, "off", "on")
-        print(f"{preset}: {row}", flush=True)
-        out[preset] = row
-        del engines
-        torch.cuda.empty_cache()
-    _save(args.json, out)
+
+    rows = _on_off_rows(args.presets, unpinned, _drop_in_fp16)
+    _save(args.json, {"arch": arch, "pins": len(pins), **rows})
 
 
 def step_overlap(args) -> None:

@@ -534,6 +534,20 @@ def _config_tuple(c) -> Tuple[int, ...]:
             c.num_warps, c.num_stages)
 
 
+def _prune_knobs() -> tuple:
+    """The module knobs ``_prune_configs`` reads (directly or through ``use_flat_k``)."""
+    return (TILED_CONFIGS, TILED_MAX_CIN, FLAT_K_MAX_CIN, FLAT_K_ALIGNED)
+
+
+@functools.lru_cache(maxsize=None)
+def _usable_pin(pinned: Tuple[int, ...], cin: int, cout: int, ksize: int, dtype, vec_k: int,
+                knobs: tuple) -> tuple:
+    """(the pinned Config,) if the autotuner would time it for this class, else (). Cached: asked on
+    every conv call of a pinned class, and building and pruning the list costs about 26 us."""
+    return tuple(c for c in _prune_configs(gpu_configs(dtype), cin, cout, ksize, vec_k)
+                 if _config_tuple(c) == pinned)
+
+
 def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] = None,
                   vec_k: int = VEC_MAX, pinned: Optional[Tuple[int, ...]] = None):
     """The autotuned kernel for this problem class. Configs are pruned here, in Python, rather than
@@ -545,11 +559,9 @@ def _tuned_kernel(cin: int, cout: int, ksize: int, dtype: Optional[torch.dtype] 
     implementation tests in one process.
 
     ``pinned`` (``pinned_config``): that config alone, if the autotuner would time it here."""
-    cfgs = _prune_configs(conv_configs(dtype), cin, cout, ksize, vec_k)
-    if pinned is not None:
-        match = [c for c in _prune_configs(gpu_configs(dtype), cin, cout, ksize, vec_k)
-                 if _config_tuple(c) == tuple(pinned)]
-        cfgs = match or cfgs
+    match = (_usable_pin(tuple(pinned), cin, cout, ksize, dtype, vec_k, _prune_knobs())
+             if pinned is not None else ())
+    cfgs = list(match) or _prune_configs(conv_configs(dtype), cin, cout, ksize, vec_k)
     if os.environ.get("HRNET_FAST_CONV_AUTOTUNE", "1") == "0":
         cfgs = cfgs[:1]
     # The flat-K flag changes the kernel's specialisation, not the config list; the Autotuner keys on
