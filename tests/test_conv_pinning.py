@@ -101,8 +101,9 @@ def _body_class(plan):
     return specs, (cin, cout)
 
 
-@pytest.mark.parametrize("forced", ["triton", "torch"])
-def test_auto_offers_only_the_pinned_classes(forced, monkeypatch):
+@pytest.mark.parametrize("forced,mode", [("triton", "bilinear"), ("triton", "nearest"),
+                                         ("torch", "bilinear")])
+def test_auto_offers_only_the_pinned_classes(forced, mode, monkeypatch):
     """``auto``'s Triton backend with one class pinned: with the choice forced to the Triton conv,
     exactly that class's convs run it and the model matches the reference; forced to cuDNN (or,
     on the CPU, not forced: nothing can be timed there), no Triton conv runs."""
@@ -111,7 +112,7 @@ def test_auto_offers_only_the_pinned_classes(forced, monkeypatch):
 
     monkeypatch.setattr(triton_backend, "PINNED_CONV_DEVICES", {"cpu", "cuda"})
     monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT_PINNED", forced)
-    model, x, plan = hoisted_w18_small_v1("bilinear")
+    model, x, plan = hoisted_w18_small_v1(mode)
     specs, (cin, cout) = _body_class(plan)
     _pin(SMALL if cout <= 16 else (128, 32, 32, 0, 8, 3), cin=cin, cout=cout)
     calls = []
