@@ -104,25 +104,29 @@ def _prune_chain(configs, cj: int):
 
 
 @triton.jit
-def _s2_conv_region(
+def conv3x3_region(
     src_ptr, s_sh, s_sw, s_sc, s_ay, s_ax, Hs, Ws, Cin,
     w_ptr, b_ptr, Cout,
     dst_ptr, d_sh, d_sw, d_sc, d_oy, d_ox, d_ay, d_ax, Hd, Wd,
     acc_ptr, a_sh, a_sw, a_sc,
-    R: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ACC: tl.constexpr,
+    RH: tl.constexpr, RW: tl.constexpr, STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ACC: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Stride-2 3x3 pad-1 conv over an R x R region of the destination level whose top-left pixel is
-    (d_oy, d_ox) in destination-image coordinates. Source pixel (y, x) lives at
-    src_ptr + (y - s_ay)*s_sh + (x - s_ax)*s_sw + c*s_sc and is valid iff 0 <= y < Hs, 0 <= x < Ws
-    (zero padding). Destination pixel (y, x) is stored at dst_ptr + (y - d_ay)*d_sh + (x - d_ax)*d_sw
-    + co*d_sc iff it lies inside the destination image (Hd x Wd)."""
-    NP: tl.constexpr = R * R
+    """3x3 pad-1 conv (stride STRIDE, 1 or 2) over an RH x RW region of the destination level whose
+    top-left pixel is (d_oy, d_ox) in destination-image coordinates:
+    ``act(sum_taps,c src * w [+ bias] [+ acc])`` with fp32 accumulation, act = ReLU if RELU.
+    Source pixel (y, x) lives at src_ptr + (y - s_ay)*s_sh + (x - s_ax)*s_sw + c*s_sc and is valid
+    iff 0 <= y < Hs, 0 <= x < Ws (zero padding). Destination pixel (y, x) is stored at
+    dst_ptr + (y - d_ay)*d_sh + (x - d_ax)*d_sw + co*d_sc iff it lies inside the destination image
+    (Hd x Wd); ``acc`` (added before the ReLU) is read at acc_ptr + y*a_sh + x*a_sw + co*a_sc.
+    Weights are packed [9*Cin, Cout] (row tap*Cin + c)."""
+    NP: tl.constexpr = RH * RW
     offs_k = tl.arange(0, BLOCK_K)
     for p0 in range(0, NP, BLOCK_M):
         p = p0 + tl.arange(0, BLOCK_M)
-        py = p // R
-        px = p - py * R
+        py = p // RW
+        px = p - py * RW
         y = d_oy + py
         x = d_ox + px
         in_img = (p < NP) & (y >= 0) & (y < Hd) & (x >= 0) & (x < Wd)
@@ -135,8 +139,8 @@ def _s2_conv_region(
             for tap in range(9):
                 r = tap // 3
                 s = tap - r * 3
-                iy = 2 * y - 1 + r
-                ix = 2 * x - 1 + s
+                iy = STRIDE * y - 1 + r
+                ix = STRIDE * x - 1 + s
                 ok = in_img & (iy >= 0) & (iy < Hs) & (ix >= 0) & (ix < Ws)
                 a_base = src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw
                 w_tap = w_ptr + (tap * Cin) * Cout
@@ -215,17 +219,17 @@ def _strided_chain_kernel(
         oy1 = 2 * oy - 1
         ox1 = 2 * ox - 1
         # y1 region (R1 x R1 at (oy1, ox1)) from x
-        _s2_conv_region(x_img, sxh, sxw, sxc, 0, 0, H0, W0, Cj,
+        conv3x3_region(x_img, sxh, sxw, sxc, 0, 0, H0, W0, Cj,
                         w1_ptr, b1_ptr, Cj,
                         s1, R1 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
                         acc_img, 0, 0, 0,
-                        R1, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
+                        R1, R1, 2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
         tl.debug_barrier()
-        _s2_conv_region(s1, R1 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
+        conv3x3_region(s1, R1 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
                         w2_ptr, b2_ptr, Ci,
                         out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
                         acc_img, sah, saw, sac,
-                        T, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
+                        T, T, 2, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
     else:
         HF = H3
         WF = W3
@@ -236,23 +240,23 @@ def _strided_chain_kernel(
         ox2 = 2 * ox - 1
         oy1 = 2 * oy2 - 1
         ox1 = 2 * ox2 - 1
-        _s2_conv_region(x_img, sxh, sxw, sxc, 0, 0, H0, W0, Cj,
+        conv3x3_region(x_img, sxh, sxw, sxc, 0, 0, H0, W0, Cj,
                         w1_ptr, b1_ptr, Cj,
                         s1, R2 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
                         acc_img, 0, 0, 0,
-                        R2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
+                        R2, R2, 2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
         tl.debug_barrier()
-        _s2_conv_region(s1, R2 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
+        conv3x3_region(s1, R2 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
                         w2_ptr, b2_ptr, Cj,
                         s2, R1 * Cj, Cj, 1, oy2, ox2, oy2, ox2, H2, W2,
                         acc_img, 0, 0, 0,
-                        R1, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
+                        R1, R1, 2, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
         tl.debug_barrier()
-        _s2_conv_region(s2, R1 * Cj, Cj, 1, oy2, ox2, H2, W2, Cj,
+        conv3x3_region(s2, R1 * Cj, Cj, 1, oy2, ox2, H2, W2, Cj,
                         w3_ptr, b3_ptr, Ci,
                         out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
                         acc_img, sah, saw, sac,
-                        T, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
+                        T, T, 2, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
 
 
 _TUNED: Dict[Tuple, object] = {}
