@@ -703,7 +703,7 @@ class Capture:  # stands in for wrap_triton(kernel)[grid](...): records the laun
 
 
 torch.library.wrap_triton = Capture
-from hrnet_fast.kernels import conv, conv_chain  # noqa: E402
+from hrnet_fast.kernels import basic_block, conv, conv_chain  # noqa: E402
 
 
 def specialise(fn, args, kwargs):
@@ -756,6 +756,11 @@ SPLIT = [((144, 144, 3, 1, 32, 64), 5), ((384, 384, 3, 1, 32, 64), 4)]
 CHAIN = [(2, 24, 72, 256, 512), (3, 24, 144, 256, 512), (2, 40, 144, 128, 256), (3, 48, 384, 256, 512),
          (2, 96, 384, 128, 256), (2, 36, 144, 128, 256)]
 CHAIN_DEFAULT = [(3, 24, 144, 256, 512), (2, 96, 384, 128, 256)]
+# BasicBlock classes: C, H, W (w18's padded branches and w48's); the default run compiles the
+# narrowest (VEC 8, BLOCK_N 32) and the widest w18 one (BLOCK_N 128: the largest accumulator)
+BLOCK = [(24, 256, 512), (40, 128, 256), (72, 64, 128), (144, 32, 64), (48, 256, 512), (96, 128, 256),
+         (192, 64, 128), (384, 32, 64)]
+BLOCK_DEFAULT = [(24, 256, 512), (144, 32, 64)]
 # epilogues: (residual, RELU_MODE); the default run compiles the most register-hungry one
 EPIS = [(False, 0), (False, 1), (False, 2), (True, 0), (True, 1), (True, 2)] if FULL else [(True, 2)]
 
@@ -785,6 +790,20 @@ def chain_launch(steps, cj, ci, h, w, dn, acc):
     conv_chain.strided_chain(nhwc(1, cj, h, w, dt), ws, [torch.empty(t.shape[1], dtype=dt) for t in ws],
                              accumulate_into=nhwc(1, ci, hf, wf, dt) if acc else None)
     return launches.pop()
+
+
+def block_launch(c, h, w, dn):
+    dt = DT[dn]
+    wp = torch.empty(9 * c, c, dtype=dt)
+    basic_block.basic_block(nhwc(1, c, h, w, dt), wp, torch.empty(c, dtype=dt), wp,
+                            torch.empty(c, dtype=dt))
+    return launches.pop()
+
+
+def tile_of(cfg):
+    if "TH" in cfg.kwargs:
+        return "%dx%d" % (cfg.kwargs["TH"], cfg.kwargs["TW"])
+    return cfg.kwargs.get("T")
 
 
 def jobs():
@@ -819,13 +838,15 @@ def jobs():
         for c in CHAIN if FULL else CHAIN_DEFAULT:
             for acc in (False, True) if FULL else (True,):
                 add("chain", [*c, dn, acc], chain_launch(*c, dn, acc))
+        for c in BLOCK if FULL else BLOCK_DEFAULT:
+            add("block", [*c, dn], block_launch(*c, dn))
     return list(out.values())
 
 
 def compile_one(job):
     kind, labels, sig, cx, attrs, cfg = job
     fn = {"conv": conv._conv2d_bias_act_kernel, "chain": conv_chain._strided_chain_kernel,
-          "reduce": conv._split_k_reduce_kernel}[kind]
+          "block": basic_block._basic_block_kernel, "reduce": conv._split_k_reduce_kernel}[kind]
     sig, cx = dict(sig), dict(cx)
     for name, v in cfg.kwargs.items():
         sig[name] = "constexpr"
@@ -844,7 +865,7 @@ def compile_one(job):
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage, re.S)
     ptx = k.asm["ptx"]
     return {"kind": kind, "labels": labels,
-            "config": [cfg.kwargs.get("T"), cfg.kwargs.get("BLOCK_M"), cfg.kwargs.get("BLOCK_N"),
+            "config": [tile_of(cfg), cfg.kwargs.get("BLOCK_M"), cfg.kwargs.get("BLOCK_N"),
                        cfg.kwargs.get("BLOCK_K"), cfg.num_warps, cfg.num_stages,
                        cfg.kwargs.get("TILE_W", 0)],
             "regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3)),
@@ -869,6 +890,8 @@ if __name__ == "__main__":
              for dn in ("fp16", "bf16", "fp32")}
     lists["chain"] = [[c.kwargs["T"], c.kwargs["BLOCK_M"], None, c.kwargs["BLOCK_K"], c.num_warps,
                        c.num_stages, 0] for c in conv_chain.chain_configs()]
+    lists["block"] = [[tile_of(c), c.kwargs["BLOCK_M"], None, c.kwargs["BLOCK_K"], c.num_warps,
+                       c.num_stages, 0] for c in basic_block.block_configs()]
     print("RESULT" + json.dumps({"rows": rows, "lists": lists}))
 """
 
@@ -880,7 +903,8 @@ def sm90_build(tmp_path_factory):
     HRNet problem classes (conv: stem, 64/256 widths, the zero-padded w18 branch widths 24/40/72/144,
     w48's 48, 1x1 and stride-2 convs, unpadded 18/36; chain: a 3-step 24 -> 144 and a 2-step 96 -> 384
     chain; the 2-D tiled configs on five classes, split-K and its reduce kernel on 144 -> 144 at
-    32x64). Default: fp16 with the most register-hungry epilogue (bias + residual + ReLU mask /
+    32x64; the BasicBlock kernel on w18's 24- and 144-channel branches). Default: fp16 with the most
+    register-hungry epilogue (bias + residual + ReLU mask /
     accumulate_into), 110 compiles in a 2-process pool, about 60 s on 2 idle cores.
     HRNET_SM90_FULL=1: also bf16 and fp32, every epilogue (residual on/off x RELU_MODE 0/1/2, chain
     accumulate on/off), four more chain classes, the tiled configs on every class and a second
@@ -915,7 +939,7 @@ def test_sm90_every_config_fits_without_spills(sm90_build):
     for r in rows:
         group = r["labels"][0][6] if r["kind"] == "conv" else r["kind"]    # conv: by dtype
         groups.setdefault(group, set()).add(tuple(r["config"]))
-    assert {"fp16", "chain", "reduce"} <= set(groups), set(groups)
+    assert {"fp16", "chain", "block", "reduce"} <= set(groups), set(groups)
     for group, seen in groups.items():
         if group != "reduce":    # split-K's reduce kernel has no config list
             assert seen == {tuple(c) for c in sm90_build["lists"][group]}, (group, seen)
@@ -936,7 +960,7 @@ def test_sm90_thin_layers_use_16_byte_loads(sm90_build):
     only where it gives each thread 8 elements or more); the committed kernel had none (2-byte
     scalar ld.global.b16 without cp.async). The 2-D tiled configs (num_stages 1) read the A tile with
     at least BLOCK_M*BLOCK_K / (8 x threads) 16-byte ld.global, none of them L2-only (.cg/.cs/.cv/.lu),
-    so its taps can hit L1, into Hopper's wgmma. The chain reads its 24-channel input with 16-byte
+    so its taps can hit L1, into Hopper's wgmma. The chain and the block kernel read their 24-channel input with 16-byte
     copies."""
     thin = [r for r in sm90_build["rows"] if r["kind"] == "conv"
             and any(lb[0] in (24, 40, 48) and lb[6] == "fp16" for lb in r["labels"])]
@@ -957,6 +981,8 @@ def test_sm90_thin_layers_use_16_byte_loads(sm90_build):
             assert r["ld16"] > 0, r    # the residual tile: 16-byte ld.global.v4
     chain = [r for r in sm90_build["rows"] if r["kind"] == "chain" and r["labels"][0][1] == 24]
     assert chain and all(r["cp16"] > 0 for r in chain)
+    block = [r for r in sm90_build["rows"] if r["kind"] == "block" and r["labels"][0][0] == 24]
+    assert block and all(r["cp16"] > 0 for r in block)
 
 
 # --------------------------------------------------------------------------------------------------

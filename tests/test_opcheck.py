@@ -58,6 +58,15 @@ def _chain_cases(dtype):
              (x, w1, _rand(8, dtype=dtype), w2, _rand(16, dtype=dtype), None, None, None))]
 
 
+def _block_cases(dtype):
+    from hrnet_fast.kernels import conv
+    import hrnet_fast.kernels.basic_block  # noqa: F401
+    x = _rand(1, 8, 9, 11, dtype=dtype)
+    w1 = conv.pack_weight(_rand(8, 8, 3, 3, cl=False, dtype=dtype))
+    w2 = conv.pack_weight(_rand(8, 8, 3, 3, cl=False, dtype=dtype))
+    return [(torch.ops.hrnet_fast.basic_block_triton.default, (x, w1, _rand(8, dtype=dtype), w2, None))]
+
+
 def _bias_act_cases(dtype):
     import hrnet_fast.kernels.bias_act  # noqa: F401
     mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0], dtype=torch.int8, device=DEVICE)
@@ -66,7 +75,8 @@ def _bias_act_cases(dtype):
 
 
 CASES = {"upsample_add_relu": _fuse_cases, "seg_head": _head_cases,
-         "conv2d_bias_act": _conv_cases, "strided_chain": _chain_cases, "bias_act": _bias_act_cases}
+         "conv2d_bias_act": _conv_cases, "strided_chain": _chain_cases, "bias_act": _bias_act_cases,
+         "basic_block": _block_cases}
 
 
 @pytest.mark.parametrize("op", sorted(CASES))

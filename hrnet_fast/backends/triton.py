@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import triton_status
-from ..plan import ConvSpec, FusePlan
+from ..plan import BlockPlan, ConvSpec, FusePlan
 from .base import Backend, fuse_then_classify
 from .native import native_backend
 
@@ -64,6 +64,22 @@ def conv2d_bias_act_triton(x, weight, bias, stride, padding, residual, relu, rel
 def _conv_key(x, spec: ConvSpec, residual=None):
     return (tuple(x.shape), tuple(spec.weight.shape), str(x.dtype), spec.stride, spec.padding,
             residual is not None, spec.relu, spec.relu_ranges)
+
+
+def _block_key(x, block: BlockPlan):
+    return (tuple(x.shape), str(x.dtype), x.is_contiguous(memory_format=torch.channels_last),
+            tuple(c.bias is not None for c in block.convs))
+
+
+def fusable_basic_block(block: BlockPlan) -> bool:
+    """A BasicBlock the block kernel computes: two 3x3 stride-1 pad-1 convs C -> C, each with a ReLU
+    on every channel, no downsample (the residual is the block's input)."""
+    if block.downsample is not None or len(block.convs) != 2:
+        return False
+    shape = tuple(block.convs[0].weight.shape)
+    return (len(shape) == 4 and shape[0] == shape[1] and shape[2:] == (3, 3)
+            and all(tuple(c.weight.shape) == shape and c.stride == 1 and c.padding == 1
+                    and c.relu and c.relu_ranges is None for c in block.convs))
 
 
 def _down_key(x, fuse: FusePlan, j: int):
@@ -113,6 +129,7 @@ class Triton(Backend):
         self._pinned: Dict[int, ConvSpec] = {}
         self._packed: Dict[int, torch.Tensor] = {}
         self._masks: Dict[int, torch.Tensor] = {}
+        self._block: Optional[Callable] = None
         if not auto and kernels_status(device, "conv")[0]:
             conv_options = selection.candidates(
                 "conv2d_bias_act", {"torch": native_conv}, {"triton": self._conv_triton}, device)
@@ -126,6 +143,12 @@ class Triton(Backend):
                 triton_convs = True
             elif "chain" in down_options:
                 self.down = self._down_chained
+                triton_convs = True
+            block_options = selection.candidates(
+                "basic_block", {"convs": self._block_convs}, {"fused": self._block_fused}, device)
+            if "fused" in block_options:
+                self._block = (selection.SelectingOp("basic_block", block_options, _block_key)
+                               if len(block_options) > 1 else self._block_fused)
                 triton_convs = True
         elif auto and device.type in PINNED_CONV_DEVICES and kernels_status(device, "conv")[0]:
             triton_convs = self._offer_pinned_convs(plan, native_conv)
@@ -218,6 +241,31 @@ class Triton(Backend):
 
     def down(self, x, fuse: FusePlan, j: int) -> List[torch.Tensor]:
         return self._down_batched(x, fuse, j)
+
+    def _block_convs(self, x, block: BlockPlan) -> torch.Tensor:
+        """A BasicBlock as two convs (the engine's form; functional: x is not written, so the
+        measured choice may run it repeatedly on the same x)."""
+        first, second = block.convs
+        return self.conv(self.conv(x, first), second, x)
+
+    def _block_fused(self, x, block: BlockPlan) -> torch.Tensor:
+        """A BasicBlock in one launch of the block kernel (its intermediate stays on chip)."""
+        first, second = block.convs
+        kernel_module("basic_block")
+        return torch.ops.hrnet_fast.basic_block_triton(x, self._weight(first), first.bias,
+                                                       self._weight(second), second.bias)
+
+    def blocks(self, x, blocks) -> Optional[torch.Tensor]:
+        """Explicit ``backend="triton"``: every plain BasicBlock (``fusable_basic_block``) chooses
+        per shape, measured, between two convs and the one-launch block kernel; other blocks run
+        as the engine runs them. None (the engine's block-by-block run) where the block kernel is
+        not a candidate (``auto``, or the CPU without ``HRNET_FAST_FORCE_BASIC_BLOCK``)."""
+        if self._block is None or not any(fusable_basic_block(b) for b in blocks):
+            return None
+        from ..engine import run_block
+        for b in blocks:
+            x = self._block(x, b) if fusable_basic_block(b) else run_block(self, x, b)
+        return x
 
     def projected_head(self, x, projection: ConvSpec, contributions, weight, bias, mode,
                        align_corners):
