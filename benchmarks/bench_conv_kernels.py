@@ -7,6 +7,7 @@
     python benchmarks/bench_conv_kernels.py --tile-ab --min-count 12  # + Triton without 2-D tiles
     python benchmarks/bench_conv_kernels.py --split-ab --min-count 12 # + Triton with another split-K
     python benchmarks/bench_conv_kernels.py --tma-ab --min-count 12   # + the TMA-fed 3x3 conv
+    python benchmarks/bench_conv_kernels.py --kinds block --min-count 12   # the one-launch BasicBlock
     python benchmarks/bench_conv_kernels.py --list --presets w18_small_v2   # the shapes, no GPU
     python benchmarks/bench_conv_kernels.py --cpu-smoke --presets w18_small_v1 --size 32x32
 
@@ -33,6 +34,11 @@ Variants per conv (same inputs, channels_last, the epilogue the inference plan n
                (``conv_tma.TMA_MODE = "on"``, off by default)
 Chains (fuse-step stride-2 chains j -> i): triton strided_chain (one launch) vs the unfused F.conv2d
 chain + add, and vs the per-step Triton conv chain.
+Blocks (--kinds with block; the branch bodies' plain BasicBlocks, found by their residual 3x3 conv):
+  triton_block  hrnet_fast.kernels.basic_block (both convs, biases, residual and ReLUs, one launch)
+  cudnn         F.conv2d + ReLU, F.conv2d + residual add + ReLU (eager PyTorch)
+  cudnn_fused   torch.cudnn_convolution_relu then torch.cudnn_convolution_add_relu (the engine's
+                two convs)
 
 Times (ms) are medians of triton.testing.do_bench_cudagraph (default: GPU time without launch overhead,
 as in the engine's CUDA graph) or of triton.testing.do_bench (--timer events: eager calls, L2 flushed).
@@ -40,7 +46,8 @@ as in the engine's CUDA graph) or of triton.testing.do_bench (--timer events: ea
 difference of the Triton output to the cuDNN output in the same dtype (a sanity check, not the accuracy
 test, which lives in tests/test_kernels_conv.py). TFLOP/s counts 2*MACs; GB/s counts the bytes of
 input, weight, residual and output once each. Ceilings (H200 measurements): 761 TFLOP/s, 4.2 TB/s.
-``build_shapes(preset, height, width, batch)`` and ``build_chains(...)`` are importable (no GPU needed).
+``build_shapes(preset, height, width, batch)``, ``build_chains(...)`` and ``build_blocks(...)`` are
+importable (no GPU needed).
 """
 from __future__ import annotations
 
@@ -243,6 +250,42 @@ def build_chains(preset: str = "w48", height: int = 1024, width: int = 2048, bat
     return [replace(c, name=f"{c.name} ({'/'.join(sections)})") for c, sections in found.values()]
 
 
+@dataclass
+class BlockShape:
+    name: str
+    c: int
+    h: int
+    w: int
+    batch: int = 1
+    count: int = 1            # how many times it occurs in one forward pass
+
+    def flops(self) -> float:
+        return 2 * 2.0 * self.batch * self.h * self.w * self.c * self.c * 9
+
+    def bytes(self, elem: int) -> float:
+        """Fused floor: input, both weights and output once (the intermediate on chip)."""
+        return float((2 * self.batch * self.c * self.h * self.w + 2 * 9 * self.c * self.c) * elem)
+
+
+def build_blocks(preset: str = "w48", height: int = 1024, width: int = 2048, batch: int = 1,
+                 channel_multiple: int = 8) -> List[BlockShape]:
+    """The plain BasicBlocks of one forward (two 3x3 stride-1 C -> C convs with ReLU, the block's
+    input as residual: ``backends.triton.fusable_basic_block``), found as their second conv (the
+    recorded 3x3 stride-1 C -> C conv with a residual and a ReLU on every channel, on a dense input);
+    ``count`` = how often each (C, H, W) runs."""
+    problems = kernel_ab.recorded(preset, batch, height, width, channel_multiple)
+    found: Dict[tuple, tuple] = {}
+    for p, section in zip(problems, _sections(problems)):
+        if not isinstance(p, ConvProblem):
+            continue
+        n, cin, h, w = p.x.shape
+        cout, _, k, _ = p.weight
+        if (p.residual and p.relu and not p.relu_ranges and cin == cout and k == 3 and p.stride == 1
+                and p.padding == 1 and kernel_ab.channel_slice(p.x) is None):
+            _merge(found, (cin, h, w, n), BlockShape(f"block {cin}", cin, h, w, batch=n), section)
+    return [replace(b, name=f"{b.name} ({'/'.join(sections)})") for b, sections in found.values()]
+
+
 # --------------------------------------------------------------------------------------------------
 # Measuring (GPU only)
 # --------------------------------------------------------------------------------------------------
@@ -260,8 +303,9 @@ def _with_setting(module, name: str, value, fn):
 
 
 def _autotuners() -> list:
-    from hrnet_fast.kernels import conv, conv_tma
-    return list(conv._TUNED.values()) + list(conv_tma._TUNED.values())
+    from hrnet_fast.kernels import basic_block, conv, conv_tma
+    return (list(conv._TUNED.values()) + list(conv_tma._TUNED.values())
+            + list(basic_block._TUNED.values()))
 
 
 def _recording_tuning(fn, sink: Dict[str, Dict[str, float]], name: str):
@@ -394,10 +438,42 @@ def _chain_variants(ch: ChainShape, dtype):
     return {"triton_chain": fused, "cudnn": unfused_cudnn, "triton_per_step": per_step_triton}, unfused_cudnn
 
 
+def _block_variants(b: BlockShape, dtype):
+    import torch
+    import torch.nn.functional as F
+    from hrnet_fast.kernels import basic_block as kblock
+    from hrnet_fast.kernels import conv as kconv
+
+    dev = torch.device(_DEVICE)
+    cl = torch.channels_last
+    x = torch.randn(b.batch, b.c, b.h, b.w, device=dev).to(dtype).contiguous(memory_format=cl)
+    ws = [(torch.randn(b.c, b.c, 3, 3, device=dev) / math.sqrt(9 * b.c)).to(dtype)
+          .contiguous(memory_format=cl) for _ in range(2)]
+    bs = [(torch.randn(b.c, device=dev) * 0.1).to(dtype) for _ in range(2)]
+    wps = [kconv.pack_weight(w) for w in ws]
+
+    def fused():
+        return kblock.basic_block(x, wps[0], bs[0], wps[1], bs[1])
+
+    def unfused_cudnn():
+        h = torch.relu(F.conv2d(x, ws[0], bs[0], padding=1))
+        return torch.relu(F.conv2d(h, ws[1], bs[1], padding=1) + x)
+
+    variants = {"triton_block": fused, "cudnn": unfused_cudnn}
+    if dev.type == "cuda":
+        one = (1, 1)
+        variants["cudnn_fused"] = lambda: torch.cudnn_convolution_add_relu(
+            torch.cudnn_convolution_relu(x, ws[0], bs[0], one, one, one, 1), ws[1], x, 1.0, bs[1],
+            one, one, one, 1)
+    return variants, unfused_cudnn
+
+
 def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
         channel_multiple: int = 8, min_count: int = 1, tile_ab: bool = False,
-        split_ab: bool = False, tma_ab: bool = False) -> List[kernel_ab.CaseResult]:
-    """Measure every conv and chain of every preset (``kernel_ab.measure_case``)."""
+        split_ab: bool = False, tma_ab: bool = False,
+        kinds: Sequence[str] = ("conv", "chain")) -> List[kernel_ab.CaseResult]:
+    """Measure every conv, chain and BasicBlock (those of ``kinds``) of every preset
+    (``kernel_ab.measure_case``)."""
     import torch
     from hrnet_fast.kernels import triton_status
 
@@ -415,10 +491,11 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
     elem = torch.empty((), dtype=dtype).element_size()
     results: List[kernel_ab.CaseResult] = []
     for preset in presets:
-        work = [("conv", c) for c in build_shapes(preset, height, width, batch,
+        work = []
+        for kind, build in (("conv", build_shapes), ("chain", build_chains), ("block", build_blocks)):
+            if kind in kinds:
+                work += [(kind, c) for c in build(preset, height, width, batch,
                                                   channel_multiple=channel_multiple)]
-        work += [("chain", c) for c in build_chains(preset, height, width, batch,
-                                                    channel_multiple=channel_multiple)]
         work = [(kind, c) for kind, c in work if c.count >= min_count]
         for kind, c in work:
             torch.manual_seed(0)
@@ -426,9 +503,12 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
                 variants, ref_fn = _conv_variants(c, dtype, use_compile, flat_k_ab, tile_ab, split_ab,
                                                   tma_ab)
                 desc = f"{c.cin}->{c.cout} k{c.k} s{c.stride} {c.h}x{c.w}"
-            else:
+            elif kind == "chain":
                 variants, ref_fn = _chain_variants(c, dtype)
                 desc = f"{c.cj}->{c.ci} x{c.steps} s2 {c.h}x{c.w}"
+            else:
+                variants, ref_fn = _block_variants(c, dtype)
+                desc = f"block {c.c} {c.h}x{c.w}"
             info = {"kind": kind, "preset": preset, "input": f"{batch}x3x{height}x{width}",
                     "shape": desc, "calls_per_forward": c.count}
             if kind == "conv":
@@ -454,7 +534,7 @@ def _print_row(r: kernel_ab.CaseResult, header: bool = False) -> None:
         print(f"{'preset':6} {'shape':32} {'variant ms':60} {'TFLOP/s':>8} {'GB/s':>7} {'%roof':>6} "
               f"{'vs best cudnn':>13} {'err~cudnn':>9}  name")
     parts = [f"{k}={v:.4f}" for k, v in r.ms.items()]
-    tri = "triton" if "triton" in r.ms else "triton_chain" if "triton_chain" in r.ms else None
+    tri = next((k for k in ("triton", "triton_chain", "triton_block") if k in r.ms), None)
     cud = [v for k, v in r.ms.items() if k.startswith("cudnn")]
     worst = max([v for k, v in r.rel_err.items() if k.startswith("triton")], default=float("nan"))
     head = f"{r.info['preset']:6} {r.info['shape']:32} {' '.join(parts):60}"
@@ -468,18 +548,20 @@ def _print_row(r: kernel_ab.CaseResult, header: bool = False) -> None:
 
 
 def _summary(results: List[kernel_ab.CaseResult]) -> None:
-    print("\nWeighted by occurrence count (convs only), sum of medians in ms:")
+    print("\nWeighted by occurrence count (convs and blocks), sum of medians in ms:")
     for preset in sorted({r.info["preset"] for r in results}):
-        tot: Dict[str, float] = {}
-        for r in results:
-            if r.info["preset"] != preset or r.info["kind"] != "conv":
-                continue
-            best_cudnn = min([v for k, v in r.ms.items() if k.startswith("cudnn")], default=None)
-            for k, v in (("triton", r.ms.get("triton")), ("cudnn", r.ms.get("cudnn")),
-                         ("best_cudnn", best_cudnn)):
-                if v is not None:
-                    tot[k] = tot.get(k, 0.0) + v * r.info["calls_per_forward"]
-        print(f"  {preset}: " + "  ".join(f"{k}={v:.3f}" for k, v in tot.items()))
+        for kind, tri in (("conv", "triton"), ("block", "triton_block")):
+            tot: Dict[str, float] = {}
+            for r in results:
+                if r.info["preset"] != preset or r.info["kind"] != kind:
+                    continue
+                best_cudnn = min([v for k, v in r.ms.items() if k.startswith("cudnn")], default=None)
+                for k, v in ((tri, r.ms.get(tri)), ("cudnn", r.ms.get("cudnn")),
+                             ("best_cudnn", best_cudnn)):
+                    if v is not None:
+                        tot[k] = tot.get(k, 0.0) + v * r.info["calls_per_forward"]
+            if tot:
+                print(f"  {preset} {kind}s: " + "  ".join(f"{k}={v:.3f}" for k, v in tot.items()))
 
 
 _CONFIG_FIELDS = re.compile(r"BLOCK_M: (\d+), BLOCK_N: (\d+), BLOCK_K: (\d+), TILE_W: (\d+), "
@@ -519,11 +601,12 @@ def pin_suggestions(results: List[kernel_ab.CaseResult], arch: str, dtype_name: 
 
 def list_shapes(presets: Sequence[str], height: int, width: int, batch: int,
                 channel_multiple: int = 8, min_count: int = 1) -> List[str]:
-    """The ``--list`` lines: one per conv and chain (preset, then the shape's fields)."""
+    """The ``--list`` lines: one per conv, chain and BasicBlock (preset, then the shape's fields)."""
     lines = []
     for pr in kernel_ab.check_presets(presets):
         shapes = (build_shapes(pr, height, width, batch, channel_multiple=channel_multiple)
-                  + build_chains(pr, height, width, batch, channel_multiple=channel_multiple))
+                  + build_chains(pr, height, width, batch, channel_multiple=channel_multiple)
+                  + build_blocks(pr, height, width, batch, channel_multiple=channel_multiple))
         lines += [f"{pr} {asdict(c)}" for c in shapes if c.count >= min_count]
     return lines
 
@@ -546,6 +629,9 @@ def main(argv=None) -> int:
                    help="add Triton without split-K where it splits, split in two where it could")
     p.add_argument("--tma-ab", action="store_true",
                    help="add the TMA-fed 3x3 conv (kernels/conv_tma.py) where it applies")
+    p.add_argument("--kinds", default="conv,chain",
+                   help="comma list of what to measure: conv, chain, block (the plain BasicBlocks: "
+                        "the one-launch block kernel, kernels/basic_block.py, against two cuDNN convs)")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="branch width padding of the plan (8 on CUDA; 1 = the raw widths)")
     p.add_argument("--min-count", type=int, default=1,
@@ -564,6 +650,9 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--size must be HxW, got {a.size!r}")
     presets = [s.strip() for s in a.presets.split(",") if s.strip()]
+    kinds = [s.strip() for s in a.kinds.split(",") if s.strip()]
+    if not kinds or set(kinds) - {"conv", "chain", "block"}:
+        p.error(f"--kinds takes a comma list of conv, chain, block; got {a.kinds!r}")
     if a.cpu_smoke:
         # The kernels must be defined under the interpreter: before triton is first imported.
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -586,7 +675,7 @@ def main(argv=None) -> int:
     _TIMER = a.timer
     t0 = time.time()
     results = run(presets, h, w, a.batch, a.dtype, a.compile, a.flat_k_ab, a.channel_multiple,
-                  a.min_count, a.tile_ab, a.split_ab, a.tma_ab)
+                  a.min_count, a.tile_ab, a.split_ab, a.tma_ab, kinds)
     _summary(results)
     from hrnet_fast.kernels import conv as conv_kernels
     pins = pin_suggestions(results, conv_kernels.device_arch(torch.device(_DEVICE)), a.dtype)
@@ -596,7 +685,8 @@ def main(argv=None) -> int:
     settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
                 "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
                 "channel_multiple": a.channel_multiple, "min_count": a.min_count, "tile_ab": a.tile_ab,
-                "split_ab": a.split_ab, "tma_ab": a.tma_ab, "pin_suggestions": pins,
+                "split_ab": a.split_ab, "tma_ab": a.tma_ab, "kinds": list(kinds),
+                "pin_suggestions": pins,
                 "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
                 "seconds": round(time.time() - t0, 1)}
     print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "

@@ -89,13 +89,20 @@ STEPS: Dict[str, Tuple[int, str]] = {
     # (and the TMA-fed 3x3 conv, kernels/conv_tma.py, off by default: its tests and --tma-ab)
     "tests_tiled": (120, gpu_pytest("tests/test_kernels_conv.py tests/test_kernels_conv_tma.py "
                                     "tests/test_conv_pinning.py "
-                                    "-k 'gpu_tiled or gpu_split or tma_conv_gpu or pinning'", 100,
+                                    "tests/test_kernels_basic_block.py "
+                                    "-k 'gpu_tiled or gpu_split or tma_conv_gpu or pinning or block'",
+                                    100,
                                     marker="")),
     # (one preset per step: each thin shape compiles 20-30 specialisations; rows print as they end)
     "conv_ab_tile": (220, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 "
                           "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),
     "conv_ab_tile48": (220, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w48 "
                             "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),
+    # the one-launch BasicBlock (kernels/basic_block.py) against cuDNN's two fused convs on the
+    # branch bodies, w18 and w48 (its GPU tests run in tests_tiled); backend="triton" measures it
+    # per shape in the whole model (bench_triton)
+    "block_ab": (150, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+                      "--min-count 12 --kinds block --json {json}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
@@ -162,7 +169,7 @@ GROUPS = {
     # timing: the new conv forms' GPU tests, then the lanes/projected-head tests, then the A/B
     # (which autotunes and keeps whatever rows finish inside its share of the budget)
     "next1": ["env", "tests_tiled", "tests_lanes", "conv_ab_tile", "ab_head"],
-    "next2": ["conv_ab_tile48", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
+    "next2": ["conv_ab_tile48", "block_ab", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
               "conv_ab_pad32", "conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures

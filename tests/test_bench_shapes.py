@@ -124,7 +124,8 @@ def test_conv_listing_and_chains_follow_the_architecture(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     shapes = bench_conv_kernels.build_shapes("w18_small_v1", 64, 96, 1)
     chains = bench_conv_kernels.build_chains("w18_small_v1", 64, 96, 1)
-    assert len(lines) == len(shapes) + len(chains)
+    blocks = bench_conv_kernels.build_blocks("w18_small_v1", 64, 96, 1)
+    assert len(lines) == len(shapes) + len(chains) + len(blocks)
     assert all(line.startswith("w18_small_v1 {'name': ") for line in lines)
     # Convs of one forward, counted from the architecture: stem 2; layer1 one Bottleneck with
     # downsample 4; transitions 2 + 1 + 1; branch blocks (2 BasicBlocks of 2 convs per branch)
@@ -134,6 +135,9 @@ def test_conv_listing_and_chains_follow_the_architecture(capsys):
     assert [s.count for s in shapes if s.residual] == [1, 6, 6, 4, 2]  # layer1, then b0..b3
     sizes = _branch_sizes(64, 96)
     widths = (16, 32, 64, 128)
+    # BasicBlocks: 2 per branch and module (the residual convs above, less layer1's Bottleneck)
+    assert [(b.c, (b.h, b.w), b.count) for b in blocks] == [
+        (widths[k], sizes[k], n) for k, n in enumerate((6, 6, 4, 2))]
     got = {c.name.split(" ")[1]: (c.cj, c.ci, c.steps, (c.h, c.w), c.count) for c in chains}
     assert got == {"0->2": (widths[0], widths[2], 2, sizes[0], 2),  # stage3 and stage4
                    "0->3": (widths[0], widths[3], 3, sizes[0], 1),
@@ -235,3 +239,19 @@ def test_conv_ab_runs_a_pinned_class_beside_the_autotuned_list(monkeypatch):
     assert {tuple(r.info["problem_class"]) for r in pinned} == {(16, 16, 3, 1)}
     assert all(r.rel_err["triton_pinned"] < 1e-5 and r.rel_err["triton"] < 1e-5 for r in pinned)
     assert kconv.PINNED_MODE == "off"
+
+
+def test_block_ab_runs_the_block_kernel_against_two_convs(monkeypatch):
+    """``--kinds block``: one row per BasicBlock shape: the block kernel against the unfused convs,
+    equal within the fp32 bound (the CPU smoke path: no timings)."""
+    import torch
+    from hrnet_fast.kernels import triton_status
+    ok, why = triton_status(torch.device("cpu"))
+    if not ok or torch.cuda.is_available():
+        pytest.skip(why or "the CPU smoke path (interpreter)")
+    monkeypatch.setattr(bench_conv_kernels, "_DEVICE", "cpu")
+    results = bench_conv_kernels.run(["w18_small_v1"], 32, 48, 1, "fp32", False, False, min_count=6,
+                                     kinds=("block",))
+    rows = results
+    assert [r.info["shape"] for r in rows] == ["block 16 8x12", "block 32 4x6"]
+    assert all(r.rel_err["triton_block"] < 1e-5 for r in rows), [r.rel_err for r in rows]
