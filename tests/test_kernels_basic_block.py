@@ -244,20 +244,46 @@ def test_auto_does_not_offer_the_block_kernel(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ GPU
 
+def _one_config(monkeypatch, tile, shape):
+    """The block kernel with one config (no autotuning): tile (TH, TW), shape (BLOCK_M, BLOCK_K,
+    warps, stages)."""
+    monkeypatch.setattr(kblock, "_TUNED", {})
+    monkeypatch.setattr(kblock, "BLOCK_TILES", (tile,))
+    monkeypatch.setattr(kblock, "_BLOCK_SHAPES", [shape])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", [(24, 256, 512), (40, 128, 256), (72, 64, 128), (144, 32, 64),
                                   (48, 256, 512), (96, 128, 256), (192, 64, 128), (384, 32, 64),
                                   (24, 60, 65)],
                          ids=lambda c: "c%d_%dx%d" % c)
-def test_block_gpu_full_shapes(case, dtype):
+def test_block_gpu_full_shapes(case, dtype, monkeypatch):
+    """Every w18/w48 branch-body block at 1024x2048 (and a ragged size), one config each."""
     c, h, w = case
+    _one_config(monkeypatch, (8, 16), (64, 32, 4, 2))
     dev = torch.device("cuda")
     ws, bs = _make_block(c, seed=2)
     x = torch.randn(1, c, h, w).to(dtype)
     out = kblock.basic_block(x.to(dev).contiguous(memory_format=torch.channels_last),
                              ws[0].to(dev, dtype), bs[0].to(dev), ws[1].to(dev, dtype), bs[1].to(dev))
     _check(out, x, ws, bs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [24, 144])
+def test_block_gpu_every_config(c, monkeypatch):
+    """Each autotune config alone (the tile and the block shape), fp16, a ragged size."""
+    from itertools import product
+    dev = torch.device("cuda")
+    ws, bs = _make_block(c, seed=6)
+    x = torch.randn(2, c, 37, 70).half()
+    tiles, shapes = kblock.BLOCK_TILES, list(kblock._BLOCK_SHAPES)
+    for tile, shape in product(tiles, shapes):
+        _one_config(monkeypatch, tile, shape)
+        out = kblock.basic_block(x.to(dev), ws[0].to(dev).half(), bs[0].to(dev), ws[1].to(dev).half(),
+                                 bs[1].to(dev))
+        _check(out, x, ws, bs, torch.float16)
 
 
 @pytest.mark.gpu
