@@ -53,8 +53,9 @@ def _check(out, x, ws, bs, dtype):
 
 BLOCK_CASES = [
     # N, C, H, W, tile override (TH, TW), biases
-    (2, 18, 13, 17, None, (True, True)),       # the interpreter's 8 x 8: 2 x 3 tiles, ragged edges
-    (1, 24, 9, 11, (4, 8), (True, True)),      # rectangular tiles, VEC 8
+    (2, 18, 13, 17, None, (True, True)),       # the interpreter's 8 x 8: 2 x 3 tiles, ragged edges;
+                                               # VEC 2: K per tap (as 36 and 21)
+    (1, 24, 9, 11, (4, 8), (True, True)),      # rectangular tiles, VEC 8: flat K (as 16 and 40)
     (2, 36, 5, 7, (2, 4), (False, True)),      # many tiles per image, no conv1 bias
     (1, 16, 6, 5, (8, 16), (True, False)),     # one tile larger than the image (masking)
     (1, 40, 7, 9, (4, 4), (False, False)),     # 40 channels: a 64-wide N tile, K in two blocks
@@ -99,7 +100,7 @@ def _spy_vec(monkeypatch):
                 run = launcher[grid]
 
                 def call(*args, **kwargs):
-                    seen.append(kwargs["VEC"])
+                    seen.append((kwargs["VEC"], kwargs["FLAT_K"]))
                     return run(*args, **kwargs)
                 return call
         return _Grid()
@@ -111,7 +112,7 @@ def _spy_vec(monkeypatch):
 @pytest.mark.parametrize("layout", ["nchw", "slice"])
 def test_block_input_layouts(layout, monkeypatch):
     """An NCHW x and a 24-channel slice at channel 3 of a channels_last 29-channel tensor: both are
-    made dense channels_last (the slice is copied), so both run with VEC 8."""
+    made dense channels_last (the slice is copied), so both run with VEC 8 and the flat K walk."""
     seen = _spy_vec(monkeypatch)
     ws, bs = _make_block(24, seed=5)
     g = torch.Generator().manual_seed(9)
@@ -124,7 +125,7 @@ def test_block_input_layouts(layout, monkeypatch):
         xd = big.to(DEVICE)[:, 3:27]
     out = kblock.basic_block(xd, ws[0].to(DEVICE), bs[0].to(DEVICE), ws[1].to(DEVICE), bs[1].to(DEVICE))
     _check(out, x, ws, bs, torch.float32)
-    assert seen == [8]
+    assert seen == [(8, True)]
 
 
 def test_block_errors_and_fake():

@@ -30,6 +30,11 @@ Layouts, dtypes, VEC: x is made channels_last; fp32 / fp16 / bf16; weights packe
 back in the kernel, so with C = 24 / 40 / 72 / 144 every pixel offset of x, of the scratch and of
 the output is a provable multiple of 8 elements and the loads are 16 bytes wide.
 
+K walk (``conv.use_flat_k``, as the conv's): flat over (tap, channel) in one pipelined loop for C a
+multiple of 8 but not of 32 read with VEC 8 (24, 40, 48, 72, 144: Cin 24 takes 7 K steps of 32
+instead of 9 taps of 32 padded channels) and C < 16; per tap otherwise (a runtime loop over the 9
+taps around a pipelined loop over channel blocks).
+
 Tiles: (TH, TW) is autotuned with the block sizes per (C, next_pow2(pixels), dtype, biases). The
 scratch is sized for the most demanding tile. Run each shape once eagerly before a CUDA graph
 capture (autotuning). Offsets inside one image are 32-bit; image and scratch bases 64-bit.
@@ -46,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
-from .conv import _strides, pack_weight, vec_factor
+from .conv import _strides, pack_weight, use_flat_k, vec_factor
 from .conv_chain import conv3x3_region
 
 __all__ = ["basic_block", "block_configs", "block_reference"]
@@ -87,7 +92,7 @@ def _basic_block_kernel(
     sxn, sxh, sxw, sxc,
     OUT_BUCKET,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-    VEC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_M: tl.constexpr,
+    VEC: tl.constexpr, FLAT_K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # VEC rule (as in conv.py): C and x's n/h/w strides arrive divided by VEC.
@@ -114,14 +119,14 @@ def _basic_block_kernel(
                    w1_ptr, b1_ptr, C,
                    scratch, RW * C, C, 1, oy - 1, ox - 1, oy - 1, ox - 1, H, W,
                    x_img, 0, 0, 0,
-                   RH, RW, 1, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                   RH, RW, 1, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K)
     tl.debug_barrier()
     # the output tile from h, + b2 + x, ReLU
     conv3x3_region(scratch, RW * C, C, 1, oy - 1, ox - 1, H, W, C,
                    w2_ptr, b2_ptr, C,
                    out_img, W * C, C, 1, oy, ox, 0, 0, H, W,
                    x_img, sxh, sxw, sxc,
-                   TH, TW, 1, HAS_B2, True, True, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                   TH, TW, 1, HAS_B2, True, True, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, FLAT_K)
 
 
 _TUNED: Dict[Tuple, object] = {}
@@ -141,7 +146,7 @@ def _tuned_block_kernel(c: int):
         kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= bk_cap] or configs[:1]
         kern = triton.autotune(
             configs=kept,
-            key=["C", "OUT_BUCKET", "HAS_B1", "HAS_B2", "IEEE", "BLOCK_N", "VEC"],
+            key=["C", "OUT_BUCKET", "HAS_B1", "HAS_B2", "IEEE", "BLOCK_N", "VEC", "FLAT_K"],
             cache_results=True,  # as the conv's: a later process chooses without timing again
         )(_basic_block_kernel)
         _TUNED[key] = kern
@@ -187,7 +192,7 @@ def basic_block_triton(
         h, w, c // vec, sxn // vec, sxh // vec, sxw // vec, sxc,
         triton.next_power_of_2(n * h * w),
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_N=block_n, VEC=vec,
+        BLOCK_N=block_n, VEC=vec, FLAT_K=use_flat_k(c, vec),
     )
     return out
 

@@ -112,6 +112,7 @@ def conv3x3_region(
     RH: tl.constexpr, RW: tl.constexpr, STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ACC: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT_K: tl.constexpr,
 ):
     """3x3 pad-1 conv (stride STRIDE, 1 or 2) over an RH x RW region of the destination level whose
     top-left pixel is (d_oy, d_ox) in destination-image coordinates:
@@ -120,7 +121,13 @@ def conv3x3_region(
     iff 0 <= y < Hs, 0 <= x < Ws (zero padding). Destination pixel (y, x) is stored at
     dst_ptr + (y - d_ay)*d_sh + (x - d_ax)*d_sw + co*d_sc iff it lies inside the destination image
     (Hd x Wd); ``acc`` (added before the ReLU) is read at acc_ptr + y*a_sh + x*a_sw + co*a_sc.
-    Weights are packed [9*Cin, Cout] (row tap*Cin + c)."""
+    Weights are packed [9*Cin, Cout] (row tap*Cin + c).
+
+    K walks: per tap (FLAT_K False), a runtime loop over the 9 taps around one over channel blocks
+    (only the inner loop can be software-pipelined: none of it when Cin <= BLOCK_K); flat, one
+    pipelined loop of BLOCK_K steps over (tap, channel) as ``conv.py``'s flat walk (with Cin a
+    multiple of 8 every aligned run of 8 k values is 8 consecutive channels of one tap, so loads
+    stay 16 bytes wide; Cin 24 takes 7 steps of 32 instead of 9 taps of 32 padded channels)."""
     NP: tl.constexpr = RH * RW
     offs_k = tl.arange(0, BLOCK_K)
     for p0 in range(0, NP, BLOCK_M):
@@ -134,27 +141,47 @@ def conv3x3_region(
             co = n0 + tl.arange(0, BLOCK_N)
             co_ok = co < Cout
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # Runtime tap loop (not static_range): unrolled taps would let the compiler hoist nine
-            # sets of gather addresses out of the channel-block loop and spill.
-            for tap in range(9):
-                r = tap // 3
-                s = tap - r * 3
-                iy = STRIDE * y - 1 + r
-                ix = STRIDE * x - 1 + s
-                ok = in_img & (iy >= 0) & (iy < Hs) & (ix >= 0) & (ix < Ws)
-                a_base = src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw
-                w_tap = w_ptr + (tap * Cin) * Cout
-                for c0 in range(0, Cin, BLOCK_K):
-                    cc = c0 + offs_k
-                    c_ok = cc < Cin
-                    a = tl.load(a_base[:, None] + cc[None, :] * s_sc,
-                                mask=ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(w_tap + cc[:, None] * Cout + co[None, :],
-                                mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+            if FLAT_K:
+                for k0 in range(0, 9 * Cin, BLOCK_K):
+                    kk = k0 + offs_k
+                    k_ok = kk < 9 * Cin
+                    tap = kk // Cin
+                    cc = kk - tap * Cin
+                    r = tap // 3
+                    s = tap - r * 3
+                    iy = STRIDE * y[:, None] - 1 + r[None, :]
+                    ix = STRIDE * x[:, None] - 1 + s[None, :]
+                    ok = in_img[:, None] & k_ok[None, :] & (iy >= 0) & (iy < Hs) & (ix >= 0) & (ix < Ws)
+                    a = tl.load(src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw + cc[None, :] * s_sc,
+                                mask=ok, other=0.0)
+                    b = tl.load(w_ptr + kk[:, None] * Cout + co[None, :],
+                                mask=k_ok[:, None] & co_ok[None, :], other=0.0)
                     if IEEE:
                         acc = tl.dot(a, b, acc, input_precision="ieee")
                     else:
                         acc = tl.dot(a, b, acc)
+            else:
+                # Runtime tap loop (not static_range): unrolled taps would let the compiler hoist nine
+                # sets of gather addresses out of the channel-block loop and spill.
+                for tap in range(9):
+                    r = tap // 3
+                    s = tap - r * 3
+                    iy = STRIDE * y - 1 + r
+                    ix = STRIDE * x - 1 + s
+                    ok = in_img & (iy >= 0) & (iy < Hs) & (ix >= 0) & (ix < Ws)
+                    a_base = src_ptr + (iy - s_ay) * s_sh + (ix - s_ax) * s_sw
+                    w_tap = w_ptr + (tap * Cin) * Cout
+                    for c0 in range(0, Cin, BLOCK_K):
+                        cc = c0 + offs_k
+                        c_ok = cc < Cin
+                        a = tl.load(a_base[:, None] + cc[None, :] * s_sc,
+                                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+                        b = tl.load(w_tap + cc[:, None] * Cout + co[None, :],
+                                    mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+                        if IEEE:
+                            acc = tl.dot(a, b, acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(a, b, acc)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
                 acc = acc + bias[None, :]
@@ -223,13 +250,13 @@ def _strided_chain_kernel(
                         w1_ptr, b1_ptr, Cj,
                         s1, R1 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
                         acc_img, 0, 0, 0,
-                        R1, R1, 2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
+                        R1, R1, 2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K, False)
         tl.debug_barrier()
         conv3x3_region(s1, R1 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
                         w2_ptr, b2_ptr, Ci,
                         out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
                         acc_img, sah, saw, sac,
-                        T, T, 2, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
+                        T, T, 2, HAS_B2, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K, False)
     else:
         HF = H3
         WF = W3
@@ -244,19 +271,19 @@ def _strided_chain_kernel(
                         w1_ptr, b1_ptr, Cj,
                         s1, R2 * Cj, Cj, 1, oy1, ox1, oy1, ox1, H1, W1,
                         acc_img, 0, 0, 0,
-                        R2, R2, 2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
+                        R2, R2, 2, HAS_B1, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K, False)
         tl.debug_barrier()
         conv3x3_region(s1, R2 * Cj, Cj, 1, oy1, ox1, H1, W1, Cj,
                         w2_ptr, b2_ptr, Cj,
                         s2, R1 * Cj, Cj, 1, oy2, ox2, oy2, ox2, H2, W2,
                         acc_img, 0, 0, 0,
-                        R1, R1, 2, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K)
+                        R1, R1, 2, HAS_B2, True, False, IEEE, BLOCK_M, BLOCK_NI, BLOCK_K, False)
         tl.debug_barrier()
         conv3x3_region(s2, R1 * Cj, Cj, 1, oy2, ox2, H2, W2, Cj,
                         w3_ptr, b3_ptr, Ci,
                         out_img, WF * Ci, Ci, 1, oy, ox, 0, 0, HF, WF,
                         acc_img, sah, saw, sac,
-                        T, T, 2, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K)
+                        T, T, 2, HAS_B3, False, HAS_ACC, IEEE, BLOCK_M, BLOCK_NF, BLOCK_K, False)
 
 
 _TUNED: Dict[Tuple, object] = {}
