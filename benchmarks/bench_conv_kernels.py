@@ -36,6 +36,7 @@ Chains (fuse-step stride-2 chains j -> i): triton strided_chain (one launch) vs 
 chain + add, and vs the per-step Triton conv chain.
 Blocks (--kinds with block; the branch bodies' plain BasicBlocks, found by their residual 3x3 conv):
   triton_block  hrnet_fast.kernels.basic_block (both convs, biases, residual and ReLUs, one launch)
+  triton_block_pinned  the same with the width's pinned config (``PINNED_BLOCK_CONFIGS``), if any
   cudnn         F.conv2d + ReLU, F.conv2d + residual add + ReLU (eager PyTorch)
   cudnn_fused   torch.cudnn_convolution_relu then torch.cudnn_convolution_add_relu (the engine's
                 two convs)
@@ -460,6 +461,10 @@ def _block_variants(b: BlockShape, dtype):
         return torch.relu(F.conv2d(h, ws[1], bs[1], padding=1) + x)
 
     variants = {"triton_block": fused, "cudnn": unfused_cudnn}
+    if _with_setting(kconv, "PINNED_MODE", "on",
+                     lambda: kblock.pinned_block_config(dev, dtype, b.c))():
+        # the width's pinned config alone (what ``auto`` would offer), beside the autotuned list
+        variants["triton_block_pinned"] = _with_setting(kconv, "PINNED_MODE", "on", fused)
     if dev.type == "cuda":
         one = (1, 1)
         variants["cudnn_fused"] = lambda: torch.cudnn_convolution_add_relu(
@@ -483,7 +488,7 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
     from hrnet_fast.kernels import conv as conv_kernels
     dtype = kernel_ab.DTYPES[dtype_name]
     # the "triton" variant autotunes the whole list even where a config is pinned (the A/B is
-    # what pins are made from); "triton_pinned" runs the pin
+    # what pins are made from); "triton_pinned" runs the pin (the block kernel's pins too)
     conv_kernels.PINNED_MODE = "off"
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -513,6 +518,8 @@ def run(presets, height, width, batch, dtype_name, use_compile, flat_k_ab,
                     "shape": desc, "calls_per_forward": c.count}
             if kind == "conv":
                 info["problem_class"] = [c.cin, c.cout, c.k, c.stride]
+            elif kind == "block":
+                info["block_class"] = [c.c]
             before = conv_kernels.chosen_configs()
             tuning: Dict[str, Dict[str, float]] = {}
             variants = {name: _recording_tuning(fn, tuning, name) if name.startswith("triton") else fn
@@ -568,21 +575,32 @@ _CONFIG_FIELDS = re.compile(r"BLOCK_M: (\d+), BLOCK_N: (\d+), BLOCK_K: (\d+), TI
                             r"num_warps: (\d+),.*num_stages: (\d+)")
 
 
-def pin_suggestions(results: List[kernel_ab.CaseResult], arch: str, dtype_name: str) -> List[str]:
-    """``PINNED_CONFIGS`` lines (kernels/conv.py) for the conv classes where the autotuned Triton
-    conv ("triton") beat the best cuDNN variant: the config the autotuner timed fastest there. A
-    class seen at several sizes is suggested only where it won at every size, with its most
-    frequent winner. The runtime still measures cuDNN against the pin per shape."""
+_BLOCK_CONFIG_FIELDS = re.compile(r"TH: (\d+), TW: (\d+), BLOCK_M: (\d+), BLOCK_K: (\d+), "
+                                  r"num_warps: (\d+),.*num_stages: (\d+)")
+# per kind: the Triton variant, the row's class, how its config prints
+_PIN_KINDS = {"conv": ("triton", "problem_class", _CONFIG_FIELDS),
+              "block": ("triton_block", "block_class", _BLOCK_CONFIG_FIELDS)}
+
+
+def pin_suggestions(results: List[kernel_ab.CaseResult], arch: str, dtype_name: str,
+                    kind: str = "conv") -> List[str]:
+    """Lines for the pinned-config table of ``kind``: ``PINNED_CONFIGS`` (kernels/conv.py) for the
+    conv classes where the autotuned Triton conv ("triton") beat the best cuDNN variant,
+    ``PINNED_BLOCK_CONFIGS`` (kernels/basic_block.py) for the block widths where the block kernel
+    ("triton_block") beat cuDNN's two convs; the config the autotuner timed fastest there. A class
+    seen at several sizes is suggested only where it won at every size, with its most frequent
+    winner. The runtime still measures cuDNN against the pin per shape."""
+    variant, class_field, fields = _PIN_KINDS[kind]
     wins: Dict[tuple, List[Tuple[tuple, float, float, int]]] = {}
     for r in results:
-        cls = r.info.get("problem_class")
-        timed = (r.info.get("config_ms") or {}).get("triton") or {}
+        cls = r.info.get(class_field)
+        timed = (r.info.get("config_ms") or {}).get(variant) or {}
         cud = [v for k, v in r.ms.items() if k.startswith("cudnn")]
-        if cls is None or "triton" not in r.ms or not cud:
+        if cls is None or variant not in r.ms or not cud:
             continue
         best_cfg = min(timed, key=timed.get) if timed else None
-        m = _CONFIG_FIELDS.search(best_cfg or "")
-        entry = (tuple(int(v) for v in m.groups()) if m else None, r.ms["triton"], min(cud),
+        m = fields.search(best_cfg or "")
+        entry = (tuple(int(v) for v in m.groups()) if m else None, r.ms[variant], min(cud),
                  int(r.info.get("calls_per_forward", 1)))
         wins.setdefault(tuple(cls), []).append(entry)
     lines = []
@@ -678,15 +696,20 @@ def main(argv=None) -> int:
                   a.min_count, a.tile_ab, a.split_ab, a.tma_ab, kinds)
     _summary(results)
     from hrnet_fast.kernels import conv as conv_kernels
-    pins = pin_suggestions(results, conv_kernels.device_arch(torch.device(_DEVICE)), a.dtype)
+    arch = conv_kernels.device_arch(torch.device(_DEVICE))
+    pins = pin_suggestions(results, arch, a.dtype)
     print("\nPINNED_CONFIGS entries where the autotuned Triton conv won (kernels/conv.py):")
     print("\n".join(pins) if pins else "    none")
+    block_pins = pin_suggestions(results, arch, a.dtype, kind="block")
+    if "block" in kinds:
+        print("\nPINNED_BLOCK_CONFIGS entries where the block kernel won (kernels/basic_block.py):")
+        print("\n".join(block_pins) if block_pins else "    none")
     env = kernel_ab.environment(_DEVICE, argv)
     settings = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "memory_format": "channels_last",
                 "timer": _TIMER if _DEVICE == "cuda" else "cpu smoke: one call",
                 "channel_multiple": a.channel_multiple, "min_count": a.min_count, "tile_ab": a.tile_ab,
                 "split_ab": a.split_ab, "tma_ab": a.tma_ab, "kinds": list(kinds),
-                "pin_suggestions": pins,
+                "pin_suggestions": pins, "block_pin_suggestions": block_pins,
                 "ceilings": {"tflops": PEAK_TFLOPS, "gbps": PEAK_GBPS},
                 "seconds": round(time.time() - t0, 1)}
     print(f"\n{env['card']}  torch {env['torch']}  triton {env['triton']}  cuDNN {env['cudnn']}  "

@@ -79,8 +79,9 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "ab_pad": (90, f"{PY} {STEPS_PY} ab_pad --json {{json}}"),
     # branch 0's projection inside the seg head kernel, on against off (off by default until then)
     "ab_head": (60, f"{PY} {STEPS_PY} ab_head --json {{json}}"),
-    # auto with the pinned Triton conv configs against HRNET_FAST_CONV_PINS=0 (after the conv A/B's
-    # suggested entries were pasted into kernels/conv.py PINNED_CONFIGS; reports 0 pins otherwise)
+    # auto with the pinned Triton conv and block configs against HRNET_FAST_CONV_PINS=0 (after the
+    # conv and block A/Bs' suggested entries were pasted into kernels/conv.py PINNED_CONFIGS and
+    # kernels/basic_block.py PINNED_BLOCK_CONFIGS; reports 0 pins otherwise)
     "ab_pins": (150, f"{PY} {STEPS_PY} ab_pins --json {{json}}"),
     # the Triton conv's 2-D tiled configs (L1-fed taps, kernels/conv.py _TILED_MMA_CONFIGS) and
     # split-K (SPLIT_K_MODE): each tiled config forced alone at full thin-layer sizes and split-K

@@ -454,17 +454,21 @@ def step_ab_head(args) -> None:
 
 
 def step_ab_pins(args) -> None:
-    """``auto`` with the pinned Triton conv configs (kernels/conv.py PINNED_CONFIGS) against
-    ``HRNET_FAST_CONV_PINS=0`` (every conv on cuDNN): the drop-in's defaults (fp16, graphs, lanes),
-    1x3x1024x2048, graph replays alternating, 30 rounds; both outputs against fp64. Says so and
-    measures nothing while the table has no entry for this card."""
+    """``auto`` with the pinned Triton configs (kernels/conv.py PINNED_CONFIGS, kernels/
+    basic_block.py PINNED_BLOCK_CONFIGS) against ``HRNET_FAST_CONV_PINS=0`` (every conv on cuDNN):
+    the drop-in's defaults (fp16, graphs, lanes), 1x3x1024x2048, graph replays alternating, 30
+    rounds; both outputs against fp64. Says so and measures nothing while neither table has an
+    entry for this card."""
     import torch
+    from hrnet_fast.kernels import basic_block as kblock
     from hrnet_fast.kernels import conv as kconv
     arch = kconv.device_arch(torch.device("cuda"))
     pins = {k: v for k, v in kconv.PINNED_CONFIGS.items() if k[0] == arch}
-    if not pins:
-        print(f"ab_pins: no PINNED_CONFIGS entry for {arch}: nothing to compare", flush=True)
-        _save(args.json, {"arch": arch, "pins": 0})
+    block_pins = {k: v for k, v in kblock.PINNED_BLOCK_CONFIGS.items() if k[0] == arch}
+    if not pins and not block_pins:
+        print(f"ab_pins: no PINNED_CONFIGS or PINNED_BLOCK_CONFIGS entry for {arch}: nothing to "
+              "compare", flush=True)
+        _save(args.json, {"arch": arch, "pins": 0, "block_pins": 0})
         return
 
     def unpinned(model):
@@ -476,7 +480,7 @@ def step_ab_pins(args) -> None:
             os.environ.pop("HRNET_FAST_CONV_PINS", None)
 
     rows = _on_off_rows(args.presets, unpinned, _drop_in_fp16)
-    _save(args.json, {"arch": arch, "pins": len(pins), **rows})
+    _save(args.json, {"arch": arch, "pins": len(pins), "block_pins": len(block_pins), **rows})
 
 
 def step_overlap(args) -> None:

@@ -243,15 +243,43 @@ def test_conv_ab_runs_a_pinned_class_beside_the_autotuned_list(monkeypatch):
 
 def test_block_ab_runs_the_block_kernel_against_two_convs(monkeypatch):
     """``--kinds block``: one row per BasicBlock shape: the block kernel against the unfused convs,
-    equal within the fp32 bound (the CPU smoke path: no timings)."""
+    equal within the fp32 bound, and its pinned config where the width has one (the CPU smoke
+    path: no timings)."""
     import torch
     from hrnet_fast.kernels import triton_status
     ok, why = triton_status(torch.device("cpu"))
     if not ok or torch.cuda.is_available():
         pytest.skip(why or "the CPU smoke path (interpreter)")
+    from hrnet_fast.kernels import basic_block as kblock
+    from hrnet_fast.kernels import conv as kconv
+    monkeypatch.setattr(kconv, "PINNED_MODE", "on")          # run() turns it off; restored after
+    monkeypatch.setattr(kblock, "PINNED_BLOCK_CONFIGS",
+                        {("cpu", torch.float32, 16): (8, 8, 64, 32, 4, 1)})  # the interpreter's
     monkeypatch.setattr(bench_conv_kernels, "_DEVICE", "cpu")
-    results = bench_conv_kernels.run(["w18_small_v1"], 32, 48, 1, "fp32", False, False, min_count=6,
-                                     kinds=("block",))
-    rows = results
+    rows = bench_conv_kernels.run(["w18_small_v1"], 32, 48, 1, "fp32", False, False, min_count=6,
+                                  kinds=("block",))
     assert [r.info["shape"] for r in rows] == ["block 16 8x12", "block 32 4x6"]
-    assert all(r.rel_err["triton_block"] < 1e-5 for r in rows), [r.rel_err for r in rows]
+    assert [r.info["block_class"] for r in rows] == [[16], [32]]
+    assert all(err < 1e-5 for r in rows for name, err in r.rel_err.items()), [r.rel_err for r in rows]
+    assert ["triton_block_pinned" in r.ms for r in rows] == [True, False]   # the pinned width only
+
+
+def test_block_pin_suggestions_parse_the_block_kernel_configs():
+    import torch
+    fast = "TH: 8, TW: 16, BLOCK_M: 64, BLOCK_K: 32, num_warps: 4, num_ctas: 1, num_stages: 2, maxnreg: 255"
+    slow = "TH: 16, TW: 16, BLOCK_M: 128, BLOCK_K: 32, num_warps: 8, num_ctas: 1, num_stages: 2, maxnreg: 255"
+
+    def row(c, tri, cud, timed):
+        r = kernel_ab.CaseResult("case", {"kind": "block", "preset": "w18", "block_class": [c],
+                                          "calls_per_forward": 32,
+                                          "config_ms": {"triton_block": timed}}, bytes=1.0)
+        r.ms = {"triton_block": tri, "cudnn": cud * 2, "cudnn_fused": cud}
+        return r
+
+    rows = [row(24, 0.020, 0.039, {fast: 0.021, slow: 0.03}),
+            row(40, 0.040, 0.037, {slow: 0.041, fast: 0.05})]                  # lost: no line
+    assert bench_conv_kernels.pin_suggestions(rows, "sm90", "fp16") == []     # no conv rows
+    lines = bench_conv_kernels.pin_suggestions(rows, "sm90", "fp16", kind="block")
+    assert len(lines) == 1 and "best cuDNN / Triton >= 1.95x" in lines[0]
+    entry = eval("{\n" + lines[0] + "\n}", {"torch": torch})
+    assert entry == {("sm90", torch.float16, 24): (8, 16, 64, 32, 4, 2)}

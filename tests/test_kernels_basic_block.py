@@ -243,6 +243,102 @@ def test_auto_does_not_offer_the_block_kernel(monkeypatch):
     assert be.blocks(x, plan.stages[0][0].branches[0]) is None
 
 
+# ------------------------------------------------------------------------------------- pinned widths
+
+def _pin(cfg, c=16, dtype=torch.float32):
+    kblock.PINNED_BLOCK_CONFIGS[(kconv.device_arch(DEVICE), dtype, c)] = cfg
+
+
+@pytest.fixture
+def _gpu_config_list(monkeypatch):
+    """The GPU config list (not the interpreter's single config) and no pins but the test's own."""
+    monkeypatch.setattr(kblock, "_INTERPRET", False)
+    monkeypatch.setattr(kblock, "_TUNED", {})
+    monkeypatch.setattr(kblock, "PINNED_BLOCK_CONFIGS", {})
+
+
+@pytest.mark.parametrize("pin,expected", [
+    ((8, 16, 64, 16, 4, 2), [(8, 16, 64, 16, 4, 2)]),                      # the pin alone
+    ((8, 16, 64, 32, 4, 2), [(8, 8, 64, 16, 4, 2), (8, 16, 64, 16, 4, 2),  # BLOCK_K 32 > 16
+                             (16, 16, 64, 16, 4, 2)]),                     # channels: pruned, ignored
+])
+def test_a_pinned_width_compiles_its_config_alone(pin, expected, _gpu_config_list, monkeypatch):
+    _pin(pin)
+    got = kblock._tuned_block_kernel(16, kblock.pinned_block_config(DEVICE, torch.float32, 16))
+    assert [kblock.block_config_tuple(c) for c in got.configs] == expected
+    assert kblock.pinned_block_config(DEVICE, torch.float16, 16) is None      # per dtype
+    assert kblock.pinned_block_config(DEVICE, torch.float32, 24) is None      # per width
+    monkeypatch.setenv("HRNET_FAST_CONV_PINS", "0")
+    assert kblock.pinned_block_config(DEVICE, torch.float32, 16) is None
+    monkeypatch.delenv("HRNET_FAST_CONV_PINS")
+    monkeypatch.setattr(kconv, "PINNED_MODE", "off")
+    assert kblock.pinned_block_config(DEVICE, torch.float32, 16) is None
+
+
+def test_a_pinned_width_runs_its_tile(_gpu_config_list, monkeypatch):
+    """The op with a pin runs that config (tile 8 x 16 here) and still matches the oracle."""
+    seen = []
+    real = torch.library.wrap_triton
+
+    def spy(kernel):
+        seen.append([kblock.block_config_tuple(c) for c in kernel.configs])
+        return real(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    _pin((8, 16, 64, 16, 4, 2))
+    ws, bs = _make_block(16, seed=12)
+    x = torch.randn(1, 16, 11, 19, generator=torch.Generator().manual_seed(13))
+    out = kblock.basic_block(x.to(DEVICE), ws[0].to(DEVICE), bs[0].to(DEVICE), ws[1].to(DEVICE),
+                             bs[1].to(DEVICE))
+    _check(out, x, ws, bs, torch.float32)
+    assert seen == [[(8, 16, 64, 16, 4, 2)]]
+
+
+@pytest.mark.parametrize("forced", ["fused", "convs", None])
+def test_auto_offers_only_the_pinned_block_widths(forced, monkeypatch):
+    """``auto`` with the 16-channel width pinned: forced to the block kernel, exactly the fusable
+    16-channel blocks run it and the model matches the reference; forced to the two convs, or
+    not forced on the CPU (nothing can be timed there), none does and nothing is packed."""
+    from hrnet_fast.backends import triton as triton_backend
+    from hrnet_fast.engine import run_plan
+
+    monkeypatch.setattr(triton_backend, "PINNED_CONV_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(kblock, "PINNED_BLOCK_CONFIGS", {})
+    monkeypatch.setattr(kblock, "_TUNED", {})
+    if forced is None:
+        if torch.device(DEVICE).type != "cpu":
+            pytest.skip("on a GPU the choice is measured")
+        monkeypatch.delenv("HRNET_FAST_FORCE_BASIC_BLOCK_PINNED", raising=False)
+    else:
+        monkeypatch.setenv("HRNET_FAST_FORCE_BASIC_BLOCK_PINNED", forced)
+    model, x, plan = _narrow_model_and_plan()
+    _pin((8, 8, 64, 32, 4, 1) if kblock._INTERPRET else (8, 16, 64, 16, 4, 2))
+    from hrnet_fast.backends.triton import _branch_blocks, fusable_basic_block
+    sixteen = [b for b in _branch_blocks(plan) if fusable_basic_block(b)
+               and b.convs[0].weight.shape[0] == 16]
+    assert sixteen and len(sixteen) < _fusable_count(plan)
+    calls = []
+    real = torch.ops.hrnet_fast.basic_block_triton
+
+    def spy(*args):
+        calls.append(args[0].shape[1])
+        return real(*args)
+
+    be = triton_backend.Triton.prepare(plan, DEVICE, torch.float32, auto=True)
+    monkeypatch.setattr(torch.ops.hrnet_fast, "basic_block_triton", spy)
+    with torch.no_grad(), poisoned_allocations(monkeypatch):
+        got = run_plan(plan, be, x)
+        want = model(x)
+    assert_model_close(got, want.double(), dtype=torch.float32)
+    if forced == "fused":
+        assert calls == [16] * len(sixteen)
+        assert set(be._packed) == {id(c) for b in sixteen for c in b.convs}
+    else:
+        assert calls == []
+    if forced is None:
+        assert not be._packed and be._block is None
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 def _one_config(monkeypatch, tile, shape):

@@ -82,6 +82,12 @@ def fusable_basic_block(block: BlockPlan) -> bool:
                     and c.relu and c.relu_ranges is None for c in block.convs))
 
 
+def _branch_blocks(plan) -> List[BlockPlan]:
+    """Every residual block of the stages' branches."""
+    return [b for stage in plan.stages for module in stage for blocks in module.branches
+            for b in blocks]
+
+
 def _down_key(x, fuse: FusePlan, j: int):
     chains = tuple(tuple(tuple(c.weight.shape) for c in fuse.down_chains[(j, s.target)])
                    for s in fuse.down_first[j].splits)
@@ -93,7 +99,8 @@ def _down_key(x, fuse: FusePlan, j: int):
 # no per-channel ReLU. Tests add "cpu" to run it under the interpreter.
 RANGE_EPILOGUE_DEVICES = {"cuda"}
 # Devices where ``auto`` offers the Triton conv for the problem classes pinned on the card
-# (``_offer_pinned_convs``). Tests add "cpu" to run it under the interpreter.
+# (``_offer_pinned_convs``) and the block kernel for the pinned block widths
+# (``_offer_pinned_blocks``). Tests add "cpu" to run them under the interpreter.
 PINNED_CONV_DEVICES = {"cuda"}
 # Devices where the seg head computes its branch-0 projection inside the head kernel
 # (kernels/seg_head.py, ``seg_head_projected_triton``: the Cs-channel base, 71 MB for w18 and
@@ -126,10 +133,14 @@ class Triton(Backend):
             native_conv = self._conv_native_ranges
         self.conv = native_conv
         triton_convs = False
+        blocks: List[BlockPlan] = []
         self._pinned: Dict[int, ConvSpec] = {}
         self._packed: Dict[int, torch.Tensor] = {}
         self._masks: Dict[int, torch.Tensor] = {}
         self._block: Optional[Callable] = None
+        # ids of the blocks the block choice may take under auto (pinned widths); None: every
+        # fusable block (explicit backend="triton")
+        self._offered_blocks: Optional[set] = None
         if not auto and kernels_status(device, "conv")[0]:
             conv_options = selection.candidates(
                 "conv2d_bias_act", {"torch": native_conv}, {"triton": self._conv_triton}, device)
@@ -152,8 +163,12 @@ class Triton(Backend):
                 triton_convs = True
         elif auto and device.type in PINNED_CONV_DEVICES and kernels_status(device, "conv")[0]:
             triton_convs = self._offer_pinned_convs(plan, native_conv)
+            blocks = self._offer_pinned_blocks(plan)
+            triton_convs = triton_convs or bool(blocks)
         if triton_convs:
-            self._pack(plan, self._pinned or None)
+            # auto packs only what it offers: the pinned convs and the offered blocks' convs
+            offered = {**self._pinned, **{id(c): c for b in blocks for c in b.convs}} if auto else None
+            self._pack(plan, offered)
             if selection.conv_tma_requested():
                 kernel_module("conv_tma").TMA_MODE = "on"
         self._projected_head = (device.type in PROJECTED_HEAD_DEVICES
@@ -183,6 +198,25 @@ class Triton(Backend):
         self._pinned_choice = selection.SelectingOp("conv2d_bias_act_pinned", options, _conv_key)
         self.conv = self._conv_auto
         return True
+
+    def _offer_pinned_blocks(self, plan) -> List[BlockPlan]:
+        """``auto``: the fusable BasicBlocks whose width has a pinned block-kernel config on this
+        card (``kernels/basic_block.py`` ``PINNED_BLOCK_CONFIGS``) choose per shape, measured,
+        between their two convs and that kernel; the offered blocks (their convs are packed)."""
+        from . import selection
+        pinned = kernel_module("basic_block").pinned_block_config
+        offered = [b for b in _branch_blocks(plan) if fusable_basic_block(b)
+                   and pinned(self.device, self.dtype, b.convs[0].weight.shape[0]) is not None]
+        if not offered:
+            return []
+        # its own op name, as the pinned convs': the disk cache keeps the two kinds of choice apart
+        options = selection.candidates("basic_block_pinned", {"convs": self._block_convs},
+                                       {"fused": self._block_fused}, self.device)
+        if "fused" not in options:  # the CPU without HRNET_FAST_FORCE_BASIC_BLOCK_PINNED
+            return []
+        self._block = selection.SelectingOp("basic_block_pinned", options, _block_key)
+        self._offered_blocks = {id(b) for b in offered}
+        return offered
 
     def _conv_auto(self, x, spec: ConvSpec, residual=None):
         if id(spec) in self._pinned:
@@ -257,15 +291,23 @@ class Triton(Backend):
 
     def blocks(self, x, blocks) -> Optional[torch.Tensor]:
         """Explicit ``backend="triton"``: every plain BasicBlock (``fusable_basic_block``) chooses
-        per shape, measured, between two convs and the one-launch block kernel; other blocks run
-        as the engine runs them. None (the engine's block-by-block run) where the block kernel is
-        not a candidate (``auto``, or the CPU without ``HRNET_FAST_FORCE_BASIC_BLOCK``)."""
-        if self._block is None or not any(fusable_basic_block(b) for b in blocks):
+        per shape, measured, between two convs and the one-launch block kernel; under ``auto``
+        only those of a width with a pinned config (``_offer_pinned_blocks``); other blocks run
+        as the engine runs them. None (the engine's block-by-block run) where no block here is a
+        candidate (or on the CPU without ``HRNET_FAST_FORCE_BASIC_BLOCK[_PINNED]``)."""
+        if self._block is None or not any(self._takes(b) for b in blocks):
             return None
         from ..engine import run_block
         for b in blocks:
-            x = self._block(x, b) if fusable_basic_block(b) else run_block(self, x, b)
+            x = self._block(x, b) if self._takes(b) else run_block(self, x, b)
         return x
+
+    def _takes(self, block: BlockPlan) -> bool:
+        """Whether the block choice runs ``block``: every fusable one (explicit triton) or, under
+        ``auto``, the pinned ones."""
+        if self._offered_blocks is not None:
+            return id(block) in self._offered_blocks
+        return fusable_basic_block(block)
 
     def projected_head(self, x, projection: ConvSpec, contributions, weight, bias, mode,
                        align_corners):

@@ -45,16 +45,20 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import os
+
 import torch
 
 import triton
 import triton.language as tl
 
+from . import conv as _conv
 from . import interpreter_enabled
 from .conv import _strides, pack_weight, use_flat_k, vec_factor
 from .conv_chain import conv3x3_region
 
-__all__ = ["basic_block", "block_configs", "block_reference"]
+__all__ = ["basic_block", "block_configs", "block_reference", "pinned_block_config",
+           "PINNED_BLOCK_CONFIGS"]
 
 _INTERPRET = interpreter_enabled()
 
@@ -70,6 +74,17 @@ BLOCK_TILES = ((8, 8), (8, 16), (16, 16))
 # (BLOCK_M, BLOCK_K, num_warps, num_stages), as the chain kernel's (same region loop).
 _BLOCK_SHAPES = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)]
 BLOCK_MAXNREG: Optional[int] = 255
+
+# Pinned configs, as the conv's (``conv.PINNED_CONFIGS``): for a block width C, the config a GPU run
+# of the block A/B measured fastest on a card (``bench_conv_kernels.py --kinds block`` prints the
+# entries where the block kernel beat cuDNN's two fused convs). A pinned width compiles that one
+# config and times nothing, which is what lets ``auto`` offer the block kernel (backends/triton.py:
+# a measured per-shape choice between the two convs and the pinned kernel). A pin that is not one of
+# the configs the autotuner would time for the width is ignored. The same switches turn them off:
+# ``conv.PINNED_MODE`` "off" and ``HRNET_FAST_CONV_PINS=0``.
+# Key: (arch, dtype, C), arch as ``conv.device_arch`` names it ("sm90" for H100/H200); value:
+# (TH, TW, BLOCK_M, BLOCK_K, num_warps, num_stages). Empty: never measured on a GPU yet.
+PINNED_BLOCK_CONFIGS: Dict[Tuple, Tuple[int, int, int, int, int, int]] = {}
 
 
 def block_configs(tiles=None):
@@ -136,14 +151,35 @@ def _tiles() -> Tuple[Tuple[int, int], ...]:
     return (tuple(_tile_override),) if _tile_override is not None else BLOCK_TILES
 
 
-def _tuned_block_kernel(c: int):
-    """Autotuned kernel, configs pruned in Python for this C (BLOCK_K at most next_pow2(C))."""
+def block_config_tuple(cfg) -> Tuple[int, ...]:
+    """(TH, TW, BLOCK_M, BLOCK_K, num_warps, num_stages): a config as ``PINNED_BLOCK_CONFIGS``
+    writes it."""
+    k = cfg.kwargs
+    return (k["TH"], k["TW"], k["BLOCK_M"], k["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def pinned_block_config(device, dtype: torch.dtype, c: int) -> Optional[Tuple[int, ...]]:
+    """The pinned config of a C-channel block on ``device``, or None (none pinned, pins off by
+    ``conv.PINNED_MODE`` or ``HRNET_FAST_CONV_PINS=0``)."""
+    if (_conv.PINNED_MODE != "on" or not PINNED_BLOCK_CONFIGS
+            or os.environ.get("HRNET_FAST_CONV_PINS", "1").strip() == "0"):
+        return None
+    return PINNED_BLOCK_CONFIGS.get((_conv.device_arch(device), dtype, c))
+
+
+def _tuned_block_kernel(c: int, pinned: Optional[Tuple[int, ...]] = None):
+    """Autotuned kernel, configs pruned in Python for this C (BLOCK_K at most next_pow2(C));
+    ``pinned``: that config alone if it survives the pruning."""
     bk_cap = max(16, triton.next_power_of_2(c))
-    key = (bk_cap, _tiles(), BLOCK_MAXNREG)
+    # keyed on everything the list depends on (asked on every call: no config list built then)
+    key = (bk_cap, None if pinned is None else tuple(pinned), _tiles(), tuple(_BLOCK_SHAPES),
+           BLOCK_MAXNREG)
     kern = _TUNED.get(key)
     if kern is None:
         configs = block_configs(_tiles())
         kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= bk_cap] or configs[:1]
+        if pinned is not None:
+            kept = [cfg for cfg in kept if block_config_tuple(cfg) == tuple(pinned)] or kept
         kern = triton.autotune(
             configs=kept,
             key=["C", "OUT_BUCKET", "HAS_B1", "HAS_B2", "IEEE", "BLOCK_N", "VEC", "FLAT_K"],
@@ -170,7 +206,7 @@ def basic_block_triton(
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    kern = _tuned_block_kernel(c)
+    kern = _tuned_block_kernel(c, pinned_block_config(x.device, x.dtype, c))
     tiles = sorted({(cfg.kwargs["TH"], cfg.kwargs["TW"]) for cfg in kern.configs})
     # scratch for the most demanding tile choice (autotuning may pick any of them)
     s_len = max(_n_programs(n, h, w, th, tw) * (th + 2) * (tw + 2) for th, tw in tiles) * c
