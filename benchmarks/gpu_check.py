@@ -169,8 +169,10 @@ GROUPS = {
     # (tenth session) first the tiled conv configs, then what run D left. Correctness before
     # timing: the new conv forms' GPU tests, then the lanes/projected-head tests, then the A/B
     # (which autotunes and keeps whatever rows finish inside its share of the budget)
-    "next1": ["env", "tests_tiled", "tests_lanes", "conv_ab_tile", "ab_head"],
-    "next2": ["conv_ab_tile48", "block_ab", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
+    # (twelfth session) the block kernel's A/B in the first call too, so that both pin tables can
+    # be filled before the second call's ab_pins
+    "next1": ["env", "tests_tiled", "tests_lanes", "conv_ab_tile", "block_ab", "ab_head"],
+    "next2": ["conv_ab_tile48", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
               "conv_ab_pad32", "conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
