@@ -22,12 +22,25 @@ pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 if _ok:
     from hrnet_fast.kernels import basic_block as kblock
     from hrnet_fast.kernels import conv as kconv
+    _DEFAULT_TILES, _DEFAULT_SHAPES = kblock.BLOCK_TILES, list(kblock._BLOCK_SHAPES)
+
+
+def _one_config(monkeypatch, tile, shape):
+    """The block kernel with one config (no autotuning): tile (TH, TW), shape (BLOCK_M, BLOCK_K,
+    warps, stages)."""
+    monkeypatch.setattr(kblock, "_TUNED", {})
+    monkeypatch.setattr(kblock, "BLOCK_TILES", (tile,))
+    monkeypatch.setattr(kblock, "_BLOCK_SHAPES", [shape])
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     monkeypatch.setattr(kblock, "_debug_poison_outputs", True)
     monkeypatch.setattr(kblock, "_tile_override", None)
+    if torch.device(DEVICE).type == "cuda":
+        # one config per case on a GPU (test_block_gpu_every_config runs each): autotuning every
+        # case would compile about 90 more kernels inside gpu_check's tests_tiled step
+        _one_config(monkeypatch, (8, 16), (64, 32, 4, 2))
 
 
 def _make_block(c, seed, dtype=torch.float32, biases=(True, True)):
@@ -255,6 +268,8 @@ def _gpu_config_list(monkeypatch):
     monkeypatch.setattr(kblock, "_INTERPRET", False)
     monkeypatch.setattr(kblock, "_TUNED", {})
     monkeypatch.setattr(kblock, "PINNED_BLOCK_CONFIGS", {})
+    monkeypatch.setattr(kblock, "BLOCK_TILES", _DEFAULT_TILES)
+    monkeypatch.setattr(kblock, "_BLOCK_SHAPES", _DEFAULT_SHAPES)
 
 
 @pytest.mark.parametrize("pin,expected", [
@@ -312,7 +327,7 @@ def test_auto_offers_only_the_pinned_block_widths(forced, monkeypatch):
     else:
         monkeypatch.setenv("HRNET_FAST_FORCE_BASIC_BLOCK_PINNED", forced)
     model, x, plan = _narrow_model_and_plan()
-    _pin((8, 8, 64, 32, 4, 1) if kblock._INTERPRET else (8, 16, 64, 16, 4, 2))
+    _pin((8, 8, 64, 32, 4, 1) if kblock._INTERPRET else (8, 16, 64, 32, 4, 2))  # the one config
     from hrnet_fast.backends.triton import _branch_blocks, fusable_basic_block
     sixteen = [b for b in _branch_blocks(plan) if fusable_basic_block(b)
                and b.convs[0].weight.shape[0] == 16]
@@ -341,14 +356,6 @@ def test_auto_offers_only_the_pinned_block_widths(forced, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ GPU
 
-def _one_config(monkeypatch, tile, shape):
-    """The block kernel with one config (no autotuning): tile (TH, TW), shape (BLOCK_M, BLOCK_K,
-    warps, stages)."""
-    monkeypatch.setattr(kblock, "_TUNED", {})
-    monkeypatch.setattr(kblock, "BLOCK_TILES", (tile,))
-    monkeypatch.setattr(kblock, "_BLOCK_SHAPES", [shape])
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", [(24, 256, 512), (40, 128, 256), (72, 64, 128), (144, 32, 64),
@@ -375,7 +382,7 @@ def test_block_gpu_every_config(c, monkeypatch):
     dev = torch.device("cuda")
     ws, bs = _make_block(c, seed=6)
     x = torch.randn(2, c, 37, 70).half()
-    tiles, shapes = kblock.BLOCK_TILES, list(kblock._BLOCK_SHAPES)
+    tiles, shapes = _DEFAULT_TILES, _DEFAULT_SHAPES
     for tile, shape in product(tiles, shapes):
         _one_config(monkeypatch, tile, shape)
         out = kblock.basic_block(x.to(dev), ws[0].to(dev).half(), bs[0].to(dev), ws[1].to(dev).half(),
