@@ -100,10 +100,12 @@ STEPS: Dict[str, Tuple[int, str]] = {
     "conv_ab_tile48": (220, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w48 "
                             "--min-count 12 --tile-ab --split-ab --tma-ab --json {json}"),
     # the one-launch BasicBlock (kernels/basic_block.py) against cuDNN's two fused convs on the
-    # branch bodies, w18 and w48 (its GPU tests run in tests_tiled); backend="triton" measures it
-    # per shape in the whole model (bench_triton)
-    "block_ab": (150, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
+    # branch bodies (its GPU tests run in tests_tiled); backend="triton" measures it per shape in
+    # the whole model (bench_triton). One preset per step: each width autotunes 9 configs
+    "block_ab": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18 "
                       "--min-count 12 --kinds block --json {json}"),
+    "block_ab48": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w48 "
+                        "--min-count 12 --kinds block --json {json}"),
     "conv_ab_pad32": (120, f"{PY} {ROOT}/benchmarks/bench_conv_kernels.py --presets w18,w48 "
                            "--min-count 12 --channel-multiple 32 --json {json}"),
     # the same at batch 1 with graphs only (also lane 0 at high priority)
@@ -172,7 +174,7 @@ GROUPS = {
     # (twelfth session) the block kernel's A/B in the first call too, so that both pin tables can
     # be filled before the second call's ab_pins
     "next1": ["env", "tests_tiled", "tests_lanes", "conv_ab_tile", "block_ab", "ab_head"],
-    "next2": ["conv_ab_tile48", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
+    "next2": ["conv_ab_tile48", "block_ab48", "overlap", "bench_triton", "bench_triton_tma", "ab_pad",
               "conv_ab_pad32", "conv_ab", "build_start", "build_wait", "ext_debug", "peers_max_w18"],
     "first": ["env", "tests_fast", "ab_bias", "conv_ab_body", "profile"],
     # after branch lanes: their tests, their effect, the full-size checks, the figures
