@@ -188,3 +188,25 @@ def assert_graph_replay_equal(fn, x: torch.Tensor) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, fn(x))
+
+
+def spy_triton_launches(monkeypatch):
+    """Record the constexpr keyword arguments of every Triton launch made through wrap_triton."""
+    seen = []
+    real = torch.library.wrap_triton
+
+    def spy(kernel):
+        launcher = real(kernel)
+
+        class _Grid:
+            def __getitem__(self, grid):
+                run = launcher[grid]
+
+                def call(*args, **kwargs):
+                    seen.append(kwargs)
+                    return run(*args, **kwargs)
+                return call
+        return _Grid()
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    return seen

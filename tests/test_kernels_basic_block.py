@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, assert_graph_replay_equal, poisoned_allocations, randomize_bn
+from helpers import (DEVICE, assert_graph_replay_equal, poisoned_allocations, randomize_bn,
+                     spy_triton_launches)
 from oracles import MODEL_FP32_TOL, assert_close_to_oracle, assert_model_close
 from hrnet_fast.kernels import triton_status
 
@@ -101,32 +102,11 @@ def test_block_fp16():
     _check(out, x, ws, bs, torch.float16)
 
 
-def _spy_vec(monkeypatch):
-    seen = []
-    real = torch.library.wrap_triton
-
-    def spy(kernel):
-        launcher = real(kernel)
-
-        class _Grid:
-            def __getitem__(self, grid):
-                run = launcher[grid]
-
-                def call(*args, **kwargs):
-                    seen.append((kwargs["VEC"], kwargs["FLAT_K"]))
-                    return run(*args, **kwargs)
-                return call
-        return _Grid()
-
-    monkeypatch.setattr(torch.library, "wrap_triton", spy)
-    return seen
-
-
 @pytest.mark.parametrize("layout", ["nchw", "slice"])
 def test_block_input_layouts(layout, monkeypatch):
     """An NCHW x and a 24-channel slice at channel 3 of a channels_last 29-channel tensor: both are
     made dense channels_last (the slice is copied), so both run with VEC 8 and the flat K walk."""
-    seen = _spy_vec(monkeypatch)
+    seen = spy_triton_launches(monkeypatch)
     ws, bs = _make_block(24, seed=5)
     g = torch.Generator().manual_seed(9)
     if layout == "nchw":
@@ -138,7 +118,7 @@ def test_block_input_layouts(layout, monkeypatch):
         xd = big.to(DEVICE)[:, 3:27]
     out = kblock.basic_block(xd, ws[0].to(DEVICE), bs[0].to(DEVICE), ws[1].to(DEVICE), bs[1].to(DEVICE))
     _check(out, x, ws, bs, torch.float32)
-    assert seen == [(8, True)]
+    assert [(k["VEC"], k["FLAT_K"]) for k in seen] == [(8, True)]
 
 
 def test_block_errors_and_fake():
@@ -188,6 +168,27 @@ def _narrow_model_and_plan():
     return model, x, plan
 
 
+def _run_engine(model, x, plan, auto, monkeypatch):
+    """The Triton backend's engine on ``plan`` (NaN-poisoned allocations) against the reference
+    model; (the backend, the channel count of every block-kernel call)."""
+    from hrnet_fast.backends import triton as triton_backend
+    from hrnet_fast.engine import run_plan
+    calls = []
+    real = torch.ops.hrnet_fast.basic_block_triton
+
+    def spy(*args):
+        calls.append(args[0].shape[1])
+        return real(*args)
+
+    be = triton_backend.Triton.prepare(plan, DEVICE, torch.float32, auto=auto)
+    monkeypatch.setattr(torch.ops.hrnet_fast, "basic_block_triton", spy)
+    with torch.no_grad(), poisoned_allocations(monkeypatch):
+        got = run_plan(plan, be, x)
+        want = model(x)
+    assert_model_close(got, want.double(), dtype=torch.float32)
+    return be, calls
+
+
 def _fusable_count(plan):
     from hrnet_fast.backends.triton import fusable_basic_block
     count = 0
@@ -203,9 +204,6 @@ def test_engine_runs_every_plain_basic_block_fused(forced, monkeypatch):
     """The explicit triton backend with the choice forced to the block kernel: every plain
     BasicBlock of the branches (and nothing else) runs it, and the model matches the reference;
     forced to two convs, none does."""
-    from hrnet_fast.backends import triton as triton_backend
-    from hrnet_fast.engine import run_plan
-
     monkeypatch.setenv("HRNET_FAST_FORCE_BASIC_BLOCK", forced)
     # every other choice on cuDNN: on a GPU the Triton convs would autotune each shape
     monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT", "torch")
@@ -213,19 +211,7 @@ def test_engine_runs_every_plain_basic_block_fused(forced, monkeypatch):
     model, x, plan = _narrow_model_and_plan()
     expected = _fusable_count(plan)
     assert expected >= 4
-    calls = []
-    real = torch.ops.hrnet_fast.basic_block_triton
-
-    def spy(*args):
-        calls.append(tuple(args[0].shape))
-        return real(*args)
-
-    be = triton_backend.Triton.prepare(plan, DEVICE, torch.float32, auto=False)
-    monkeypatch.setattr(torch.ops.hrnet_fast, "basic_block_triton", spy)
-    with torch.no_grad(), poisoned_allocations(monkeypatch):
-        got = run_plan(plan, be, x)
-        want = model(x)
-    assert_model_close(got, want.double(), dtype=torch.float32)
+    _, calls = _run_engine(model, x, plan, False, monkeypatch)
     assert len(calls) == (expected if forced == "fused" else 0)
 
 
@@ -315,8 +301,6 @@ def test_auto_offers_only_the_pinned_block_widths(forced, monkeypatch):
     16-channel blocks run it and the model matches the reference; forced to the two convs, or
     not forced on the CPU (nothing can be timed there), none does and nothing is packed."""
     from hrnet_fast.backends import triton as triton_backend
-    from hrnet_fast.engine import run_plan
-
     monkeypatch.setattr(triton_backend, "PINNED_CONV_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(kblock, "PINNED_BLOCK_CONFIGS", {})
     monkeypatch.setattr(kblock, "_TUNED", {})
@@ -332,21 +316,9 @@ def test_auto_offers_only_the_pinned_block_widths(forced, monkeypatch):
     sixteen = [b for b in _branch_blocks(plan) if fusable_basic_block(b)
                and b.convs[0].weight.shape[0] == 16]
     assert sixteen and len(sixteen) < _fusable_count(plan)
-    calls = []
-    real = torch.ops.hrnet_fast.basic_block_triton
-
-    def spy(*args):
-        calls.append(args[0].shape[1])
-        return real(*args)
-
-    be = triton_backend.Triton.prepare(plan, DEVICE, torch.float32, auto=True)
-    monkeypatch.setattr(torch.ops.hrnet_fast, "basic_block_triton", spy)
-    with torch.no_grad(), poisoned_allocations(monkeypatch):
-        got = run_plan(plan, be, x)
-        want = model(x)
-    assert_model_close(got, want.double(), dtype=torch.float32)
+    be, calls = _run_engine(model, x, plan, True, monkeypatch)
     if forced == "fused":
-        assert calls == [16] * len(sixteen)
+        assert calls == [16] * len(sixteen)                    # the widths of the blocks run
         assert set(be._packed) == {id(c) for b in sixteen for c in b.convs}
     else:
         assert calls == []

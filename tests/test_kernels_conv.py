@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, assert_graph_replay_equal, rel_err
+from helpers import DEVICE, assert_graph_replay_equal, rel_err, spy_triton_launches
 from oracles import MODEL_FP32_TOL, assert_close_to_oracle, conv_oracle
 from hrnet_fast.kernels import triton_status
 
@@ -242,7 +242,7 @@ def test_conv_split_k(case, monkeypatch):
     cin, cout, k, stride, n, h, w_, split, tile_w = case
     _force_config(monkeypatch, 64, tile_w)
     monkeypatch.setattr(kconv, "SPLIT_K_MODE", split)
-    seen = _spy_launches(monkeypatch)
+    seen = spy_triton_launches(monkeypatch)
     args, kw, ref = _fp32_case(cin, cout, k, stride, n, h, w_, seed=cin + 7 * cout)
     out = kconv.conv2d_bias_act(*args, **kw)
     _check(out.cpu(), ref, torch.float32)
@@ -385,28 +385,6 @@ def test_vec_factor_rule():
     assert vf(24, (2 ** 31 + 8, 24, 8)) == 1              # int64 stride: must travel undivided
 
 
-def _spy_launches(monkeypatch):
-    """Record the constexpr keyword arguments of every Triton launch made through wrap_triton."""
-    seen = []
-    real = torch.library.wrap_triton
-
-    def spy(kernel):
-        launcher = real(kernel)
-
-        class _Grid:
-            def __getitem__(self, grid):
-                run = launcher[grid]
-
-                def call(*args, **kwargs):
-                    seen.append(kwargs)
-                    return run(*args, **kwargs)
-                return call
-        return _Grid()
-
-    monkeypatch.setattr(torch.library, "wrap_triton", spy)
-    return seen
-
-
 VEC_SHAPES = [
     # cin, cout, k, stride, H, W: the zero-padded HRNet branch widths (VEC 8 on both sides)
     (24, 24, 3, 1, 9, 11),
@@ -422,7 +400,7 @@ def test_conv_vec8_fp32(shape, flat, monkeypatch):
     """Cin / Cout multiples of 8, channels_last: VEC_K = VEC_N = 8, per-tap and flat-K walks, with a
     residual (its strides scaled too) and a ReLU mask. fp32, so exact to 1e-5."""
     monkeypatch.setattr(kconv, "FLAT_K_ALIGNED", flat)
-    seen = _spy_launches(monkeypatch)
+    seen = spy_triton_launches(monkeypatch)
     cin, cout, k, stride, h, w_ = shape
     w, b = _make_conv(cin, cout, k, seed=cin + 3 * cout)
     g = _gen(31)
@@ -474,7 +452,7 @@ SLICE_CASES = [
 @pytest.mark.parametrize("case", SLICE_CASES, ids=lambda c: "x%d+%d_r%d+%d" % c[:4])
 def test_conv_channel_slices(case, monkeypatch):
     xt, x0, rt, r0, vecs = case
-    seen = _spy_launches(monkeypatch)
+    seen = spy_triton_launches(monkeypatch)
     cin, cout = 24, 24
     w, b = _make_conv(cin, cout, 3, seed=41)
     g = _gen(42)
@@ -492,7 +470,7 @@ def test_conv_channel_slices(case, monkeypatch):
 def test_chain_vec8_and_slice(monkeypatch):
     """The chain with C_j = 24, C_i = 40 (VEC_J = VEC_I = 8) and with an accumulate_into that is a channel
     slice of a 45-channel tensor (VEC_I = 1)."""
-    seen = _spy_launches(monkeypatch)
+    seen = spy_triton_launches(monkeypatch)
     ws, bs = _make_chain(2, 24, 40, seed=51)
     g = _gen(52)
     x = torch.randn(1, 24, 13, 15, generator=g)
