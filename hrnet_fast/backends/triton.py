@@ -138,9 +138,9 @@ class Triton(Backend):
         self._packed: Dict[int, torch.Tensor] = {}
         self._masks: Dict[int, torch.Tensor] = {}
         self._block: Optional[Callable] = None
-        # ids of the blocks the block choice may take under auto (pinned widths); None: every
-        # fusable block (explicit backend="triton")
-        self._offered_blocks: Optional[set] = None
+        # ids of the blocks the block choice takes: every fusable one (explicit backend="triton")
+        # or, under auto, those of a pinned width
+        self._offered_blocks: set = set()
         if not auto and kernels_status(device, "conv")[0]:
             conv_options = selection.candidates(
                 "conv2d_bias_act", {"torch": native_conv}, {"triton": self._conv_triton}, device)
@@ -160,6 +160,7 @@ class Triton(Backend):
             if "fused" in block_options:
                 self._block = (selection.SelectingOp("basic_block", block_options, _block_key)
                                if len(block_options) > 1 else self._block_fused)
+                self._offered_blocks = {id(b) for b in _branch_blocks(plan) if fusable_basic_block(b)}
                 triton_convs = True
         elif auto and device.type in PINNED_CONV_DEVICES and kernels_status(device, "conv")[0]:
             triton_convs = self._offer_pinned_convs(plan, native_conv)
@@ -295,19 +296,13 @@ class Triton(Backend):
         only those of a width with a pinned config (``_offer_pinned_blocks``); other blocks run
         as the engine runs them. None (the engine's block-by-block run) where no block here is a
         candidate (or on the CPU without ``HRNET_FAST_FORCE_BASIC_BLOCK[_PINNED]``)."""
-        if self._block is None or not any(self._takes(b) for b in blocks):
+        offered = self._offered_blocks
+        if not any(id(b) in offered for b in blocks):
             return None
         from ..engine import run_block
         for b in blocks:
-            x = self._block(x, b) if self._takes(b) else run_block(self, x, b)
+            x = self._block(x, b) if id(b) in offered else run_block(self, x, b)
         return x
-
-    def _takes(self, block: BlockPlan) -> bool:
-        """Whether the block choice runs ``block``: every fusable one (explicit triton) or, under
-        ``auto``, the pinned ones."""
-        if self._offered_blocks is not None:
-            return id(block) in self._offered_blocks
-        return fusable_basic_block(block)
 
     def projected_head(self, x, projection: ConvSpec, contributions, weight, bias, mode,
                        align_corners):

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-import os
-
 import torch
 
 import triton
@@ -159,10 +157,9 @@ def block_config_tuple(cfg) -> Tuple[int, ...]:
 
 
 def pinned_block_config(device, dtype: torch.dtype, c: int) -> Optional[Tuple[int, ...]]:
-    """The pinned config of a C-channel block on ``device``, or None (none pinned, pins off by
-    ``conv.PINNED_MODE`` or ``HRNET_FAST_CONV_PINS=0``)."""
-    if (_conv.PINNED_MODE != "on" or not PINNED_BLOCK_CONFIGS
-            or os.environ.get("HRNET_FAST_CONV_PINS", "1").strip() == "0"):
+    """The pinned config of a C-channel block on ``device``, or None (none pinned, or the conv's
+    ``pins_enabled`` false: the same switches turn both tables off)."""
+    if not PINNED_BLOCK_CONFIGS or not _conv.pins_enabled():
         return None
     return PINNED_BLOCK_CONFIGS.get((_conv.device_arch(device), dtype, c))
 

@@ -519,12 +519,17 @@ def device_arch(device: torch.device) -> str:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def pins_enabled() -> bool:
+    """Whether pinned configs apply (this table's and the block kernel's): ``PINNED_MODE`` "on" and
+    ``HRNET_FAST_CONV_PINS`` not "0"."""
+    return PINNED_MODE == "on" and os.environ.get("HRNET_FAST_CONV_PINS", "1").strip() != "0"
+
+
 def pinned_config(device, dtype: torch.dtype, cin: int, cout: int, ksize: int,
                   stride: int) -> Optional[Tuple[int, ...]]:
     """The pinned (BLOCK_M, BLOCK_N, BLOCK_K, TILE_W, num_warps, num_stages) of this problem class on
-    ``device``, or None (none pinned, ``PINNED_MODE`` "off" or ``HRNET_FAST_CONV_PINS=0``)."""
-    if (PINNED_MODE != "on" or not PINNED_CONFIGS
-            or os.environ.get("HRNET_FAST_CONV_PINS", "1").strip() == "0"):
+    ``device``, or None (none pinned, or ``pins_enabled`` false)."""
+    if not PINNED_CONFIGS or not pins_enabled():
         return None
     return PINNED_CONFIGS.get((device_arch(device), dtype, cin, cout, ksize, stride))
 
