@@ -147,7 +147,7 @@ def test_block_errors_and_fake():
 
 # ------------------------------------------------------------------------------ the engine's choice
 
-def _narrow_model_and_plan():
+def _narrow_model_and_plan(mode: str = "bilinear"):
     """w18_small_v1's layout with branches 8/16/24/32 channels wide (the interpreter's time grows
     with the channels), randomized BatchNorm, a 1x3x27x31 input, and its CUDA-style plan (padded to
     8 channels, biases hoisted) in float32 channels_last."""
@@ -156,7 +156,7 @@ def _narrow_model_and_plan():
     from hrnet_fast import HRNetConfig
     from hrnet_fast.plan import build_plan
     from hrnet_fast.reference import HighResolutionNet
-    cfg = HRNetConfig.preset("w18_small_v1")
+    cfg = HRNetConfig.preset("w18_small_v1", upsample=mode)
     cfg = replace(cfg, stage2=replace(cfg.stage2, num_channels=(8, 16)),
                   stage3=replace(cfg.stage3, num_channels=(8, 16, 24)),
                   stage4=replace(cfg.stage4, num_channels=(8, 16, 24, 32)))
@@ -199,8 +199,9 @@ def _fusable_count(plan):
     return count
 
 
-@pytest.mark.parametrize("forced", ["fused", "convs"])
-def test_engine_runs_every_plain_basic_block_fused(forced, monkeypatch):
+@pytest.mark.parametrize("forced,mode", [("fused", "bilinear"), ("fused", "nearest"),
+                                         ("convs", "bilinear")])
+def test_engine_runs_every_plain_basic_block_fused(forced, mode, monkeypatch):
     """The explicit triton backend with the choice forced to the block kernel: every plain
     BasicBlock of the branches (and nothing else) runs it, and the model matches the reference;
     forced to two convs, none does."""
@@ -208,7 +209,7 @@ def test_engine_runs_every_plain_basic_block_fused(forced, monkeypatch):
     # every other choice on cuDNN: on a GPU the Triton convs would autotune each shape
     monkeypatch.setenv("HRNET_FAST_FORCE_CONV2D_BIAS_ACT", "torch")
     monkeypatch.setenv("HRNET_FAST_FORCE_FUSE_DOWN", "batched")
-    model, x, plan = _narrow_model_and_plan()
+    model, x, plan = _narrow_model_and_plan(mode)
     expected = _fusable_count(plan)
     assert expected >= 4
     _, calls = _run_engine(model, x, plan, False, monkeypatch)
