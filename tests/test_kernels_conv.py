@@ -369,6 +369,29 @@ def test_autotune_switch_keeps_one_config(monkeypatch):
     assert single.configs[0].kwargs == tuned.configs[0].kwargs
 
 
+def test_candidate_configs_are_built_once_per_class(monkeypatch):
+    """Every conv launch asks ``_tuned_kernel`` for its kernel: the config list is built and pruned
+    once per problem class, and again when the config source or a pruning knob changes."""
+    calls = []
+
+    def counted(dtype=None):
+        calls.append(dtype)
+        return kconv.gpu_configs(dtype)
+
+    monkeypatch.setattr(kconv, "conv_configs", counted)
+    monkeypatch.delenv("HRNET_FAST_CONV_AUTOTUNE", raising=False)
+    first = kconv._tuned_kernel(64, 64, 3, torch.float16)
+    assert kconv._tuned_kernel(64, 64, 3, torch.float16) is first and len(calls) == 1
+    kconv._tuned_kernel(64, 64, 1, torch.float16)                      # another class
+    kconv._tuned_kernel(64, 64, 3, torch.float32)                      # another dtype
+    assert calls == [torch.float16, torch.float16, torch.float32]
+    monkeypatch.setattr(kconv, "TILED_CONFIGS", "off")                 # a pruning knob
+    kconv._tuned_kernel(64, 64, 3, torch.float16)
+    assert len(calls) == 4
+    monkeypatch.setattr(kconv, "conv_configs", lambda dtype=None: kconv.gpu_configs(dtype)[-1:])
+    assert len(kconv._tuned_kernel(64, 64, 3, torch.float16).configs) == 1   # a new source
+
+
 # --------------------------------------------------------------------------------------------------
 
 def test_vec_factor_rule():
