@@ -130,6 +130,8 @@ if __name__ == "__main__":
                 "onnx", "onnxruntime", "openvino",
                 # PNG images and label maps, the progress bar: their tests run instead of skipping.
                 "Pillow", "tqdm",
+                # the README's test command runs the suite in one process per core (pytest -n auto)
+                "pytest-xdist",
             ],
             # hrnet-fast bench --peers onnxruntime openvino-fp32 openvino: CPU peers run on an ONNX
             # export of the same reference model.

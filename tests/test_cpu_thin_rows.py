@@ -195,11 +195,16 @@ def test_bad_input_gets_one_clear_error(built, bad, match):
 # ------------------------------------------------------------------------- the torch backend
 @pytest.fixture
 def rows_calls(built, monkeypatch):
-    """Every row-pair conv the engine runs, as (x in the format, out_rows, into_residual)."""
+    """Every row-pair conv the engine runs, as (x in the format, out_rows, into_residual), on two
+    torch threads: whether a layer takes the row-pair kernel depends on the thread count
+    (``thin_row_pays``: a row for every thread), and these tests' sizes are chosen for two (on one
+    thread, as under ``pytest -n``, w18_small_v2 at 64x80 would run no row-pair conv at all)."""
     monkeypatch.setitem(torch_cpu._THIN, "on", True)
     monkeypatch.setitem(torch_cpu._ROWS, "on", True)
-    return spy_calls(monkeypatch, "conv3x3_thin_rows_cpu", lambda x, *args, **kwargs: (
+    calls = spy_calls(monkeypatch, "conv3x3_thin_rows_cpu", lambda x, *args, **kwargs: (
         x.dim() == 5, kwargs["out_rows"], kwargs.get("into_residual", False)))
+    with torch_threads(2):
+        yield calls
 
 
 @pytest.mark.parametrize("preset,mode,head,size", [
