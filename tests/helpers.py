@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from typing import Optional
 
 import pytest
 import torch
@@ -190,8 +191,9 @@ def assert_graph_replay_equal(fn, x: torch.Tensor) -> None:
     assert torch.equal(captured, fn(x))
 
 
-def spy_triton_launches(monkeypatch):
-    """Record the constexpr keyword arguments of every Triton launch made through wrap_triton."""
+def spy_triton_launches(monkeypatch, args: Optional[list] = None):
+    """Record the constexpr keyword arguments of every Triton launch made through wrap_triton (and
+    its positional arguments into ``args``, if given)."""
     seen = []
     real = torch.library.wrap_triton
 
@@ -202,9 +204,11 @@ def spy_triton_launches(monkeypatch):
             def __getitem__(self, grid):
                 run = launcher[grid]
 
-                def call(*args, **kwargs):
+                def call(*positional, **kwargs):
                     seen.append(kwargs)
-                    return run(*args, **kwargs)
+                    if args is not None:
+                        args.append(positional)
+                    return run(*positional, **kwargs)
                 return call
         return _Grid()
 

@@ -102,23 +102,30 @@ def test_block_fp16():
     _check(out, x, ws, bs, torch.float16)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "slice"])
-def test_block_input_layouts(layout, monkeypatch):
-    """An NCHW x and a 24-channel slice at channel 3 of a channels_last 29-channel tensor: both are
-    made dense channels_last (the slice is copied), so both run with VEC 8 and the flat K walk."""
-    seen = spy_triton_launches(monkeypatch)
+@pytest.mark.parametrize("layout,in_place", [("nchw", False), ("slice_at_3", False),
+                                             ("slice_at_4", False), ("slice_at_16", True)])
+def test_block_input_layouts(layout, in_place, monkeypatch):
+    """An NCHW x, a 24-channel slice at channel 3 of a channels_last 29-channel tensor and one at
+    channel 4 of a 48-channel tensor (its base not 16-byte aligned) are made dense channels_last (a
+    copy, so they run with VEC 8 and the flat K walk); a 24-channel slice at channel 16 of a
+    48-channel tensor (a padded batched conv's output) is read in place, VEC 8."""
+    args = []
+    seen = spy_triton_launches(monkeypatch, args)
     ws, bs = _make_block(24, seed=5)
     g = torch.Generator().manual_seed(9)
     if layout == "nchw":
         x = torch.randn(1, 24, 7, 10, generator=g)
         xd = x.to(DEVICE)
     else:
-        big = torch.randn(1, 29, 7, 10, generator=g).contiguous(memory_format=torch.channels_last)
-        x = big[:, 3:27]
-        xd = big.to(DEVICE)[:, 3:27]
+        start, total = {"slice_at_3": (3, 29), "slice_at_4": (4, 48), "slice_at_16": (16, 48)}[layout]
+        big = torch.randn(2, total, 7, 10, generator=g).contiguous(memory_format=torch.channels_last)
+        x = big[:, start:start + 24]
+        xd = big.to(DEVICE)[:, start:start + 24]
     out = kblock.basic_block(xd, ws[0].to(DEVICE), bs[0].to(DEVICE), ws[1].to(DEVICE), bs[1].to(DEVICE))
     _check(out, x, ws, bs, torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     assert [(k["VEC"], k["FLAT_K"]) for k in seen] == [(8, True)]
+    assert (args[0][0].data_ptr() == xd.data_ptr()) is in_place
 
 
 def test_block_errors_and_fake():

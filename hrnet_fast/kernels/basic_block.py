@@ -24,7 +24,9 @@ writes and at once reads back, so it stays in L1/L2), separated by a CTA barrier
 tile from the scratch, adding b2 and the residual x before the ReLU. The halo costs
 (TH+2)(TW+2)/(TH*TW) times the work of conv1: 1.56x at 8x8, 1.41x at 8x16, 1.27x at 16x16.
 
-Layouts, dtypes, VEC: x is made channels_last; fp32 / fp16 / bf16; weights packed ``[9*C, C]``
+Layouts, dtypes, VEC: x is read in place when its channels are innermost and its strides keep
+the dense VEC (a channel slice of a padded batched conv output), else made dense channels_last;
+the output is a new dense channels_last tensor. fp32 / fp16 / bf16; weights packed ``[9*C, C]``
 (``conv.pack_weight``) in x's dtype; biases [C] or None. C and x's n/h/w strides travel divided by
 ``VEC = vec_factor(C, x strides)`` (the largest power of two <= 8 dividing them) and are multiplied
 back in the kernel, so with C = 24 / 40 / 72 / 144 every pixel offset of x, of the scratch and of
@@ -190,6 +192,19 @@ def _n_programs(n: int, h: int, w: int, th: int, tw: int) -> int:
     return n * triton.cdiv(h, th) * triton.cdiv(w, tw)
 
 
+def _readable_in_place(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when the kernel reads it as fast as a dense copy: channels innermost and every
+    n/h/w stride and the storage offset divisible by the dense VEC (a channel slice of a padded
+    batched conv's output, 24 of 72 channels at offset 24: one copy of the block input saved); else
+    a dense channels_last copy (NCHW, or a slice at channel 3 that would be read 2 bytes at a time)."""
+    if x.stride(1) == 1:
+        sxn, _, sxh, sxw = _strides(x)
+        c = x.shape[1]
+        if vec_factor(c, (sxn, sxh, sxw, x.storage_offset())) == vec_factor(c, ()):
+            return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 @torch.library.triton_op("hrnet_fast::basic_block_triton", mutates_args=())
 def basic_block_triton(
     x: torch.Tensor,
@@ -200,7 +215,7 @@ def basic_block_triton(
 ) -> torch.Tensor:
     """Registered op: see the module docstring. Weights packed ([9*C, C], x's dtype). Returns a new
     channels_last [N, C, H, W] tensor; x is not modified."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = _readable_in_place(x)
     n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=torch.channels_last)
     kern = _tuned_block_kernel(c, pinned_block_config(x.device, x.dtype, c))
