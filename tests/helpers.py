@@ -138,6 +138,26 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+def once_per_session(tmp_path_factory, name: str, compute):
+    """``compute()`` (a JSON-able result) run once per test session, also under pytest-xdist: the
+    workers share it through a file in the session's common temporary folder, under a file lock, so
+    an expensive module fixture (the sm_90 compile: 60-150 s on 2 cores) is not built once per worker
+    that happens to get one of its tests. Without xdist it simply runs ``compute()``."""
+    import json
+    import os
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute()
+    from filelock import FileLock  # a torch dependency
+    shared = tmp_path_factory.getbasetemp().parent / f"{name}.json"  # this session's, not older ones'
+    with FileLock(str(shared) + ".lock"):
+        if shared.is_file():
+            return json.loads(shared.read_text())
+        result = compute()
+        shared.write_text(json.dumps(result))
+        return result
+
+
 @contextlib.contextmanager
 def poisoned_allocations(monkeypatch):
     """Within the block, ``torch.empty`` / ``torch.empty_like`` return NaN-filled memory, so an output
