@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 # not torch's default of every core per worker. On 2 cores, -n 2 with 2 threads per worker ran the
 # suite in 720 s, with 1 thread per worker in 495-596 s, against about 745 s serially (2-vCPU EPYC).
 # Set before any test runs (thread-dependent paths read it); subprocesses inherit OMP_NUM_THREADS.
-_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if _XDIST_WORKERS > 1:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     _threads = max(1, _cores // _XDIST_WORKERS)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+import os
 from typing import Optional
 
 import pytest
@@ -143,9 +145,6 @@ def once_per_session(tmp_path_factory, name: str, compute):
     workers share it through a file in the session's common temporary folder, under a file lock, so
     an expensive module fixture (the sm_90 compile: 60-150 s on 2 cores) is not built once per worker
     that happens to get one of its tests. Without xdist it simply runs ``compute()``."""
-    import json
-    import os
-
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return compute()
     from filelock import FileLock  # a torch dependency
