@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DEVICE
+from helpers import DEVICE, once_per_session
 from gpu_backends import require_backend
 from nearest_sweep import assert_sweep_bit_exact, sweep_pairs
 from oracles import GPU_AC_FP32_TOL, assert_close_to_oracle, fuse_fp64, fuse_same_dtype, rel_err
@@ -131,12 +131,16 @@ def test_torch_free_header_compiles_alone(tmp_path):
 def emulator(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
-    out = tmp_path_factory.mktemp("emu") / "uar_emu.so"
-    cmd = [NVCC, "-std=c++17", "-O2", *TORCH_NVCC_DEFINES, "-arch=sm_90", "-DHRNET_FAST_HOST_EMULATION",
-           "-shared", "-Xcompiler", "-fPIC", str(CSRC / "upsample_add_relu.cu"), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lib = ctypes.CDLL(str(out))
+
+    def build() -> str:
+        # nvcc takes ~8 s here: built once per session, the workers of pytest-xdist share the library
+        out = tmp_path_factory.mktemp("emu") / "uar_emu.so"
+        cmd = [NVCC, "-std=c++17", "-O2", *TORCH_NVCC_DEFINES, "-arch=sm_90", "-DHRNET_FAST_HOST_EMULATION",
+               "-shared", "-Xcompiler", "-fPIC", str(CSRC / "upsample_add_relu.cu"), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return str(out)
+    lib = ctypes.CDLL(once_per_session(tmp_path_factory, "uar_emulator", build))
     fn = lib.hrnet_fast_uar_emulate
     fn.restype = ctypes.c_int
     return fn
